@@ -1,0 +1,259 @@
+"""Hooked building blocks of CLIP's towers, with TransformerLens's hook names.
+
+Weights are stored in PyTorch's own layouts (the fused `[3 * d_model, d_model]` input projection of
+`nn.MultiheadAttention`, `nn.Linear`'s `[out, in]`), so the forward pass runs the very same kernels
+as open_clip and matches it to float rounding. TransformerLens's layouts (`W_Q [head, d_model,
+d_head]`, `W_in [d_model, d_mlp]`, ...) are available as read-only views for weight-based analysis.
+
+Shape names: batch, pos (query positions), key_pos, head, d_model, d_head, d_mlp.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from clip_lens.config import TowerConfig
+
+
+def activation(name: str, x: Tensor) -> Tensor:
+    """The MLP non-linearity `name` applied to `x` (same formulas as open_clip / transformers)."""
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    raise ValueError(f"Unknown activation function {name!r}")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with hooks on its scale and its output.
+
+    hook_scale: [..., 1], the denominator sqrt(var + eps). Freezing it makes the norm linear.
+    hook_normalized: [..., d_model], the output (after gain and bias), as in TransformerLens.
+    """
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.b = nn.Parameter(torch.zeros(d_model))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale * self.w + self.b)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention.
+
+    Hooks (TransformerLens names and shapes):
+        hook_q, hook_k, hook_v: [batch, pos, head, d_head]
+        hook_attn_scores: [batch, head, pos, key_pos], masked entries are -inf
+        hook_pattern: [batch, head, pos, key_pos]
+        hook_z: [batch, pos, head, d_head]
+        hook_result: [batch, pos, head, d_model], each head's output (bias excluded); fires only
+            when `use_attn_result` is on, as in TransformerLens.
+    """
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.n_heads, self.d_head, d = cfg.n_heads, cfg.d_head, cfg.d_model
+        self.causal = cfg.causal
+        self.use_attn_result = False
+        self.qkv_weight = nn.Parameter(torch.empty(3 * d, d))
+        self.qkv_bias = nn.Parameter(torch.zeros(3 * d))
+        self.out_weight = nn.Parameter(torch.empty(d, d))
+        self.out_bias = nn.Parameter(torch.zeros(d))
+        for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    # TransformerLens weight views -----------------------------------------------------------
+    def _split_in(self, i: int) -> Float[Tensor, "head d_model d_head"]:
+        d = self.n_heads * self.d_head
+        return einops.rearrange(
+            self.qkv_weight[i * d : (i + 1) * d], "(head d_head) d_model -> head d_model d_head",
+            head=self.n_heads,
+        )
+
+    @property
+    def W_Q(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._split_in(0)
+
+    @property
+    def W_K(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._split_in(1)
+
+    @property
+    def W_V(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._split_in(2)
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_head d_model"]:
+        return einops.rearrange(
+            self.out_weight, "d_model (head d_head) -> head d_head d_model", head=self.n_heads
+        )
+
+    @property
+    def b_Q(self) -> Float[Tensor, "head d_head"]:
+        return self.qkv_bias[: self.n_heads * self.d_head].view(self.n_heads, self.d_head)
+
+    @property
+    def b_K(self) -> Float[Tensor, "head d_head"]:
+        d = self.n_heads * self.d_head
+        return self.qkv_bias[d : 2 * d].view(self.n_heads, self.d_head)
+
+    @property
+    def b_V(self) -> Float[Tensor, "head d_head"]:
+        d = self.n_heads * self.d_head
+        return self.qkv_bias[2 * d :].view(self.n_heads, self.d_head)
+
+    @property
+    def b_O(self) -> Float[Tensor, "d_model"]:
+        return self.out_bias
+
+    # forward ---------------------------------------------------------------------------------
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        batch, pos, _ = x.shape
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        q, k, v = (
+            t.view(batch, pos, self.n_heads, self.d_head) for t in qkv.chunk(3, dim=-1)
+        )
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        # [batch, head, pos, d_head] @ [batch, head, d_head, key_pos]
+        scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) / math.sqrt(self.d_head)
+        if self.causal:
+            mask = torch.ones(pos, pos, dtype=torch.bool, device=x.device).triu_(1)
+            scores = scores.masked_fill(mask, float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(scores.softmax(dim=-1))
+        z = self.hook_z(torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2))
+        if self.use_attn_result:
+            result = self.hook_result(
+                torch.einsum("bphe,hed->bphd", z, self.W_O)
+            )
+            return result.sum(dim=2) + self.out_bias
+        return F.linear(z.reshape(batch, pos, -1), self.out_weight, self.out_bias)
+
+
+class MLP(nn.Module):
+    """Two-layer MLP. hook_pre: [batch, pos, d_mlp] before the non-linearity; hook_post: after."""
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.act_fn = cfg.act_fn
+        self.in_weight = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        self.in_bias = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.out_weight = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
+        self.out_bias = nn.Parameter(torch.zeros(cfg.d_model))
+        self.hook_pre = HookPoint()
+        self.hook_post = HookPoint()
+
+    @property
+    def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.in_weight.T
+
+    @property
+    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
+        return self.out_weight.T
+
+    @property
+    def b_in(self) -> Float[Tensor, "d_mlp"]:
+        return self.in_bias
+
+    @property
+    def b_out(self) -> Float[Tensor, "d_model"]:
+        return self.out_bias
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        pre = self.hook_pre(F.linear(x, self.in_weight, self.in_bias))
+        post = self.hook_post(activation(self.act_fn, pre))
+        return F.linear(post, self.out_weight, self.out_bias)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: resid_mid = resid_pre + attn(ln1(.)); resid_post = resid_mid +
+    mlp(ln2(.)). With LayerScale, each branch is multiplied by its learnt vector before its
+    `hook_attn_out` / `hook_mlp_out`, so those hooks always hold what is added to the stream.
+    All hooks are [batch, pos, d_model]."""
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.ln1 = LayerNorm(cfg.d_model, cfg.eps)
+        self.attn = Attention(cfg)
+        self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
+        self.mlp = MLP(cfg)
+        if cfg.layer_scale:
+            self.ls1 = nn.Parameter(torch.ones(cfg.d_model))
+            self.ls2 = nn.Parameter(torch.ones(cfg.d_model))
+        else:
+            self.ls1 = self.ls2 = None
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out = self.attn(self.ln1(resid_pre))
+        if self.ls1 is not None:
+            attn_out = attn_out * self.ls1
+        resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
+        mlp_out = self.mlp(self.ln2(resid_mid))
+        if self.ls2 is not None:
+            mlp_out = mlp_out * self.ls2
+        return self.hook_resid_post(resid_mid + self.hook_mlp_out(mlp_out))
+
+
+class TokenEmbed(nn.Module):
+    """Token embedding. hook output (the tower's `hook_embed`) is [batch, pos, d_model]."""
+
+    def __init__(self, d_vocab: int, d_model: int):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(d_vocab, d_model))
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return F.embedding(tokens, self.W_E)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches projected to d_model (a bias-free convolution, as in CLIP).
+
+    Returns [batch, n_patches, d_model], patches in row-major order of the grid.
+    """
+
+    def __init__(self, d_model: int, patch_size: tuple[int, int]):
+        super().__init__()
+        self.patch_size = patch_size
+        self.weight = nn.Parameter(torch.empty(d_model, 3, *patch_size))
+
+    def forward(self, pixels: Float[Tensor, "batch 3 height width"]) -> Float[Tensor, "batch n_patches d_model"]:
+        x = F.conv2d(pixels, self.weight, stride=self.patch_size)
+        return einops.rearrange(x, "batch d_model gh gw -> batch (gh gw) d_model")
+
+
+class Projection(nn.Module):
+    """Final projection into the joint embedding space: [batch, d_model] -> [batch, d_embed].
+
+    `W` is [d_model, d_embed] (open_clip's `text_projection` / `proj` layout)."""
+
+    def __init__(self, d_model: int, d_embed: int, bias: bool):
+        super().__init__()
+        self.W = nn.Parameter(torch.empty(d_model, d_embed))
+        self.b: Optional[nn.Parameter] = nn.Parameter(torch.zeros(d_embed)) if bias else None
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_embed"]:
+        out = x @ self.W
+        return out + self.b if self.b is not None else out

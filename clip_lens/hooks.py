@@ -1,0 +1,152 @@
+"""Hook plumbing shared by the towers and HookedCLIP.
+
+A tower's hook points carry tower-local names ("blocks.3.hook_resid_pre"), so that TransformerLens's
+utilities work on `model.text` / `model.vision` alone. `HookedCLIP` reaches the same HookPoint
+objects under prefixed names ("text.blocks.3.hook_resid_pre"). The classes here make both views
+behave: a hook registered through a root receives a `hook` whose `.name` is the name it was
+registered under (so caches are keyed by that name), unknown names fail with a clear error, and the
+towers share one context-level counter with their parent so that nested `hooks()` contexts on the
+parent and on a tower never remove each other's hooks.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Literal, Optional
+
+from torch import Tensor
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+
+class HookContext:
+    """A context-level counter shared by a root module and the towers inside it."""
+
+    def __init__(self) -> None:
+        self.level = 0
+
+
+class NamedHookView:
+    """A HookPoint seen under another name: what a hook function receives as `hook`.
+
+    Everything but `name` and `layer()` is delegated to the wrapped HookPoint (`ctx` included, so
+    hooks that keep state across calls work as usual).
+    """
+
+    def __init__(self, name: str, target: HookPoint) -> None:
+        self.name = name
+        self._target = target
+
+    def layer(self) -> int:
+        """Layer index of a `...blocks.{l}...` name, whatever prefix it carries."""
+        parts = self.name.split(".")
+        return int(parts[parts.index("blocks") + 1])
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._target, attr)
+
+    def __repr__(self) -> str:
+        return f"HookPoint(name={self.name!r})"
+
+
+def _under_name(hook: Callable, name: str, hook_point: HookPoint) -> Callable:
+    """Wrap `hook` so it is called with `hook=` viewing `hook_point` under `name`."""
+    if hook_point.name == name:
+        return hook
+    view = NamedHookView(name, hook_point)
+    original = hook
+
+    def renamed(tensor: Tensor, *, hook: HookPoint) -> Any:  # noqa: ARG001 - replaced by view
+        return original(tensor, hook=view)
+
+    renamed.__name__ = getattr(hook, "__name__", repr(hook))
+    return renamed
+
+
+class HookedModule(HookedRootModule):
+    """HookedRootModule with named hook views, clear errors and a shareable context level.
+
+    Subclasses call `setup()` at the end of `__init__` as with any HookedRootModule.
+    """
+
+    # The level lives in a HookContext, which a parent may replace by its own (see `share_context`).
+    @property
+    def context_level(self) -> int:
+        return self._hook_context.level
+
+    @context_level.setter
+    def context_level(self, value: int) -> None:
+        if "_hook_context" not in self.__dict__:
+            object.__setattr__(self, "_hook_context", HookContext())
+        self._hook_context.level = value
+
+    def share_context(self, context: HookContext) -> None:
+        """Use `context` (a parent's) for hook context levels."""
+        object.__setattr__(self, "_hook_context", context)
+
+    # -- name checks ---------------------------------------------------------------------------
+    def check_hook_name(self, name: str) -> HookPoint:
+        """The HookPoint called `name`, or a ValueError naming it and the closest valid names."""
+        hook_point = self.hook_dict.get(name)
+        if hook_point is None:
+            close = difflib.get_close_matches(name, list(self.hook_dict), n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(
+                f"Unknown hook name {name!r} for {type(self).__name__}.{hint} "
+                f"List them with `model.hook_dict.keys()`."
+            )
+        return hook_point
+
+    # -- registration: every path goes through the name of the hook_dict entry ------------------
+    def _enable_hook_with_name(self, name: str, hook: Callable, dir: Literal["fwd", "bwd"]) -> None:
+        hook_point = self.check_hook_name(name)
+        hook_point.add_hook(_under_name(hook, name, hook_point), dir=dir, level=self.context_level)
+
+    def _enable_hooks_for_points(self, hook_points, enabled: Callable, hook: Callable, dir) -> None:
+        for name, hook_point in hook_points:
+            if enabled(name):
+                hook_point.add_hook(
+                    _under_name(hook, name, hook_point), dir=dir, level=self.context_level
+                )
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+        names = [name] if isinstance(name, str) else [n for n in self.hook_dict if name(n)]
+        for hook_name in names:
+            hook_point = self.check_hook_name(hook_name)
+            hook_point.add_hook(
+                _under_name(hook, hook_name, hook_point),
+                dir=dir,
+                is_permanent=is_permanent,
+                level=level,
+                prepend=prepend,
+            )
+
+    def add_caching_hooks(self, names_filter=None, incl_bwd=False, device=None,
+                          remove_batch_dim=False, cache: Optional[dict] = None) -> dict:
+        """As TransformerLens's, with cache keys equal to the names in `hook_dict`."""
+        cache = {} if cache is None else cache
+        cache_dict, fwd, bwd = self.get_caching_hooks(
+            names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, cache=cache
+        )
+        for name, hook in fwd:
+            self.add_hook(name, hook, dir="fwd")
+        for name, hook in bwd:
+            self.add_hook(name, hook, dir="bwd")
+        self.is_caching = True
+        return cache_dict
+
+    def get_caching_hooks(self, names_filter=None, *args, **kwargs):
+        if isinstance(names_filter, str):
+            self.check_hook_name(names_filter)
+        elif isinstance(names_filter, (list, tuple)):
+            for name in names_filter:
+                self.check_hook_name(name)
+            names_filter = list(names_filter)
+        return super().get_caching_hooks(names_filter, *args, **kwargs)
+
+    def run_with_cache(self, *model_args: Any, **kwargs: Any):
+        """Run the model and return `(output, ActivationCache)`; hooks are removed afterwards,
+        also when the run raises."""
+        out, cache_dict = super().run_with_cache(*model_args, **kwargs)
+        has_batch_dim = not kwargs.get("remove_batch_dim", False)
+        return out, ActivationCache(cache_dict, self, has_batch_dim=has_batch_dim)

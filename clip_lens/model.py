@@ -1,0 +1,133 @@
+"""HookedCLIP: both towers and the logit scale, with one hook namespace and one ActivationCache."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from clip_lens.hooks import HookContext, HookedModule
+from clip_lens.images import ImageLike, build_transform, default_preprocess_cfg, to_pixels
+from clip_lens.towers import HookedTextTower, HookedVisionTower
+
+
+class HookedCLIP(HookedModule):
+    """CLIP with TransformerLens hooks in both towers.
+
+    Every hook of a tower is reachable here with the tower's prefix, e.g.
+    `text.blocks.4.attn.hook_pattern` or `vision.hook_embedding`; `model.text` and `model.vision`
+    are full hooked models of their own (unprefixed names).
+
+    Example:
+        >>> model = HookedCLIP.from_open_clip(open_clip_model)
+        >>> tokens = model.to_tokens(["There are no giraffes."])      # [batch, pos], trimmed to EOT
+        >>> logits, cache = model.run_with_cache(text=tokens, image=pixels)
+        >>> cache["text.blocks.4.attn.hook_pattern"].shape            # [batch, head, pos, pos]
+    """
+
+    def __init__(
+        self,
+        text: HookedTextTower,
+        vision: HookedVisionTower,
+        logit_scale: float = 4.6052,
+        logit_bias: Optional[float] = None,
+        preprocess_cfg: Optional[dict] = None,
+        name: Optional[str] = None,
+    ):
+        super().__init__()
+        if text.cfg.d_embed != vision.cfg.d_embed:
+            raise ValueError(f"text and vision towers embed into different widths ({text.cfg.d_embed} vs {vision.cfg.d_embed})")
+        self.text = text
+        self.vision = vision
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias))) if logit_bias is not None else None
+        self.preprocess_cfg = preprocess_cfg or default_preprocess_cfg(vision.cfg.image_size)
+        self._transform = None
+        self.name = name
+        context = HookContext()
+        for module in (self, text, vision):
+            module.share_context(context)
+        self.setup()
+
+    # HookedRootModule.setup would rename the towers' hook points; we index them under prefixed
+    # names instead, so the towers keep working on their own.
+    def setup(self) -> None:
+        self.mod_dict, self.hook_dict = {}, {}
+        for prefix, tower in (("text", self.text), ("vision", self.vision)):
+            for name, module in tower.mod_dict.items():
+                self.mod_dict[f"{prefix}.{name}"] = module
+            for name, hook_point in tower.hook_dict.items():
+                self.hook_dict[f"{prefix}.{name}"] = hook_point
+
+    # loading (implemented in clip_lens.loading) --------------------------------------------------
+    @classmethod
+    def from_open_clip(cls, model: nn.Module, tokenizer: Any = None, **kwargs: Any) -> "HookedCLIP":
+        """From an open_clip `CLIP` / `CustomTextCLIP` object (weights copied)."""
+        from clip_lens.loading import from_open_clip
+
+        return from_open_clip(model, tokenizer=tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name: str, pretrained: Optional[str] = None, **kwargs: Any) -> "HookedCLIP":
+        """From an open_clip architecture name and a pretrained tag, checkpoint file or None
+        (random weights). See `clip_lens.loading.from_pretrained`."""
+        from clip_lens.loading import from_pretrained
+
+        return from_pretrained(name, pretrained=pretrained, **kwargs)
+
+    @classmethod
+    def from_huggingface(cls, model_or_path: Any, **kwargs: Any) -> "HookedCLIP":
+        """From a `transformers` `CLIPModel` or a local directory holding one."""
+        from clip_lens.loading import from_huggingface
+
+        return from_huggingface(model_or_path, **kwargs)
+
+    # inputs ---------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.text.tokenizer
+
+    def to_tokens(self, texts: Union[str, Sequence[str]], trim: bool = True) -> Int[Tensor, "batch pos"]:
+        """Token ids [batch, pos], trimmed after the longest EOT of the batch by default."""
+        return self.text.to_tokens(texts, trim=trim)
+
+    def to_str_tokens(self, text: Union[str, Tensor]) -> list[str]:
+        return self.text.to_str_tokens(text)
+
+    def to_pixels(self, images: Union[ImageLike, Sequence[ImageLike]]) -> Float[Tensor, "batch 3 height width"]:
+        """Preprocess PIL images, image paths or raw image tensors [3, H, W] with the model's own
+        transform (resize, crop, normalise) into [batch, 3, H, W]."""
+        if self._transform is None:
+            self._transform = build_transform(self.preprocess_cfg)
+        return to_pixels(images, self._transform, device=self.logit_scale.device)
+
+    # forward ---------------------------------------------------------------------------------
+    def encode_text(self, tokens: Int[Tensor, "batch pos"], normalize: bool = False) -> Float[Tensor, "batch d_embed"]:
+        emb = self.text(tokens)
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def encode_image(self, pixels: Float[Tensor, "batch 3 height width"], normalize: bool = False) -> Float[Tensor, "batch d_embed"]:
+        emb = self.vision(pixels)
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def logits_from_embeddings(self, image_emb: Float[Tensor, "n_images d_embed"],
+                               text_emb: Float[Tensor, "n_texts d_embed"]) -> Float[Tensor, "n_images n_texts"]:
+        """CLIP's logits: logit_scale.exp() * cos(image, text) (+ logit_bias), as open_clip's `get_logits`."""
+        logits = self.logit_scale.exp() * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+        return logits + self.logit_bias if self.logit_bias is not None else logits
+
+    def forward(self, text: Optional[Tensor] = None, image: Optional[Tensor] = None) -> Tensor:
+        """Logits [n_images, n_texts] when both are given (open_clip's image logits); the
+        embeddings of the one given otherwise ([batch, d_embed], unnormalised)."""
+        if text is None and image is None:
+            raise ValueError("HookedCLIP needs text=tokens, image=pixels, or both")
+        text_emb = self.encode_text(text) if text is not None else None
+        image_emb = self.encode_image(image) if image is not None else None
+        if text_emb is None:
+            return image_emb
+        if image_emb is None:
+            return text_emb
+        return self.logits_from_embeddings(image_emb, text_emb)

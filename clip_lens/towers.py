@@ -1,0 +1,286 @@
+"""CLIP's text and vision towers as TransformerLens hooked root modules.
+
+Each tower works on its own (`run_with_cache`, `run_with_hooks`, TransformerLens's patching
+functions) and inside `HookedCLIP`, which reaches the same hook points with a `text.` / `vision.`
+prefix.
+
+Both forward passes can start from a residual stream at layer l and stop at layer l'
+(`start_at_layer`, `stop_at_layer`, as in TransformerLens), which is what lets the patching engine
+resume a run from a cached layer instead of from the input.
+
+Layer numbering follows METHODS.md: layer 0 is the input of block 0 (the embeddings, after `ln_pre`
+in the vision tower), layer l is the residual after block l - 1, layer L the output of the last block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from clip_lens.components import LayerNorm, PatchEmbed, Projection, TokenEmbed, TransformerBlock
+from clip_lens.config import TextConfig, TowerConfig, VisionConfig
+from clip_lens.hooks import HookedModule
+from clip_lens.tokenization import Tokenizer
+
+
+class _HookedTower(HookedModule):
+    """What both towers share: config, blocks, layer-range checks, per-head results."""
+
+    cfg: TowerConfig
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+
+    # Keep cfg.device in step with the weights (TransformerLens reads model.cfg.device).
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        some_param = next(self.parameters(), None)
+        if some_param is not None and str(some_param.device) != self.cfg.device:
+            self.cfg = replace(self.cfg, device=str(some_param.device))
+        return out
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute each head's output separately and fire `blocks.{l}.attn.hook_result`
+        ([batch, pos, head, d_model]). Off by default: it costs memory and time."""
+        for block in self.blocks:
+            block.attn.use_attn_result = use_attn_result
+
+    @property
+    def use_attn_result(self) -> bool:
+        return bool(self.blocks[0].attn.use_attn_result) if len(self.blocks) else False
+
+    def check_layer(self, layer: int, *, name: str = "layer") -> int:
+        """`layer` as a non-negative index in 0..n_layers, or a ValueError naming it."""
+        n = self.cfg.n_layers
+        if not isinstance(layer, (int,)) or isinstance(layer, bool) or not -n - 1 <= layer <= n:
+            raise ValueError(f"{name}={layer!r} is out of range: this tower has layers 0..{n}")
+        return layer % (n + 1)
+
+    def run_blocks(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        start_at_layer: int = 0,
+        stop_at_layer: Optional[int] = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Residual stream at layer `stop_at_layer` (default n_layers) from the one at `start_at_layer`."""
+        start = self.check_layer(start_at_layer, name="start_at_layer")
+        stop = self.cfg.n_layers if stop_at_layer is None else self.check_layer(stop_at_layer, name="stop_at_layer")
+        for block in self.blocks[start:stop]:
+            resid = block(resid)
+        return resid
+
+
+class HookedTextTower(_HookedTower):
+    """CLIP's text transformer.
+
+    Hooks: hook_embed, hook_pos_embed [batch, pos, d_model]; the block hooks;
+    ln_final.hook_scale/hook_normalized; hook_pooled [batch, d_model] (the final-normed residual at
+    the pooled position, EOT for CLIP); hook_embedding [batch, d_embed] (what `encode_text` returns).
+
+    Inputs are trimmed to the longest EOT of the batch before anything runs: under the causal mask
+    the padding cannot change the pooled position, so this is exact and saves most of the work.
+    """
+
+    cfg: TextConfig
+
+    def __init__(self, cfg: TextConfig, tokenizer: Optional[Tokenizer] = None):
+        super().__init__(cfg)
+        self.embed = TokenEmbed(cfg.d_vocab, cfg.d_model)
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+        self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
+        self.ln_final = LayerNorm(cfg.d_model, cfg.eps)
+        self.hook_pooled = HookPoint()
+        self.proj = Projection(cfg.d_model, cfg.d_embed, cfg.proj_bias) if cfg.d_embed else None
+        self.hook_embedding = HookPoint()
+        self._tokenizer = tokenizer
+        self.setup()
+
+    # tokens ----------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.default(self.cfg.n_ctx)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def to_tokens(self, texts: Union[str, Sequence[str]], trim: bool = True) -> Int[Tensor, "batch pos"]:
+        """Tokenize; with `trim`, drop the padding after the longest EOT of the batch."""
+        tokens = self.tokenizer([texts] if isinstance(texts, str) else list(texts))
+        tokens = tokens.to(self.cfg.device)
+        return self.trim(tokens) if trim else tokens
+
+    def to_str_tokens(self, text: Union[str, Tensor]) -> list[str]:
+        """The tokens of one text (or one row of tokens) as strings, up to and including EOT."""
+        tokens = self.to_tokens(text)[0] if isinstance(text, str) else text.reshape(-1)
+        end = int(self.pooled_positions(tokens[None])[0]) + 1 if self.can_trim else len(tokens)
+        return [self.tokenizer.decode_token(int(t)) for t in tokens[:end]]
+
+    @property
+    def can_trim(self) -> bool:
+        return self.cfg.causal and self.cfg.pooling in ("argmax", "eos")
+
+    def pooled_positions(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
+        """Position each sequence is pooled at (its EOT token for CLIP)."""
+        pooling = self.cfg.pooling
+        if pooling == "argmax":
+            return tokens.argmax(dim=-1)
+        if pooling == "eos":
+            return (tokens == self.cfg.eot_token_id).int().argmax(dim=-1)
+        if pooling == "first":
+            return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        if pooling == "last":
+            return torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
+        raise ValueError(f"Unsupported text pooling {pooling!r}")
+
+    def trim(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos_trimmed"]:
+        """`tokens` cut after the longest EOT in the batch (unchanged when trimming is not exact)."""
+        if not self.can_trim or tokens.shape[1] == 0:
+            return tokens
+        return tokens[:, : int(self.pooled_positions(tokens).max()) + 1]
+
+    def check_tokens(self, tokens: Tensor) -> Int[Tensor, "batch pos"]:
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
+            raise ValueError(
+                "text must be integer tokens of shape [batch, pos] (use model.to_tokens(texts)); "
+                f"got {type(tokens).__name__} {getattr(tokens, 'shape', '')}"
+            )
+        if tokens.shape[1] > self.cfg.n_ctx:
+            raise ValueError(f"tokens have {tokens.shape[1]} positions; the tower takes at most {self.cfg.n_ctx}")
+        return tokens
+
+    # forward ---------------------------------------------------------------------------------
+    def embed_tokens(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """Residual stream at layer 0: token plus positional embedding."""
+        embed = self.hook_embed(self.embed(tokens))
+        pos_embed = self.hook_pos_embed(self.W_pos[: tokens.shape[1]].expand(tokens.shape[0], -1, -1).clone())
+        return embed + pos_embed
+
+    def pool(self, resid: Float[Tensor, "batch pos d_model"], tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_embed"]:
+        """Final norm, pooling at EOT and projection: the residual at layer L to the embedding."""
+        normed = self.ln_final(resid)
+        positions = self.pooled_positions(tokens)
+        pooled = self.hook_pooled(normed[torch.arange(normed.shape[0], device=normed.device), positions])
+        return self.hook_embedding(self.proj(pooled) if self.proj is not None else pooled)
+
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        *,
+        residual: Optional[Float[Tensor, "batch pos d_model"]] = None,
+        start_at_layer: int = 0,
+        stop_at_layer: Optional[int] = None,
+    ) -> Tensor:
+        """Text embeddings [batch, d_embed], as open_clip's `encode_text` (unnormalised).
+
+        Args:
+            tokens: [batch, pos]; always needed, since they locate the pooled (EOT) position.
+            residual: the residual stream at `start_at_layer` to resume from, instead of the
+                embeddings (positions as in the trimmed tokens).
+            stop_at_layer: return the residual stream at this layer instead of the embedding.
+        """
+        tokens = self.trim(self.check_tokens(tokens))
+        if residual is None:
+            if start_at_layer != 0:
+                raise ValueError("start_at_layer > 0 needs the residual stream to start from (residual=...)")
+            residual = self.embed_tokens(tokens)
+        elif residual.shape[:2] != tokens.shape:
+            residual = residual[:, : tokens.shape[1]]
+        resid = self.run_blocks(residual, start_at_layer, stop_at_layer)
+        if stop_at_layer is not None:
+            return resid
+        return self.pool(resid, tokens)
+
+
+class HookedVisionTower(_HookedTower):
+    """CLIP's vision transformer (ViT).
+
+    Hooks: hook_patch_embed [batch, n_patches, d_model]; hook_class_embed [batch, 1, d_model];
+    hook_pos_embed [batch, 1 + n_patches, d_model]; ln_pre.hook_scale/hook_normalized (its output
+    is layer 0, `blocks.0.hook_resid_pre`); the block hooks; ln_post.hook_*; hook_pooled
+    [batch, d_model]; hook_embedding [batch, d_embed] (what `encode_image` returns).
+    Position 0 is the class token, positions 1.. the patches in row-major order.
+    """
+
+    cfg: VisionConfig
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__(cfg)
+        self.patch_embed = PatchEmbed(cfg.d_model, cfg.patch_size)
+        self.class_embedding = nn.Parameter(torch.empty(cfg.d_model))
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+        self.hook_patch_embed = HookPoint()
+        self.hook_class_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
+        self.ln_pre = LayerNorm(cfg.d_model, cfg.eps) if cfg.ln_pre else None
+        self.ln_post = LayerNorm(cfg.d_model, cfg.eps)
+        self.hook_pooled = HookPoint()
+        self.proj = Projection(cfg.d_model, cfg.d_embed, cfg.proj_bias) if cfg.d_embed else None
+        self.hook_embedding = HookPoint()
+        self.setup()
+
+    def check_pixels(self, pixels: Tensor) -> Float[Tensor, "batch 3 height width"]:
+        expected = (3, *self.cfg.image_size)
+        if not isinstance(pixels, Tensor) or pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+            raise ValueError(
+                f"image must be a pixel tensor of shape [batch, {expected[0]}, {expected[1]}, {expected[2]}] "
+                f"(use model.to_pixels(images)); got {type(pixels).__name__} {tuple(getattr(pixels, 'shape', ()))}"
+            )
+        return pixels
+
+    def embed_pixels(self, pixels: Float[Tensor, "batch 3 height width"]) -> Float[Tensor, "batch pos d_model"]:
+        """Residual stream at layer 0: class token and patches, plus positions, through ln_pre."""
+        batch = pixels.shape[0]
+        patches = self.hook_patch_embed(self.patch_embed(pixels.to(self.W_pos.dtype)))
+        cls = self.hook_class_embed(self.class_embedding.view(1, 1, -1).expand(batch, -1, -1).clone())
+        pos_embed = self.hook_pos_embed(self.W_pos.expand(batch, -1, -1).clone())
+        x = torch.cat([cls, patches], dim=1) + pos_embed
+        return self.ln_pre(x) if self.ln_pre is not None else x
+
+    def pool(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch d_embed"]:
+        """ln_post, pooling (class token or mean of patches) and projection, in open_clip's order."""
+        def reduce(x: Tensor) -> Tensor:
+            return x[:, 0] if self.cfg.pooling == "tok" else x[:, 1:].mean(dim=1)
+
+        if self.cfg.final_ln_after_pool:
+            pooled = self.ln_post(reduce(resid))
+        else:
+            pooled = reduce(self.ln_post(resid))
+        pooled = self.hook_pooled(pooled)
+        return self.hook_embedding(self.proj(pooled) if self.proj is not None else pooled)
+
+    def forward(
+        self,
+        pixels: Optional[Float[Tensor, "batch 3 height width"]] = None,
+        *,
+        residual: Optional[Float[Tensor, "batch pos d_model"]] = None,
+        start_at_layer: int = 0,
+        stop_at_layer: Optional[int] = None,
+    ) -> Tensor:
+        """Image embeddings [batch, d_embed], as open_clip's `encode_image` (unnormalised).
+
+        Args:
+            pixels: preprocessed images [batch, 3, H, W] (see `HookedCLIP.to_pixels`).
+            residual: the residual stream at `start_at_layer` to resume from instead of pixels.
+            stop_at_layer: return the residual stream at this layer instead of the embedding.
+        """
+        if residual is None:
+            if start_at_layer != 0:
+                raise ValueError("start_at_layer > 0 needs the residual stream to start from (residual=...)")
+            if pixels is None:
+                raise ValueError("HookedVisionTower needs pixels or a residual stream")
+            residual = self.embed_pixels(self.check_pixels(pixels))
+        resid = self.run_blocks(residual, start_at_layer, stop_at_layer)
+        if stop_at_layer is not None:
+            return resid
+        return self.pool(resid)

@@ -1,0 +1,65 @@
+"""Shared fixtures: real open_clip architectures with random weights moved off their initial values.
+
+Building a ViT is the slow part of most tests, so each architecture is built once per session and
+shared; tests must not modify these models (use `fresh_open_clip` for that).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import open_clip
+import pytest
+import torch
+
+import clip_lens
+
+logging.getLogger().setLevel(logging.ERROR)  # open_clip logs "initialized randomly" on each build
+
+SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """Move every LayerNorm gain and bias, linear bias, class/positional embedding and the logit
+    scale away from its initial value (1, 0, ...), so that a wrong weight mapping cannot pass."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim <= 1 or "embedding" in name or "logit_scale" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * scale)
+    return model
+
+
+def fresh_open_clip(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return perturb_(open_clip.create_model(name).eval(), seed=seed)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_pair(name: str):
+    """(open_clip model, HookedCLIP) for an architecture, built once per session."""
+    oc = fresh_open_clip(name)
+    return oc, clip_lens.HookedCLIP.from_open_clip(oc, tokenizer=open_clip.get_tokenizer(name))
+
+
+@pytest.fixture(scope="session")
+def vit_b32():
+    return shared_pair("ViT-B-32")
+
+
+SENTENCES = [
+    "There are no giraffes.",
+    "There are some giraffes.",
+    "a photo of a cat sitting on a red sofa next to a window",
+    "x",
+]
+
+
+@pytest.fixture(scope="session")
+def sentences():
+    return list(SENTENCES)
+
+
+def random_pixels(n: int, size: int = 224, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
