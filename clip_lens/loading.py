@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -323,19 +322,6 @@ def _cached_tag_weights(tag_cfg: dict, cache_dir: Optional[str]) -> Optional[str
     return None
 
 
-@contextmanager
-def _hub_offline() -> Iterator[None]:
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
-
-
 def from_pretrained(name: str, pretrained: Optional[Union[str, os.PathLike]] = None,
                     cache_dir: Optional[str] = None, device: Union[str, torch.device] = "cpu",
                     **open_clip_kwargs: Any) -> HookedCLIP:
@@ -355,7 +341,6 @@ def from_pretrained(name: str, pretrained: Optional[Union[str, os.PathLike]] = N
         raise ValueError(f"Unknown open_clip architecture {name!r}; see open_clip.list_models()")
     kwargs = dict(open_clip_kwargs, cache_dir=cache_dir, device=device)
     pretrained_arg = None if pretrained is None else os.fspath(pretrained)
-    offline_ok = False
     if pretrained_arg is not None and not os.path.isfile(pretrained_arg):
         tag_cfg = open_clip.get_pretrained_cfg(name, pretrained_arg)
         if not tag_cfg:
@@ -364,8 +349,15 @@ def from_pretrained(name: str, pretrained: Optional[Union[str, os.PathLike]] = N
                 f"pretrained={pretrained_arg!r} is neither a checkpoint file nor a known tag for {name!r}. "
                 f"Known tags: {tags}"
             )
-        if _cached_tag_weights(tag_cfg, cache_dir) is not None:
-            offline_ok = True
+        cached = _cached_tag_weights(tag_cfg, cache_dir)
+        if cached is not None:
+            # Load the cached file directly (no hub request), with what the tag says about
+            # preprocessing and activation.
+            pretrained_arg = cached
+            kwargs["force_preprocess_cfg"] = {
+                k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+            if tag_cfg.get("quick_gelu"):
+                kwargs["force_quick_gelu"] = True
         elif not hub_reachable():
             raise RuntimeError(
                 f"Weights for {name!r} pretrained={pretrained_arg!r} are not in the local cache and the "
@@ -374,11 +366,7 @@ def from_pretrained(name: str, pretrained: Optional[Union[str, os.PathLike]] = N
                 "  - a cache directory that holds them: from_pretrained(..., cache_dir='/path/to/hf_cache')\n"
                 "  - a Hugging Face CLIP directory: HookedCLIP.from_huggingface('/path/to/clip-vit-base-patch32')"
             )
-    if offline_ok:
-        with _hub_offline():
-            oc_model = open_clip.create_model(name, pretrained=pretrained_arg, **kwargs)
-    else:
-        oc_model = open_clip.create_model(name, pretrained=pretrained_arg, **kwargs)
+    oc_model = open_clip.create_model(name, pretrained=pretrained_arg, **kwargs)
     tokenizer = open_clip.get_tokenizer(name)
     return from_open_clip(oc_model.eval(), tokenizer=tokenizer, name=name)
 

@@ -1,0 +1,85 @@
+"""The `clip-lens` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+
+CHECK_SENTENCES = ["There are no giraffes.", "There are some giraffes.", "a photo of a cat on a sofa"]
+
+
+def _load_pair(model_name: str, pretrained: Optional[str], seed: int):
+    """(open_clip model, HookedCLIP) for `model_name`; random weights moved off init without `pretrained`."""
+    import open_clip
+
+    import clip_lens
+
+    torch.manual_seed(seed)
+    oc = open_clip.create_model(model_name, pretrained=pretrained).eval()
+    if pretrained is None:
+        with torch.no_grad():  # move LayerNorms, biases, embeddings off their initial values
+            for name, param in oc.named_parameters():
+                if param.ndim <= 1 or "embedding" in name or "logit_scale" in name:
+                    param.add_(torch.randn_like(param) * 0.1)
+    return oc, clip_lens.HookedCLIP.from_open_clip(oc, tokenizer=open_clip.get_tokenizer(model_name), name=model_name)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Build a model both ways and report how far clip_lens is from open_clip's own forward pass."""
+    start = time.perf_counter()
+    oc, model = _load_pair(args.model, args.pretrained, args.seed)
+    size = model.vision.cfg.image_size
+    pixels = torch.randn(args.images, 3, *size, generator=torch.Generator().manual_seed(args.seed))
+    full_tokens = model.to_tokens(CHECK_SENTENCES, trim=False)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        ref = (oc.encode_text(full_tokens), oc.encode_image(pixels), oc.get_logits(pixels, full_tokens)[0])
+        t_ref = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tokens = model.to_tokens(CHECK_SENTENCES)
+        ours = (model.encode_text(tokens), model.encode_image(pixels), model(text=tokens, image=pixels))
+        t_ours = time.perf_counter() - t0
+        _, cache = model.run_with_cache(text=tokens, image=pixels)
+    print(f"clip_lens check: {args.model} ({'pretrained=' + args.pretrained if args.pretrained else 'random weights, perturbed'})")
+    print(f"  text tower:   {model.text.cfg.n_layers} layers x {model.text.cfg.n_heads} heads, d_model {model.text.cfg.d_model}, act {model.text.cfg.act_fn}")
+    print(f"  vision tower: {model.vision.cfg.n_layers} layers x {model.vision.cfg.n_heads} heads, d_model {model.vision.cfg.d_model}, patches {model.vision.cfg.n_patches}")
+    worst = 0.0
+    for label, a, b in zip(("text embeddings", "image embeddings", "logits"), ours, ref):
+        diff = (a - b).abs().max().item()
+        worst = max(worst, diff)
+        print(f"  max |clip_lens - open_clip| {label:<17} {diff:.2e}")
+    print(f"  hook points cached: {len(cache.keys())} (text {sum(k.startswith('text.') for k in cache.keys())}, "
+          f"vision {sum(k.startswith('vision.') for k in cache.keys())})")
+    print(f"  forward time: open_clip {t_ref:.2f}s, clip_lens {t_ours:.2f}s (text trimmed to {tokens.shape[1]} of 77 slots)")
+    ok = worst <= args.tolerance
+    print(f"  parity {'OK' if ok else 'FAILED'} (tolerance {args.tolerance:g}); total {time.perf_counter() - start:.1f}s")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clip-lens", description="Mechanistic interpretability for CLIP.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="check a model's hooked forward pass against open_clip's")
+    check.add_argument("--model", default="ViT-B-32", help="open_clip architecture (default ViT-B-32)")
+    check.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint file (default: random weights)")
+    check.add_argument("--images", type=int, default=2, help="random images to compare on")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--tolerance", type=float, default=1e-5)
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random init on every build
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
