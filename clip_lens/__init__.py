@@ -8,11 +8,15 @@
 from clip_lens.config import TextConfig, TowerConfig, VisionConfig
 from clip_lens.loading import UnsupportedArchitecture, from_huggingface, from_open_clip, from_pretrained
 from clip_lens.model import HookedCLIP
+from clip_lens.patching import PatchResult, patch, value_only_attention
 from clip_lens.tokenization import Tokenizer
 from clip_lens.towers import HookedTextTower, HookedVisionTower
 
 __all__ = [
     "HookedCLIP",
+    "PatchResult",
+    "patch",
+    "value_only_attention",
     "HookedTextTower",
     "HookedVisionTower",
     "TextConfig",

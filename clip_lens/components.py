@@ -124,17 +124,31 @@ class Attention(nn.Module):
         return self.out_bias
 
     # forward ---------------------------------------------------------------------------------
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        past_kv: Optional[tuple[Tensor, Tensor]] = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Attention output for the positions in `x`.
+
+        `past_kv` = (keys, values), each [batch, prefix, head, d_head]: the keys and values of
+        `prefix` earlier positions, so that `x` holds only the positions from `prefix` on (a
+        KV cache, as in TransformerLens). The hooks then see those positions only.
+        """
         batch, pos, _ = x.shape
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = (
             t.view(batch, pos, self.n_heads, self.d_head) for t in qkv.chunk(3, dim=-1)
         )
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        prefix = 0
+        if past_kv is not None and past_kv[0].shape[1] > 0:
+            prefix = past_kv[0].shape[1]
+            k, v = torch.cat([past_kv[0], k], dim=1), torch.cat([past_kv[1], v], dim=1)
         # [batch, head, pos, d_head] @ [batch, head, d_head, key_pos]
         scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) / math.sqrt(self.d_head)
         if self.causal:
-            mask = torch.ones(pos, pos, dtype=torch.bool, device=x.device).triu_(1)
+            mask = torch.ones(pos, prefix + pos, dtype=torch.bool, device=x.device).triu_(prefix + 1)
             scores = scores.masked_fill(mask, float("-inf"))
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(scores.softmax(dim=-1))
@@ -144,7 +158,11 @@ class Attention(nn.Module):
                 torch.einsum("bphe,hed->bphd", z, self.W_O)
             )
             return result.sum(dim=2) + self.out_bias
-        return F.linear(z.reshape(batch, pos, -1), self.out_weight, self.out_bias)
+        return self.project_z(z)
+
+    def project_z(self, z: Float[Tensor, "... head d_head"]) -> Float[Tensor, "... d_model"]:
+        """The attention output (bias included) for per-head values z."""
+        return F.linear(z.flatten(-2), self.out_weight, self.out_bias)
 
 
 class MLP(nn.Module):
@@ -205,16 +223,25 @@ class TransformerBlock(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def attn_half(self, resid_pre: Float[Tensor, "batch pos d_model"],
+                  past_kv: Optional[tuple[Tensor, Tensor]] = None) -> Float[Tensor, "batch pos d_model"]:
+        """resid_pre -> resid_mid. See `Attention.forward` for `past_kv`."""
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.attn(self.ln1(resid_pre))
+        attn_out = self.attn(self.ln1(resid_pre), past_kv)
         if self.ls1 is not None:
             attn_out = attn_out * self.ls1
-        resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
+        return self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
+
+    def mlp_half(self, resid_mid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        """resid_mid -> resid_post."""
         mlp_out = self.mlp(self.ln2(resid_mid))
         if self.ls2 is not None:
             mlp_out = mlp_out * self.ls2
         return self.hook_resid_post(resid_mid + self.hook_mlp_out(mlp_out))
+
+    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"],
+                past_kv: Optional[tuple[Tensor, Tensor]] = None) -> Float[Tensor, "batch pos d_model"]:
+        return self.mlp_half(self.attn_half(resid_pre, past_kv))
 
 
 class TokenEmbed(nn.Module):

@@ -173,6 +173,12 @@ class HookedTextTower(_HookedTower):
         pooled = self.hook_pooled(normed[torch.arange(normed.shape[0], device=normed.device), positions])
         return self.hook_embedding(self.proj(pooled) if self.proj is not None else pooled)
 
+    def pool_rows(self, rows: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch d_embed"]:
+        """The embedding from the layer-L residual at the pooled position only (per-token norm, so
+        equal to `pool`; used by the patching engine, which computes no other position)."""
+        pooled = self.hook_pooled(self.ln_final(rows))
+        return self.hook_embedding(self.proj(pooled) if self.proj is not None else pooled)
+
     def forward(
         self,
         tokens: Int[Tensor, "batch pos"],

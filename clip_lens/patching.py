@@ -1,0 +1,626 @@
+"""`clip_lens.patch`: one engine for activation patching, ablation and attribution patching.
+
+An intervention replaces one activation of a *target* run (at a hook kind x layer x position x
+head) and measures a metric of the target's embedding against the other modality, S by default.
+
+How the engine keeps a grid of interventions cheap, exactly:
+- The target and source runs are cached once per chunk of pairs; every intervention resumes from
+  the target's cached residual stream at its own layer (half-layer for attn_out / z patches),
+  never from the input.
+- In the causal text tower, a change at position q cannot reach positions < q: the engine computes
+  only positions q..EOT and takes the keys and values of the earlier positions from the cache.
+- A replacement equal to the activation it replaces (e.g. a residual before the negator, where
+  source and target agree) changes nothing: its result is the clean target's, with no forward pass.
+- Interventions are batched: many resume in one forward pass, each joining at its start layer.
+- The other modality's embedding is computed once.
+
+Interventions that are arbitrary hook functions (a user hook, value-only attention) cannot use the
+shortcuts above; they run the tower from the first intervened layer with the hook attached.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from clip_lens.model import HookedCLIP
+from clip_lens.towers import HookedTextTower, HookedVisionTower
+
+HOOK_KINDS = ("resid", "attn_out", "mlp_out", "z", "pattern")
+EXACT_INTERVENTIONS = ("patch", "zero", "mean", "resample")
+Metric = Union[str, Callable[[Tensor, Tensor], Tensor]]
+
+
+# ---------------------------------------------------------------------------------------------
+# result
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PatchResult:
+    """What `patch` returns.
+
+    Attributes:
+        effects: the metric of each intervened target run, [pair, layer, (position), (head)]; NaN
+            where a position lies beyond a pair's last token.
+        baseline: [pair], the metric of the clean target run.
+        source_baseline: [pair], the metric of the clean source run (None without a source).
+        dims: names of the axes of `effects`.
+        layers, positions, heads: the labels along those axes.
+    """
+
+    effects: Tensor
+    baseline: Tensor
+    source_baseline: Optional[Tensor]
+    dims: tuple[str, ...]
+    layers: list
+    positions: Optional[list]
+    heads: Optional[list]
+    hook: str
+    intervention: str
+    method: str = "exact"
+    extra: dict = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per pair x intervention (long format), NaN cells dropped.
+
+        Columns: pair, layer, [position], [head], metric, baseline, [source_baseline], hook,
+        intervention, method.
+        """
+        labels = {"pair": list(range(self.effects.shape[0])), "layer": self.layers,
+                  "position": self.positions, "head": self.heads}
+        axes = [labels[d] for d in self.dims]
+        index = pd.MultiIndex.from_product(axes, names=list(self.dims))
+        frame = pd.DataFrame({"metric": self.effects.detach().cpu().reshape(-1).numpy()}, index=index).reset_index()
+        frame = frame.dropna(subset=["metric"])
+        frame["baseline"] = self.baseline.detach().cpu().numpy()[frame["pair"].to_numpy()]
+        if self.source_baseline is not None:
+            frame["source_baseline"] = self.source_baseline.detach().cpu().numpy()[frame["pair"].to_numpy()]
+        frame["hook"], frame["intervention"], frame["method"] = self.hook, self.intervention, self.method
+        return frame.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and checks
+# ---------------------------------------------------------------------------------------------
+def _as_tower_input(model: HookedCLIP, value: Any, name: str):
+    """(tower name, tensor) for texts/tokens or images/pixels."""
+    if isinstance(value, str) or (isinstance(value, (list, tuple)) and value and isinstance(value[0], str)):
+        return "text", model.to_tokens(value)
+    if isinstance(value, Tensor) and value.dtype in (torch.long, torch.int):
+        return "text", model.text.trim(model.text.check_tokens(value))
+    if isinstance(value, Tensor) and value.ndim == 4:
+        return "vision", model.vision.check_pixels(value)
+    if isinstance(value, (list, tuple)):
+        return "vision", model.to_pixels(value)
+    raise ValueError(f"{name}: expected texts, tokens [batch, pos], images or pixels [batch, 3, H, W]; got {type(value).__name__}")
+
+
+def _other_embeddings(model: HookedCLIP, tower: str, other: Any, n: int) -> Tensor:
+    """The other modality's embeddings [n, d_embed], computed once."""
+    if other is None:
+        raise ValueError(f"patching the {tower} tower needs the other modality: pass "
+                         f"{'image=' if tower == 'text' else 'text='}pixels, inputs or embeddings")
+    d_embed = model.text.cfg.d_embed
+    if isinstance(other, Tensor) and other.ndim == 2 and other.is_floating_point() and other.shape[1] == d_embed:
+        emb = other
+    else:
+        kind, value = _as_tower_input(model, other, "image" if tower == "text" else "text")
+        if kind == tower:
+            raise ValueError(f"the other modality of a {tower} patch cannot be {kind} input")
+        with torch.no_grad():
+            emb = model.encode_image(value) if kind == "vision" else model.encode_text(value)
+    if emb.shape[0] == 1:
+        emb = emb.expand(n, -1)
+    if emb.shape[0] != n:
+        raise ValueError(f"{emb.shape[0]} embeddings of the other modality for {n} pairs (give 1 or {n})")
+    return emb.detach()
+
+
+def _score(model: HookedCLIP, metric: Metric) -> Callable[[Tensor, Tensor], Tensor]:
+    if metric == "score":
+        # S(t, i) = logit_scale.exp() * cos(t, i)   (METHODS.md)
+        return lambda emb, other: model.logit_scale.exp() * F.cosine_similarity(emb, other, dim=-1)
+    if callable(metric):
+        return metric
+    raise ValueError(f"metric={metric!r}: use 'score' or a callable(embedding, other_embedding) -> [batch]")
+
+
+def _check_list(values, valid: range, what: str) -> list:
+    if isinstance(values, str) and values == "all":
+        return list(valid)
+    if isinstance(values, int):
+        values = [values]
+    out = []
+    for v in values:
+        if isinstance(v, (tuple, list, range)):
+            out.append(tuple(_check_list(list(v), valid, what)))
+            continue
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or int(v) not in valid:
+            raise ValueError(f"{what} {v!r} is out of range ({valid.start}..{valid.stop - 1})")
+        out.append(int(v))
+    return out
+
+
+@dataclass
+class _Plan:
+    tower_name: str
+    hook: str
+    layers: list
+    positions: Optional[list]  # None: the whole sequence at once
+    heads: Optional[list]
+    intervention: Any
+
+
+def _layer_range(tower, hook: str) -> range:
+    n = tower.cfg.n_layers
+    return range(n + 1) if hook == "resid" else range(n)
+
+
+def _positions_for(positions, target: Tensor, tower) -> Optional[list]:
+    if isinstance(positions, str) and positions == "sequence":
+        return None
+    max_len = target.shape[1] if target.dtype in (torch.long, torch.int) else tower.cfg.n_ctx
+    return _check_list(positions, range(max_len), "position")
+
+
+def _lengths(tower, target: Tensor) -> Tensor:
+    """Tokens in each target sequence (up to and including EOT), or n_ctx for images."""
+    if isinstance(tower, HookedTextTower):
+        if tower.can_trim:
+            return tower.pooled_positions(target) + 1
+        return torch.full((target.shape[0],), target.shape[1])
+    return torch.full((target.shape[0],), tower.cfg.n_ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------------------------
+def _hook_names(hook: str, layer: int, n_layers: int) -> str:
+    if hook == "resid":
+        return f"blocks.{layer}.hook_resid_pre" if layer < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
+    if hook in ("attn_out", "mlp_out"):
+        return f"blocks.{layer}.hook_{hook}"
+    if hook == "z":
+        return f"blocks.{layer}.attn.hook_z"
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+def _run_cached(tower, inputs: Tensor, names: set[str]) -> tuple[Tensor, dict]:
+    with torch.no_grad():
+        emb, cache = tower.run_with_cache(inputs, names_filter=lambda n: n in names)
+    return emb, cache.cache_dict
+
+
+def _resume(tower, states: Tensor, starts: list[int], kv: Optional[list[tuple[Tensor, Tensor]]],
+            rows: Optional[Tensor]) -> Tensor:
+    """Embeddings of N interventions resumed at half-layer points.
+
+    Args:
+        states: [N, S, d_model], residual streams (suffix positions only, see `kv`) at each
+            item's start point; sorted so that `starts` is ascending.
+        starts: half-layer start points, 2b = resid_pre of block b, 2b + 1 = resid_mid of block b.
+        kv: per block, cached (keys, values) [N, prefix, head, d_head] of the positions before the
+            suffix, or None when the suffix is the whole sequence.
+        rows: [N], the pooled position within the suffix (text), or None (vision pools itself).
+    """
+    x = states.clone()
+    n_steps = 2 * tower.cfg.n_layers
+    for step in range(starts[0], n_steps):
+        active = bisect.bisect_right(starts, step)
+        block = tower.blocks[step // 2]
+        if step % 2 == 0:
+            past = (kv[step // 2][0][:active], kv[step // 2][1][:active]) if kv is not None else None
+            x[:active] = block.attn_half(x[:active], past)
+        else:
+            x[:active] = block.mlp_half(x[:active])
+    if rows is None:
+        return tower.pool(x)
+    return tower.pool_rows(x[torch.arange(x.shape[0]), rows])
+
+
+class _Intervention:
+    """Where one exact intervention resumes and what it starts from, for one pair."""
+
+    __slots__ = ("pair", "key", "start", "state", "suffix", "row")
+
+    def __init__(self, pair, key, start, state, suffix, row):
+        self.pair, self.key, self.start, self.state, self.suffix, self.row = pair, key, start, state, suffix, row
+
+
+def _replacement(plan: _Plan, act_t: Tensor, act_s: Optional[Tensor], mean: Optional[Tensor]) -> Tensor:
+    """The activation an exact intervention writes, shaped like `act_t`."""
+    if plan.intervention == "zero":
+        return torch.zeros_like(act_t)
+    if plan.intervention == "mean":
+        return mean.expand_as(act_t)
+    return act_s
+
+
+def _build_interventions(plan: _Plan, tower, pair: int, lengths: Tensor, cache_t: dict, cache_s: Optional[dict],
+                         src_pair: int, means: dict, causal: bool) -> tuple[list, list]:
+    """Interventions for one pair, and the (key, pair) of those that change nothing."""
+    n_layers = tower.cfg.n_layers
+    length = int(lengths[pair])
+    eot = length - 1 if causal else None
+    items, noops = [], []
+    positions = plan.positions if plan.positions is not None else [None]
+    heads = plan.heads if plan.hook == "z" else [None]
+    for li, layer in enumerate(plan.layers):
+        name = _hook_names(plan.hook, layer, n_layers)
+        act_t_full = cache_t[name][pair]
+        act_s_full = cache_s[name][src_pair] if cache_s is not None else None
+        for pi, pos in enumerate(positions):
+            if pos is not None and pos >= length:
+                continue
+            sel = slice(None) if pos is None else pos
+            for hi, head in enumerate(heads):
+                key = (li,) + ((pi,) if plan.positions is not None else ()) + ((hi,) if head is not None else ())
+                act_t = act_t_full[sel] if head is None else act_t_full[sel][..., head, :]
+                act_s = None
+                if act_s_full is not None:
+                    act_s = act_s_full[sel] if head is None else act_s_full[sel][..., head, :]
+                    if act_s.shape != act_t.shape:
+                        raise ValueError(f"pair {pair}: source and target differ in length, which a positional patch needs equal")
+                rep = _replacement(plan, act_t, act_s, means.get(layer))
+                if torch.equal(rep, act_t):
+                    noops.append((key, pair))
+                    continue
+                start, state = _resume_state(plan.hook, tower, layer, pair, sel, head, rep, cache_t)
+                suffix = (pos if (causal and pos is not None) else 0)
+                items.append(_Intervention(pair, key, start, state[suffix:length], suffix,
+                                           (eot - suffix) if causal else None))
+    return items, noops
+
+
+def _resume_state(hook: str, tower, layer: int, pair: int, sel, head, rep: Tensor, cache: dict) -> tuple[int, Tensor]:
+    """(half-layer start point, full residual stream [pos, d_model]) after one replacement."""
+    n_layers = tower.cfg.n_layers
+    if hook == "resid":
+        if layer < n_layers:
+            state = cache[f"blocks.{layer}.hook_resid_pre"][pair].clone()
+        else:
+            state = cache[f"blocks.{n_layers - 1}.hook_resid_post"][pair].clone()
+        state[sel] = rep
+        return 2 * layer, state
+    if hook == "mlp_out":
+        state = cache[f"blocks.{layer}.hook_resid_post"][pair].clone()
+        state[sel] = cache[f"blocks.{layer}.hook_resid_mid"][pair][sel] + rep
+        return 2 * layer + 2, state
+    block = tower.blocks[layer]
+    if hook == "attn_out":
+        attn_out = rep
+    else:  # z: one head replaced, the attention output recomputed at the patched positions
+        z = cache[f"blocks.{layer}.attn.hook_z"][pair][sel].clone()
+        z[..., head, :] = rep
+        with torch.no_grad():
+            attn_out = block.attn.project_z(z)
+            if block.ls1 is not None:
+                attn_out = attn_out * block.ls1
+    state = cache[f"blocks.{layer}.hook_resid_mid"][pair].clone()
+    state[sel] = cache[f"blocks.{layer}.hook_resid_pre"][pair][sel] + attn_out
+    return 2 * layer + 1, state
+
+
+def _cache_names(hook: str, layers: list, n_layers: int, causal: bool) -> tuple[set, set]:
+    """Hook names to cache for (target, source) runs of exact interventions."""
+    target = {f"blocks.{n_layers - 1}.hook_resid_post"}
+    for b in range(n_layers):
+        target |= {f"blocks.{b}.hook_resid_pre", f"blocks.{b}.hook_resid_mid", f"blocks.{b}.hook_resid_post"}
+        if causal:
+            target |= {f"blocks.{b}.attn.hook_k", f"blocks.{b}.attn.hook_v"}
+    source = {_hook_names(hook, layer, n_layers) for layer in layers}
+    return target | source, source
+
+
+def _exact(model, plan: _Plan, tower, target: Tensor, source: Optional[Tensor], other: Tensor, score,
+           effects: Tensor, baseline: Tensor, source_baseline: Optional[Tensor], mean, batch_size: int,
+           pair_chunk: int, perm: Optional[Tensor], progress: bool) -> None:
+    n_layers = tower.cfg.n_layers
+    causal = tower.cfg.causal and isinstance(tower, HookedTextTower)
+    names_t, names_s = _cache_names(plan.hook, plan.layers, n_layers, causal)
+    lengths = _lengths(tower, target)
+    n_pairs = target.shape[0]
+    bar = tqdm(total=n_pairs, desc=f"patch {plan.hook} ({plan.intervention})", disable=not progress, unit="pair")
+    means = {}
+    if plan.intervention == "mean":
+        means = _means(plan, tower, source if source is not None else target, mean, pair_chunk)
+    for lo in range(0, n_pairs, pair_chunk):
+        hi = min(lo + pair_chunk, n_pairs)
+        chunk_t = target[lo:hi]
+        emb_t, cache_t = _run_cached(tower, chunk_t, names_t)
+        with torch.no_grad():
+            baseline[lo:hi] = score(emb_t, other[lo:hi])
+        cache_s, src_index = None, None
+        if plan.intervention in ("patch", "resample"):
+            if plan.intervention == "resample":
+                src_index = perm[lo:hi]
+                emb_s, cache_s = _run_cached(tower, source[src_index], names_s)
+                src_index = torch.arange(hi - lo)
+            else:
+                emb_s, cache_s = _run_cached(tower, source[lo:hi], names_s)
+                with torch.no_grad():
+                    source_baseline[lo:hi] = score(emb_s, other[lo:hi])
+        items = []
+        for p in range(hi - lo):
+            new, noops = _build_interventions(plan, tower, p, lengths[lo:hi], cache_t, cache_s,
+                                              p if src_index is None else int(src_index[p]), means, causal)
+            items += new
+            for key, pair in noops:
+                effects[(lo + pair, *key)] = baseline[lo + pair]
+        _run_items(tower, items, cache_t, other[lo:hi], score, effects, lo, batch_size, causal)
+        bar.update(hi - lo)
+    bar.close()
+
+
+def _run_items(tower, items: list, cache_t: dict, other: Tensor, score, effects: Tensor, offset: int,
+               batch_size: int, causal: bool) -> None:
+    """Run interventions grouped by (suffix start, suffix length), in batches, sorted by start layer."""
+    n_layers = tower.cfg.n_layers
+    groups: dict[tuple[int, int], list] = {}
+    for item in items:
+        groups.setdefault((item.suffix, item.state.shape[0]), []).append(item)
+    for (suffix, _), group in groups.items():
+        group.sort(key=lambda it: it.start)
+        for b in range(0, len(group), batch_size):
+            batch = group[b : b + batch_size]
+            pairs = torch.tensor([it.pair for it in batch])
+            kv = None
+            if causal and suffix > 0:
+                kv = [(cache_t[f"blocks.{blk}.attn.hook_k"][pairs, :suffix], cache_t[f"blocks.{blk}.attn.hook_v"][pairs, :suffix])
+                      for blk in range(n_layers)]
+            states = torch.stack([it.state for it in batch])
+            rows = torch.tensor([it.row for it in batch]) if causal else None
+            with torch.no_grad():
+                emb = _resume(tower, states, [it.start for it in batch], kv, rows)
+                values = score(emb, other[pairs])
+            for it, value in zip(batch, values):
+                effects[(offset + it.pair, *it.key)] = value
+
+
+def _means(plan: _Plan, tower, inputs: Tensor, mean, pair_chunk: int) -> dict:
+    """Mean activation per layer over the dataset `inputs` (pairs and positions up to EOT), or as given."""
+    n_layers = tower.cfg.n_layers
+    if mean is not None:
+        mean = torch.as_tensor(mean)
+        return {layer: mean[i] if mean.ndim > 1 and mean.shape[0] == len(plan.layers) else mean
+                for i, layer in enumerate(plan.layers)}
+    names = {_hook_names(plan.hook, layer, n_layers) for layer in plan.layers}
+    lengths = _lengths(tower, inputs)
+    sums, count = {}, 0
+    for lo in range(0, inputs.shape[0], pair_chunk):
+        _, cache = _run_cached(tower, inputs[lo : lo + pair_chunk], names)
+        valid = torch.arange(inputs.shape[1] if inputs.dtype in (torch.long, torch.int) else tower.cfg.n_ctx)[None] \
+            < lengths[lo : lo + pair_chunk, None]
+        for name, act in cache.items():
+            sums[name] = sums.get(name, 0) + act[valid].sum(0)
+        count += int(valid.sum())
+    return {layer: sums[_hook_names(plan.hook, layer, n_layers)] / count for layer in plan.layers}
+
+
+# ---------------------------------------------------------------------------------------------
+# hook-function interventions (user hooks, value-only attention)
+# ---------------------------------------------------------------------------------------------
+def value_only_attention(pattern: Float[Tensor, "batch head query key"], hook=None) -> Tensor:
+    """Hook for `attn.hook_pattern`: every position attends only to itself, so the block outputs
+    out_proj(V) (METHODS.md, attention cancellation)."""
+    eye = torch.eye(pattern.shape[-2], pattern.shape[-1], dtype=pattern.dtype, device=pattern.device)
+    return eye.expand_as(pattern).clone()
+
+
+def _general(plan: _Plan, tower, target: Tensor, other: Tensor, score, effects: Tensor, baseline: Tensor,
+             pair_chunk: int, progress: bool) -> None:
+    """Each layer (or tuple of layers) runs with the hook attached, from its first layer."""
+    n_layers = tower.cfg.n_layers
+    hook_fn = value_only_attention if plan.intervention == "value_only" else plan.intervention
+    starts = sorted({min(l) if isinstance(l, tuple) else l for l in plan.layers})
+    names = {f"blocks.{s}.hook_resid_pre" if s < n_layers else f"blocks.{n_layers - 1}.hook_resid_post" for s in starts}
+    bar = tqdm(total=target.shape[0] * len(plan.layers), desc=f"patch {plan.hook} (hook)", disable=not progress)
+    for lo in range(0, target.shape[0], pair_chunk):
+        chunk = target[lo : lo + pair_chunk]
+        emb, cache = _run_cached(tower, chunk, names)
+        with torch.no_grad():
+            baseline[lo : lo + len(chunk)] = score(emb, other[lo : lo + len(chunk)])
+        for li, spec in enumerate(plan.layers):
+            group = spec if isinstance(spec, tuple) else (spec,)
+            start = min(group)
+            hooks = [(_hook_names(plan.hook, layer, n_layers), hook_fn) for layer in group]
+            resid = cache[_hook_names("resid", start, n_layers)]
+            with torch.no_grad():
+                if start == n_layers:
+                    out = tower.run_with_hooks(chunk, fwd_hooks=hooks)
+                else:
+                    out = tower.run_with_hooks(chunk, residual=resid, start_at_layer=start, fwd_hooks=hooks)
+                effects[lo : lo + len(chunk), li] = score(out, other[lo : lo + len(chunk)])
+            bar.update(len(chunk))
+    bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# attribution patching
+# ---------------------------------------------------------------------------------------------
+def _attribution(plan: _Plan, tower, target: Tensor, source: Optional[Tensor], other: Tensor, score,
+                 effects: Tensor, baseline: Tensor, source_baseline: Optional[Tensor], mean, pair_chunk: int,
+                 perm, progress: bool) -> None:
+    """effect ~= metric(target) + (a_replacement - a_target) . d metric / d a, at the clean target."""
+    n_layers = tower.cfg.n_layers
+    names = [_hook_names(plan.hook, layer, n_layers) for layer in plan.layers]
+    lengths = _lengths(tower, target)
+    means = _means(plan, tower, source if source is not None else target, mean, pair_chunk) if plan.intervention == "mean" else {}
+    for lo in tqdm(range(0, target.shape[0], pair_chunk), desc=f"attribution {plan.hook}", disable=not progress):
+        chunk = target[lo : lo + pair_chunk]
+        n = chunk.shape[0]
+        acts: dict[str, Tensor] = {}
+
+        def keep(act, hook):
+            act.retain_grad()
+            acts[hook.name] = act
+            return act
+
+        with torch.enable_grad():
+            emb = tower.run_with_hooks(chunk, fwd_hooks=[(name, keep) for name in names])
+            values = score(emb, other[lo : lo + n])
+            values.sum().backward()
+        baseline[lo : lo + n] = values.detach()
+        cache_s = None
+        if plan.intervention in ("patch", "resample"):
+            src = source[perm[lo : lo + n]] if plan.intervention == "resample" else source[lo : lo + n]
+            emb_s, cache_s = _run_cached(tower, src, set(names))
+            if plan.intervention == "patch":
+                with torch.no_grad():
+                    source_baseline[lo : lo + n] = score(emb_s, other[lo : lo + n])
+        for li, (layer, name) in enumerate(zip(plan.layers, names)):
+            act, grad = acts[name].detach(), acts[name].grad
+            rep = _replacement(plan, act, cache_s[name] if cache_s is not None else None, means.get(layer))
+            contrib = (rep - act) * grad  # [batch, pos, (head), d]
+            contrib = contrib.sum(-1)      # [batch, pos, (head)]
+            if plan.hook == "z":
+                contrib = contrib[..., plan.heads] if plan.heads is not None else contrib
+            valid = torch.arange(contrib.shape[1])[None] < lengths[lo : lo + n, None]
+            contrib = contrib * valid.view(n, -1, *([1] * (contrib.ndim - 2)))
+            if plan.positions is None:
+                effects[lo : lo + n, li] = baseline[lo : lo + n].view(-1, *([1] * (contrib.ndim - 2))) + contrib.sum(1)
+            else:
+                for pi, pos in enumerate(plan.positions):
+                    if pos < contrib.shape[1]:
+                        value = baseline[lo : lo + n].view(-1, *([1] * (contrib.ndim - 2))) + contrib[:, pos]
+                        keep_mask = (pos < lengths[lo : lo + n]).view(-1, *([1] * (contrib.ndim - 2)))
+                        effects[lo : lo + n, li, pi] = torch.where(keep_mask, value, torch.nan)
+        tower.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------------------------
+def patch(
+    model: HookedCLIP,
+    *,
+    target: Any,
+    source: Any = None,
+    image: Any = None,
+    text: Any = None,
+    hook: str = "resid",
+    layers: Union[str, int, Sequence] = "all",
+    positions: Union[str, int, Sequence[int]] = "all",
+    heads: Union[str, int, Sequence[int]] = "all",
+    intervention: Union[str, Callable] = "patch",
+    mean: Optional[Tensor] = None,
+    metric: Metric = "score",
+    method: str = "exact",
+    batch_size: int = 256,
+    pair_chunk: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> PatchResult:
+    """Intervene on the target runs over a grid of layers x positions (x heads) and measure a metric.
+
+    Args:
+        model: a HookedCLIP.
+        target: the runs intervened on: texts / tokens [n_pairs, pos] (text tower) or images /
+            pixels [n_pairs, 3, H, W] (vision tower).
+        source: the runs activations are taken from (same kind and, for positional patches, the
+            same token lengths as `target`); for `intervention="patch"`, and the dataset for "mean"
+            and "resample" (default: the targets).
+        image / text: the other modality, as inputs or embeddings [1 or n_pairs, d_embed].
+        hook: "resid" (layers 0..L, METHODS.md numbering), "attn_out", "mlp_out", "z" (per head),
+            or "pattern" (with a hook-function intervention).
+        layers: "all", a layer, or a list; with hook-function interventions an entry may be a
+            tuple of layers intervened together (e.g. (1, 2, 3)).
+        positions: "all" (each position separately), a list of positions, or "sequence" (every
+            position at once).
+        heads: for hook="z": "all" or a list of heads.
+        intervention: "patch" (from source), "zero", "mean" (`mean` given, or the mean over the
+            source runs), "resample" (from another pair, seeded), "value_only" (identity attention
+            pattern; hook="pattern"), or a hook function `f(activation, hook) -> activation`.
+        metric: "score" (S = logit_scale.exp() * cos with the other modality) or a callable
+            `(embedding [batch, d_embed], other [batch, d_embed]) -> [batch]`.
+        method: "exact", or "attribution" for attribution patching (one forward and one backward
+            pass per chunk: baseline + (a_new - a_target) . grad).
+        batch_size: interventions per forward pass. pair_chunk: pairs cached at a time.
+
+    Returns:
+        PatchResult, `effects` shaped [pair, layer, (position), (head)].
+    """
+    if hook not in HOOK_KINDS:
+        raise ValueError(f"Unknown hook kind {hook!r}; use one of {HOOK_KINDS}")
+    hook_intervention = callable(intervention) or intervention == "value_only"
+    if not hook_intervention and intervention not in EXACT_INTERVENTIONS:
+        raise ValueError(f"Unknown intervention {intervention!r}; use one of {EXACT_INTERVENTIONS}, 'value_only' or a hook function")
+    if hook == "pattern" and not hook_intervention:
+        raise ValueError("hook='pattern' takes a hook-function intervention (e.g. 'value_only')")
+    if method not in ("exact", "attribution"):
+        raise ValueError(f"Unknown method {method!r}; use 'exact' or 'attribution'")
+    if method == "attribution" and hook_intervention:
+        raise ValueError("attribution patching needs a patch, zero, mean or resample intervention")
+
+    tower_name, target = _as_tower_input(model, target, "target")
+    tower = model.text if tower_name == "text" else model.vision
+    n_pairs = target.shape[0]
+    if source is not None:
+        source_kind, source = _as_tower_input(model, source, "source")
+        if source_kind != tower_name:
+            raise ValueError(f"source is {source_kind} input but target is {tower_name} input")
+    if intervention in ("patch", "resample") and source is None:
+        if intervention == "patch":
+            raise ValueError("intervention='patch' needs a source")
+        source = target
+    if intervention == "patch" and source.shape[0] != n_pairs:
+        raise ValueError(f"{source.shape[0]} sources for {n_pairs} targets")
+    if tower_name == "text" and source is not None and not hook_intervention and source.shape[1] != target.shape[1]:
+        if intervention == "patch" or positions != "sequence":
+            _check_equal_lengths(tower, source, target)
+    other = _other_embeddings(model, tower_name, image if tower_name == "text" else text, n_pairs)
+    score = _score(model, metric)
+
+    layers_list = _check_list(layers, _layer_range(tower, hook), "layer")
+    if not hook_intervention and any(isinstance(l, tuple) for l in layers_list):
+        raise ValueError("layer groups (tuples) are for hook-function interventions")
+    pos_list = None if hook_intervention else _positions_for(positions, target, tower)
+    head_list = _check_list(heads, range(tower.cfg.n_heads), "head") if hook == "z" else None
+    if hook == "z" and isinstance(heads, int):
+        head_list = [heads]
+    if tower_name == "text" and source is not None and intervention == "patch":
+        _check_equal_lengths(tower, source, target)
+    plan = _Plan(tower_name, hook, layers_list, pos_list, head_list, intervention)
+
+    dims = ["pair", "layer"] + (["position"] if pos_list is not None else []) + (["head"] if head_list is not None else [])
+    shape = [n_pairs, len(layers_list)] + ([len(pos_list)] if pos_list is not None else []) + ([len(head_list)] if head_list is not None else [])
+    effects = torch.full(shape, float("nan"))
+    baseline = torch.full((n_pairs,), float("nan"))
+    source_baseline = torch.full((n_pairs,), float("nan")) if intervention == "patch" else None
+    perm = None
+    if intervention == "resample":
+        perm = torch.randperm(source.shape[0], generator=torch.Generator().manual_seed(seed))[:n_pairs]
+        if tower_name == "text" and not torch.equal(_lengths(tower, source[perm]), _lengths(tower, target)):
+            raise ValueError("intervention='resample' needs all texts to have the same token length")
+
+    if hook_intervention:
+        _general(plan, tower, target, other, score, effects, baseline, pair_chunk, progress)
+    elif method == "attribution":
+        _attribution(plan, tower, target, source, other, score, effects, baseline, source_baseline, mean,
+                     pair_chunk, perm, progress)
+    else:
+        _exact(model, plan, tower, target, source, other, score, effects, baseline, source_baseline, mean,
+               batch_size, pair_chunk, perm, progress)
+    return PatchResult(effects=effects, baseline=baseline, source_baseline=source_baseline, dims=tuple(dims),
+                       layers=layers_list, positions=pos_list, heads=head_list, hook=hook,
+                       intervention=intervention if isinstance(intervention, str) else getattr(intervention, "__name__", "hook"),
+                       method=method)
+
+
+def _check_equal_lengths(tower, source: Tensor, target: Tensor) -> None:
+    ls, lt = _lengths(tower, source), _lengths(tower, target)
+    bad = (ls != lt).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(
+            f"pair {i}: source has {int(ls[i])} tokens and target {int(lt[i])}; a positional patch needs "
+            "equal token lengths"
+        )
