@@ -612,7 +612,7 @@ def patch(
     return PatchResult(effects=effects, baseline=baseline, source_baseline=source_baseline, dims=tuple(dims),
                        layers=layers_list, positions=pos_list, heads=head_list, hook=hook,
                        intervention=intervention if isinstance(intervention, str) else getattr(intervention, "__name__", "hook"),
-                       method=method)
+                       method=method, extra={"resample_pairs": perm} if perm is not None else {})
 
 
 def _check_equal_lengths(tower, source: Tensor, target: Tensor) -> None:
