@@ -573,9 +573,6 @@ def patch(
         source = target
     if intervention == "patch" and source.shape[0] != n_pairs:
         raise ValueError(f"{source.shape[0]} sources for {n_pairs} targets")
-    if tower_name == "text" and source is not None and not hook_intervention and source.shape[1] != target.shape[1]:
-        if intervention == "patch" or positions != "sequence":
-            _check_equal_lengths(tower, source, target)
     other = _other_embeddings(model, tower_name, image if tower_name == "text" else text, n_pairs)
     score = _score(model, metric)
 
