@@ -320,7 +320,7 @@ def _cache_names(hook: str, layers: list, n_layers: int, causal: bool) -> tuple[
     return target | source, source
 
 
-def _exact(model, plan: _Plan, tower, target: Tensor, source: Optional[Tensor], other: Tensor, score,
+def _exact(plan: _Plan, tower, target: Tensor, source: Optional[Tensor], other: Tensor, score,
            effects: Tensor, baseline: Tensor, source_baseline: Optional[Tensor], mean, batch_size: int,
            pair_chunk: int, perm: Optional[Tensor], progress: bool) -> None:
     n_layers = tower.cfg.n_layers
@@ -604,7 +604,7 @@ def patch(
         _attribution(plan, tower, target, source, other, score, effects, baseline, source_baseline, mean,
                      pair_chunk, perm, progress)
     else:
-        _exact(model, plan, tower, target, source, other, score, effects, baseline, source_baseline, mean,
+        _exact(plan, tower, target, source, other, score, effects, baseline, source_baseline, mean,
                batch_size, pair_chunk, perm, progress)
     return PatchResult(effects=effects, baseline=baseline, source_baseline=source_baseline, dims=tuple(dims),
                        layers=layers_list, positions=pos_list, heads=head_list, hook=hook,
