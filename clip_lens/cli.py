@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -61,6 +62,62 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def load_model(model: str, pretrained: Optional[str]):
+    """(HookedCLIP, label) from an open_clip name (+ tag or checkpoint) or a transformers CLIP directory."""
+    import clip_lens
+
+    if Path(model).is_dir():
+        return clip_lens.HookedCLIP.from_huggingface(model), f"transformers CLIP from {model}"
+    hooked = clip_lens.HookedCLIP.from_pretrained(model, pretrained=pretrained)
+    if pretrained is None:
+        print(f"warning: {model} with random weights (no --pretrained); the results describe an untrained model",
+              file=sys.stderr)
+    return hooked, f"{model} ({'pretrained=' + str(pretrained) if pretrained else 'random weights'})"
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="ViT-B-32",
+                        help="open_clip architecture (e.g. ViT-B-32) or a transformers CLIP directory")
+    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint file")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (tables and report.html)")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N instances only")
+    parser.add_argument("--query-layers", type=int, nargs="*", default=None,
+                        help="layers for the per-query-position view (default: the layer of the top head)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random weights")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_valse_existence(args: argparse.Namespace) -> int:
+    from experiments import negation_study
+
+    torch.manual_seed(args.seed)
+    model, label = load_model(args.model, args.pretrained)
+    studies = negation_study.VALSE_STUDIES if args.study == "all" else (args.study,)
+    start = time.perf_counter()
+    tables = negation_study.valse_existence(
+        model, label, args.valse, args.images, args.out, studies=studies, missing=args.missing_images,
+        limit=args.limit, subject_size=args.clipseg, query_layers=args.query_layers, progress=not args.quiet)
+    print(tables["accuracy"].to_string(index=False))
+    print(f"{len(tables['instances'])} instances, {len(tables['excluded'])} excluded; "
+          f"wrote {args.out}/report.html and {len(tables)} tables in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cmd_cannot(args: argparse.Namespace) -> int:
+    from experiments import negation_study
+
+    torch.manual_seed(args.seed)
+    model, label = load_model(args.model, args.pretrained)
+    start = time.perf_counter()
+    tables = negation_study.cannot_negator_attention(
+        model, label, args.cannot, args.out, spacy_model=args.spacy_model, limit=args.limit,
+        query_layers=args.query_layers, progress=not args.quiet)
+    print(tables["selection"].to_string(index=False))
+    print(tables["negator_heads"].head(5).to_string(index=False))
+    print(f"wrote {args.out}/report.html and {len(tables)} tables in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clip-lens", description="Mechanistic interpretability for CLIP.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--tolerance", type=float, default=1e-5)
     check.set_defaults(func=cmd_check)
+
+    valse = sub.add_parser("valse-existence", help="negation studies on VALSE existence")
+    valse.add_argument("study", choices=["causal-tracing", "negator-attention", "preliminary", "all"])
+    valse.add_argument("--valse", required=True, type=Path, help="VALSE existence.json")
+    valse.add_argument("--images", required=True, type=Path, help="folder with the instances' image files")
+    valse.add_argument("--missing-images", choices=["raise", "skip"], default="raise",
+                       help="stop with an error on missing images (default), or skip those instances and list them")
+    valse.add_argument("--clipseg", default=None, help="CLIPSeg checkpoint (local path) for the subject size")
+    _add_model_args(valse)
+    valse.set_defaults(func=cmd_valse_existence)
+
+    cannot = sub.add_parser("cannot", help="negation studies on CANNOT")
+    cannot.add_argument("study", choices=["negator-attention"])
+    cannot.add_argument("--cannot", required=True, nargs="+", type=Path,
+                        help="CANNOT .tsv files (premise/hypothesis/label or sentence/negated) or folders of them")
+    cannot.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy pipeline for the dependency parse")
+    _add_model_args(cannot)
+    cannot.set_defaults(func=cmd_cannot)
     return parser
 
 

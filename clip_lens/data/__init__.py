@@ -1,5 +1,30 @@
-"""Datasets for the studies: VALSE (existence rephrasing), later CANNOT and minimal pairs."""
+"""Datasets for the studies: VALSE (existence rephrasing, images, aligned positions) and CANNOT."""
 
-from clip_lens.data.valse import ExistencePairs, load_valse, prepare_existence, rephrase_non_negated
+from clip_lens.data.cannot import NegatorPairs, load_cannot, load_spacy, no_determiner_pairs
+from clip_lens.data.valse import (
+    ALIGNED_SLOTS,
+    ExistencePairs,
+    ResolvedImages,
+    align_positions,
+    load_valse,
+    prepare_existence,
+    rephrase_non_negated,
+    resolve_images,
+    weighted_slot_mean,
+)
 
-__all__ = ["ExistencePairs", "load_valse", "prepare_existence", "rephrase_non_negated"]
+__all__ = [
+    "ALIGNED_SLOTS",
+    "ExistencePairs",
+    "NegatorPairs",
+    "ResolvedImages",
+    "align_positions",
+    "load_cannot",
+    "load_spacy",
+    "load_valse",
+    "no_determiner_pairs",
+    "prepare_existence",
+    "rephrase_non_negated",
+    "resolve_images",
+    "weighted_slot_mean",
+]

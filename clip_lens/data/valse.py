@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
 
+import numpy as np
 import pandas as pd
+from jaxtyping import Float, Int
 
 NEGATED = re.compile(r"^There (is|are) no (\S.*)$")
 NON_NEGATED = re.compile(r"^There (is|are) (\S.*)$")
@@ -63,6 +65,10 @@ def prepare_existence(frame: pd.DataFrame, tokenize: Callable[[list[str]], "obje
     for row in frame.itertuples(index=False):
         negation_in = "caption" if re.search(r"\bno\b", row.caption) else "foil"
         negated, other = (row.caption, row.foil) if negation_in == "caption" else (row.foil, row.caption)
+        if not (row.caption.rstrip().endswith(".") and row.foil.rstrip().endswith(".")):
+            excluded.append(dict(id=row.id, caption=row.caption, foil=row.foil,
+                                 reason="caption or foil does not end with '.' (the aligned positions need it)"))
+            continue
         if NEGATED.match(negated) is None:
             excluded.append(dict(id=row.id, caption=row.caption, foil=row.foil,
                                  reason="negated sentence does not follow 'There is/are no <subject> ...'"))
@@ -86,3 +92,93 @@ def prepare_existence(frame: pd.DataFrame, tokenize: Callable[[list[str]], "obje
                 raise ValueError(f"pair {pairs['id'][i]!r} ({pairs['negated'][i]!r} / {pairs['non_negated'][i]!r}) "
                                  f"differs at {differ} token positions after rephrasing; expected exactly one")
     return ExistencePairs(pairs, pd.DataFrame(excluded, columns=["id", "caption", "foil", "reason"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ResolvedImages:
+    """Pairs whose image was found (with an `image_path` column) and those whose image was not
+    (id, image_file)."""
+
+    pairs: pd.DataFrame
+    missing: pd.DataFrame
+
+
+def resolve_images(pairs: pd.DataFrame, image_dir: Union[str, Path], missing: str = "raise") -> ResolvedImages:
+    """Find each pair's `image_file` in `image_dir`.
+
+    Args:
+        missing: "raise" (a FileNotFoundError naming the missing files) or "skip" (drop those pairs
+            and report them in `ResolvedImages.missing`).
+    """
+    if missing not in ("raise", "skip"):
+        raise ValueError(f"missing must be 'raise' or 'skip', not {missing!r}")
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"Image folder not found: {image_dir}")
+    paths = [image_dir / str(name) for name in pairs["image_file"]]
+    found = np.array([p.is_file() for p in paths], dtype=bool)
+    absent = pairs.loc[~found, ["id", "image_file"]].reset_index(drop=True)
+    if len(absent) and missing == "raise":
+        names = ", ".join(absent["image_file"].astype(str).head(5))
+        more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+        raise FileNotFoundError(
+            f"{len(absent)} image(s) missing from {image_dir}: {names}{more}. "
+            "Put VALSE's Visual7W images there, or pass missing='skip' (CLI: --missing-images skip) "
+            "to drop those instances with a report."
+        )
+    kept = pairs.loc[found].copy()
+    kept["image_path"] = [str(p) for p, ok in zip(paths, found) if ok]
+    return ResolvedImages(kept.reset_index(drop=True), absent)
+
+
+# ---------------------------------------------------------------------------------------------
+# aligned positions
+# ---------------------------------------------------------------------------------------------
+# Existence sentences tokenise as  SOT There is/are <negator> <subject> [more ...] . EOT, so one
+# layout serves all instances; the "further subject tokens" slot takes the mean of a variable
+# number of positions (none for one-token subjects).
+ALIGNED_SLOTS = ("SOT", "There", "is/are", "negator", "subject", "further subject", ".", "EOT")
+NEGATOR_POSITION = 3
+FURTHER_SLOT = ALIGNED_SLOTS.index("further subject")
+
+
+def align_positions(values: Float[np.ndarray, "n ... pos"], eot: Int[np.ndarray, "n"]) -> tuple[np.ndarray, np.ndarray]:
+    """Map per-position values of existence sentences onto the 8 aligned slots.
+
+    Args:
+        values: [n, ..., pos] (positions beyond a row's EOT are ignored).
+        eot: [n], each row's EOT position (the '.' is at eot - 1).
+
+    Returns:
+        aligned [n, ..., 8] (the further-subject slot is the mean over positions 5..eot-2, 0 when
+        there are none) and further_counts [n], the number of those positions (the weight of that
+        slot when averaging over instances: see `weighted_slot_mean`).
+    """
+    values = np.asarray(values, dtype=float)
+    eot = np.asarray(eot, dtype=int)
+    if (eot < NEGATOR_POSITION + 3).any():
+        bad = int(np.flatnonzero(eot < NEGATOR_POSITION + 3)[0])
+        raise ValueError(f"row {bad}: EOT at {eot[bad]} is too early for 'There is/are <negator> <subject> .'")
+    aligned = np.zeros(values.shape[:-1] + (len(ALIGNED_SLOTS),))
+    counts = eot - 1 - (NEGATOR_POSITION + 2)
+    for i, end in enumerate(eot):
+        row = values[i]
+        aligned[i, ..., :5] = row[..., :5]
+        aligned[i, ..., FURTHER_SLOT] = row[..., 5:end - 1].mean(axis=-1) if counts[i] else 0.0
+        aligned[i, ..., 6] = row[..., end - 1]
+        aligned[i, ..., 7] = row[..., end]
+    return aligned, counts
+
+
+def weighted_slot_mean(aligned: Float[np.ndarray, "n ... 8"], further_counts: Int[np.ndarray, "n"]) -> np.ndarray:
+    """Mean over instances [..., 8], the further-subject slot weighted by each instance's number of
+    further tokens (so it is the mean over all such tokens; 0 when no instance has any)."""
+    aligned = np.asarray(aligned, dtype=float)
+    mean = aligned.mean(axis=0)
+    weights = np.asarray(further_counts, dtype=float).reshape((-1,) + (1,) * (aligned.ndim - 2))
+    total = weights.sum()
+    mean[..., FURTHER_SLOT] = (aligned[..., FURTHER_SLOT] * weights).sum(axis=0) / total if total else 0.0
+    return mean

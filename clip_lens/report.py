@@ -1,0 +1,71 @@
+"""One self-contained HTML report per run: text, tables and plotly figures, plotly.js inlined once,
+so the file opens anywhere without a network."""
+
+from __future__ import annotations
+
+import html
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Union
+
+import pandas as pd
+import plotly.graph_objects as go
+
+STYLE = """
+body { font-family: Inter, Helvetica, Arial, sans-serif; max-width: 1200px; margin: 2em auto; color: #222; }
+h1 { font-size: 1.7em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: .2em; }
+table { border-collapse: collapse; font-size: .85em; margin: .5em 0 1.5em; }
+th, td { border-bottom: 1px solid #eee; padding: .25em .7em; text-align: right; }
+th { background: #f6f6f6; } td:first-child, th:first-child { text-align: left; }
+.note { color: #666; font-size: .9em; } .figure { margin: 1em 0 2em; }
+"""
+
+
+class Report:
+    """Collects sections and writes them as one HTML file.
+
+        report = Report("Negation in CLIP's text encoder")
+        report.section("Causal tracing").text("...").table(frame).figure(fig)
+        report.write("out/report.html")
+    """
+
+    def __init__(self, title: str):
+        self.title = title
+        self._parts: list[str] = []
+        self._plotly_included = False
+
+    def section(self, heading: str) -> "Report":
+        self._parts.append(f"<h2>{html.escape(heading)}</h2>")
+        return self
+
+    def text(self, text: str, note: bool = False) -> "Report":
+        cls = ' class="note"' if note else ""
+        self._parts.append(f"<p{cls}>{html.escape(text)}</p>")
+        return self
+
+    def table(self, frame: pd.DataFrame, max_rows: int = 25, caption: str = "") -> "Report":
+        shown = frame.head(max_rows)
+        more = f" (first {max_rows} of {len(frame)} rows)" if len(frame) > max_rows else ""
+        if caption or more:
+            self._parts.append(f'<p class="note">{html.escape(caption)}{more}</p>')
+        self._parts.append(shown.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0, na_rep="–"))
+        return self
+
+    def figure(self, fig: go.Figure) -> "Report":
+        include = "inline" if not self._plotly_included else False
+        self._plotly_included = True
+        self._parts.append(f'<div class="figure">{fig.to_html(full_html=False, include_plotlyjs=include)}</div>')
+        return self
+
+    def to_html(self) -> str:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        body = "\n".join(self._parts)
+        return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+                f"<style>{STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>"
+                f"<p class='note'>Written by clip_lens on {stamp}.</p>{body}</body></html>")
+
+    def write(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_html(), encoding="utf-8")
+        return path

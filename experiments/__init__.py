@@ -1,0 +1,7 @@
+"""Studies composed from clip_lens hooks; each returns tidy DataFrames and plotly figures.
+
+- `existence`: VALSE existence instances, scored and segmented (shared by the studies below).
+- `causal_tracing`: where the text encoder restores the caption-foil difference (CTE).
+- `negator_attention`: heads that attend to the negator only when it negates (VALSE, CANNOT).
+- `preliminary`: sequence length, caption-foil similarity, subject size against d.
+"""

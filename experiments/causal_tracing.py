@@ -1,0 +1,114 @@
+"""Causal tracing of negation in the text encoder (METHODS.md).
+
+For each instance, the non-negated sentence p is run with its residual stream at one (layer,
+position) replaced by the negated sentence n's; CTE(l, q) = d* / d is the share of the caption-foil
+difference that this one patch restores. All patches run through `clip_lens.patch`, which resumes
+each from the cached residual of its layer and computes only positions q..EOT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from jaxtyping import Float, Int
+
+from clip_lens import plot
+from clip_lens.data import ALIGNED_SLOTS, align_positions, weighted_slot_mean
+from clip_lens.data.valse import NEGATOR_POSITION
+from clip_lens.model import HookedCLIP
+from clip_lens.patching import patch
+from clip_lens.scores import SEGMENTS
+from experiments.existence import ExistenceInstances
+
+GROUPS = ["negation_in", "segment"]
+
+
+@dataclass
+class CausalTracing:
+    """Result of `run`.
+
+    Attributes:
+        instances: one row per instance (id, negation_in, caption, foil, d, segment, ...).
+        cte: [instances, layers, 8], CTE at the aligned positions (`slots`); layers 0..L.
+        further_counts: [instances], the number of further-subject tokens (that slot's weight).
+        cte_positions: [instances, layers, pos], CTE at every token position (NaN beyond EOT).
+        slots: the names of the aligned positions.
+    """
+
+    instances: pd.DataFrame
+    cte: Float[np.ndarray, "n layer 8"]
+    further_counts: Int[np.ndarray, "n"]
+    cte_positions: Float[np.ndarray, "n layer pos"]
+    slots: tuple = ALIGNED_SLOTS
+
+    @property
+    def n_layers(self) -> int:
+        return self.cte.shape[1]
+
+    def instance_frame(self) -> pd.DataFrame:
+        """Long format: one row per instance x layer x aligned position."""
+        n, layers, slots = self.cte.shape
+        index = pd.MultiIndex.from_product([range(n), range(layers), self.slots], names=["instance", "layer", "position"])
+        frame = pd.DataFrame({"cte": self.cte.reshape(-1)}, index=index).reset_index()
+        info = self.instances[["id", *GROUPS]].reset_index(drop=True)
+        return frame.join(info, on="instance")
+
+    def segment_means(self, by: tuple = tuple(GROUPS)) -> pd.DataFrame:
+        """Mean CTE per group x layer x aligned position (the further-subject slot weighted by its
+        token count), with the number of instances. Long format."""
+        rows = []
+        for key, idx in self.instances.reset_index(drop=True).groupby(list(by), sort=False).groups.items():
+            idx = np.asarray(idx)
+            mean = weighted_slot_mean(self.cte[idx], self.further_counts[idx])
+            key = key if isinstance(key, tuple) else (key,)
+            for layer in range(self.n_layers):
+                for s, slot in enumerate(self.slots):
+                    rows.append((*key, layer, slot, mean[layer, s], len(idx)))
+        return pd.DataFrame(rows, columns=[*by, "layer", "position", "cte", "instances"])
+
+    def localisation(self, by: tuple = tuple(GROUPS)) -> pd.DataFrame:
+        """Per group and layer, the standard deviation (ddof=0) of the group-mean CTE over the aligned
+        positions from the negator on (negator, subject, further subject, '.', EOT): high where one
+        position carries the effect, low where it is spread or absent."""
+        means = self.segment_means(by)
+        tail = means[means["position"].isin(self.slots[NEGATOR_POSITION:])]
+        out = tail.groupby([*by, "layer"], sort=False)["cte"].std(ddof=0).rename("localisation").reset_index()
+        return out
+
+    def figures(self) -> dict[str, go.Figure]:
+        """The CTE heatmaps with localisation bars, one figure per negation placement."""
+        means, loc = self.segment_means(), self.localisation()
+        figures = {}
+        for where in ("foil", "caption"):
+            part = means[means["negation_in"] == where]
+            if len(part):
+                figures[f"cte_negation_in_{where}"] = plot.cte_heatmaps(
+                    part, loc[loc["negation_in"] == where], self.slots,
+                    title=f"Causal tracing effect, negation in the {where}")
+        return figures
+
+
+def run(model: HookedCLIP, instances: ExistenceInstances, *, batch_size: int = 256, pair_chunk: int = 64,
+        progress: bool = True) -> CausalTracing:
+    """Causal tracing over every instance, every layer 0..L and every position."""
+    frame = instances.frame
+    negated = model.to_tokens(list(frame["negated"]))
+    non_negated = model.to_tokens(list(frame["non_negated"]))
+    result = patch(model, target=non_negated, source=negated, image=instances.image_emb, hook="resid",
+                   positions="all", batch_size=batch_size, pair_chunk=pair_chunk, progress=progress)
+    # With p the patched (non-negated) and n the negated sentence, both placements reduce to one
+    # ratio: in the foil (p = c), d* / d = (S(p) - S*(p)) / (S(p) - S(n)); in the caption (p = f),
+    # d* / d = (S*(p) - S(p)) / (S(n) - S(p)), the same. S(p) and S(n) are taken from the engine's
+    # own clean runs, so that a no-op patch gives exactly 0.
+    s_star = result.effects.numpy()  # [n, layers, pos]
+    s_p = result.baseline.numpy()[:, None, None]
+    s_n = result.source_baseline.numpy()[:, None, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cte_positions = (s_p - s_star) / (s_p - s_n)
+    eot = model.text.pooled_positions(negated).numpy()
+    aligned, counts = align_positions(cte_positions, eot)
+    return CausalTracing(instances.instances_table(), aligned, counts, cte_positions)

@@ -1,0 +1,82 @@
+"""VALSE existence instances ready for the negation studies: rephrased pairs, image embeddings,
+scores S, d and segments (METHODS.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from clip_lens.data import load_valse, prepare_existence, resolve_images
+from clip_lens.model import HookedCLIP
+from clip_lens.scores import encode_images, pair_scores
+
+INSTANCE_COLUMNS = ["id", "negation_in", "caption", "foil", "d", "segment", "S_caption", "S_foil", "image_file"]
+
+
+@dataclass
+class ExistenceInstances:
+    """Kept instances and what was left out.
+
+    Attributes:
+        frame: one row per kept instance: id, caption, foil (rephrased), image_file, negation_in,
+            negated, non_negated, S_caption, S_foil, d, segment, correct.
+        image_emb: [instances, d_embed], the image embeddings, row-aligned with `frame`.
+        excluded: id, caption, foil, reason: rephrasing exclusions and skipped missing images.
+    """
+
+    frame: pd.DataFrame
+    image_emb: Float[Tensor, "n d_embed"]
+    excluded: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def instances_table(self) -> pd.DataFrame:
+        """The `instances.csv` table: one row per kept instance."""
+        return self.frame[INSTANCE_COLUMNS].copy()
+
+    def subset(self, mask) -> "ExistenceInstances":
+        mask = torch.as_tensor(pd.Series(mask).to_numpy())
+        return ExistenceInstances(self.frame[mask.numpy()].reset_index(drop=True), self.image_emb[mask], self.excluded)
+
+
+def prepare(model: HookedCLIP, valse_path: Union[str, Path], image_dir: Optional[Union[str, Path]] = None, *,
+            images: Optional[Tensor] = None, missing: str = "raise", limit: Optional[int] = None,
+            batch_size: int = 32, progress: bool = True) -> ExistenceInstances:
+    """Load VALSE existence, rephrase, find the images, encode them and score every instance.
+
+    Args:
+        valse_path: existence.json (any VALSE piece in the existence format).
+        image_dir: the folder with the `image_file`s (Visual7W). Alternatively `images`: pixels
+            [n, 3, H, W] or image embeddings [n, d_embed], row-aligned with the kept pairs.
+        missing: "raise" or "skip" for images absent from `image_dir`.
+        limit: keep the first `limit` pairs only (quick runs).
+    """
+    prepared = prepare_existence(load_valse(valse_path), model.to_tokens)
+    pairs, excluded = prepared.pairs, prepared.excluded
+    if (image_dir is None) == (images is None):
+        raise ValueError("give exactly one of image_dir (a folder with the VALSE images) or images")
+    if limit is not None:
+        pairs = pairs.head(limit)
+    if image_dir is not None:
+        resolved = resolve_images(pairs, image_dir, missing=missing)
+        pairs = resolved.pairs
+        if len(resolved.missing):
+            skipped = prepared.pairs.set_index("id").loc[resolved.missing["id"], ["caption", "foil"]].reset_index()
+            skipped["reason"] = "image missing: " + resolved.missing["image_file"].astype(str).to_numpy()
+            excluded = pd.concat([excluded, skipped], ignore_index=True)
+        image_emb = encode_images(model, list(pairs["image_path"]), batch_size=batch_size, progress=progress)
+    else:
+        images = images[: len(pairs)]
+        if len(images) != len(pairs):
+            raise ValueError(f"{len(images)} images for {len(pairs)} kept pairs")
+        image_emb = images if images.ndim == 2 else encode_images(model, images, batch_size=batch_size, progress=progress)
+    scores = pair_scores(model, pairs["caption"], pairs["foil"], image_emb)
+    frame = pd.concat([pairs.reset_index(drop=True), scores], axis=1)
+    return ExistenceInstances(frame, image_emb, excluded)

@@ -1,0 +1,182 @@
+"""Negator-selective attention heads (METHODS.md).
+
+For every head, the attention paid to the negator's key position k by queries q >= k, in the
+negated minus the non-negated sentence: diff[q] = A_neg[q, k] - A_nonneg[q, k]. A head's score on
+an instance is max_q diff[q]; a^N(l, h) is its mean over instances. The per-query-position view
+averages diff at each query position (aligned existence positions, or offsets from the negator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from clip_lens import plot
+from clip_lens.data import ALIGNED_SLOTS, align_positions, weighted_slot_mean
+from clip_lens.data.valse import FURTHER_SLOT, NEGATOR_POSITION
+
+EXISTENCE_QUERY_SLOTS = ALIGNED_SLOTS[NEGATOR_POSITION:]  # negator, subject, further subject, '.', EOT
+RELATIVE_OFFSETS = 6
+
+
+def relative_slots(n_offsets: int = RELATIVE_OFFSETS) -> tuple[str, ...]:
+    return ("negator",) + tuple(f"+{i}" for i in range(1, n_offsets)) + ("EOT",)
+
+
+@dataclass
+class NegatorAttention:
+    """Result of `run`.
+
+    Attributes:
+        scores: [instances, layers, heads], max over queries q >= k of diff[q].
+        by_query: [instances, layers, heads, slots], diff at each query slot (NaN where an instance
+            has no such position; the existence further-subject slot is a mean, 0 when empty).
+        weights: [instances, slots], each cell's weight in the mean over instances (the existence
+            further-subject slot counts its tokens).
+        slots: names of the query slots. instances: one row per instance.
+    """
+
+    scores: Float[np.ndarray, "n layer head"]
+    by_query: Float[np.ndarray, "n layer head slot"]
+    weights: Float[np.ndarray, "n slot"]
+    slots: tuple
+    instances: pd.DataFrame
+
+    @property
+    def a_n(self) -> Float[np.ndarray, "layer head"]:
+        """a^N(l, h): the mean head score over instances."""
+        return self.scores.mean(axis=0)
+
+    def head_table(self, by: Sequence[str] = ()) -> pd.DataFrame:
+        """Long format: (by...,) layer, head, a_N (mean score), std, instances; sorted by a_N within groups."""
+        groups = self.instances.reset_index(drop=True).groupby(list(by), sort=False).groups.items() if by else [((), np.arange(len(self.scores)))]
+        rows = []
+        for key, idx in groups:
+            key = key if isinstance(key, tuple) else (key,)
+            part = self.scores[np.asarray(idx)]
+            mean, std = part.mean(axis=0), part.std(axis=0)
+            for layer in range(mean.shape[0]):
+                for head in range(mean.shape[1]):
+                    rows.append((*key, layer, head, mean[layer, head], std[layer, head], len(part)))
+        table = pd.DataFrame(rows, columns=[*by, "layer", "head", "a_N", "std", "instances"])
+        return table.sort_values([*by, "a_N"], ascending=[True] * len(by) + [False]).reset_index(drop=True)
+
+    def query_table(self, layers: Optional[Sequence[int]] = None) -> pd.DataFrame:
+        """Mean diff per layer x head x query slot (weighted means; NaN cells left out). Long format."""
+        layers = range(self.scores.shape[1]) if layers is None else layers
+        values = np.nan_to_num(self.by_query)
+        weights = self.weights[:, None, None, :]
+        total = weights.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (values * weights).sum(axis=0) / total
+        rows = [(layer, head, slot, mean[layer, head, s]) for layer in layers
+                for head in range(mean.shape[1]) for s, slot in enumerate(self.slots)]
+        return pd.DataFrame(rows, columns=["layer", "head", "query", "diff"])
+
+    def top_layer(self) -> int:
+        """The layer of the highest-scoring head (the default for the per-query view)."""
+        return int(np.unravel_index(self.a_n.argmax(), self.a_n.shape)[0])
+
+    def figures(self, prefix: str = "", layers: Optional[Sequence[int]] = None) -> dict[str, go.Figure]:
+        layers = [self.top_layer()] if layers is None else list(layers)
+        figures = {f"{prefix}heads": plot.head_heatmap(self.head_table(), title=f"{prefix}negator-selective attention a^N(l, h)".strip())}
+        table = self.query_table(layers)
+        for layer in layers:
+            figures[f"{prefix}query_positions_layer_{layer}"] = plot.query_heatmap(
+                table[table["layer"] == layer], self.slots,
+                title=f"{prefix}attention to the negator, negated minus non-negated, by query position, layer {layer}".strip())
+        return figures
+
+
+def negator_positions(negated: Int[Tensor, "n pos"], non_negated: Int[Tensor, "n pos"]) -> Int[Tensor, "n"]:
+    """The one position where each pair's tokens differ; raises naming the pair otherwise."""
+    if negated.shape != non_negated.shape:
+        raise ValueError(f"token shapes differ: {tuple(negated.shape)} vs {tuple(non_negated.shape)}")
+    differ = negated != non_negated
+    counts = differ.sum(dim=1)
+    if (counts != 1).any():
+        i = int((counts != 1).nonzero()[0])
+        raise ValueError(f"pair {i} differs at {int(counts[i])} token positions; expected exactly one (the negator)")
+    return differ.int().argmax(dim=1)
+
+
+def _patterns(tower, tokens: Tensor, layers: range) -> Float[Tensor, "batch layer head query key"]:
+    names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
+    with torch.no_grad():
+        _, cache = tower.run_with_cache(tokens, names_filter=names)
+    return torch.stack([cache[name] for name in names], dim=1)
+
+
+def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequence[str], Tensor], *,
+        instances: Optional[pd.DataFrame] = None, layout: str = "existence", batch_size: int = 64,
+        progress: bool = True) -> NegatorAttention:
+    """Negator-selective attention of every text-tower head over sentence pairs.
+
+    Args:
+        model: a HookedCLIP or a HookedTextTower.
+        negated, non_negated: strings or tokens [n, pos]; each pair differs at one token (the negator).
+        instances: per-pair information kept with the result (default: the two sentences).
+        layout: "existence" (query slots: negator, subject, further subject, '.', EOT; the negator must
+            be at position 3) or "relative" (offsets 0..5 from the negator, and EOT).
+    """
+    tower = model.text if hasattr(model, "text") else model
+    if layout not in ("existence", "relative"):
+        raise ValueError(f"layout must be 'existence' or 'relative', not {layout!r}")
+    if instances is None:
+        instances = pd.DataFrame({"negated": list(negated) if not isinstance(negated, Tensor) else None,
+                                  "non_negated": list(non_negated) if not isinstance(non_negated, Tensor) else None})
+    negated = negated if isinstance(negated, Tensor) else list(negated)
+    non_negated = non_negated if isinstance(non_negated, Tensor) else list(non_negated)
+    n = len(negated)
+    layers = range(tower.cfg.n_layers)
+    n_slots = len(EXISTENCE_QUERY_SLOTS) if layout == "existence" else RELATIVE_OFFSETS + 1
+    scores = np.zeros((n, tower.cfg.n_layers, tower.cfg.n_heads))
+    by_query = np.full((n, tower.cfg.n_layers, tower.cfg.n_heads, n_slots), np.nan)
+    weights = np.zeros((n, n_slots))
+    for start in tqdm(range(0, n, batch_size), desc="negator attention", disable=not progress):
+        stop = min(start + batch_size, n)
+        neg, non = (_tokens(tower, x[start:stop]) for x in (negated, non_negated))
+        neg, non = _common_width(neg, non)
+        k = negator_positions(neg, non)
+        eot = tower.pooled_positions(neg)
+        column = torch.arange(len(k))
+        diff = (_patterns(tower, neg, layers) - _patterns(tower, non, layers))[column, :, :, :, k]  # [b, L, H, q]
+        q = torch.arange(diff.shape[-1])
+        valid = (q[None] >= k[:, None]) & (q[None] <= eot[:, None])  # [b, q]
+        scores[start:stop] = diff.masked_fill(~valid[:, None, None], float("-inf")).amax(dim=-1).numpy()
+        if layout == "existence":
+            if (k != NEGATOR_POSITION).any():
+                raise ValueError("layout='existence' needs the negator at position 3 ('There is/are no ...'); use layout='relative'")
+            aligned, counts = align_positions(diff.numpy(), eot.numpy())
+            by_query[start:stop] = aligned[..., NEGATOR_POSITION:]
+            weights[start:stop] = 1.0
+            weights[start:stop, FURTHER_SLOT - NEGATOR_POSITION] = counts
+        else:
+            for i in range(len(k)):
+                ki, ei = int(k[i]), int(eot[i])
+                for off in range(RELATIVE_OFFSETS):
+                    if ki + off < ei:
+                        by_query[start + i, :, :, off] = diff[i, :, :, ki + off].numpy()
+                        weights[start + i, off] = 1.0
+                by_query[start + i, :, :, -1] = diff[i, :, :, ei].numpy()
+                weights[start + i, -1] = 1.0
+    slots = EXISTENCE_QUERY_SLOTS if layout == "existence" else relative_slots()
+    return NegatorAttention(scores, by_query, weights, slots, instances.reset_index(drop=True))
+
+
+def _tokens(tower, texts) -> Tensor:
+    return texts if isinstance(texts, Tensor) else tower.to_tokens(list(texts))
+
+
+def _common_width(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    width = max(a.shape[1], b.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    return pad(a), pad(b)
