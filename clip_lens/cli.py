@@ -96,7 +96,7 @@ def cmd_valse_existence(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     tables = negation_study.valse_existence(
         model, label, args.valse, args.images, args.out, studies=studies, missing=args.missing_images,
-        limit=args.limit, subject_size=args.clipseg, query_layers=args.query_layers, progress=not args.quiet)
+        limit=args.limit, sample=args.sample, subject_size=args.clipseg, query_layers=args.query_layers, progress=not args.quiet)
     print(tables["accuracy"].to_string(index=False))
     print(f"{len(tables['instances'])} instances, {len(tables['excluded'])} excluded; "
           f"wrote {args.out}/report.html and {len(tables)} tables in {time.perf_counter() - start:.1f}s")
@@ -120,6 +120,7 @@ def cmd_cannot(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clip-lens", description="Mechanistic interpretability for CLIP.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="check a model's hooked forward pass against open_clip's")
     check.add_argument("--model", default="ViT-B-32", help="open_clip architecture (default ViT-B-32)")
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     valse.add_argument("--images", required=True, type=Path, help="folder with the instances' image files")
     valse.add_argument("--missing-images", choices=["raise", "skip"], default="raise",
                        help="stop with an error on missing images (default), or skip those instances and list them")
+    valse.add_argument("--sample", type=int, default=None, help="a random sample of N instances (seeded by --seed)")
     valse.add_argument("--clipseg", default=None, help="CLIPSeg checkpoint (local path) for the subject size")
     _add_model_args(valse)
     valse.set_defaults(func=cmd_valse_existence)
@@ -152,8 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random init on every build
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, RuntimeError, ValueError) as err:  # bad input: say what, not where
+        if args.debug:
+            raise
+        print(f"clip-lens {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

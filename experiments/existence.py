@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
@@ -42,13 +43,13 @@ class ExistenceInstances:
         return self.frame[INSTANCE_COLUMNS].copy()
 
     def subset(self, mask) -> "ExistenceInstances":
-        mask = torch.as_tensor(pd.Series(mask).to_numpy())
-        return ExistenceInstances(self.frame[mask.numpy()].reset_index(drop=True), self.image_emb[mask], self.excluded)
+        mask = np.asarray(mask, dtype=bool)
+        return ExistenceInstances(self.frame[mask].reset_index(drop=True), self.image_emb[torch.from_numpy(mask)], self.excluded)
 
 
 def prepare(model: HookedCLIP, valse_path: Union[str, Path], image_dir: Optional[Union[str, Path]] = None, *,
             images: Optional[Tensor] = None, missing: str = "raise", limit: Optional[int] = None,
-            batch_size: int = 32, progress: bool = True) -> ExistenceInstances:
+            sample: Optional[int] = None, seed: int = 0, batch_size: int = 32, progress: bool = True) -> ExistenceInstances:
     """Load VALSE existence, rephrase, find the images, encode them and score every instance.
 
     Args:
@@ -57,13 +58,17 @@ def prepare(model: HookedCLIP, valse_path: Union[str, Path], image_dir: Optional
             [n, 3, H, W] or image embeddings [n, d_embed], row-aligned with the kept pairs.
         missing: "raise" or "skip" for images absent from `image_dir`.
         limit: keep the first `limit` pairs only (quick runs).
+        sample: keep a random sample of this many pairs (seeded by `seed`; dataset order kept),
+            before images are read, so a sample costs only its own images.
     """
     prepared = prepare_existence(load_valse(valse_path), model.to_tokens)
-    pairs, excluded = prepared.pairs, prepared.excluded
+    pairs, excluded = prepared.pairs.assign(_row=np.arange(len(prepared.pairs))), prepared.excluded
     if (image_dir is None) == (images is None):
         raise ValueError("give exactly one of image_dir (a folder with the VALSE images) or images")
     if limit is not None:
         pairs = pairs.head(limit)
+    if sample is not None and sample < len(pairs):
+        pairs = pairs.sample(sample, random_state=seed).sort_index().reset_index(drop=True)
     if image_dir is not None:
         resolved = resolve_images(pairs, image_dir, missing=missing)
         pairs = resolved.pairs
@@ -73,10 +78,10 @@ def prepare(model: HookedCLIP, valse_path: Union[str, Path], image_dir: Optional
             excluded = pd.concat([excluded, skipped], ignore_index=True)
         image_emb = encode_images(model, list(pairs["image_path"]), batch_size=batch_size, progress=progress)
     else:
-        images = images[: len(pairs)]
-        if len(images) != len(pairs):
-            raise ValueError(f"{len(images)} images for {len(pairs)} kept pairs")
+        if len(images) != len(prepared.pairs):
+            raise ValueError(f"{len(images)} images for {len(prepared.pairs)} kept pairs")
+        images = images[torch.tensor(pairs["_row"].to_numpy())]
         image_emb = images if images.ndim == 2 else encode_images(model, images, batch_size=batch_size, progress=progress)
     scores = pair_scores(model, pairs["caption"], pairs["foil"], image_emb)
-    frame = pd.concat([pairs.reset_index(drop=True), scores], axis=1)
+    frame = pd.concat([pairs.drop(columns="_row").reset_index(drop=True), scores], axis=1)
     return ExistenceInstances(frame, image_emb, excluded)

@@ -34,6 +34,7 @@ def _accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images: PathLike, out: PathLike, *,
                     studies: Sequence[str] = VALSE_STUDIES, missing: str = "raise", limit: Optional[int] = None,
+                    sample: Optional[int] = None,
                     subject_size: Optional[PathLike] = None, query_layers: Optional[Sequence[int]] = None,
                     progress: bool = True) -> dict[str, pd.DataFrame]:
     """Run the chosen VALSE existence studies and write `out/`: instances.csv, excluded.csv, one CSV
@@ -43,7 +44,7 @@ def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images
         raise ValueError(f"unknown studies {sorted(unknown)}; choose from {VALSE_STUDIES}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    inst = existence.prepare(model, valse, images, missing=missing, limit=limit, progress=progress)
+    inst = existence.prepare(model, valse, images, missing=missing, limit=limit, sample=sample, progress=progress)
     tables = {"instances": inst.instances_table(), "excluded": inst.excluded, "accuracy": _accuracy_table(inst.frame)}
     report = Report("Negation in CLIP: VALSE existence")
     report.section("Setup").text(f"Model: {model_label}. Data: {valse} ({len(inst)} instances kept, "

@@ -63,3 +63,16 @@ def sentences():
 
 def random_pixels(n: int, size: int = 224, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def write_noise_images(names, folder, size: int = 32, seed: int = 0):
+    """Generated stand-ins for dataset images (VALSE's own are not available here): uniform noise."""
+    import numpy as np
+    from PIL import Image
+
+    folder = __import__("pathlib").Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / name)
+    return folder

