@@ -75,14 +75,15 @@ def load_model(model: str, pretrained: Optional[str]):
     return hooked, f"{model} ({'pretrained=' + str(pretrained) if pretrained else 'random weights'})"
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, instances: bool = True) -> None:
     parser.add_argument("--model", default="ViT-B-32",
                         help="open_clip architecture (e.g. ViT-B-32) or a transformers CLIP directory")
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint file")
     parser.add_argument("--out", required=True, type=Path, help="output folder (tables and report.html)")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N instances only")
-    parser.add_argument("--query-layers", type=int, nargs="*", default=None,
-                        help="layers for the per-query-position view (default: the layer of the top head)")
+    if instances:
+        parser.add_argument("--limit", type=int, default=None, help="use the first N instances only")
+        parser.add_argument("--query-layers", type=int, nargs="*", default=None,
+                            help="layers for the per-query-position view (default: the layer of the top head)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -92,11 +93,11 @@ def cmd_valse_existence(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model, label = load_model(args.model, args.pretrained)
-    studies = negation_study.VALSE_STUDIES if args.study == "all" else (args.study,)
+    studies = {"all": negation_study.VALSE_STUDIES, "text": negation_study.TEXT_STUDIES}.get(args.study, (args.study,))
     start = time.perf_counter()
     tables = negation_study.valse_existence(
         model, label, args.valse, args.images, args.out, studies=studies, missing=args.missing_images,
-        limit=args.limit, sample=args.sample, subject_size=args.clipseg, query_layers=args.query_layers, progress=not args.quiet)
+        limit=args.limit, sample=args.sample, grey=args.grey, subject_size=args.clipseg, query_layers=args.query_layers, progress=not args.quiet)
     print(tables["accuracy"].to_string(index=False))
     print(f"{len(tables['instances'])} instances, {len(tables['excluded'])} excluded; "
           f"wrote {args.out}/report.html and {len(tables)} tables in {time.perf_counter() - start:.1f}s")
@@ -118,6 +119,20 @@ def cmd_cannot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attention_cancellation(args: argparse.Namespace) -> int:
+    from experiments import vision_study
+
+    torch.manual_seed(args.seed)
+    model, label = load_model(args.model, args.pretrained)
+    start = time.perf_counter()
+    tables = vision_study.attention_cancellation_study(
+        model, label, args.out, images=args.images, captions=args.captions, labels=args.labels,
+        settings=args.settings, map_images=args.map_images, progress=not args.quiet)
+    print(tables["summary"].to_string(index=False))
+    print(f"wrote {args.out}/report.html and {len(tables)} tables in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clip-lens", description="Mechanistic interpretability for CLIP.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -131,12 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
 
     valse = sub.add_parser("valse-existence", help="negation studies on VALSE existence")
-    valse.add_argument("study", choices=["causal-tracing", "negator-attention", "preliminary", "all"])
+    valse.add_argument("study", choices=["causal-tracing", "negator-attention", "preliminary", "image-ablation", "text", "all"],
+                       help="one study, 'text' (the three text-encoder studies) or 'all' (with image ablation)")
     valse.add_argument("--valse", required=True, type=Path, help="VALSE existence.json")
     valse.add_argument("--images", required=True, type=Path, help="folder with the instances' image files")
     valse.add_argument("--missing-images", choices=["raise", "skip"], default="raise",
                        help="stop with an error on missing images (default), or skip those instances and list them")
     valse.add_argument("--sample", type=int, default=None, help="a random sample of N instances (seeded by --seed)")
+    valse.add_argument("--grey", action="store_true", help="image ablation: a grey mean colour instead of per-channel")
     valse.add_argument("--clipseg", default=None, help="CLIPSeg checkpoint (local path) for the subject size")
     _add_model_args(valse)
     valse.set_defaults(func=cmd_valse_existence)
@@ -148,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     cannot.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy pipeline for the dependency parse")
     _add_model_args(cannot)
     cannot.set_defaults(func=cmd_cannot)
+
+    cancel = sub.add_parser("attention-cancellation", help="cancel self-attention in vision layers; attention maps")
+    cancel.add_argument("--images", type=Path, default=None,
+                        help="image folder (labels from labels.csv or sub-folders); default: scikit-image's sample photos")
+    cancel.add_argument("--captions", type=Path, default=None, help="candidate captions, one per line ('label<TAB>caption')")
+    cancel.add_argument("--labels", type=Path, default=None, help="CSV with columns image, label (default: folder/labels.csv)")
+    cancel.add_argument("--settings", default=None,
+                        help="layers to cancel, 1-based, e.g. '1 2 1-3 4-6 1,5,9' (default: each layer and the study's ranges)")
+    cancel.add_argument("--map-images", type=int, default=3, help="images to draw class-token attention maps for")
+    _add_model_args(cancel, instances=False)
+    cancel.set_defaults(func=cmd_attention_cancellation)
     return parser
 
 

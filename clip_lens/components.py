@@ -160,6 +160,15 @@ class Attention(nn.Module):
             return result.sum(dim=2) + self.out_bias
         return self.project_z(z)
 
+    def keys_values(self, x: Float[Tensor, "batch pos d_model"]) -> tuple[Tensor, Tensor]:
+        """Keys and values [batch, pos, head, d_head] of (already normalised) positions, without
+        their queries: the `past_kv` for a forward pass over other positions only."""
+        d = self.n_heads * self.d_head
+        kv = F.linear(x, self.qkv_weight[d:], self.qkv_bias[d:])
+        k, v = kv.chunk(2, dim=-1)
+        shape = (*x.shape[:2], self.n_heads, self.d_head)
+        return k.reshape(shape), v.reshape(shape)
+
     def project_z(self, z: Float[Tensor, "... head d_head"]) -> Float[Tensor, "... d_model"]:
         """The attention output (bias included) for per-head values z."""
         return F.linear(z.flatten(-2), self.out_weight, self.out_bias)

@@ -61,3 +61,21 @@ def to_pixels(images: Union[ImageLike, Sequence[ImageLike]], transform: Callable
         images = [images]
     pixels = torch.stack([transform(load_image(img)) for img in images])
     return pixels.to(device) if device is not None else pixels
+
+
+def mean_colour_pixels(pixels: Float[Tensor, "batch 3 height width"], mean: Sequence[float], std: Sequence[float],
+                       grey: bool = False) -> Float[Tensor, "batch 3 height width"]:
+    """Each image replaced by one constant colour: its mean over all pixels, per channel (or, with
+    `grey`, over the channels too), taken in the image's own [0, 1] colour space (the model's
+    normalisation `(x - mean) / std` undone, then redone).
+
+    Args:
+        pixels: model inputs, normalised with `mean` / `std` (e.g. from `HookedCLIP.to_pixels`).
+        mean, std: the per-channel normalisation (`model.preprocess_cfg["mean"]`, `["std"]`).
+    """
+    m = torch.as_tensor(mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    colour = (pixels * s + m).mean(dim=(2, 3), keepdim=True)  # [batch, 3, 1, 1] in [0, 1] units
+    if grey:
+        colour = colour.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    return ((colour - m) / s).expand_as(pixels).clone()

@@ -48,9 +48,9 @@ class PatchResult:
     """What `patch` returns.
 
     Attributes:
-        effects: the metric of each intervened target run, [pair, layer, (position), (head)]; NaN
-            where a position lies beyond a pair's last token.
-        baseline: [pair], the metric of the clean target run.
+        effects: the metric of each intervened target run, [pair, layer, (position), (head)]
+            (+ [embed] with metric="embedding"); NaN where a position lies beyond a pair's last token.
+        baseline: [pair] (+ [embed]), the metric of the clean target run.
         source_baseline: [pair], the metric of the clean source run (None without a source).
         dims: names of the axes of `effects`.
         layers, positions, heads: the labels along those axes.
@@ -74,6 +74,8 @@ class PatchResult:
         Columns: pair, layer, [position], [head], metric, baseline, [source_baseline], hook,
         intervention, method.
         """
+        if "embed" in self.dims:
+            raise ValueError("effects are embeddings (metric='embedding'); score them, then tabulate")
         labels = {"pair": list(range(self.effects.shape[0])), "layer": self.layers,
                   "position": self.positions, "head": self.heads}
         axes = [labels[d] for d in self.dims]
@@ -125,12 +127,14 @@ def _other_embeddings(model: HookedCLIP, tower: str, other: Any, n: int) -> Tens
 
 
 def _score(model: HookedCLIP, metric: Metric) -> Callable[[Tensor, Tensor], Tensor]:
+    if metric == "embedding":
+        return lambda emb, other: emb
     if metric == "score":
         # S(t, i) = logit_scale.exp() * cos(t, i)   (METHODS.md)
         return lambda emb, other: model.logit_scale.exp() * F.cosine_similarity(emb, other, dim=-1)
     if callable(metric):
         return metric
-    raise ValueError(f"metric={metric!r}: use 'score' or a callable(embedding, other_embedding) -> [batch]")
+    raise ValueError(f"metric={metric!r}: use 'score', 'embedding' or a callable(embedding, other_embedding) -> [batch]")
 
 
 def _check_list(values, valid: range, what: str) -> list:
@@ -213,7 +217,10 @@ def _resume(tower, states: Tensor, starts: list[int], kv: Optional[list[tuple[Te
     """
     x = states.clone()
     n_steps = 2 * tower.cfg.n_layers
-    for step in range(starts[0], n_steps):
+    # A tower pooled at its class token needs only that row out of the last block (the other rows
+    # enter it as keys and values): about 5/6 of the last block's work saved per intervention.
+    class_token_only = rows is None and tower.cfg.pooling == "tok" and not tower.cfg.causal
+    for step in range(starts[0], n_steps - 2 if class_token_only else n_steps):
         active = bisect.bisect_right(starts, step)
         block = tower.blocks[step // 2]
         if step % 2 == 0:
@@ -221,9 +228,26 @@ def _resume(tower, states: Tensor, starts: list[int], kv: Optional[list[tuple[Te
             x[:active] = block.attn_half(x[:active], past)
         else:
             x[:active] = block.mlp_half(x[:active])
+    if class_token_only:
+        return tower.pool(_last_block_at_class_token(tower, x, starts))
     if rows is None:
         return tower.pool(x)
     return tower.pool_rows(x[torch.arange(x.shape[0]), rows])
+
+
+def _last_block_at_class_token(tower, x: Tensor, starts: list[int]) -> Float[Tensor, "batch 1 d_model"]:
+    """The residual stream after the last block at the class token (position 0) only, from the
+    residuals `x` [N, pos, d_model] at the last block's input (or later, per `starts`)."""
+    block, last = tower.blocks[-1], 2 * tower.cfg.n_layers - 2
+    cls = x[:, :1].clone()
+    active = bisect.bisect_right(starts, last)
+    if active:  # non-causal attention: the order of the keys does not matter
+        past = block.attn.keys_values(block.ln1(x[:active, 1:]))
+        cls[:active] = block.attn_half(x[:active, :1], past)
+    active = bisect.bisect_right(starts, last + 1)
+    if active:
+        cls[:active] = block.mlp_half(cls[:active])
+    return cls
 
 
 class _Intervention:
@@ -539,8 +563,10 @@ def patch(
         intervention: "patch" (from source), "zero", "mean" (`mean` given, or the mean over the
             source runs), "resample" (from another pair, seeded), "value_only" (identity attention
             pattern; hook="pattern"), or a hook function `f(activation, hook) -> activation`.
-        metric: "score" (S = logit_scale.exp() * cos with the other modality) or a callable
-            `(embedding [batch, d_embed], other [batch, d_embed]) -> [batch]`.
+        metric: "score" (S = logit_scale.exp() * cos with the other modality), "embedding" (keep
+            the intervened runs' embeddings: `effects` gains a trailing d_embed axis, and the other
+            modality is optional; score them against many texts or images afterwards), or a
+            callable `(embedding [batch, d_embed], other [batch, d_embed]) -> [batch]`.
         method: "exact", or "attribution" for attribution patching (one forward and one backward
             pass per chunk: baseline + (a_new - a_target) . grad).
         batch_size: interventions per forward pass. pair_chunk: pairs cached at a time.
@@ -557,6 +583,9 @@ def patch(
         raise ValueError("hook='pattern' takes a hook-function intervention (e.g. 'value_only')")
     if method not in ("exact", "attribution"):
         raise ValueError(f"Unknown method {method!r}; use 'exact' or 'attribution'")
+    embedding_metric = isinstance(metric, str) and metric == "embedding"
+    if method == "attribution" and embedding_metric:
+        raise ValueError("attribution patching needs a scalar metric, not metric='embedding'")
     if method == "attribution" and hook_intervention:
         raise ValueError("attribution patching needs a patch, zero, mean or resample intervention")
 
@@ -573,7 +602,11 @@ def patch(
         source = target
     if intervention == "patch" and source.shape[0] != n_pairs:
         raise ValueError(f"{source.shape[0]} sources for {n_pairs} targets")
-    other = _other_embeddings(model, tower_name, image if tower_name == "text" else text, n_pairs)
+    other_input = image if tower_name == "text" else text
+    if embedding_metric and other_input is None:
+        other = torch.zeros(n_pairs, 0)
+    else:
+        other = _other_embeddings(model, tower_name, other_input, n_pairs)
     score = _score(model, metric)
 
     layers_list = _check_list(layers, _layer_range(tower, hook), "layer")
@@ -589,9 +622,11 @@ def patch(
 
     dims = ["pair", "layer"] + (["position"] if pos_list is not None else []) + (["head"] if head_list is not None else [])
     shape = [n_pairs, len(layers_list)] + ([len(pos_list)] if pos_list is not None else []) + ([len(head_list)] if head_list is not None else [])
-    effects = torch.full(shape, float("nan"))
-    baseline = torch.full((n_pairs,), float("nan"))
-    source_baseline = torch.full((n_pairs,), float("nan")) if intervention == "patch" else None
+    value_shape = [tower.cfg.d_embed] if embedding_metric else []
+    dims += ["embed"] if embedding_metric else []
+    effects = torch.full(shape + value_shape, float("nan"))
+    baseline = torch.full([n_pairs] + value_shape, float("nan"))
+    source_baseline = torch.full([n_pairs] + value_shape, float("nan")) if intervention == "patch" else None
     perm = None
     if intervention == "resample":
         perm = torch.randperm(source.shape[0], generator=torch.Generator().manual_seed(seed))[:n_pairs]

@@ -119,3 +119,50 @@ def accuracy_curve(table: pd.DataFrame, title: str) -> go.Figure:
     fig.update_yaxes(title_text="instances", secondary_y=True)
     fig.update_xaxes(title_text="minimum subject size")
     return _style(fig, title, height=400)
+
+
+COMPONENT_COLOURS = {"MHA": "#3a86ff", "MLP": "#fb8500"}
+OUTCOME_COLOURS = {("worse", "incorrect"): "#d62828", ("worse", "correct"): "#f4a261",
+                   ("better", "correct"): "#2a9d8f", ("better", "incorrect"): "#8ecae6",
+                   ("unchanged", "correct"): "#bbbbbb", ("unchanged", "incorrect"): "#888888"}
+
+
+def iae_by_layer(means: pd.DataFrame, title: str) -> go.Figure:
+    """Mean IAE against layer, MHA and MLP, one panel per segment and a row per negation placement.
+    `means`: negation_in, segment, component, layer, iae, instances."""
+    fig = px.line(means, x="layer", y="iae", color="component", facet_col="segment", facet_row="negation_in",
+                  markers=True, color_discrete_map=COMPONENT_COLOURS,
+                  category_orders={"segment": [s for s in SEGMENTS if s in set(means["segment"])]},
+                  hover_data=["instances"])
+    fig.add_hline(y=0, line_color="grey", line_width=1)
+    fig.for_each_annotation(lambda a: a.update(text=a.text.replace("negation_in=", "negation in ").replace("segment=", "")))
+    return _style(fig, title, height=300 + 180 * means["negation_in"].nunique())
+
+
+def outcome_bars(counts: pd.DataFrame, title: str) -> go.Figure:
+    """Stacked bars per layer: worse/better x ends correct/incorrect, one panel per component.
+    `counts`: component, layer, change, ends, instances."""
+    components = [c for c in COMPONENT_COLOURS if c in set(counts["component"])]
+    fig = make_subplots(rows=1, cols=len(components), shared_yaxes=True, subplot_titles=components,
+                        horizontal_spacing=0.04)
+    for i, component in enumerate(components):
+        part = counts[counts["component"] == component]
+        for (change, ends), colour in OUTCOME_COLOURS.items():
+            bars = part[(part["change"] == change) & (part["ends"] == ends)]
+            if not len(bars):
+                continue
+            fig.add_trace(go.Bar(x=bars["layer"], y=bars["instances"], name=f"{change}, ends {ends}", marker_color=colour,
+                                 legendgroup=f"{change}{ends}", showlegend=i == 0), row=1, col=i + 1)
+    fig.update_layout(barmode="stack")
+    fig.update_xaxes(title_text="layer")
+    fig.update_yaxes(title_text="instances", row=1, col=1)
+    return _style(fig, title, height=420)
+
+
+def mha_vs_mlp(table: pd.DataFrame, title: str) -> go.Figure:
+    """Grouped bars of mean IAE per layer (and the average) for MHA and MLP. `table`: layer, MHA, MLP."""
+    fig = go.Figure([go.Bar(x=table["layer"], y=table[c], name=c, marker_color=COMPONENT_COLOURS[c]) for c in ("MHA", "MLP")])
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(title_text="layer", type="category")
+    fig.update_yaxes(title_text="mean IAE")
+    return _style(fig, title, height=400)

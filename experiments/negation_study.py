@@ -15,9 +15,10 @@ import pandas as pd
 from clip_lens.data import load_cannot, no_determiner_pairs
 from clip_lens.model import HookedCLIP
 from clip_lens.report import Report
-from experiments import causal_tracing, existence, negator_attention, preliminary
+from experiments import causal_tracing, existence, image_ablation, negator_attention, preliminary
 
-VALSE_STUDIES = ("causal-tracing", "negator-attention", "preliminary")
+TEXT_STUDIES = ("causal-tracing", "negator-attention", "preliminary")
+VALSE_STUDIES = TEXT_STUDIES + ("image-ablation",)
 PathLike = Union[str, Path]
 
 
@@ -34,7 +35,7 @@ def _accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images: PathLike, out: PathLike, *,
                     studies: Sequence[str] = VALSE_STUDIES, missing: str = "raise", limit: Optional[int] = None,
-                    sample: Optional[int] = None,
+                    sample: Optional[int] = None, grey: bool = False,
                     subject_size: Optional[PathLike] = None, query_layers: Optional[Sequence[int]] = None,
                     progress: bool = True) -> dict[str, pd.DataFrame]:
     """Run the chosen VALSE existence studies and write `out/`: instances.csv, excluded.csv, one CSV
@@ -86,6 +87,18 @@ def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images
         tables.update(negator_heads=na.head_table(), negator_heads_by_segment=na.head_table(by=["negation_in", "segment"]),
                       negator_query_positions=na.query_table())
         _negator_section(report, na, query_layers)
+
+    if "image-ablation" in studies:
+        ia = image_ablation.run(model, inst, grey=grey, progress=progress)
+        tables.update(image_ablation=ia.table(), image_ablation_segment_means=ia.segment_means(),
+                      image_ablation_outcomes=ia.outcome_counts(), image_ablation_mha_vs_mlp=ia.mha_vs_mlp())
+        report.section("Image ablation in the vision encoder")
+        report.text(f"IAE = d - d*, where d* is d with the output of one layer's attention block (MHA) or MLP, at "
+                    f"every position, taken from the {'grey' if grey else 'per-channel'} mean-colour image. "
+                    "Positive: the ablation made the instance worse.", note=True)
+        report.table(ia.mha_vs_mlp(), caption="Mean IAE per layer (blocks numbered from 0) and on average", max_rows=50)
+        for fig in ia.figures().values():
+            report.figure(fig)
 
     if len(inst.excluded):
         report.section("Excluded instances").table(inst.excluded, max_rows=100)

@@ -17,9 +17,9 @@ def valse_images(tmp_path_factory):
     return write_noise_images(load_valse(VALSE)["image_file"], folder)
 
 
-def test_valse_existence_all_on_every_instance(valse_images, tmp_path, capsys):
+def test_valse_existence_text_studies_on_every_instance(valse_images, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["valse-existence", "all", "--valse", str(VALSE), "--images", str(valse_images),
+    assert main(["valse-existence", "text", "--valse", str(VALSE), "--images", str(valse_images),
                  "--out", str(out), "--quiet"]) == 0
     instances = pd.read_csv(out / "instances.csv")
     assert len(instances) == 490 and {"negation_in", "caption", "foil", "d", "segment"} <= set(instances.columns)

@@ -185,3 +185,40 @@ def test_bad_requests_name_the_item(setup, kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         clip_lens.patch(model, **args)
+
+
+def test_embedding_metric_keeps_the_intervened_embeddings(vit_b32):
+    _, model = vit_b32
+    pixels = random_pixels(2, seed=11)
+    texts = model.to_tokens(["a cat", "a dog", "a red car"])
+    groups = [(1,), (2, 3)]
+    emb = clip_lens.patch(model, target=pixels, hook="pattern", intervention="value_only", layers=groups,
+                          metric="embedding", progress=False)
+    assert emb.effects.shape == (2, 2, model.vision.cfg.d_embed) and emb.dims == ("pair", "layer", "embed")
+    for li, group in enumerate(groups):
+        with torch.no_grad():
+            expected = model.vision.run_with_hooks(
+                pixels, fwd_hooks=[(f"blocks.{l}.attn.hook_pattern", clip_lens.value_only_attention) for l in group])
+        torch.testing.assert_close(emb.effects[:, li], expected, atol=1e-5, rtol=1e-5)
+    # scored afterwards, the embeddings give the "score" metric's values
+    text_emb = model.encode_text(texts).detach()
+    scored = clip_lens.patch(model, target=pixels, text=text_emb[:1], hook="pattern", intervention="value_only",
+                             layers=groups, progress=False)
+    rescored = model.logit_scale.exp() * torch.nn.functional.cosine_similarity(emb.effects, text_emb[0], dim=-1)
+    torch.testing.assert_close(scored.effects, rescored.detach(), atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="scalar metric"):
+        clip_lens.patch(model, target=pixels, source=pixels, hook="resid", metric="embedding", method="attribution")
+
+
+def test_embedding_metric_on_the_exact_path(vit_b32):
+    _, model = vit_b32
+    src, tgt = model.to_tokens(["There are no giraffes."]), model.to_tokens(["There are some giraffes."])
+    eot = int(src.argmax())
+    res = clip_lens.patch(model, target=tgt, source=src, hook="resid", layers=[0, 12], positions=[1, eot],
+                          metric="embedding", progress=False)
+    assert res.effects.shape == (1, 2, 2, model.text.cfg.d_embed)
+    with torch.no_grad():
+        e_src, e_tgt = model.encode_text(src), model.encode_text(tgt)
+    torch.testing.assert_close(res.effects[0, 1, 1], e_src[0], atol=1e-5, rtol=1e-5)  # EOT, last layer: the source
+    torch.testing.assert_close(res.effects[0, 0, 0], e_tgt[0], atol=1e-5, rtol=1e-5)  # identical token: no change
+    torch.testing.assert_close(res.baseline[0], e_tgt[0], atol=1e-5, rtol=1e-5)

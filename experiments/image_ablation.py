@@ -1,0 +1,120 @@
+"""Image ablation in the vision encoder (METHODS.md).
+
+The output of the attention block (MHA) or the MLP of one layer, at every position, is replaced by
+its value on the mean-colour version of the image; d* is the caption-foil difference of that run
+and IAE = d - d*: how much of d the component's image-specific output carries (positive: the
+ablation made the instance worse). All ablations run through `clip_lens.patch`, each resuming from
+the cached residual of its (half-)layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from clip_lens import plot
+from clip_lens.images import mean_colour_pixels
+from clip_lens.model import HookedCLIP
+from clip_lens.patching import patch
+from clip_lens.scores import encode_texts, segment_of
+from experiments.existence import ExistenceInstances
+
+COMPONENTS = {"MHA": "attn_out", "MLP": "mlp_out"}
+
+
+@dataclass
+class ImageAblation:
+    """Result of `run`.
+
+    Attributes:
+        instances: one row per instance (id, negation_in, caption, foil, d, segment, ...).
+        d_star: [instances, 2, layers], d with MHA (index 0) or MLP (index 1) of a layer ablated.
+        layers: the block indices along the last axis (0-based).
+    """
+
+    instances: pd.DataFrame
+    d_star: Float[np.ndarray, "n 2 layer"]
+    layers: list
+
+    @property
+    def iae(self) -> Float[np.ndarray, "n 2 layer"]:
+        """IAE = d - d*."""
+        return self.instances["d"].to_numpy()[:, None, None] - self.d_star
+
+    def table(self) -> pd.DataFrame:
+        """Long format: one row per instance x component x layer, with d, d_star, iae, `change`
+        (worse: d* < d, better: d* > d, unchanged) and `ends` (correct: d* > 0, else incorrect)."""
+        n, c, l = self.d_star.shape
+        index = pd.MultiIndex.from_product([range(n), list(COMPONENTS), self.layers], names=["instance", "component", "layer"])
+        frame = pd.DataFrame({"d_star": self.d_star.reshape(-1), "iae": self.iae.reshape(-1)}, index=index).reset_index()
+        info = self.instances[["id", "negation_in", "segment", "d"]].reset_index(drop=True)
+        frame = frame.join(info, on="instance")
+        frame["change"] = np.where(frame["iae"] > 0, "worse", np.where(frame["iae"] < 0, "better", "unchanged"))
+        frame["ends"] = np.where(frame["d_star"] > 0, "correct", "incorrect")
+        return frame
+
+    def segment_means(self) -> pd.DataFrame:
+        """Mean IAE per negation placement x segment x component x layer (and instances)."""
+        return (self.table().groupby(["negation_in", "segment", "component", "layer"], sort=False)["iae"]
+                .agg(iae="mean", instances="size").reset_index())
+
+    def outcome_counts(self) -> pd.DataFrame:
+        """Instances per component x layer x change x ends (the stacked bars)."""
+        return self.table().groupby(["component", "layer", "change", "ends"]).size().rename("instances").reset_index()
+
+    def mha_vs_mlp(self) -> pd.DataFrame:
+        """Mean IAE of MHA and MLP per layer, their difference, and the average over layers (last row)."""
+        mean = self.iae.mean(axis=0)  # [2, layers]
+        frame = pd.DataFrame({"layer": [str(l) for l in self.layers], "MHA": mean[0], "MLP": mean[1]})
+        frame.loc[len(frame)] = ["average", mean[0].mean(), mean[1].mean()]
+        frame["MHA - MLP"] = frame["MHA"] - frame["MLP"]
+        return frame
+
+    def figures(self) -> dict[str, go.Figure]:
+        return {"iae_by_layer": plot.iae_by_layer(self.segment_means(), "Image ablation effect per layer (IAE = d - d*)"),
+                "ablation_outcomes": plot.outcome_bars(self.outcome_counts(), "Instances after ablating one component"),
+                "mha_vs_mlp": plot.mha_vs_mlp(self.mha_vs_mlp(), "MHA against MLP: mean IAE")}
+
+
+def difference_metric(model: HookedCLIP):
+    """Metric for `patch` with other = normalize(c) - normalize(f): d = scale * <normalize(i), other>
+    = S(c, i) - S(f, i) (a logit bias cancels)."""
+    def d(image_emb: Tensor, other: Tensor) -> Tensor:
+        return model.logit_scale.exp() * (F.normalize(image_emb, dim=-1) * other).sum(dim=-1)
+    return d
+
+
+def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Tensor] = None, grey: bool = False,
+        layers="all", batch_size: int = 64, pair_chunk: int = 32, progress: bool = True) -> ImageAblation:
+    """IAE of MHA and MLP in every layer for every instance.
+
+    Args:
+        pixels: [n, 3, H, W] model inputs row-aligned with the instances (default: read from the
+            instances' image paths).
+        grey: a grey mean colour (channels averaged) instead of the per-channel mean colour.
+        layers: "all" or a list of block indices.
+    """
+    frame = instances.frame
+    if pixels is None:
+        if "image_path" not in frame:
+            raise ValueError("give pixels, or instances prepared from an image folder")
+        pixels = model.to_pixels(list(frame["image_path"]))
+    source = mean_colour_pixels(pixels, model.preprocess_cfg["mean"], model.preprocess_cfg["std"], grey=grey)
+    difference = (F.normalize(encode_texts(model, frame["caption"]), dim=-1)
+                  - F.normalize(encode_texts(model, frame["foil"]), dim=-1))
+    d_star, labels = [], None
+    for hook in COMPONENTS.values():
+        result = patch(model, target=pixels, source=source, text=difference, hook=hook, layers=layers,
+                       positions="sequence", metric=difference_metric(model), batch_size=batch_size,
+                       pair_chunk=pair_chunk, progress=progress)
+        d_star.append(result.effects.reshape(len(frame), -1).numpy())
+        labels = result.layers
+    return ImageAblation(instances.instances_table(), np.stack(d_star, axis=1), list(labels))

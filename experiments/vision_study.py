@@ -1,0 +1,70 @@
+"""Attention cancellation and attention maps end to end, as the CLI runs them: compute, write
+tables and one HTML report. With no image folder, scikit-image's sample photos are the demo set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import pandas as pd
+
+from clip_lens.data.image_sets import caption_targets, load_captions, load_image_folder
+from clip_lens.data.sample_images import sample_images
+from clip_lens.model import HookedCLIP
+from clip_lens.report import Report
+from experiments import attention_cancellation, attention_maps
+
+PathLike = Union[str, Path]
+
+
+def attention_cancellation_study(model: HookedCLIP, model_label: str, out: PathLike, *, images: Optional[PathLike] = None,
+                                 captions: Optional[PathLike] = None, labels: Optional[PathLike] = None,
+                                 settings: Optional[str] = None, map_images: int = 3, map_layer: Optional[int] = None,
+                                 progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Run attention cancellation (and attention maps) and write `out/`: predictions.csv,
+    summary.csv, logits.csv, attention_distance.csv and report.html. Returns the tables."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if images is None:
+        frame, by_label_caption = sample_images(out / "sample_images")
+        caption_list = list(by_label_caption.values())
+        by_label = {label: i for i, label in enumerate(by_label_caption)}
+        source = "scikit-image's sample photos (demo set)"
+    else:
+        if captions is None:
+            raise ValueError("--images needs --captions (a file with one candidate caption per line)")
+        frame = load_image_folder(images, labels)
+        caption_list, by_label = load_captions(captions)
+        source = str(images)
+    targets = caption_targets(frame["label"], by_label)
+    chosen = attention_cancellation.parse_settings(settings, model.vision.cfg.n_layers) if settings else None
+    result = attention_cancellation.run(model, frame, caption_list, targets=targets, settings=chosen, progress=progress)
+    pixels = model.to_pixels(list(frame["image"]))
+    distance = attention_maps.mean_attention_distance(model, pixels)
+    tables = {"summary": result.summary(), "predictions": result.predictions(), "logits": result.logits_frame(),
+              "attention_distance": distance}
+
+    report = Report("Attention cancellation in CLIP's vision encoder")
+    report.section("Setup").text(f"Model: {model_label}. Images: {source} ({len(frame)} images, "
+                                 f"{int((targets >= 0).sum())} labelled); {len(caption_list)} candidate captions.")
+    report.section("Cancelling self-attention").text(
+        "In the layers of a setting (numbered from 1) every position attends only to itself, so the attention block "
+        "outputs out_proj(V).", note=True)
+    report.table(tables["summary"], max_rows=100, caption="Accuracy, mean cosine of the selected caption, and the share "
+                                                          "of images whose selection changed from the baseline")
+    for fig in result.figures().values():
+        report.figure(fig)
+    report.table(tables["predictions"], max_rows=40, caption="Selected caption per setting and image")
+    report.section("Attention maps")
+    report.figure(attention_maps.distance_figure(distance))
+    layer = model.vision.cfg.n_layers - 1 if map_layer is None else map_layer
+    maps = attention_maps.class_token_attention(attention_maps.patterns(model, pixels[:map_images], [layer])[:, 0],
+                                                model.vision.cfg.grid_size)
+    for i in range(min(map_images, len(frame))):
+        name = Path(frame["image"][i]).name
+        report.figure(attention_maps.attention_map_figure(attention_maps.model_view(model, pixels[i]), maps[i],
+                                                          f"Class-token attention, layer {layer} (from 0): {name}"))
+    for name, table in tables.items():
+        table.to_csv(out / f"{name}.csv", index=False)
+    report.write(out / "report.html")
+    return tables

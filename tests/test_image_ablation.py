@@ -1,0 +1,87 @@
+"""Image ablation (METHODS.md): the mean-colour image, equality with a hand-written hook loop on
+random ViT-B-32 weights, and IAE / outcome counts on a hand-built case."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip_lens.images import mean_colour_pixels
+from conftest import random_pixels
+from experiments import image_ablation
+from experiments.existence import ExistenceInstances
+from experiments.image_ablation import ImageAblation
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def test_mean_colour_image_is_the_per_channel_or_grey_mean():
+    raw = torch.rand(2, 3, 8, 8)
+    pixels = (raw - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    out = mean_colour_pixels(pixels, MEAN, STD)
+    back = out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    torch.testing.assert_close(back, raw.mean(dim=(2, 3), keepdim=True).expand_as(raw))
+    grey = mean_colour_pixels(pixels, MEAN, STD, grey=True) * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    torch.testing.assert_close(grey, raw.mean(dim=(1, 2, 3), keepdim=True).expand_as(raw))
+
+
+def _instances(model, n):
+    gen = torch.Generator().manual_seed(21)
+    pixels = random_pixels(n, seed=21)
+    captions = ["There are no dogs.", "There is a cat.", "There are some people."][:n]
+    foils = ["There are some dogs.", "There is no cat.", "There are no people."][:n]
+    with torch.no_grad():
+        img = model.encode_image(pixels)
+        s = lambda texts: model.logit_scale.exp() * F.cosine_similarity(model.encode_text(model.to_tokens(texts)), img)  # noqa: E731
+        d = (s(captions) - s(foils)).numpy()
+    frame = pd.DataFrame({"id": [f"i{k}" for k in range(n)], "negation_in": ["caption", "foil", "foil"][:n],
+                          "caption": captions, "foil": foils, "d": d, "segment": "ambiguous",
+                          "S_caption": 0.0, "S_foil": 0.0, "image_file": ""})
+    return ExistenceInstances(frame, img, pd.DataFrame()), pixels
+
+
+@pytest.mark.parametrize("grey", [False, True])
+def test_equals_a_hand_written_hook_loop(vit_b32, grey):
+    _, model = vit_b32
+    inst, pixels = _instances(model, 3)
+    layers = [0, 6, 11]
+    result = image_ablation.run(model, inst, pixels=pixels, grey=grey, layers=layers, progress=False)
+    source = mean_colour_pixels(pixels, model.preprocess_cfg["mean"], model.preprocess_cfg["std"], grey=grey)
+    with torch.no_grad():
+        text_c = model.encode_text(model.to_tokens(list(inst.frame["caption"])))
+        text_f = model.encode_text(model.to_tokens(list(inst.frame["foil"])))
+        for c, hook in enumerate(("attn_out", "mlp_out")):
+            for li, layer in enumerate(layers):
+                name = f"blocks.{layer}.hook_{hook}"
+                _, cache = model.vision.run_with_cache(source, names_filter=[name])
+                img = model.vision.run_with_hooks(pixels, fwd_hooks=[(name, lambda x, hook: cache[name])])
+                score = lambda t: model.logit_scale.exp() * F.cosine_similarity(t, img)  # noqa: E731
+                d_star = (score(text_c) - score(text_f)).numpy()
+                np.testing.assert_allclose(result.d_star[:, c, li], d_star, atol=1e-4)
+    np.testing.assert_allclose(result.iae, inst.frame["d"].to_numpy()[:, None, None] - result.d_star)
+
+
+def test_iae_and_outcome_counts_on_a_hand_built_case():
+    instances = pd.DataFrame({"id": ["a", "b", "c"], "negation_in": "foil", "segment": ["correct", "incorrect", "correct"],
+                              "d": [2.0, -1.5, 3.0]})
+    # d* for [MHA, MLP] x 2 layers
+    d_star = np.array([[[1.0, 2.5], [-0.5, 2.0]],     # a: MHA worse->correct, better->correct; MLP worse->incorrect, unchanged
+                       [[-2.0, 0.5], [-1.5, -1.0]],   # b: MHA worse->incorrect, better->correct; MLP unchanged, better->incorrect
+                       [[0.0, 4.0], [3.5, 1.0]]])     # c: MHA worse->incorrect (d* = 0), better->correct; MLP better, worse
+    result = ImageAblation(instances, d_star, [0, 1])
+    np.testing.assert_allclose(result.iae[:, 0, 0], [1.0, 0.5, 3.0])
+    table = result.table()
+    row = table[(table["id"] == "c") & (table["component"] == "MHA") & (table["layer"] == 0)].iloc[0]
+    assert (row["change"], row["ends"]) == ("worse", "incorrect")
+    counts = result.outcome_counts().set_index(["component", "layer", "change", "ends"])["instances"]
+    assert counts[("MHA", 0, "worse", "correct")] == 1 and counts[("MHA", 0, "worse", "incorrect")] == 2
+    assert counts[("MHA", 1, "better", "correct")] == 3
+    assert counts[("MLP", 0, "unchanged", "incorrect")] == 1 and counts[("MLP", 0, "worse", "incorrect")] == 1
+    assert counts[("MLP", 0, "better", "correct")] == 1
+    assert counts.groupby(["component", "layer"]).sum().eq(3).all()
+    versus = result.mha_vs_mlp().set_index("layer")
+    assert versus.loc["0", "MHA"] == pytest.approx((1.0 + 0.5 + 3.0) / 3)
+    assert versus.loc["average", "MLP"] == pytest.approx(result.iae[:, 1].mean())
+    means = result.segment_means().set_index(["segment", "component", "layer"])["iae"]
+    assert means[("correct", "MHA", 0)] == pytest.approx((1.0 + 3.0) / 2)
