@@ -53,6 +53,7 @@ class PatchResult:
         baseline: [pair] (+ [embed]), the metric of the clean target run.
         source_baseline: [pair], the metric of the clean source run (None without a source).
         dims: names of the axes of `effects`.
+        hook: the hook kind ("attn_out+mlp_out" for several, along the "hook" axis).
         layers, positions, heads: the labels along those axes.
     """
 
@@ -76,7 +77,7 @@ class PatchResult:
         """
         if "embed" in self.dims:
             raise ValueError("effects are embeddings (metric='embedding'); score them, then tabulate")
-        labels = {"pair": list(range(self.effects.shape[0])), "layer": self.layers,
+        labels = {"pair": list(range(self.effects.shape[0])), "hook": self.hook.split("+"), "layer": self.layers,
                   "position": self.positions, "head": self.heads}
         axes = [labels[d] for d in self.dims]
         index = pd.MultiIndex.from_product(axes, names=list(self.dims))
@@ -85,7 +86,9 @@ class PatchResult:
         frame["baseline"] = self.baseline.detach().cpu().numpy()[frame["pair"].to_numpy()]
         if self.source_baseline is not None:
             frame["source_baseline"] = self.source_baseline.detach().cpu().numpy()[frame["pair"].to_numpy()]
-        frame["hook"], frame["intervention"], frame["method"] = self.hook, self.intervention, self.method
+        if "hook" not in self.dims:
+            frame["hook"] = self.hook
+        frame["intervention"], frame["method"] = self.intervention, self.method
         return frame.reset_index(drop=True)
 
 
@@ -344,18 +347,25 @@ def _cache_names(hook: str, layers: list, n_layers: int, causal: bool) -> tuple[
     return target | source, source
 
 
-def _exact(plan: _Plan, tower, target: Tensor, source: Optional[Tensor], other: Tensor, score,
+def _exact(plans: list[_Plan], tower, target: Tensor, source: Optional[Tensor], other: Tensor, score,
            effects: Tensor, baseline: Tensor, source_baseline: Optional[Tensor], mean, batch_size: int,
            pair_chunk: int, perm: Optional[Tensor], progress: bool) -> None:
+    """Exact interventions of one or more plans (hook kinds) sharing the cached target and source
+    runs; with several plans, effect keys start with the plan's index (the "hook" axis)."""
     n_layers = tower.cfg.n_layers
     causal = tower.cfg.causal and isinstance(tower, HookedTextTower)
-    names_t, names_s = _cache_names(plan.hook, plan.layers, n_layers, causal)
+    intervention = plans[0].intervention
+    names_t, names_s = set(), set()
+    for plan in plans:
+        t, s = _cache_names(plan.hook, plan.layers, n_layers, causal)
+        names_t, names_s = names_t | t, names_s | s
     lengths = _lengths(tower, target)
     n_pairs = target.shape[0]
-    bar = tqdm(total=n_pairs, desc=f"patch {plan.hook} ({plan.intervention})", disable=not progress, unit="pair")
-    means = {}
-    if plan.intervention == "mean":
-        means = _means(plan, tower, source if source is not None else target, mean, pair_chunk)
+    label = "+".join(plan.hook for plan in plans)
+    bar = tqdm(total=n_pairs, desc=f"patch {label} ({intervention})", disable=not progress, unit="pair")
+    means = [_means(plan, tower, source if source is not None else target, mean, pair_chunk)
+             if intervention == "mean" else {} for plan in plans]
+    prefixes = [(i,) if len(plans) > 1 else () for i in range(len(plans))]
     for lo in range(0, n_pairs, pair_chunk):
         hi = min(lo + pair_chunk, n_pairs)
         chunk_t = target[lo:hi]
@@ -363,8 +373,8 @@ def _exact(plan: _Plan, tower, target: Tensor, source: Optional[Tensor], other: 
         with torch.no_grad():
             baseline[lo:hi] = score(emb_t, other[lo:hi])
         cache_s, src_index = None, None
-        if plan.intervention in ("patch", "resample"):
-            if plan.intervention == "resample":
+        if intervention in ("patch", "resample"):
+            if intervention == "resample":
                 src_index = perm[lo:hi]
                 emb_s, cache_s = _run_cached(tower, source[src_index], names_s)
                 src_index = torch.arange(hi - lo)
@@ -374,11 +384,14 @@ def _exact(plan: _Plan, tower, target: Tensor, source: Optional[Tensor], other: 
                     source_baseline[lo:hi] = score(emb_s, other[lo:hi])
         items = []
         for p in range(hi - lo):
-            new, noops = _build_interventions(plan, tower, p, lengths[lo:hi], cache_t, cache_s,
-                                              p if src_index is None else int(src_index[p]), means, causal)
-            items += new
-            for key, pair in noops:
-                effects[(lo + pair, *key)] = baseline[lo + pair]
+            for plan, plan_means, prefix in zip(plans, means, prefixes):
+                new, noops = _build_interventions(plan, tower, p, lengths[lo:hi], cache_t, cache_s,
+                                                  p if src_index is None else int(src_index[p]), plan_means, causal)
+                for item in new:
+                    item.key = prefix + item.key
+                items += new
+                for key, pair in noops:
+                    effects[(lo + pair, *prefix, *key)] = baseline[lo + pair]
         _run_items(tower, items, cache_t, other[lo:hi], score, effects, lo, batch_size, causal)
         bar.update(hi - lo)
     bar.close()
@@ -530,7 +543,7 @@ def patch(
     source: Any = None,
     image: Any = None,
     text: Any = None,
-    hook: str = "resid",
+    hook: Union[str, Sequence[str]] = "resid",
     layers: Union[str, int, Sequence] = "all",
     positions: Union[str, int, Sequence[int]] = "all",
     heads: Union[str, int, Sequence[int]] = "all",
@@ -554,7 +567,9 @@ def patch(
             and "resample" (default: the targets).
         image / text: the other modality, as inputs or embeddings [1 or n_pairs, d_embed].
         hook: "resid" (layers 0..L, METHODS.md numbering), "attn_out", "mlp_out", "z" (per head),
-            or "pattern" (with a hook-function intervention).
+            or "pattern" (with a hook-function intervention); or a list of kinds with the same
+            layers (e.g. ["attn_out", "mlp_out"]), which share the cached runs: `effects` then has a
+            "hook" axis after "pair".
         layers: "all", a layer, or a list; with hook-function interventions an entry may be a
             tuple of layers intervened together (e.g. (1, 2, 3)).
         positions: "all" (each position separately), a list of positions, or "sequence" (every
@@ -574,8 +589,13 @@ def patch(
     Returns:
         PatchResult, `effects` shaped [pair, layer, (position), (head)].
     """
-    if hook not in HOOK_KINDS:
-        raise ValueError(f"Unknown hook kind {hook!r}; use one of {HOOK_KINDS}")
+    hooks = [hook] if isinstance(hook, str) else list(hook)
+    for kind in hooks:
+        if kind not in HOOK_KINDS:
+            raise ValueError(f"Unknown hook kind {kind!r}; use one of {HOOK_KINDS}")
+    if not hooks:
+        raise ValueError("hook: give a hook kind or a list of them")
+    hook = hooks[0]
     hook_intervention = callable(intervention) or intervention == "value_only"
     if not hook_intervention and intervention not in EXACT_INTERVENTIONS:
         raise ValueError(f"Unknown intervention {intervention!r}; use one of {EXACT_INTERVENTIONS}, 'value_only' or a hook function")
@@ -586,6 +606,9 @@ def patch(
     embedding_metric = isinstance(metric, str) and metric == "embedding"
     if method == "attribution" and embedding_metric:
         raise ValueError("attribution patching needs a scalar metric, not metric='embedding'")
+    if len(hooks) > 1 and (hook_intervention or method == "attribution" or "z" in hooks):
+        raise ValueError("several hook kinds at once are for exact patch/zero/mean/resample interventions "
+                         "on resid, attn_out or mlp_out")
     if method == "attribution" and hook_intervention:
         raise ValueError("attribution patching needs a patch, zero, mean or resample intervention")
 
@@ -610,6 +633,8 @@ def patch(
     score = _score(model, metric)
 
     layers_list = _check_list(layers, _layer_range(tower, hook), "layer")
+    if any(_layer_range(tower, kind) != _layer_range(tower, hook) for kind in hooks):
+        raise ValueError(f"hook kinds {hooks} have different layer ranges; patch them separately")
     if not hook_intervention and any(isinstance(l, tuple) for l in layers_list):
         raise ValueError("layer groups (tuples) are for hook-function interventions")
     pos_list = None if hook_intervention else _positions_for(positions, target, tower)
@@ -618,10 +643,12 @@ def patch(
         head_list = [heads]
     if tower_name == "text" and source is not None and intervention == "patch":
         _check_equal_lengths(tower, source, target)
-    plan = _Plan(tower_name, hook, layers_list, pos_list, head_list, intervention)
+    plans = [_Plan(tower_name, kind, layers_list, pos_list, head_list, intervention) for kind in hooks]
+    plan = plans[0]
 
-    dims = ["pair", "layer"] + (["position"] if pos_list is not None else []) + (["head"] if head_list is not None else [])
-    shape = [n_pairs, len(layers_list)] + ([len(pos_list)] if pos_list is not None else []) + ([len(head_list)] if head_list is not None else [])
+    hook_axis = ["hook"] if len(hooks) > 1 else []
+    dims = ["pair", *hook_axis, "layer"] + (["position"] if pos_list is not None else []) + (["head"] if head_list is not None else [])
+    shape = [n_pairs, *([len(hooks)] if hook_axis else []), len(layers_list)] + ([len(pos_list)] if pos_list is not None else []) + ([len(head_list)] if head_list is not None else [])
     value_shape = [tower.cfg.d_embed] if embedding_metric else []
     dims += ["embed"] if embedding_metric else []
     effects = torch.full(shape + value_shape, float("nan"))
@@ -639,10 +666,10 @@ def patch(
         _attribution(plan, tower, target, source, other, score, effects, baseline, source_baseline, mean,
                      pair_chunk, perm, progress)
     else:
-        _exact(plan, tower, target, source, other, score, effects, baseline, source_baseline, mean,
+        _exact(plans, tower, target, source, other, score, effects, baseline, source_baseline, mean,
                batch_size, pair_chunk, perm, progress)
     return PatchResult(effects=effects, baseline=baseline, source_baseline=source_baseline, dims=tuple(dims),
-                       layers=layers_list, positions=pos_list, heads=head_list, hook=hook,
+                       layers=layers_list, positions=pos_list, heads=head_list, hook=hook if not hook_axis else "+".join(hooks),
                        intervention=intervention if isinstance(intervention, str) else getattr(intervention, "__name__", "hook"),
                        method=method, extra={"resample_pairs": perm} if perm is not None else {})
 

@@ -110,11 +110,8 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Te
     source = mean_colour_pixels(pixels, model.preprocess_cfg["mean"], model.preprocess_cfg["std"], grey=grey)
     difference = (F.normalize(encode_texts(model, frame["caption"]), dim=-1)
                   - F.normalize(encode_texts(model, frame["foil"]), dim=-1))
-    d_star, labels = [], None
-    for hook in COMPONENTS.values():
-        result = patch(model, target=pixels, source=source, text=difference, hook=hook, layers=layers,
-                       positions="sequence", metric=difference_metric(model), batch_size=batch_size,
-                       pair_chunk=pair_chunk, progress=progress)
-        d_star.append(result.effects.reshape(len(frame), -1).numpy())
-        labels = result.layers
-    return ImageAblation(instances.instances_table(), np.stack(d_star, axis=1), list(labels))
+    # Both components in one call: the target and mean-colour runs are cached once for both.
+    result = patch(model, target=pixels, source=source, text=difference, hook=list(COMPONENTS.values()), layers=layers,
+                   positions="sequence", metric=difference_metric(model), batch_size=batch_size,
+                   pair_chunk=pair_chunk, progress=progress)
+    return ImageAblation(instances.instances_table(), result.effects.numpy(), list(result.layers))

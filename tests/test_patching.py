@@ -222,3 +222,22 @@ def test_embedding_metric_on_the_exact_path(vit_b32):
     torch.testing.assert_close(res.effects[0, 1, 1], e_src[0], atol=1e-5, rtol=1e-5)  # EOT, last layer: the source
     torch.testing.assert_close(res.effects[0, 0, 0], e_tgt[0], atol=1e-5, rtol=1e-5)  # identical token: no change
     torch.testing.assert_close(res.baseline[0], e_tgt[0], atol=1e-5, rtol=1e-5)
+
+
+def test_several_hook_kinds_in_one_call_equal_separate_calls(vit_b32):
+    _, model = vit_b32
+    target, source = random_pixels(3, seed=41), random_pixels(3, seed=42)
+    text = model.to_tokens(["a photo of a cat"])
+    both = clip_lens.patch(model, target=target, source=source, text=text, hook=["attn_out", "mlp_out"],
+                           layers=[0, 5, 11], positions="sequence", progress=False)
+    assert both.dims == ("pair", "hook", "layer") and both.effects.shape == (3, 2, 3)
+    for h, kind in enumerate(("attn_out", "mlp_out")):
+        one = clip_lens.patch(model, target=target, source=source, text=text, hook=kind, layers=[0, 5, 11],
+                              positions="sequence", progress=False)
+        torch.testing.assert_close(both.effects[:, h], one.effects, atol=1e-5, rtol=1e-5)
+    frame = both.to_frame()
+    assert set(frame["hook"]) == {"attn_out", "mlp_out"} and len(frame) == 18
+    with pytest.raises(ValueError, match="different layer ranges"):
+        clip_lens.patch(model, target=target, source=source, text=text, hook=["resid", "mlp_out"])
+    with pytest.raises(ValueError, match="several hook kinds"):
+        clip_lens.patch(model, target=target, source=source, text=text, hook=["attn_out", "mlp_out"], method="attribution")
