@@ -25,19 +25,14 @@ import torch
 import torch.nn.functional as F
 
 import clip_lens
+from clip_lens.loading import random_model_pair
 from clip_lens.data import load_valse, prepare_existence
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def build(seed: int):
-    torch.manual_seed(seed)
-    oc = open_clip.create_model("ViT-B-32").eval()
-    with torch.no_grad():
-        for name, p in oc.named_parameters():
-            if p.ndim <= 1 or "embedding" in name or "logit_scale" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return oc, clip_lens.HookedCLIP.from_open_clip(oc, tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+    return random_model_pair("ViT-B-32", seed)
 
 
 def plain_open_clip_loop(oc, tokenizer, negated, non_negated, image_emb):

@@ -19,14 +19,11 @@ def _load_pair(model_name: str, pretrained: Optional[str], seed: int):
     import open_clip
 
     import clip_lens
+    from clip_lens.loading import random_model_pair
 
-    torch.manual_seed(seed)
-    oc = open_clip.create_model(model_name, pretrained=pretrained).eval()
     if pretrained is None:
-        with torch.no_grad():  # move LayerNorms, biases, embeddings off their initial values
-            for name, param in oc.named_parameters():
-                if param.ndim <= 1 or "embedding" in name or "logit_scale" in name:
-                    param.add_(torch.randn_like(param) * 0.1)
+        return random_model_pair(model_name, seed)
+    oc = open_clip.create_model(model_name, pretrained=pretrained).eval()
     return oc, clip_lens.HookedCLIP.from_open_clip(oc, tokenizer=open_clip.get_tokenizer(model_name), name=model_name)
 
 
@@ -133,6 +130,50 @@ def cmd_attention_cancellation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_tiny(args: argparse.Namespace) -> int:
+    from clip_lens import tiny
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, report = tiny.train(steps=args.steps, seed=args.seed, lr=args.lr, progress=not args.quiet, out=args.out)
+    import clip_lens
+
+    hooked = clip_lens.HookedCLIP.from_pretrained(tiny.register(), pretrained=args.out)
+    accuracy = tiny.evaluate(hooked)
+    print(f"trained {report.steps} steps in {report.seconds / 60:.1f} min (final loss {report.final_loss:.3f}); "
+          f"wrote {args.out}")
+    print(f"held-out existence accuracy {accuracy['accuracy']:.3f} (negation in caption "
+          f"{accuracy['negation_in_caption']:.3f}, in foil {accuracy['negation_in_foil']:.3f}; {accuracy['pairs']} pairs)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The shipped tiny CLIP on held-out synthetic scenes: every negation study and image ablation."""
+    import clip_lens
+    from clip_lens import tiny
+    from clip_lens.data.shapes import export_valse
+    from experiments import negation_study
+
+    start = time.perf_counter()
+    model = clip_lens.HookedCLIP.from_pretrained(tiny.NAME)
+    accuracy = tiny.evaluate(model)
+    line = (f"Held-out accuracy of {tiny.NAME} ({accuracy['pairs']} synthetic existence pairs, seed {tiny.EVAL_SEED}): "
+            f"{accuracy['accuracy']:.1%} overall, {accuracy['negation_in_caption']:.1%} with the negation in the "
+            f"caption, {accuracy['negation_in_foil']:.1%} in the foil.")
+    print(line)
+    scenes = export_valse(args.out / "scenes", args.scenes, seed=args.seed)
+    tables = negation_study.valse_existence(
+        model, f"{tiny.NAME} (a tiny CLIP trained on synthetic shape scenes, shipped with clip_lens)", scenes,
+        args.out / "scenes" / "images", args.out, preface=[line], progress=not args.quiet)
+    loc = tables["causal_tracing_localisation"]
+    correct = loc[loc["segment"] == "correct"].groupby("layer")["localisation"].max()
+    print(tables["accuracy"].to_string(index=False))
+    print("causal-tracing localisation of the correct segment by layer: "
+          + ", ".join(f"{layer}: {value:.3f}" for layer, value in correct.items()))
+    print(f"wrote {args.out}/report.html in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clip-lens", description="Mechanistic interpretability for CLIP.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -176,6 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--map-images", type=int, default=3, help="images to draw class-token attention maps for")
     _add_model_args(cancel, instances=False)
     cancel.set_defaults(func=cmd_attention_cancellation)
+
+    demo = sub.add_parser("demo", help="the shipped tiny CLIP on synthetic scenes: negation studies and a report")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    demo.add_argument("--scenes", type=int, default=400, help="held-out scenes to study (default 400)")
+    demo.add_argument("--seed", type=int, default=20_000, help="seed of the scenes")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train-tiny", help="train the tiny CLIP on synthetic shape scenes")
+    train.add_argument("--steps", type=int, default=2400)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    train.add_argument("--out", type=Path, default=Path("tiny-shapes.safetensors"))
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train_tiny)
     return parser
 
 

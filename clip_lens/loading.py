@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
+
+from clip_lens import tiny
 from torch import Tensor, nn
 
 from clip_lens.config import TextConfig, VisionConfig
@@ -325,7 +327,8 @@ def _cached_tag_weights(tag_cfg: dict, cache_dir: Optional[str]) -> Optional[str
 def from_pretrained(name: str, pretrained: Optional[Union[str, os.PathLike]] = None,
                     cache_dir: Optional[str] = None, device: Union[str, torch.device] = "cpu",
                     **open_clip_kwargs: Any) -> HookedCLIP:
-    """A HookedCLIP for an open_clip architecture `name` (e.g. "ViT-B-32").
+    """A HookedCLIP for an open_clip architecture `name` (e.g. "ViT-B-32"), or for a model that
+    ships with clip_lens ("clip_lens/tiny-shapes", its weights by default).
 
     Args:
         pretrained: an open_clip pretrained tag ("openai", "laion2b_s34b_b79k", ...), the path of a
@@ -337,6 +340,14 @@ def from_pretrained(name: str, pretrained: Optional[Union[str, os.PathLike]] = N
     """
     import open_clip
 
+    label = name
+    if name == tiny.NAME:
+        name = tiny.register()
+        if pretrained is None:
+            if not tiny.WEIGHTS.is_file():
+                raise FileNotFoundError(f"the weights of {tiny.NAME} are missing ({tiny.WEIGHTS}); "
+                                        "retrain them with `clip-lens train-tiny`")
+            pretrained = tiny.WEIGHTS
     if name not in open_clip.list_models():
         raise ValueError(f"Unknown open_clip architecture {name!r}; see open_clip.list_models()")
     kwargs = dict(open_clip_kwargs, cache_dir=cache_dir, device=device)
@@ -368,7 +379,7 @@ def from_pretrained(name: str, pretrained: Optional[Union[str, os.PathLike]] = N
             )
     oc_model = open_clip.create_model(name, pretrained=pretrained_arg, **kwargs)
     tokenizer = open_clip.get_tokenizer(name)
-    return from_open_clip(oc_model.eval(), tokenizer=tokenizer, name=name)
+    return from_open_clip(oc_model.eval(), tokenizer=tokenizer, name=label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,3 +447,18 @@ def from_huggingface(model_or_path: Any, tokenizer: Any = None) -> HookedCLIP:
     apply_table(hooked, state_dict, huggingface_table(text_cfg, vision_cfg))
     param = next(hf.parameters())
     return hooked.to(device=param.device, dtype=param.dtype).eval()
+
+
+def random_model_pair(name: str, seed: int = 0, scale: float = 0.1):
+    """(open_clip model, HookedCLIP) of architecture `name` with random weights, every LayerNorm,
+    bias, embedding and the logit scale moved off its initial value by N(0, scale) noise, so that a
+    wrong weight mapping shows. For parity checks and timings without pretrained weights."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    oc = open_clip.create_model(name).eval()
+    with torch.no_grad():
+        for param_name, param in oc.named_parameters():
+            if param.ndim <= 1 or "embedding" in param_name or "logit_scale" in param_name:
+                param.add_(torch.randn_like(param) * scale)
+    return oc, from_open_clip(oc, tokenizer=open_clip.get_tokenizer(name), name=name)

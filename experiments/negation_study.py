@@ -35,11 +35,12 @@ def _accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images: PathLike, out: PathLike, *,
                     studies: Sequence[str] = VALSE_STUDIES, missing: str = "raise", limit: Optional[int] = None,
-                    sample: Optional[int] = None, grey: bool = False,
+                    sample: Optional[int] = None, grey: bool = False, preface: Sequence[str] = (),
                     subject_size: Optional[PathLike] = None, query_layers: Optional[Sequence[int]] = None,
                     progress: bool = True) -> dict[str, pd.DataFrame]:
     """Run the chosen VALSE existence studies and write `out/`: instances.csv, excluded.csv, one CSV
-    per result table and report.html. Returns the tables by file stem."""
+    per result table and report.html (`preface`: extra lines for its setup section). Returns the
+    tables by file stem."""
     unknown = set(studies) - set(VALSE_STUDIES)
     if unknown:
         raise ValueError(f"unknown studies {sorted(unknown)}; choose from {VALSE_STUDIES}")
@@ -50,6 +51,8 @@ def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images
     report = Report("Negation in CLIP: VALSE existence")
     report.section("Setup").text(f"Model: {model_label}. Data: {valse} ({len(inst)} instances kept, "
                                  f"{len(inst.excluded)} excluded); images from {images}.")
+    for line in preface:
+        report.text(line)
     report.table(tables["accuracy"], caption="Accuracy (d > 0) and segments (correct d > 1, ambiguous -1 < d <= 1, incorrect d <= -1)")
 
     if "preliminary" in studies:
