@@ -148,11 +148,12 @@ def cmd_train_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The shipped tiny CLIP on held-out synthetic scenes: every negation study and image ablation."""
+    """The shipped tiny CLIP on held-out synthetic scenes: every negation study and image ablation
+    (out/report.html), and attention cancellation on one-shape scenes (out/attention_cancellation/)."""
     import clip_lens
     from clip_lens import tiny
-    from clip_lens.data.shapes import export_valse
-    from experiments import negation_study
+    from clip_lens.data.shapes import export_valse, single_shape_set
+    from experiments import negation_study, vision_study
 
     start = time.perf_counter()
     model = clip_lens.HookedCLIP.from_pretrained(tiny.NAME)
@@ -170,6 +171,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(tables["accuracy"].to_string(index=False))
     print("causal-tracing localisation of the correct segment by layer: "
           + ", ".join(f"{layer}: {value:.3f}" for layer, value in correct.items()))
+    images, captions = single_shape_set(args.out / "single_shapes" / "images")
+    cancel = vision_study.attention_cancellation_study(
+        model, f"{tiny.NAME}", args.out / "attention_cancellation", images=images, captions=captions,
+        progress=not args.quiet)
+    baseline = cancel["summary"].set_index("setting").loc["baseline", "accuracy"]
+    print(f"attention cancellation on one-shape scenes: baseline accuracy {baseline:.3f}; "
+          f"report {args.out}/attention_cancellation/report.html")
     print(f"wrote {args.out}/report.html in {time.perf_counter() - start:.1f}s")
     return 0
 

@@ -56,7 +56,11 @@ def default_settings(n_layers: int) -> dict[str, tuple[int, ...]]:
     else:
         bounds = lambda k: [(round(i * n_layers / k) + 1, round((i + 1) * n_layers / k)) for i in range(k)]  # noqa: E731
         ranges = [f"{a}-{b}" for k in (3, 4) for a, b in bounds(k) if a <= b] + [f"1-{n_layers}"]
-    return parse_settings(singles + list(dict.fromkeys(ranges)), n_layers)
+    settings: dict[str, tuple[int, ...]] = {}
+    for name, layers in parse_settings(singles + list(dict.fromkeys(ranges)), n_layers).items():
+        if layers not in settings.values():  # shallow towers: a "range" may be a single layer
+            settings[name] = layers
+    return settings
 
 
 @dataclass

@@ -183,3 +183,29 @@ def export_valse(folder: Union[str, Path], n: int, seed: int = 1) -> Path:
     path = folder / "existence.json"
     path.write_text(json.dumps(data, indent=1))
     return path
+
+
+def single_shape_set(folder: Union[str, Path], per_class: int = 2, seed: int = 3) -> tuple[Path, Path]:
+    """A labelled image folder of one-shape scenes (every colour x kind, `per_class` each) and a
+    captions file ("label<TAB>There is a red circle.") for attention cancellation.
+
+    Returns (image folder, captions file).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows, lines = ["image,label"], []
+    for colour in COLOURS:
+        for kind in SHAPES:
+            label = f"{colour} {kind}"
+            lines.append(f"{label}\tThere is a {label}.")
+            for i in range(per_class):
+                r = rng.randint(8, 14)
+                shape = Shape(kind, colour, rng.randint(r + 1, SIZE - r - 2), rng.randint(r + 1, SIZE - r - 2), r)
+                name = f"{colour}_{kind}_{i}.png"
+                render(Scene((shape,)), rng).save(folder / name)
+                rows.append(f"{name},{label}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    captions = folder.parent / "captions.txt"
+    captions.write_text("\n".join(lines) + "\n")
+    return folder, captions

@@ -1,0 +1,15 @@
+"""The README's Python examples run as written (in order, sharing one namespace)."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the examples are ours
+    assert namespace["result"].effects.shape[1] == namespace["model"].text.cfg.n_layers + 1
