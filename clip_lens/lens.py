@@ -1,0 +1,47 @@
+"""Logit Lens for CLIP (METHODS.md): each layer's residual stream, at the pooled position (EOT for
+text, the class token for images), passed through the tower's final norm and projection into the
+joint space and scored against the other modality's embedding."""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from clip_lens.model import HookedCLIP
+from clip_lens.towers import HookedTextTower
+
+
+def residual_names(n_layers: int) -> list[str]:
+    """Hook names of the residual stream at layers 0..L (METHODS.md numbering)."""
+    return [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+
+
+@torch.no_grad()
+def logit_lens(model: HookedCLIP, inputs: Tensor, other: Float[Tensor, "n d_embed"],
+               layers: Union[str, Sequence[int]] = "all") -> Float[Tensor, "n layer"]:
+    """S(layer) = logit_scale.exp() * cos(final_norm_and_projection(resid_l[pooled]), other).
+
+    Args:
+        inputs: tokens [n, pos] (text tower) or pixels [n, 3, H, W] (vision tower).
+        other: the other modality's embeddings, [n, d_embed] or [1, d_embed].
+        layers: "all" (0..L) or a list.
+    Returns:
+        [n, len(layers)]; at layer L it equals the model's own score.
+    """
+    tower = model.text if inputs.dtype in (torch.long, torch.int) else model.vision
+    if isinstance(tower, HookedTextTower):
+        inputs = tower.trim(tower.check_tokens(inputs))
+    n_layers = tower.cfg.n_layers
+    chosen = list(range(n_layers + 1)) if layers == "all" else [tower.check_layer(l) for l in layers]
+    names = residual_names(n_layers)
+    _, cache = tower.run_with_cache(inputs, names_filter=[names[l] for l in chosen])
+    scores = []
+    for layer in chosen:
+        resid = cache[names[layer]]
+        emb = tower.pool(resid, inputs) if isinstance(tower, HookedTextTower) else tower.pool(resid)
+        scores.append(model.logit_scale.exp() * F.cosine_similarity(emb, other.expand_as(emb), dim=-1))
+    return torch.stack(scores, dim=1)

@@ -1,0 +1,190 @@
+"""TopK sparse autoencoders on cached activations of any hook (METHODS.md, latent components).
+
+    acts = cache_activations(model, "vision.blocks.11.hook_resid_post", pixels, position=0)  # [N, d_model]
+    sae, history = train_sae(acts, n_latents=4096, k=32, steps=5000, checkpoint_dir="runs/sae")
+    sae.save("runs/sae/final"); TopKSAE.load("runs/sae/final")
+    stats = sae_statistics(sae, acts)      # explained variance, dead latents, mean active
+
+A TopK SAE keeps the k largest pre-activations of each input (ReLU'd) and reconstructs from them:
+latents = TopK(ReLU((x - b_dec) W_enc + b_enc)), x_hat = latents W_dec + b_dec, with unit-norm
+decoder rows, so each latent is a direction in activation space. A small module of our own:
+sae-lens's training is built around language-model token pipelines.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+class TopKSAE(nn.Module):
+    """A TopK sparse autoencoder.
+
+    Attributes:
+        W_enc: [d_in, n_latents]; b_enc: [n_latents]; W_dec: [n_latents, d_in] (unit-norm rows);
+        b_dec: [d_in].
+    """
+
+    def __init__(self, d_in: int, n_latents: int, k: int, seed: int = 0):
+        super().__init__()
+        if not 0 < k <= n_latents:
+            raise ValueError(f"k={k} must lie in 1..n_latents={n_latents}")
+        self.d_in, self.n_latents, self.k = d_in, n_latents, k
+        gen = torch.Generator().manual_seed(seed)
+        decoder = F.normalize(torch.randn(n_latents, d_in, generator=gen), dim=-1)
+        self.W_dec = nn.Parameter(decoder)
+        self.W_enc = nn.Parameter(decoder.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def pre_activations(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... n_latents"]:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... n_latents"]:
+        """Sparse latents: the k largest ReLU'd pre-activations, the rest 0."""
+        pre = F.relu(self.pre_activations(x))
+        values, indices = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, indices, values)
+
+    def decode(self, latents: Float[Tensor, "... n_latents"]) -> Float[Tensor, "... d_in"]:
+        return latents @ self.W_dec + self.b_dec
+
+    def forward(self, x: Float[Tensor, "... d_in"]) -> tuple[Tensor, Tensor]:
+        """(reconstruction [..., d_in], latents [..., n_latents])."""
+        latents = self.encode(x)
+        return self.decode(latents), latents
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    def config(self) -> dict:
+        return {"d_in": self.d_in, "n_latents": self.n_latents, "k": self.k}
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """`path.safetensors` (weights) and `path.json` (config); returns the weights path."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path.with_suffix(".safetensors")))
+        path.with_suffix(".json").write_text(json.dumps(self.config()))
+        return path.with_suffix(".safetensors")
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "TopKSAE":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config_path, weights_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        for p in (config_path, weights_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"SAE file not found: {p}")
+        sae = cls(**json.loads(config_path.read_text()))
+        sae.load_state_dict(load_file(str(weights_path)))
+        return sae
+
+
+@dataclass
+class TrainHistory:
+    steps: list = field(default_factory=list)
+    loss: list = field(default_factory=list)        # normalised MSE per logged step
+
+
+def _checkpoint(directory: Path, sae: TopKSAE, optimizer, step: int, history: TrainHistory) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": step, "sae": sae.state_dict(), "config": sae.config(), "optimizer": optimizer.state_dict(),
+                "history": history.__dict__}, directory / "checkpoint.pt")
+
+
+def train_sae(activations: Float[Tensor, "n d_in"], n_latents: int, k: int, *, steps: int = 2000,
+              batch_size: int = 256, lr: float = 1e-3, seed: int = 0, checkpoint_dir: Optional[Union[str, Path]] = None,
+              checkpoint_every: int = 500, resume: bool = True, progress: bool = True) -> tuple[TopKSAE, TrainHistory]:
+    """Train a TopK SAE on activations [n, d_in] (shuffled minibatches, Adam, unit-norm decoder rows).
+
+    With `checkpoint_dir`, the SAE, optimiser and history are saved every `checkpoint_every` steps
+    and at the end; with `resume`, training continues from a checkpoint found there.
+    Loss: ||x - x_hat||^2 / ||x - mean(x)||^2 per batch (normalised MSE).
+    """
+    activations = activations.detach().float()
+    sae = TopKSAE(activations.shape[1], n_latents, k, seed=seed)
+    with torch.no_grad():
+        sae.b_dec.copy_(activations.mean(0))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    history, start = TrainHistory(), 0
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if directory is not None and resume and (directory / "checkpoint.pt").is_file():
+        state = torch.load(directory / "checkpoint.pt", weights_only=False)
+        if state["config"] != sae.config():
+            raise ValueError(f"checkpoint in {directory} is for {state['config']}, not {sae.config()}")
+        sae.load_state_dict(state["sae"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, start = TrainHistory(**state["history"]), state["step"]
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(start):  # the same batch order as an uninterrupted run
+        torch.randint(len(activations), (batch_size,), generator=gen)
+    variance = (activations - activations.mean(0)).pow(2).sum(-1).mean()
+    bar = tqdm(range(start, steps), desc="training SAE", disable=not progress, initial=start, total=steps)
+    for step in bar:
+        batch = activations[torch.randint(len(activations), (batch_size,), generator=gen)]
+        recon, _ = sae(batch)
+        loss = (batch - recon).pow(2).sum(-1).mean() / variance
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sae.normalize_decoder()
+        if step % 50 == 0 or step == steps - 1:
+            history.steps.append(step)
+            history.loss.append(float(loss.detach()))
+            bar.set_postfix(nmse=f"{float(loss.detach()):.4f}")
+        if directory is not None and (step + 1) % checkpoint_every == 0:
+            _checkpoint(directory, sae, optimizer, step + 1, history)
+    if directory is not None:
+        _checkpoint(directory, sae, optimizer, steps, history)
+    return sae.eval(), history
+
+
+@torch.no_grad()
+def sae_statistics(sae: TopKSAE, activations: Float[Tensor, "n d_in"], batch_size: int = 4096) -> dict:
+    """Explained variance (1 - residual / total variance), dead latents (never active on these
+    activations: count and share) and the mean number of active latents per input."""
+    activations = activations.float()
+    fired = torch.zeros(sae.n_latents, dtype=torch.bool)
+    residual, active = 0.0, 0.0
+    for i in range(0, len(activations), batch_size):
+        x = activations[i:i + batch_size]
+        recon, latents = sae(x)
+        residual += float((x - recon).pow(2).sum())
+        fired |= (latents > 0).any(0)
+        active += float((latents > 0).sum())
+    total = float((activations - activations.mean(0)).pow(2).sum())
+    dead = int((~fired).sum())
+    return {"explained_variance": 1 - residual / total, "dead_latents": dead, "dead_share": dead / sae.n_latents,
+            "mean_active": active / len(activations)}
+
+
+@torch.no_grad()
+def cache_activations(model: Any, hook_name: str, inputs: Tensor, position: Optional[int] = None,
+                      batch_size: int = 64) -> Tensor:
+    """Activations of one hook over inputs, [n, ...] (at one `position` when given: [n, d]).
+
+    `model` is a HookedCLIP (prefixed names, e.g. "vision.blocks.11.hook_resid_post") or a tower.
+    """
+    tower, name = model, hook_name
+    if hook_name.startswith(("text.", "vision.")) and hasattr(model, "text"):
+        prefix, name = hook_name.split(".", 1)
+        tower = getattr(model, prefix)
+    out = []
+    for i in range(0, len(inputs), batch_size):
+        _, cache = tower.run_with_cache(inputs[i:i + batch_size], names_filter=[name])
+        act = cache[name]
+        out.append(act[:, position] if position is not None else act)
+    return torch.cat(out)
