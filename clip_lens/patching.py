@@ -638,8 +638,9 @@ def patch(
     if not hook_intervention and any(isinstance(l, tuple) for l in layers_list):
         raise ValueError("layer groups (tuples) are for hook-function interventions")
     pos_list = None if hook_intervention else _positions_for(positions, target, tower)
-    head_list = _check_list(heads, range(tower.cfg.n_heads), "head") if hook == "z" else None
-    if hook == "z" and isinstance(heads, int):
+    # a hook-function intervention sees every head at once: no head axis
+    head_list = _check_list(heads, range(tower.cfg.n_heads), "head") if hook == "z" and not hook_intervention else None
+    if head_list is not None and isinstance(heads, int):
         head_list = [heads]
     if tower_name == "text" and source is not None and intervention == "patch":
         _check_equal_lengths(tower, source, target)
