@@ -20,7 +20,8 @@ DIVERGING = "RdBu_r"
 FONT = dict(family="Inter, Helvetica, Arial, sans-serif", size=13)
 
 
-def _style(fig: go.Figure, title: str, height: Optional[int] = None) -> go.Figure:
+def style(fig: go.Figure, title: str, height: Optional[int] = None) -> go.Figure:
+    """The house style: title top left, white template, one font, margins; returns `fig`."""
     fig.update_layout(title=dict(text=title, x=0.01), template="plotly_white", font=FONT,
                       margin=dict(l=60, r=30, t=70, b=50), **({"height": height} if height else {}))
     return fig
@@ -40,7 +41,7 @@ def score_distribution(frame: pd.DataFrame, title: str = "Caption-foil score dif
     fig.add_vline(x=1, line_dash="dot", line_color="grey")
     fig.add_vline(x=-1, line_dash="dot", line_color="grey")
     fig.update_xaxes(title_text="d = S(caption) - S(foil)")
-    return _style(fig, title, height=400)
+    return style(fig, title, height=400)
 
 
 def cte_heatmaps(means: pd.DataFrame, localisation: pd.DataFrame, slots: Sequence[str], title: str) -> go.Figure:
@@ -66,7 +67,7 @@ def cte_heatmaps(means: pd.DataFrame, localisation: pd.DataFrame, slots: Sequenc
                              hovertemplate="layer %{y}<br>std %{x:.3f}<extra></extra>"), row=1, col=2 * i + 2)
     fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=1)
     fig.update_xaxes(tickangle=-40)
-    return _style(fig, title, height=520)
+    return style(fig, title, height=520)
 
 
 def head_heatmap(table: pd.DataFrame, title: str, value: str = "a_N") -> go.Figure:
@@ -83,7 +84,7 @@ def head_heatmap(table: pd.DataFrame, title: str, value: str = "a_N") -> go.Figu
                          hovertemplate="layer %{y}<br>mean %{x:.4f}<extra></extra>"), row=1, col=2)
     fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=1)
     fig.update_xaxes(title_text="head", row=1, col=1)
-    return _style(fig, title, height=480)
+    return style(fig, title, height=480)
 
 
 def query_heatmap(table: pd.DataFrame, slots: Sequence[str], title: str) -> go.Figure:
@@ -95,7 +96,7 @@ def query_heatmap(table: pd.DataFrame, slots: Sequence[str], title: str) -> go.F
                                hovertemplate="head %{y}<br>query %{x}<br>%{z:.4f}<extra></extra>"))
     fig.update_yaxes(title_text="head", autorange="reversed")
     fig.update_xaxes(title_text="query position")
-    return _style(fig, title, height=420)
+    return style(fig, title, height=420)
 
 
 def scatter_against_d(frame: pd.DataFrame, x: str, title: str, x_title: Optional[str] = None) -> go.Figure:
@@ -105,7 +106,7 @@ def scatter_against_d(frame: pd.DataFrame, x: str, title: str, x_title: Optional
                      hover_data=[c for c in ("id", "caption", "foil") if c in frame], opacity=0.75)
     fig.add_hline(y=0, line_color="grey", line_width=1)
     fig.update_xaxes(title_text=x_title or x)
-    return _style(fig, title, height=420)
+    return style(fig, title, height=420)
 
 
 def accuracy_curve(table: pd.DataFrame, title: str) -> go.Figure:
@@ -118,7 +119,7 @@ def accuracy_curve(table: pd.DataFrame, title: str) -> go.Figure:
     fig.update_yaxes(title_text="accuracy", range=[0, 1], secondary_y=False)
     fig.update_yaxes(title_text="instances", secondary_y=True)
     fig.update_xaxes(title_text="minimum subject size")
-    return _style(fig, title, height=400)
+    return style(fig, title, height=400)
 
 
 COMPONENT_COLOURS = {"MHA": "#3a86ff", "MLP": "#fb8500"}
@@ -136,7 +137,7 @@ def iae_by_layer(means: pd.DataFrame, title: str) -> go.Figure:
                   hover_data=["instances"])
     fig.add_hline(y=0, line_color="grey", line_width=1)
     fig.for_each_annotation(lambda a: a.update(text=a.text.replace("negation_in=", "negation in ").replace("segment=", "")))
-    return _style(fig, title, height=300 + 180 * means["negation_in"].nunique())
+    return style(fig, title, height=300 + 180 * means["negation_in"].nunique())
 
 
 def outcome_bars(counts: pd.DataFrame, title: str) -> go.Figure:
@@ -156,7 +157,7 @@ def outcome_bars(counts: pd.DataFrame, title: str) -> go.Figure:
     fig.update_layout(barmode="stack")
     fig.update_xaxes(title_text="layer")
     fig.update_yaxes(title_text="instances", row=1, col=1)
-    return _style(fig, title, height=420)
+    return style(fig, title, height=420)
 
 
 def mha_vs_mlp(table: pd.DataFrame, title: str) -> go.Figure:
@@ -165,4 +166,4 @@ def mha_vs_mlp(table: pd.DataFrame, title: str) -> go.Figure:
     fig.update_layout(barmode="group")
     fig.update_xaxes(title_text="layer", type="category")
     fig.update_yaxes(title_text="mean IAE")
-    return _style(fig, title, height=400)
+    return style(fig, title, height=400)

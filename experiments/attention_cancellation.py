@@ -24,7 +24,7 @@ from torch import Tensor
 
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import patch
-from clip_lens.plot import _style
+from clip_lens.plot import style
 from clip_lens.scores import encode_images, encode_texts
 
 PAPER_RANGES = ("1-3", "4-6", "7-9", "10-12", "1-4", "5-8", "9-12", "1-12")
@@ -127,9 +127,9 @@ class AttentionCancellation:
                                     colorbar=dict(title="cosine"),
                                     hovertemplate="%{y}<br>%{x}<br>cosine %{z:.4f}<extra></extra>"))
         heat.update_xaxes(type="category", title_text="setting")
-        return {"cancellation_accuracy": _style(bars, "Accuracy with self-attention cancelled" if accuracy else
+        return {"cancellation_accuracy": style(bars, "Accuracy with self-attention cancelled" if accuracy else
                                                 "Selections changed by cancelling self-attention", height=420),
-                "cancellation_cosine": _style(heat, "Cosine similarity with the " + ("correct" if accuracy else "selected")
+                "cancellation_cosine": style(heat, "Cosine similarity with the " + ("correct" if accuracy else "selected")
                                               + " caption", height=max(360, 24 * len(self.images) + 160))}
 
 

@@ -20,7 +20,7 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from clip_lens.model import HookedCLIP
-from clip_lens.plot import _style
+from clip_lens.plot import style
 
 
 def patterns(model: HookedCLIP, pixels: Float[Tensor, "batch 3 H W"], layers: Sequence[int],
@@ -67,7 +67,7 @@ def distance_figure(table: pd.DataFrame, title: str = "Mean attention distance p
     fig = px.strip(table, x="layer", y="distance", hover_data=["head", "std"], color_discrete_sequence=["#264653"])
     fig.update_xaxes(type="category", title_text="layer")
     fig.update_yaxes(title_text="mean attention distance (patches)")
-    return _style(fig, title, height=400)
+    return style(fig, title, height=400)
 
 
 def attention_map_figure(image: np.ndarray, maps: Float[Tensor, "head gh gw"], title: str, cols: int = 4) -> go.Figure:
@@ -91,7 +91,7 @@ def attention_map_figure(image: np.ndarray, maps: Float[Tensor, "head gh gw"], t
                                  hovertemplate="attention %{z:.3f}<extra></extra>"), row=r, col=c)
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
-    return _style(fig, title, height=260 * rows + 80)
+    return style(fig, title, height=260 * rows + 80)
 
 
 def model_view(model: HookedCLIP, pixels: Float[Tensor, "3 H W"]) -> np.ndarray:

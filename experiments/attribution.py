@@ -27,7 +27,7 @@ from torch import Tensor
 
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import patch
-from clip_lens.plot import _style
+from clip_lens.plot import style
 from clip_lens.towers import HookedTextTower
 
 METHODS = ("attribution patching", "logit lens", "random")
@@ -119,7 +119,7 @@ class Faithfulness:
                       color_discrete_map={"attribution patching": "#2a9d8f", "logit lens": "#e76f51", "random": "#999"})
         fig.update_xaxes(title_text="heads removed (top-k of each ranking)")
         fig.update_yaxes(title_text="mean score S")
-        return _style(fig, "Deletion curves: how fast each ranking's top heads destroy the score", height=420)
+        return style(fig, "Deletion curves: how fast each ranking's top heads destroy the score", height=420)
 
 
 def faithfulness(model: HookedCLIP, inputs: Tensor, other: Tensor, ks: Sequence[int] = (0, 1, 2, 4, 8, 16, 32),
