@@ -87,21 +87,22 @@ def deletion_curve(model: HookedCLIP, inputs: Tensor, other: Tensor, ranking: Fl
     tower = _tower(model, inputs)
     n_heads = tower.cfg.n_heads
     kind = "image" if inputs.dtype in (torch.long, torch.int) else "text"
+    if max(ks) <= 0:
+        raise ValueError("ks needs at least one k > 0")
     out = np.zeros((len(inputs), len(ks)))
     for i in range(len(inputs)):
         order = ranking[i].flatten().argsort(descending=True).tolist()
         for j, k in enumerate(ks):
+            if k <= 0:
+                continue
             chosen: dict[int, list[int]] = {}
             for flat in order[:k]:
                 chosen.setdefault(flat // n_heads, []).append(flat % n_heads)
-            if not chosen:
-                with torch.no_grad():
-                    emb = tower(inputs[i:i + 1])
-                    out[i, j] = float(model.logit_scale.exp() * F.cosine_similarity(emb, other[i:i + 1]))
-                continue
             res = patch(model, target=inputs[i:i + 1], hook="z", intervention=_zero_heads(chosen),
                         layers=[tuple(sorted(chosen))], progress=False, **{kind: other[i:i + 1]})
             out[i, j] = float(res.effects[0, 0])
+            clean = float(res.baseline[0])  # the engine's clean run: the score at k = 0
+        out[i, [j for j, k in enumerate(ks) if k <= 0]] = clean
     return out
 
 
