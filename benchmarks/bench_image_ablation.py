@@ -25,7 +25,6 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-import clip_lens
 from clip_lens.loading import random_model_pair
 from clip_lens.images import mean_colour_pixels
 from experiments import existence, image_ablation

@@ -25,7 +25,7 @@ from torch import Tensor
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import patch
 from clip_lens.plot import style
-from clip_lens.scores import encode_images, encode_texts
+from clip_lens.scores import encode_texts
 
 PAPER_RANGES = ("1-3", "4-6", "7-9", "10-12", "1-4", "5-8", "9-12", "1-12")
 

@@ -9,7 +9,6 @@ each from the cached residual of its layer and computes only positions q..EOT.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -21,7 +20,6 @@ from clip_lens.data import ALIGNED_SLOTS, align_positions, weighted_slot_mean
 from clip_lens.data.valse import NEGATOR_POSITION
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import patch
-from clip_lens.scores import SEGMENTS
 from experiments.existence import ExistenceInstances
 
 GROUPS = ["negation_in", "segment"]

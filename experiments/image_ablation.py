@@ -10,12 +10,11 @@ the cached residual of its (half-)layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
@@ -24,7 +23,7 @@ from clip_lens import plot
 from clip_lens.images import mean_colour_pixels
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import patch
-from clip_lens.scores import encode_texts, segment_of
+from clip_lens.scores import encode_texts
 from experiments.existence import ExistenceInstances
 
 COMPONENTS = {"MHA": "attn_out", "MLP": "mlp_out"}

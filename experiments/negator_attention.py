@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clip_lens import plot
-from clip_lens.data import ALIGNED_SLOTS, align_positions, weighted_slot_mean
+from clip_lens.data import ALIGNED_SLOTS, align_positions
 from clip_lens.data.valse import FURTHER_SLOT, NEGATOR_POSITION
 
 EXISTENCE_QUERY_SLOTS = ALIGNED_SLOTS[NEGATOR_POSITION:]  # negator, subject, further subject, '.', EOT

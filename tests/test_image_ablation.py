@@ -27,7 +27,6 @@ def test_mean_colour_image_is_the_per_channel_or_grey_mean():
 
 
 def _instances(model, n):
-    gen = torch.Generator().manual_seed(21)
     pixels = random_pixels(n, seed=21)
     captions = ["There are no dogs.", "There is a cat.", "There are some people."][:n]
     foils = ["There are some dogs.", "There is no cat.", "There are no people."][:n]

@@ -1,7 +1,6 @@
 """The notebooks execute from top to bottom (with the data in ../shared and the spaCy model the
 tests install)."""
 
-import os
 from pathlib import Path
 
 import nbformat

@@ -79,13 +79,13 @@ def render(scene: Scene, rng: Optional[random.Random] = None) -> Image.Image:
     return image
 
 
-def _subject(rng: random.Random, scene: Scene, present: bool) -> Optional[tuple[str, str, bool]]:
-    """(singular phrase, plural phrase, coloured) of a subject present in / absent from the scene."""
+def _subject(rng: random.Random, scene: Scene, present: bool) -> Optional[tuple[str, str]]:
+    """(singular phrase, plural phrase) of a subject present in / absent from the scene."""
     for _ in range(30):
         coloured = rng.random() < 0.7
         kind, colour = rng.choice(SHAPES), rng.choice(list(COLOURS)) if coloured else None
         if scene.has(kind, colour) == present:
-            return (f"{colour} {kind}" if colour else kind), (f"{colour} {PLURALS[kind]}" if colour else PLURALS[kind]), coloured
+            return (f"{colour} {kind}" if colour else kind), (f"{colour} {PLURALS[kind]}" if colour else PLURALS[kind])
     return None
 
 
@@ -99,7 +99,7 @@ def existence_pair(scene: Scene, rng: random.Random, negation_in: str) -> Option
     subject = _subject(rng, scene, present=negation_in == "foil")
     if subject is None:
         return None
-    singular, plural, _ = subject
+    singular, plural = subject
     if rng.random() < 0.5:
         positive, negated = f"There is a {singular}.", f"There is no {singular}."
     else:
