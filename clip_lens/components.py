@@ -203,10 +203,14 @@ class MLP(nn.Module):
     def b_out(self) -> Float[Tensor, "d_model"]:
         return self.out_bias
 
+    def project_post(self, post: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_model"]:
+        """The MLP's output (bias included) for neuron activations `post`."""
+        return F.linear(post, self.out_weight, self.out_bias)
+
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(F.linear(x, self.in_weight, self.in_bias))
         post = self.hook_post(activation(self.act_fn, pre))
-        return F.linear(post, self.out_weight, self.out_bias)
+        return self.project_post(post)
 
 
 class TransformerBlock(nn.Module):

@@ -45,3 +45,14 @@ def logit_lens(model: HookedCLIP, inputs: Tensor, other: Float[Tensor, "n d_embe
         emb = tower.pool(resid, inputs) if isinstance(tower, HookedTextTower) else tower.pool(resid)
         scores.append(model.logit_scale.exp() * F.cosine_similarity(emb, other.expand_as(emb), dim=-1))
     return torch.stack(scores, dim=1)
+
+
+def joint_space_directions(tower, directions: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_embed"]:
+    """Residual-stream directions carried into the joint embedding space by the linear part of the
+    tower's final norm (centring and gain; the input-dependent scale and the bias left out) and its
+    projection: W_proj^T (gamma * (d - mean(d))). Used to read what a direction (an SAE decoder row,
+    a neuron's output weights) means in terms of the other modality's embeddings."""
+    norm = tower.ln_final if isinstance(tower, HookedTextTower) else tower.ln_post
+    centred = directions - directions.mean(-1, keepdim=True)
+    carried = centred * norm.w
+    return carried @ tower.proj.W if tower.proj is not None else carried

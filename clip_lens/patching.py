@@ -35,7 +35,11 @@ from tqdm.auto import tqdm
 from clip_lens.model import HookedCLIP
 from clip_lens.towers import HookedTextTower, HookedVisionTower
 
-HOOK_KINDS = ("resid", "attn_out", "mlp_out", "z", "pattern")
+HOOK_KINDS = ("resid", "attn_out", "mlp_out", "z", "mlp_post", "pattern")
+# the axis of single components a hook kind is split into (hook="z": heads; "mlp_post": neurons;
+# any residual-space hook with an SAE: latents)
+UNIT_AXES = {"z": "head", "mlp_post": "neuron"}
+SAE_HOOKS = ("resid", "attn_out", "mlp_out")
 EXACT_INTERVENTIONS = ("patch", "zero", "mean", "resample")
 Metric = Union[str, Callable[[Tensor, Tensor], Tensor]]
 
@@ -54,7 +58,7 @@ class PatchResult:
         source_baseline: [pair], the metric of the clean source run (None without a source).
         dims: names of the axes of `effects`.
         hook: the hook kind ("attn_out+mlp_out" for several, along the "hook" axis).
-        layers, positions, heads: the labels along those axes.
+        layers, positions, heads, neurons, latents: the labels along those axes (None: no such axis).
     """
 
     effects: Tensor
@@ -68,17 +72,19 @@ class PatchResult:
     intervention: str
     method: str = "exact"
     extra: dict = field(default_factory=dict)
+    neurons: Optional[list] = None
+    latents: Optional[list] = None
 
     def to_frame(self) -> pd.DataFrame:
         """One row per pair x intervention (long format), NaN cells dropped.
 
-        Columns: pair, layer, [position], [head], metric, baseline, [source_baseline], hook,
-        intervention, method.
+        Columns: pair, layer, [position], [head | neuron | latent], metric, baseline,
+        [source_baseline], hook, intervention, method.
         """
         if "embed" in self.dims:
             raise ValueError("effects are embeddings (metric='embedding'); score them, then tabulate")
         labels = {"pair": list(range(self.effects.shape[0])), "hook": self.hook.split("+"), "layer": self.layers,
-                  "position": self.positions, "head": self.heads}
+                  "position": self.positions, "head": self.heads, "neuron": self.neurons, "latent": self.latents}
         axes = [labels[d] for d in self.dims]
         index = pd.MultiIndex.from_product(axes, names=list(self.dims))
         frame = pd.DataFrame({"metric": self.effects.detach().cpu().reshape(-1).numpy()}, index=index).reset_index()
@@ -162,8 +168,9 @@ class _Plan:
     hook: str
     layers: list
     positions: Optional[list]  # None: the whole sequence at once
-    heads: Optional[list]
+    units: Optional[list]      # heads (z), neurons (mlp_post) or SAE latents; None: the whole activation
     intervention: Any
+    sae: Any = None            # decomposes a residual-space activation into latents (see `patch`)
 
 
 def _layer_range(tower, hook: str) -> range:
@@ -190,6 +197,24 @@ def _lengths(tower, target: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # the engine
 # ---------------------------------------------------------------------------------------------
+def hook_site(name: str, n_layers: int) -> tuple[str, int]:
+    """(hook kind, layer) that `patch` uses for a tower's hook name, e.g.
+    "blocks.11.hook_resid_post" -> ("resid", 12) in a 12-block tower (METHODS.md numbering: the
+    residual after block b is layer b + 1), "blocks.3.mlp.hook_post" -> ("mlp_post", 3)."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit():
+        block, leaf = int(parts[1]), ".".join(parts[2:])
+        if 0 <= block < n_layers:
+            kinds = {"hook_resid_pre": ("resid", block), "hook_resid_post": ("resid", block + 1),
+                     "hook_attn_out": ("attn_out", block), "hook_mlp_out": ("mlp_out", block),
+                     "attn.hook_z": ("z", block), "mlp.hook_post": ("mlp_post", block),
+                     "attn.hook_pattern": ("pattern", block)}
+            if leaf in kinds:
+                return kinds[leaf]
+    raise ValueError(f"{name!r} is not a hook `patch` intervenes on: use blocks.<b>.hook_resid_pre / hook_resid_post / "
+                     f"hook_attn_out / hook_mlp_out / attn.hook_z / mlp.hook_post (b in 0..{n_layers - 1})")
+
+
 def _hook_names(hook: str, layer: int, n_layers: int) -> str:
     if hook == "resid":
         return f"blocks.{layer}.hook_resid_pre" if layer < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
@@ -197,6 +222,8 @@ def _hook_names(hook: str, layer: int, n_layers: int) -> str:
         return f"blocks.{layer}.hook_{hook}"
     if hook == "z":
         return f"blocks.{layer}.attn.hook_z"
+    if hook == "mlp_post":
+        return f"blocks.{layer}.mlp.hook_post"
     return f"blocks.{layer}.attn.hook_pattern"
 
 
@@ -271,6 +298,44 @@ def _replacement(plan: _Plan, act_t: Tensor, act_s: Optional[Tensor], mean: Opti
     return act_s
 
 
+def _unit_replacements(plan: _Plan, act_t: Tensor, act_s: Optional[Tensor], mean: Optional[Tensor]):
+    """(unit index, unit, activation with that unit replaced) for each unit of one activation.
+
+    `act_t` / `act_s`: [..., (head,) d] at the intervened positions. Units that change nothing
+    are yielded with `None` as the activation (their result is the clean run's).
+    """
+    if plan.units is None:
+        rep = _replacement(plan, act_t, act_s, mean)
+        yield None, None, (None if torch.equal(rep, act_t) else rep)
+        return
+    if plan.sae is not None:
+        # latent j written as in the replacement run: a + (c_rep_j - c_j) W_dec[j]
+        with torch.no_grad():
+            codes_t = plan.sae.encode(act_t)
+            codes_rep = torch.zeros_like(codes_t) if plan.intervention == "zero" else plan.sae.encode(act_s)
+        delta = codes_rep - codes_t                                       # [..., n_latents]
+        changed = set((delta != 0).reshape(-1, delta.shape[-1]).any(0).nonzero().flatten().tolist())
+        for ui, latent in enumerate(plan.units):
+            if latent not in changed:
+                yield ui, latent, None
+                continue
+            yield ui, latent, act_t + delta[..., latent, None] * plan.sae.W_dec[latent].detach()
+        return
+    rep_full = _replacement(plan, act_t, act_s, mean)
+    for ui, unit in enumerate(plan.units):
+        unit_t = act_t[..., unit, :] if plan.hook == "z" else act_t[..., unit]
+        unit_rep = rep_full[..., unit, :] if plan.hook == "z" else rep_full[..., unit]
+        if torch.equal(unit_rep, unit_t):
+            yield ui, unit, None
+            continue
+        rep = act_t.clone()
+        if plan.hook == "z":
+            rep[..., unit, :] = unit_rep
+        else:
+            rep[..., unit] = unit_rep
+        yield ui, unit, rep
+
+
 def _build_interventions(plan: _Plan, tower, pair: int, lengths: Tensor, cache_t: dict, cache_s: Optional[dict],
                          src_pair: int, means: dict, causal: bool) -> tuple[list, list]:
     """Interventions for one pair, and the (key, pair) of those that change nothing."""
@@ -279,7 +344,6 @@ def _build_interventions(plan: _Plan, tower, pair: int, lengths: Tensor, cache_t
     eot = length - 1 if causal else None
     items, noops = [], []
     positions = plan.positions if plan.positions is not None else [None]
-    heads = plan.heads if plan.hook == "z" else [None]
     for li, layer in enumerate(plan.layers):
         name = _hook_names(plan.hook, layer, n_layers)
         act_t_full = cache_t[name][pair]
@@ -287,29 +351,32 @@ def _build_interventions(plan: _Plan, tower, pair: int, lengths: Tensor, cache_t
         for pi, pos in enumerate(positions):
             if pos is not None and pos >= length:
                 continue
-            sel = slice(None) if pos is None else pos
-            for hi, head in enumerate(heads):
-                key = (li,) + ((pi,) if plan.positions is not None else ()) + ((hi,) if head is not None else ())
-                act_t = act_t_full[sel] if head is None else act_t_full[sel][..., head, :]
-                act_s = None
-                if act_s_full is not None:
-                    act_s = act_s_full[sel] if head is None else act_s_full[sel][..., head, :]
-                    if act_s.shape != act_t.shape:
-                        raise ValueError(f"pair {pair}: source and target differ in length, which a positional patch needs equal")
-                rep = _replacement(plan, act_t, act_s, means.get(layer))
-                if torch.equal(rep, act_t):
+            # the whole sequence is the pair's own tokens (not the padding of a shorter text)
+            sel = slice(0, length) if pos is None else pos
+            act_t = act_t_full[sel]
+            act_s = act_s_full[sel] if act_s_full is not None else None
+            if act_s is not None and act_s.shape != act_t.shape:
+                raise ValueError(f"pair {pair}: source and target differ in length, which a positional patch needs equal")
+            base_key = (li,) + ((pi,) if plan.positions is not None else ())
+            for ui, _, rep in _unit_replacements(plan, act_t, act_s, means.get(layer)):
+                key = base_key + ((ui,) if ui is not None else ())
+                if rep is None:
                     noops.append((key, pair))
                     continue
-                start, state = _resume_state(plan.hook, tower, layer, pair, sel, head, rep, cache_t)
+                start, state = _resume_state(plan.hook, tower, layer, pair, sel, rep, cache_t)
                 suffix = (pos if (causal and pos is not None) else 0)
                 items.append(_Intervention(pair, key, start, state[suffix:length], suffix,
                                            (eot - suffix) if causal else None))
     return items, noops
 
 
-def _resume_state(hook: str, tower, layer: int, pair: int, sel, head, rep: Tensor, cache: dict) -> tuple[int, Tensor]:
-    """(half-layer start point, full residual stream [pos, d_model]) after one replacement."""
+def _resume_state(hook: str, tower, layer: int, pair: int, sel, rep: Tensor, cache: dict) -> tuple[int, Tensor]:
+    """(half-layer start point, full residual stream [pos, d_model]) after one replacement.
+
+    `rep` is the whole replaced activation at the positions `sel` ([..., head, d_head] for z,
+    [..., d_mlp] for mlp_post, [..., d_model] otherwise)."""
     n_layers = tower.cfg.n_layers
+    block = tower.blocks[min(layer, n_layers - 1)]
     if hook == "resid":
         if layer < n_layers:
             state = cache[f"blocks.{layer}.hook_resid_pre"][pair].clone()
@@ -317,18 +384,21 @@ def _resume_state(hook: str, tower, layer: int, pair: int, sel, head, rep: Tenso
             state = cache[f"blocks.{n_layers - 1}.hook_resid_post"][pair].clone()
         state[sel] = rep
         return 2 * layer, state
-    if hook == "mlp_out":
+    if hook in ("mlp_out", "mlp_post"):
+        mlp_out = rep
+        if hook == "mlp_post":  # the MLP's output recomputed from the edited neurons
+            with torch.no_grad():
+                mlp_out = block.mlp.project_post(rep)
+                if block.ls2 is not None:
+                    mlp_out = mlp_out * block.ls2
         state = cache[f"blocks.{layer}.hook_resid_post"][pair].clone()
-        state[sel] = cache[f"blocks.{layer}.hook_resid_mid"][pair][sel] + rep
+        state[sel] = cache[f"blocks.{layer}.hook_resid_mid"][pair][sel] + mlp_out
         return 2 * layer + 2, state
-    block = tower.blocks[layer]
     if hook == "attn_out":
         attn_out = rep
-    else:  # z: one head replaced, the attention output recomputed at the patched positions
-        z = cache[f"blocks.{layer}.attn.hook_z"][pair][sel].clone()
-        z[..., head, :] = rep
+    else:  # z: the attention output recomputed at the patched positions
         with torch.no_grad():
-            attn_out = block.attn.project_z(z)
+            attn_out = block.attn.project_z(rep)
             if block.ls1 is not None:
                 attn_out = attn_out * block.ls1
     state = cache[f"blocks.{layer}.hook_resid_mid"][pair].clone()
@@ -515,11 +585,8 @@ def _attribution(plan: _Plan, tower, target: Tensor, source: Optional[Tensor], o
                     source_baseline[lo : lo + n] = score(emb_s, other[lo : lo + n])
         for li, (layer, name) in enumerate(zip(plan.layers, names)):
             act, grad = acts[name].detach(), acts[name].grad
-            rep = _replacement(plan, act, cache_s[name] if cache_s is not None else None, means.get(layer))
-            contrib = (rep - act) * grad  # [batch, pos, (head), d]
-            contrib = contrib.sum(-1)      # [batch, pos, (head)]
-            if plan.hook == "z":
-                contrib = contrib[..., plan.heads] if plan.heads is not None else contrib
+            contrib = _first_order_effects(plan, act, grad, cache_s[name] if cache_s is not None else None,
+                                           means.get(layer))        # [batch, pos, (unit)]
             valid = torch.arange(contrib.shape[1])[None] < lengths[lo : lo + n, None]
             contrib = contrib * valid.view(n, -1, *([1] * (contrib.ndim - 2)))
             if plan.positions is None:
@@ -531,6 +598,26 @@ def _attribution(plan: _Plan, tower, target: Tensor, source: Optional[Tensor], o
                         keep_mask = (pos < lengths[lo : lo + n]).view(-1, *([1] * (contrib.ndim - 2)))
                         effects[lo : lo + n, li, pi] = torch.where(keep_mask, value, torch.nan)
         tower.zero_grad(set_to_none=True)
+
+
+def _first_order_effects(plan: _Plan, act: Tensor, grad: Tensor, act_s: Optional[Tensor],
+                         mean: Optional[Tensor]) -> Float[Tensor, "batch pos *unit"]:
+    """(a_replacement - a) . d metric / d a, per position and unit.
+
+    act, grad: [batch, pos, (head,) d]. Heads sum over d_head, neurons are single coordinates,
+    SAE latents j give (c_rep_j - c_j) * (W_dec[j] . grad); without units, a sum over d.
+    """
+    if plan.sae is not None:
+        with torch.no_grad():
+            codes = plan.sae.encode(act)
+            codes_rep = torch.zeros_like(codes) if plan.intervention == "zero" else plan.sae.encode(act_s)
+            along = grad @ plan.sae.W_dec.detach().T                          # [batch, pos, n_latents]
+        return ((codes_rep - codes) * along)[..., plan.units]
+    contrib = (_replacement(plan, act, act_s, mean) - act) * grad
+    if plan.hook == "mlp_post":
+        return contrib[..., plan.units] if plan.units is not None else contrib.sum(-1)
+    contrib = contrib.sum(-1)
+    return contrib[..., plan.units] if plan.units is not None else contrib
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,6 +634,9 @@ def patch(
     layers: Union[str, int, Sequence] = "all",
     positions: Union[str, int, Sequence[int]] = "all",
     heads: Union[str, int, Sequence[int]] = "all",
+    neurons: Union[str, int, Sequence[int]] = "all",
+    sae: Any = None,
+    latents: Union[str, int, Sequence[int]] = "all",
     intervention: Union[str, Callable] = "patch",
     mean: Optional[Tensor] = None,
     metric: Metric = "score",
@@ -556,7 +646,7 @@ def patch(
     seed: int = 0,
     progress: bool = True,
 ) -> PatchResult:
-    """Intervene on the target runs over a grid of layers x positions (x heads) and measure a metric.
+    """Intervene on the target runs over a grid of layers x positions (x units) and measure a metric.
 
     Args:
         model: a HookedCLIP.
@@ -567,7 +657,8 @@ def patch(
             and "resample" (default: the targets).
         image / text: the other modality, as inputs or embeddings [1 or n_pairs, d_embed].
         hook: "resid" (layers 0..L, METHODS.md numbering), "attn_out", "mlp_out", "z" (per head),
-            or "pattern" (with a hook-function intervention); or a list of kinds with the same
+            "mlp_post" (per MLP neuron), or "pattern" (with a hook-function intervention); or a list
+            of kinds with the same
             layers (e.g. ["attn_out", "mlp_out"]), which share the cached runs: `effects` then has a
             "hook" axis after "pair".
         layers: "all", a layer, or a list; with hook-function interventions an entry may be a
@@ -575,6 +666,14 @@ def patch(
         positions: "all" (each position separately), a list of positions, or "sequence" (every
             position at once).
         heads: for hook="z": "all" or a list of heads.
+        neurons: for hook="mlp_post": "all" or a list of MLP neurons.
+        sae: split a resid / attn_out / mlp_out activation into sparse-autoencoder latents: any
+            object with `encode(x [..., d]) -> codes [..., n_latents]` and `W_dec`
+            [n_latents, d] (e.g. `clip_lens.sae.TopKSAE`). Intervening on latent j writes
+            a + (c'_j - c_j) W_dec[j]: "zero" removes the latent's contribution, "patch" /
+            "resample" take its code from the source; the SAE's reconstruction error stays.
+            `effects` gains a "latent" axis; latents whose code does not change cost nothing.
+        latents: with `sae`: "all" or a list of latents.
         intervention: "patch" (from source), "zero", "mean" (`mean` given, or the mean over the
             source runs), "resample" (from another pair, seeded), "value_only" (identity attention
             pattern; hook="pattern"), or a hook function `f(activation, hook) -> activation`.
@@ -587,7 +686,7 @@ def patch(
         batch_size: interventions per forward pass. pair_chunk: pairs cached at a time.
 
     Returns:
-        PatchResult, `effects` shaped [pair, layer, (position), (head)].
+        PatchResult, `effects` shaped [pair, layer, (position), (head | neuron | latent)].
     """
     hooks = [hook] if isinstance(hook, str) else list(hook)
     for kind in hooks:
@@ -606,7 +705,7 @@ def patch(
     embedding_metric = isinstance(metric, str) and metric == "embedding"
     if method == "attribution" and embedding_metric:
         raise ValueError("attribution patching needs a scalar metric, not metric='embedding'")
-    if len(hooks) > 1 and (hook_intervention or method == "attribution" or "z" in hooks):
+    if len(hooks) > 1 and (hook_intervention or method == "attribution" or set(hooks) & set(UNIT_AXES) or sae is not None):
         raise ValueError("several hook kinds at once are for exact patch/zero/mean/resample interventions "
                          "on resid, attn_out or mlp_out")
     if method == "attribution" and hook_intervention:
@@ -638,18 +737,15 @@ def patch(
     if not hook_intervention and any(isinstance(l, tuple) for l in layers_list):
         raise ValueError("layer groups (tuples) are for hook-function interventions")
     pos_list = None if hook_intervention else _positions_for(positions, target, tower)
-    # a hook-function intervention sees every head at once: no head axis
-    head_list = _check_list(heads, range(tower.cfg.n_heads), "head") if hook == "z" and not hook_intervention else None
-    if head_list is not None and isinstance(heads, int):
-        head_list = [heads]
+    unit_axis, unit_list = _units(tower, hook, hook_intervention, heads, neurons, sae, latents, intervention)
     if tower_name == "text" and source is not None and intervention == "patch":
         _check_equal_lengths(tower, source, target)
-    plans = [_Plan(tower_name, kind, layers_list, pos_list, head_list, intervention) for kind in hooks]
+    plans = [_Plan(tower_name, kind, layers_list, pos_list, unit_list, intervention, sae) for kind in hooks]
     plan = plans[0]
 
     hook_axis = ["hook"] if len(hooks) > 1 else []
-    dims = ["pair", *hook_axis, "layer"] + (["position"] if pos_list is not None else []) + (["head"] if head_list is not None else [])
-    shape = [n_pairs, *([len(hooks)] if hook_axis else []), len(layers_list)] + ([len(pos_list)] if pos_list is not None else []) + ([len(head_list)] if head_list is not None else [])
+    dims = ["pair", *hook_axis, "layer"] + (["position"] if pos_list is not None else []) + ([unit_axis] if unit_axis else [])
+    shape = [n_pairs, *([len(hooks)] if hook_axis else []), len(layers_list)] + ([len(pos_list)] if pos_list is not None else []) + ([len(unit_list)] if unit_axis else [])
     value_shape = [tower.cfg.d_embed] if embedding_metric else []
     dims += ["embed"] if embedding_metric else []
     effects = torch.full(shape + value_shape, float("nan"))
@@ -670,9 +766,33 @@ def patch(
         _exact(plans, tower, target, source, other, score, effects, baseline, source_baseline, mean,
                batch_size, pair_chunk, perm, progress)
     return PatchResult(effects=effects, baseline=baseline, source_baseline=source_baseline, dims=tuple(dims),
-                       layers=layers_list, positions=pos_list, heads=head_list, hook=hook if not hook_axis else "+".join(hooks),
+                       layers=layers_list, positions=pos_list, hook=hook if not hook_axis else "+".join(hooks),
+                       heads=unit_list if unit_axis == "head" else None, neurons=unit_list if unit_axis == "neuron" else None,
+                       latents=unit_list if unit_axis == "latent" else None,
                        intervention=intervention if isinstance(intervention, str) else getattr(intervention, "__name__", "hook"),
                        method=method, extra={"resample_pairs": perm} if perm is not None else {})
+
+
+def _units(tower, hook: str, hook_intervention: bool, heads, neurons, sae, latents, intervention) -> tuple[Optional[str], Optional[list]]:
+    """(axis name, labels) of the components one activation is split into, or (None, None)."""
+    if sae is not None:
+        if hook not in SAE_HOOKS or hook_intervention:
+            raise ValueError(f"sae= splits a {'/'.join(SAE_HOOKS)} activation with a patch, zero or resample "
+                             f"intervention; got hook={hook!r}, intervention={intervention!r}")
+        if intervention == "mean":
+            raise ValueError("sae= takes intervention 'zero', 'patch' or 'resample' (a mean latent code is not defined here)")
+        if not (hasattr(sae, "encode") and hasattr(sae, "W_dec")):
+            raise ValueError("sae= needs an object with encode(x) and W_dec [n_latents, d], e.g. clip_lens.sae.TopKSAE")
+        n_latents, d_in = sae.W_dec.shape
+        if d_in != tower.cfg.d_model:
+            raise ValueError(f"the SAE reads {d_in}-dimensional activations but {hook} has d_model={tower.cfg.d_model}")
+        labels = _check_list(latents, range(n_latents), "latent")
+        return "latent", labels
+    if hook_intervention or hook not in UNIT_AXES:
+        return None, None  # a hook-function intervention sees every head at once: no head axis
+    if hook == "z":
+        return "head", _check_list(heads, range(tower.cfg.n_heads), "head")
+    return "neuron", _check_list(neurons, range(tower.cfg.d_mlp), "neuron")
 
 
 def _check_equal_lengths(tower, source: Tensor, target: Tensor) -> None:

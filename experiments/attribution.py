@@ -1,6 +1,12 @@
-"""Attributing a CLIP score to attention heads, and the faithfulness of the rankings (METHODS.md).
+"""Attributing a CLIP score to latent components, and the faithfulness of the rankings (METHODS.md).
 
-Three rankings of the heads of one tower, per instance:
+Attributions (all from attribution patching through `clip_lens.patch`, one forward and one backward
+pass per chunk of instances): the estimated drop of S when a component is zeroed, i.e. a . dS/da,
+per attention head, MLP neuron, position, or sparse-autoencoder latent. Positive: the component
+supports the score. Latents are read against concept names (semantic alignment) and latents the
+score relies on but that do not mean the instance's class are listed ("unexpected reliance").
+
+Faithfulness: three rankings of the heads of one tower, per instance:
 - attribution patching: the first-order estimate of zero-ablating each head (all positions), from
   one forward and one backward pass (`clip_lens.patch(method="attribution")`);
 - Logit Lens: each head's direct contribution, its output at the pooled position removed from the
@@ -14,7 +20,7 @@ finds the heads the score depends on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -25,8 +31,9 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from clip_lens.lens import joint_space_directions
 from clip_lens.model import HookedCLIP
-from clip_lens.patching import patch
+from clip_lens.patching import hook_site, patch
 from clip_lens.plot import style
 from clip_lens.towers import HookedTextTower
 
@@ -37,12 +44,132 @@ def _tower(model: HookedCLIP, inputs: Tensor):
     return model.text if inputs.dtype in (torch.long, torch.int) else model.vision
 
 
+def _other_kind(inputs: Tensor) -> str:
+    return "image" if inputs.dtype in (torch.long, torch.int) else "text"
+
+
+def _zero_attribution(model: HookedCLIP, inputs: Tensor, other: Tensor, progress: bool = False, **grid) -> Tensor:
+    """Clean score minus the attribution-patching estimate of zeroing each component of `grid`."""
+    res = patch(model, target=inputs, intervention="zero", method="attribution", progress=progress,
+                **{_other_kind(inputs): other.detach()}, **grid)
+    return res.baseline.view(-1, *[1] * (res.effects.ndim - 1)) - res.effects
+
+
 def attribution_scores(model: HookedCLIP, inputs: Tensor, other: Tensor) -> Float[Tensor, "n layer head"]:
-    """Estimated drop of S when each head is zeroed at every position (attribution patching)."""
-    kind = "image" if inputs.dtype in (torch.long, torch.int) else "text"
-    res = patch(model, target=inputs, hook="z", positions="sequence", intervention="zero", method="attribution",
-                progress=False, **{kind: other})
-    return res.baseline[:, None, None] - res.effects
+    """Per head: estimated drop of S when the head is zeroed at every position (attribution patching)."""
+    return _zero_attribution(model, inputs, other, hook="z", positions="sequence")
+
+
+def neuron_attributions(model: HookedCLIP, inputs: Tensor, other: Tensor, layers="all",
+                        progress: bool = False) -> Float[Tensor, "n layer neuron"]:
+    """Per MLP neuron (all positions together): estimated drop of S when the neuron is zeroed."""
+    return _zero_attribution(model, inputs, other, hook="mlp_post", layers=layers, positions="sequence",
+                             progress=progress)
+
+
+def position_attributions(model: HookedCLIP, inputs: Tensor, other: Tensor, hook: str = "resid", layers=(0,),
+                          progress: bool = False) -> Float[Tensor, "n layer pos"]:
+    """Per position: estimated drop of S when `hook` is zeroed at that one position. With the
+    default (the residual at layer 0, the embedded tokens or patches) this is input x gradient per
+    token / patch. NaN beyond a text's EOT."""
+    return _zero_attribution(model, inputs, other, hook=hook, layers=list(layers), positions="all", progress=progress)
+
+
+def latent_attributions(model: HookedCLIP, sae, hook_name: str, inputs: Tensor, other: Tensor,
+                        position: Union[str, int] = "pooled", progress: bool = False) -> Float[Tensor, "n latent"]:
+    """Per SAE latent: estimated drop of S when the latent is removed from the activation at
+    `hook_name` (-c_j W_dec[j] added, the SAE's error term kept): c_j (W_dec[j] . dS/da).
+
+    Args:
+        sae: an SAE trained on this hook (`clip_lens.sae.TopKSAE` or any object with encode / W_dec).
+        hook_name: a tower hook name ("blocks.11.hook_resid_post"; a "vision." / "text." prefix is
+            accepted).
+        position: "pooled" (the class token, or each text's EOT), "sequence" (every position
+            together) or a position.
+    """
+    tower = _tower(model, inputs)
+    kind, layer = hook_site(hook_name.split(".", 1)[1] if hook_name.startswith(("text.", "vision.")) else hook_name,
+                            tower.cfg.n_layers)
+    if isinstance(position, str) and position == "pooled" and isinstance(tower, HookedTextTower):
+        inputs = tower.trim(tower.check_tokens(inputs))
+        eot = tower.pooled_positions(inputs)
+        per_position = _zero_attribution(model, inputs, other, hook=kind, layers=[layer], positions="all", sae=sae,
+                                         progress=progress)[:, 0]                          # [n, pos, latent]
+        return per_position[torch.arange(len(inputs)), eot]
+    positions = [0] if position == "pooled" else position
+    attr = _zero_attribution(model, inputs, other, hook=kind, layers=[layer], positions=positions, sae=sae,
+                             progress=progress)
+    return attr[:, 0] if positions == "sequence" else attr[:, 0, 0]
+
+
+def components_frame(values: Float[Tensor, "n layer unit"], unit: str, instances: Optional[Sequence] = None,
+                     top: Optional[int] = None) -> pd.DataFrame:
+    """Long table of per-instance attributions: instance, layer, <unit>, attribution; with `top`,
+    only the `top` units with the largest mean |attribution| over instances (and their mean)."""
+    n, n_layers, n_units = values.shape
+    if top is not None:
+        mean = values.nan_to_num().mean(0)                                     # [layer, unit]
+        order = mean.abs().flatten().argsort(descending=True)[:top]
+        rows = [dict(layer=int(i // n_units), **{unit: int(i % n_units)}, mean_attribution=float(mean.flatten()[i]),
+                     share_positive=float((values[:, i // n_units, i % n_units] > 0).float().mean())) for i in order]
+        return pd.DataFrame(rows)
+    index = pd.MultiIndex.from_product([list(instances) if instances is not None else range(n), range(n_layers),
+                                        range(n_units)], names=["instance", "layer", unit])
+    return pd.DataFrame({"attribution": values.detach().reshape(-1).numpy()}, index=index).reset_index()
+
+
+# ---------------------------------------------------------------------------------------------
+# what latents mean: alignment with concept names, and unexpected reliance
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def latent_alignment(model: HookedCLIP, sae, tower: str, concepts: Sequence[str],
+                     template: str = "a photo of a {}.") -> Float[Tensor, "latent concept"]:
+    """Cosine of each latent's decoder direction, carried into the joint space
+    (`clip_lens.lens.joint_space_directions`), with the text embedding of each concept name
+    (`template` filled with the name).
+
+    Args:
+        tower: "vision" or "text", the tower whose activations the SAE reads.
+    """
+    directions = joint_space_directions(model.vision if tower == "vision" else model.text, sae.W_dec.detach())
+    names = model.encode_text(model.to_tokens([template.format(c) for c in concepts]))
+    return F.cosine_similarity(directions[:, None], names[None], dim=-1)
+
+
+def unexpected_reliance(attributions: Float[Tensor, "n latent"], labels: Sequence[str],
+                        alignment: Float[Tensor, "latent concept"], concepts: Sequence[str], top: int = 5,
+                        threshold: float = 0.5) -> pd.DataFrame:
+    """Per class: the `top` latents with the largest mean attribution over the class's instances, how
+    well each aligns with the class's own concept, and a flag when it relies on a latent that does
+    not mean the class.
+
+    Alignment percentile: the share of all latents less aligned with the class's concept than this
+    one (1 = the most aligned latent). Flagged ("unexpected") when the percentile is below
+    `threshold` (default: less aligned than the median latent).
+
+    Columns: class, rank, latent, mean_attribution, alignment, alignment_percentile, best_concept,
+    best_alignment, unexpected.
+    """
+    labels = list(labels)
+    concept_index = {c: i for i, c in enumerate(concepts)}
+    rows = []
+    for label in dict.fromkeys(labels):
+        if label not in concept_index:
+            raise ValueError(f"class {label!r} has no concept name (concepts: {list(concepts)})")
+        members = torch.tensor([i for i, l in enumerate(labels) if l == label])
+        mean = attributions[members].mean(0)
+        column = alignment[:, concept_index[label]]
+        for rank, latent in enumerate(mean.argsort(descending=True)[:top].tolist(), start=1):
+            if mean[latent] <= 0:
+                break  # only latents the score relies on
+            percentile = float((column < column[latent]).float().mean())
+            best = int(alignment[latent].argmax())
+            rows.append(dict(**{"class": label}, rank=rank, latent=latent, mean_attribution=float(mean[latent]),
+                             alignment=float(column[latent]), alignment_percentile=percentile,
+                             best_concept=concepts[best], best_alignment=float(alignment[latent, best]),
+                             unexpected=percentile < threshold))
+    return pd.DataFrame(rows, columns=["class", "rank", "latent", "mean_attribution", "alignment", "alignment_percentile",
+                                       "best_concept", "best_alignment", "unexpected"])
 
 
 @torch.no_grad()
