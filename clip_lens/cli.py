@@ -130,6 +130,23 @@ def cmd_attention_cancellation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attribution(args: argparse.Namespace) -> int:
+    from experiments import attribution_study
+
+    torch.manual_seed(args.seed)
+    model, label = load_model(args.model, args.pretrained)
+    start = time.perf_counter()
+    tables = attribution_study.attribution_study(
+        model, label, args.out, images=args.images, captions=args.captions, labels=args.labels, tower=args.tower,
+        sae=args.sae, sae_hook=args.sae_hook, sae_latents=args.sae_latents, sae_k=args.sae_k, sae_steps=args.sae_steps,
+        ks=args.ks, concept_template=args.concept_template, limit=args.limit, seed=args.seed, progress=not args.quiet)
+    print(tables["deletion_areas"].to_string(index=False))
+    reliance = tables["reliance"]
+    print(f"{int(reliance['unexpected'].sum())} of {len(reliance)} relied-on latents are unexpected (low alignment with their class)")
+    print(f"wrote {args.out}/report.html and {len(tables)} tables in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
 def cmd_train_tiny(args: argparse.Namespace) -> int:
     from clip_lens import tiny
 
@@ -225,6 +242,26 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--map-images", type=int, default=3, help="images to draw class-token attention maps for")
     _add_model_args(cancel, instances=False)
     cancel.set_defaults(func=cmd_attention_cancellation)
+
+    attr = sub.add_parser("attribution", help="attribute scores to heads, neurons, positions and SAE latents; "
+                                              "Logit Lens and its faithfulness")
+    attr.add_argument("--images", type=Path, default=None,
+                      help="image folder (labels from labels.csv or sub-folders); default: scikit-image's sample photos")
+    attr.add_argument("--captions", type=Path, default=None, help="one 'label<TAB>caption' per line: each image is scored "
+                                                                    "against its label's caption")
+    attr.add_argument("--labels", type=Path, default=None, help="CSV with columns image, label (default: folder/labels.csv)")
+    attr.add_argument("--tower", choices=["vision", "text"], default="vision", help="the encoder whose components are attributed")
+    attr.add_argument("--sae", type=Path, default=None, help="a saved TopKSAE (default: train one on the study's activations)")
+    attr.add_argument("--sae-hook", default=None, help="hook the SAE reads (default: blocks.<L-1>.hook_resid_post)")
+    attr.add_argument("--sae-latents", type=int, default=256)
+    attr.add_argument("--sae-k", type=int, default=16)
+    attr.add_argument("--sae-steps", type=int, default=1500)
+    attr.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16, 32],
+                      help="numbers of heads removed along the deletion curves")
+    attr.add_argument("--concept-template", default="a photo of a {}.", help="text for a class name in latent alignment")
+    attr.add_argument("--limit", type=int, default=None, help="use the first N labelled images only")
+    _add_model_args(attr, instances=False)
+    attr.set_defaults(func=cmd_attribution)
 
     demo = sub.add_parser("demo", help="the shipped tiny CLIP on synthetic scenes: negation studies and a report")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -268,3 +269,57 @@ def faithfulness(model: HookedCLIP, inputs: Tensor, other: Tensor, ks: Sequence[
         # area under the mean score curve, per unit of k: smaller = the score falls faster
         areas.append(dict(method=method, area=float(np.trapezoid(mean, ks) / (ks[-1] - ks[0])), clean=float(mean[0])))
     return Faithfulness(pd.DataFrame(rows), pd.DataFrame(areas), scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+# ---------------------------------------------------------------------------------------------
+def logit_lens_figure(scores: Float[Tensor, "n layer"], names: Sequence[str], final: Float[Tensor, "n"]) -> go.Figure:
+    """Logit Lens score per layer: one faint line per instance, the mean in bold, and the model's
+    own score (which the last layer reproduces) as a dashed line."""
+    fig = go.Figure()
+    layers = list(range(scores.shape[1]))
+    for i, name in enumerate(names):
+        fig.add_trace(go.Scatter(x=layers, y=scores[i].tolist(), mode="lines", line=dict(color="#bbb", width=1),
+                                 name=str(name), showlegend=False, hovertemplate=f"{name}<br>layer %{{x}}: %{{y:.3f}}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=layers, y=scores.mean(0).tolist(), mode="lines+markers", line=dict(color="#2a9d8f", width=3),
+                             name="mean over instances"))
+    fig.add_hline(y=float(final.mean()), line_dash="dash", line_color="#e76f51",
+                  annotation_text="mean score of the model", annotation_position="bottom right")
+    fig.update_xaxes(title_text="layer (0 = embeddings)", dtick=1)
+    fig.update_yaxes(title_text="S of the residual read out through the final norm and projection")
+    return style(fig, "Logit Lens: the score read out of every layer's residual stream", height=420)
+
+
+def position_map_figure(images: Sequence[np.ndarray], maps: Float[Tensor, "n gh gw"], titles: Sequence[str],
+                        cols: int = 3) -> go.Figure:
+    """Each image with its per-patch attribution drawn over it on a diverging scale (red supports
+    the score, blue works against it)."""
+    n = len(images)
+    rows = (n + cols - 1) // cols
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(titles), horizontal_spacing=0.02, vertical_spacing=0.08)
+    bound = float(maps.abs().max().clamp_min(1e-9))
+    for i, image in enumerate(images):
+        r, c = i // cols + 1, i % cols + 1
+        h_px, w_px = image.shape[:2]
+        gh, gw = maps.shape[1:]
+        fig.add_trace(go.Image(z=image), row=r, col=c)
+        fig.add_trace(go.Heatmap(z=maps[i].numpy(), x0=w_px / gw / 2, dx=w_px / gw, y0=h_px / gh / 2, dy=h_px / gh,
+                                 zmin=-bound, zmax=bound, colorscale="RdBu_r", opacity=0.6, showscale=i == 0,
+                                 colorbar=dict(title="attribution"), hovertemplate="%{z:.4f}<extra></extra>"), row=r, col=c)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return style(fig, "Which patches the score relies on (input x gradient per patch, layer 0)", height=300 * rows + 80)
+
+
+def reliance_figure(table: pd.DataFrame) -> go.Figure:
+    """Relied-on latents per class: mean attribution against how well the latent aligns with the
+    class (percentile among all latents); unexpected reliance in red."""
+    frame = table.assign(kind=np.where(table["unexpected"], "unexpected (low alignment)", "aligned with its class"))
+    fig = px.scatter(frame, x="alignment_percentile", y="mean_attribution", color="kind", symbol="class",
+                     hover_data=["class", "latent", "alignment", "best_concept"],
+                     color_discrete_map={"unexpected (low alignment)": "#d62828", "aligned with its class": "#2a9d8f"})
+    fig.update_traces(marker=dict(size=11, line=dict(width=1, color="white")))
+    fig.update_xaxes(title_text="alignment with the class's concept (percentile among latents)", range=[-0.03, 1.03])
+    fig.update_yaxes(title_text="mean attribution to S")
+    return style(fig, "Latents each class relies on, and whether they mean the class", height=440)

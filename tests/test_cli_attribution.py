@@ -1,0 +1,52 @@
+"""`clip-lens attribution` end to end on a random-weight ViT-B-32: scikit-image's sample photos
+(vision tower, SAE trained in the run), then generated images (text tower, a saved SAE loaded)."""
+
+import numpy as np
+import pandas as pd
+
+from clip_lens.cli import main
+from conftest import write_noise_images
+
+
+def test_attribution_demo_on_sample_photos(tmp_path, capsys):
+    out = tmp_path / "attr"
+    assert main(["attribution", "--out", str(out), "--limit", "6", "--ks", "0", "4", "16", "--sae-steps", "200",
+                 "--sae-latents", "64", "--sae-k", "8", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "attribution patching" in printed and "logit lens" in printed
+    instances = pd.read_csv(out / "instances.csv")
+    assert len(instances) == 6 and instances["label"].tolist()[:2] == ["astronaut", "cat"]
+    lens = pd.read_csv(out / "logit_lens.csv")
+    last = lens[lens["layer"] == 12].set_index("instance")["score"]
+    np.testing.assert_allclose(last.loc[[p.rsplit(".", 1)[0] for p in instances["image"]]].to_numpy(),
+                               instances["score"].to_numpy(), atol=1e-4)           # Logit Lens at L is the score
+    areas = pd.read_csv(out / "deletion_areas.csv").set_index("method")
+    assert set(areas.index) == {"attribution patching", "logit lens", "random"}
+    curves = pd.read_csv(out / "deletion_curves.csv")
+    assert sorted(set(curves["k"])) == [0, 4, 16]
+    heads = pd.read_csv(out / "head_attributions.csv")
+    assert len(heads) == 6 * 12 * 12
+    assert len(pd.read_csv(out / "top_neurons.csv")) == 20
+    reliance = pd.read_csv(out / "reliance.csv")
+    assert set(reliance["class"]) <= set(instances["label"]) and (reliance["mean_attribution"] > 0).all()
+    assert (out / "sae.safetensors").is_file() and (out / "sae.json").is_file()
+    report = (out / "report.html").read_text()
+    for heading in ("Logit Lens", "Faithfulness: deletion curves", "Sparse-autoencoder latents"):
+        assert heading in report
+    assert report.count('class="plotly-graph-div"') == 5  # lens, heads, patch maps, deletion curves, reliance
+
+    # text tower on a folder of generated images, with the SAE... of the wrong tower: a clear error
+    write_noise_images(["a.png", "b.png"], tmp_path / "imgs" / "cat")
+    write_noise_images(["c.png"], tmp_path / "imgs" / "dog")
+    (tmp_path / "caps.txt").write_text("cat\ta photo of a cat\ndog\ta photo of a dog\n")
+    folder = ["--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "caps.txt"), "--ks", "0", "2", "--quiet"]
+    assert main(["attribution", *folder, "--tower", "text", "--sae", str(out / "sae"), "--out", str(tmp_path / "t")]) == 2
+    assert "reads 768-dimensional activations" in capsys.readouterr().err
+    assert main(["attribution", *folder, "--tower", "text", "--sae-steps", "50", "--sae-latents", "32", "--sae-k", "4",
+                 "--out", str(tmp_path / "t")]) == 0
+    tokens = pd.read_csv(tmp_path / "t" / "position_attributions.csv")
+    assert tokens.groupby("instance").size().tolist() == [7, 7, 7]      # <sot> a photo of a cat|dog <eot>
+    # and the text SAE saved there loads back into a second text run
+    assert main(["attribution", *folder, "--tower", "text", "--sae", str(tmp_path / "t" / "sae"),
+                 "--out", str(tmp_path / "t2")]) == 0
+    assert not (tmp_path / "t2" / "sae.safetensors").exists()
