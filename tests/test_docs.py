@@ -13,3 +13,15 @@ def test_readme_python_examples_run():
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the examples are ours
     assert namespace["result"].effects.shape[1] == namespace["model"].text.cfg.n_layers + 1
+
+
+def test_attribution_docs_examples_run():
+    doc = Path(__file__).resolve().parents[1] / "docs" / "attribution.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) == 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), namespace)  # noqa: S102 - the examples are ours
+    assert namespace["res"].effects.shape == (3, 2, 3)
+    assert namespace["exact"].effects.shape == (3, 1, 1, 64)
+    assert set(namespace["faith"].areas["method"]) == {"attribution patching", "logit lens", "random"}
