@@ -34,6 +34,16 @@ def activation(name: str, x: Tensor) -> Tensor:
     raise ValueError(f"Unknown activation function {name!r}")
 
 
+def hooks_attached(*points: HookPoint) -> bool:
+    """Whether any of these hook points has a forward or backward hook (or a global module hook is
+    set). Without one, a module may take a fused kernel that never materialises the hooked
+    intermediate (the layer norm's scale, the attention pattern): same values to float rounding,
+    fewer passes over memory."""
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_backward_hooks:
+        return True
+    return any(p._forward_hooks or p._forward_pre_hooks or p._backward_hooks or p._backward_pre_hooks for p in points)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with hooks on its scale and its output.
 
@@ -50,6 +60,8 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        if not hooks_attached(self.hook_scale, self.hook_normalized):
+            return F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)  # the same formula, fused
         x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return self.hook_normalized(x / scale * self.w + self.b)
@@ -137,6 +149,13 @@ class Attention(nn.Module):
         """
         batch, pos, _ = x.shape
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        if not self.causal and past_kv is None and not self.use_attn_result \
+                and not hooks_attached(self.hook_attn_scores, self.hook_pattern):
+            # no one looks at the scores or the pattern: the fused kernel (as open_clip's vision tower)
+            q, k, v = qkv.view(batch, pos, 3, self.n_heads, self.d_head).unbind(2)
+            q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+            z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return self.project_z(self.hook_z(z.transpose(1, 2)))
         q, k, v = (
             t.view(batch, pos, self.n_heads, self.d_head) for t in qkv.chunk(3, dim=-1)
         )
@@ -255,6 +274,28 @@ class TransformerBlock(nn.Module):
     def forward(self, resid_pre: Float[Tensor, "batch pos d_model"],
                 past_kv: Optional[tuple[Tensor, Tensor]] = None) -> Float[Tensor, "batch pos d_model"]:
         return self.mlp_half(self.attn_half(resid_pre, past_kv))
+
+    # in place, for the patching engine: x is a buffer it owns --------------------------------
+    def _residual_hooks_attached(self) -> bool:
+        return hooks_attached(self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid, self.hook_mlp_out,
+                              self.hook_resid_post)
+
+    def attn_half_(self, x: Float[Tensor, "batch pos d_model"], past_kv: Optional[tuple[Tensor, Tensor]] = None) -> None:
+        """x <- attn_half(x), written into x (saves a copy of the residual stream per half-block
+        when no residual hook of this block is in use; the sub-modules' hooks still fire)."""
+        if self._residual_hooks_attached():
+            x.copy_(self.attn_half(x, past_kv))
+            return
+        out = self.attn(self.ln1(x), past_kv)
+        x.add_(out * self.ls1 if self.ls1 is not None else out)
+
+    def mlp_half_(self, x: Float[Tensor, "batch pos d_model"]) -> None:
+        """x <- mlp_half(x), written into x (see `attn_half_`)."""
+        if self._residual_hooks_attached():
+            x.copy_(self.mlp_half(x))
+            return
+        out = self.mlp(self.ln2(x))
+        x.add_(out * self.ls2 if self.ls2 is not None else out)
 
 
 class TokenEmbed(nn.Module):

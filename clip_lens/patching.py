@@ -239,13 +239,13 @@ def _resume(tower, states: Tensor, starts: list[int], kv: Optional[list[tuple[Te
 
     Args:
         states: [N, S, d_model], residual streams (suffix positions only, see `kv`) at each
-            item's start point; sorted so that `starts` is ascending.
+            item's start point; sorted so that `starts` is ascending. Overwritten.
         starts: half-layer start points, 2b = resid_pre of block b, 2b + 1 = resid_mid of block b.
         kv: per block, cached (keys, values) [N, prefix, head, d_head] of the positions before the
             suffix, or None when the suffix is the whole sequence.
         rows: [N], the pooled position within the suffix (text), or None (vision pools itself).
     """
-    x = states.clone()
+    x = states  # a buffer of the caller's: updated in place, half-block by half-block
     n_steps = 2 * tower.cfg.n_layers
     # A tower pooled at its class token needs only that row out of the last block (the other rows
     # enter it as keys and values): about 5/6 of the last block's work saved per intervention.
@@ -255,9 +255,9 @@ def _resume(tower, states: Tensor, starts: list[int], kv: Optional[list[tuple[Te
         block = tower.blocks[step // 2]
         if step % 2 == 0:
             past = (kv[step // 2][0][:active], kv[step // 2][1][:active]) if kv is not None else None
-            x[:active] = block.attn_half(x[:active], past)
+            block.attn_half_(x[:active], past)
         else:
-            x[:active] = block.mlp_half(x[:active])
+            block.mlp_half_(x[:active])
     if class_token_only:
         return tower.pool(_last_block_at_class_token(tower, x, starts))
     if rows is None:
