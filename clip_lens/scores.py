@@ -58,11 +58,12 @@ def encode_texts(model: HookedCLIP, texts: Sequence[str], batch_size: int = 256)
 
 
 @torch.no_grad()
-def pair_scores(model: HookedCLIP, captions: Sequence[str], foils: Sequence[str],
+def pair_scores(model: HookedCLIP, captions: Union[Sequence[str], Tensor], foils: Union[Sequence[str], Tensor],
                 image_emb: Float[Tensor, "n d_embed"]) -> pd.DataFrame:
-    """One row per instance: S_caption, S_foil, d = S_caption - S_foil, segment, correct."""
-    s_c = score(model, encode_texts(model, captions), image_emb)
-    s_f = score(model, encode_texts(model, foils), image_emb)
+    """One row per instance: S_caption, S_foil, d = S_caption - S_foil, segment, correct.
+    Captions and foils are texts or their embeddings [n, d_embed]."""
+    s_c = score(model, captions if isinstance(captions, Tensor) else encode_texts(model, captions), image_emb)
+    s_f = score(model, foils if isinstance(foils, Tensor) else encode_texts(model, foils), image_emb)
     d = (s_c - s_f).cpu().numpy()
     return pd.DataFrame({"S_caption": s_c.cpu().numpy(), "S_foil": s_f.cpu().numpy(), "d": d,
                          "segment": segment_of(d), "correct": d > 0})

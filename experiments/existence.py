@@ -15,7 +15,7 @@ from torch import Tensor
 
 from clip_lens.data import load_valse, prepare_existence, resolve_images
 from clip_lens.model import HookedCLIP
-from clip_lens.scores import encode_images, pair_scores
+from clip_lens.scores import encode_images, encode_texts, pair_scores
 
 INSTANCE_COLUMNS = ["id", "negation_in", "caption", "foil", "d", "segment", "S_caption", "S_foil", "image_file"]
 
@@ -29,11 +29,21 @@ class ExistenceInstances:
             negated, non_negated, S_caption, S_foil, d, segment, correct.
         image_emb: [instances, d_embed], the image embeddings, row-aligned with `frame`.
         excluded: id, caption, foil, reason: rephrasing exclusions and skipped missing images.
+        caption_emb, foil_emb: [instances, d_embed], the text embeddings (None when not given), so
+            that later studies need not encode the texts again.
     """
 
     frame: pd.DataFrame
     image_emb: Float[Tensor, "n d_embed"]
     excluded: pd.DataFrame
+    caption_emb: Optional[Tensor] = None
+    foil_emb: Optional[Tensor] = None
+
+    def text_embeddings(self, model: HookedCLIP) -> tuple[Tensor, Tensor]:
+        """(caption, foil) embeddings [instances, d_embed], encoded now if not kept."""
+        if self.caption_emb is not None and self.foil_emb is not None:
+            return self.caption_emb, self.foil_emb
+        return encode_texts(model, self.frame["caption"]), encode_texts(model, self.frame["foil"])
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -44,7 +54,10 @@ class ExistenceInstances:
 
     def subset(self, mask) -> "ExistenceInstances":
         mask = np.asarray(mask, dtype=bool)
-        return ExistenceInstances(self.frame[mask].reset_index(drop=True), self.image_emb[torch.from_numpy(mask)], self.excluded)
+        rows = torch.from_numpy(mask)
+        keep = lambda emb: emb[rows] if emb is not None else None  # noqa: E731
+        return ExistenceInstances(self.frame[mask].reset_index(drop=True), self.image_emb[rows], self.excluded,
+                                  keep(self.caption_emb), keep(self.foil_emb))
 
 
 def prepare(model: HookedCLIP, valse_path: Union[str, Path], image_dir: Optional[Union[str, Path]] = None, *,
@@ -82,6 +95,7 @@ def prepare(model: HookedCLIP, valse_path: Union[str, Path], image_dir: Optional
             raise ValueError(f"{len(images)} images for {len(prepared.pairs)} kept pairs")
         images = images[torch.tensor(pairs["_row"].to_numpy())]
         image_emb = images if images.ndim == 2 else encode_images(model, images, batch_size=batch_size, progress=progress)
-    scores = pair_scores(model, pairs["caption"], pairs["foil"], image_emb)
+    caption_emb, foil_emb = encode_texts(model, pairs["caption"]), encode_texts(model, pairs["foil"])
+    scores = pair_scores(model, caption_emb, foil_emb, image_emb)
     frame = pd.concat([pairs.drop(columns="_row").reset_index(drop=True), scores], axis=1)
-    return ExistenceInstances(frame, image_emb, excluded)
+    return ExistenceInstances(frame, image_emb, excluded, caption_emb, foil_emb)

@@ -23,7 +23,6 @@ from clip_lens import plot
 from clip_lens.images import mean_colour_pixels
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import patch
-from clip_lens.scores import encode_texts
 from experiments.existence import ExistenceInstances
 
 COMPONENTS = {"MHA": "attn_out", "MLP": "mlp_out"}
@@ -107,8 +106,8 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Te
             raise ValueError("give pixels, or instances prepared from an image folder")
         pixels = model.to_pixels(list(frame["image_path"]))
     source = mean_colour_pixels(pixels, model.preprocess_cfg["mean"], model.preprocess_cfg["std"], grey=grey)
-    difference = (F.normalize(encode_texts(model, frame["caption"]), dim=-1)
-                  - F.normalize(encode_texts(model, frame["foil"]), dim=-1))
+    caption_emb, foil_emb = instances.text_embeddings(model)
+    difference = F.normalize(caption_emb, dim=-1) - F.normalize(foil_emb, dim=-1)
     # Both components in one call: the target and mean-colour runs are cached once for both.
     result = patch(model, target=pixels, source=source, text=difference, hook=list(COMPONENTS.values()), layers=layers,
                    positions="sequence", metric=difference_metric(model), batch_size=batch_size,

@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from clip_lens import plot
 from clip_lens.model import HookedCLIP
-from clip_lens.scores import encode_texts
 from experiments.existence import ExistenceInstances
 
 MEASURES = {"n_tokens": "caption length (tokens)", "caption_foil_cosine": "cosine(caption, foil)",
@@ -139,8 +138,7 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, subject_size: Optio
     frame = instances.instances_table()
     tokens = model.to_tokens(list(frame["caption"]))
     frame["n_tokens"] = (model.text.pooled_positions(tokens) - 1).numpy()  # between SOT and EOT
-    captions = encode_texts(model, frame["caption"])
-    foils = encode_texts(model, frame["foil"])
+    captions, foils = instances.text_embeddings(model)
     frame["caption_foil_cosine"] = F.cosine_similarity(captions, foils, dim=-1).numpy()
     frame["subject"] = [subject_of(s) for s in instances.frame["negated"]]
     frame["subject_size"] = np.nan

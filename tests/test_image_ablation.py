@@ -84,3 +84,24 @@ def test_iae_and_outcome_counts_on_a_hand_built_case():
     assert versus.loc["average", "MLP"] == pytest.approx(result.iae[:, 1].mean())
     means = result.segment_means().set_index(["segment", "component", "layer"])["iae"]
     assert means[("correct", "MHA", 0)] == pytest.approx((1.0 + 3.0) / 2)
+
+
+def test_prepared_instances_keep_their_text_embeddings(vit_b32):
+    """existence.prepare keeps caption and foil embeddings (row-aligned, also after subset), so
+    image ablation and the preliminary study do not encode the texts again; without them they are
+    encoded on demand, with the same result."""
+    from clip_lens.scores import encode_texts
+    from conftest import SHARED_DATA
+    from experiments import existence
+
+    _, model = vit_b32
+    with torch.no_grad():
+        inst = existence.prepare(model, SHARED_DATA / "valse" / "existence.json", images=torch.randn(490, 512),
+                                 limit=6, progress=False)
+    torch.testing.assert_close(inst.caption_emb, encode_texts(model, inst.frame["caption"]))
+    torch.testing.assert_close(inst.foil_emb, encode_texts(model, inst.frame["foil"]))
+    sub = inst.subset([False, True, False, True, True, False])
+    torch.testing.assert_close(sub.caption_emb, inst.caption_emb[[1, 3, 4]])
+    bare = ExistenceInstances(sub.frame, sub.image_emb, sub.excluded)
+    for kept, encoded in zip(sub.text_embeddings(model), bare.text_embeddings(model)):
+        torch.testing.assert_close(kept, encoded)
