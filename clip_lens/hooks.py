@@ -150,3 +150,25 @@ class HookedModule(HookedRootModule):
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
         has_batch_dim = not kwargs.get("remove_batch_dim", False)
         return out, ActivationCache(cache_dict, self, has_batch_dim=has_batch_dim)
+
+
+def stacked_activations(module: HookedRootModule, inputs: Tensor, names: list[str], batch_size: int = 64,
+                        position: Optional[int] = None) -> Tensor:
+    """The activations of several hooks over many inputs, batched and without gradients, stacked
+    along dim 1: [n, len(names), ...] (at one `position`, for hooks with a position axis after the
+    batch: [n, len(names), ...rest]). Hooks of different shapes cannot be stacked.
+
+    Args:
+        module: a tower or a HookedCLIP (its prefixed names need the matching tower's inputs: use
+            the tower for one modality's hooks).
+        inputs: tokens [n, pos] or pixels [n, 3, H, W].
+    """
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(inputs), batch_size):
+            _, cache = module.run_with_cache(inputs[i:i + batch_size], names_filter=list(names))
+            acts = [cache[name] if position is None else cache[name][:, position] for name in names]
+            out.append(torch.stack(acts, dim=1))
+    return torch.cat(out)

@@ -24,6 +24,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from clip_lens.hooks import stacked_activations
+
 
 class TopKSAE(nn.Module):
     """A TopK sparse autoencoder.
@@ -182,9 +184,4 @@ def cache_activations(model: Any, hook_name: str, inputs: Tensor, position: Opti
     if hook_name.startswith(("text.", "vision.")) and hasattr(model, "text"):
         prefix, name = hook_name.split(".", 1)
         tower = getattr(model, prefix)
-    out = []
-    for i in range(0, len(inputs), batch_size):
-        _, cache = tower.run_with_cache(inputs[i:i + batch_size], names_filter=[name])
-        act = cache[name]
-        out.append(act[:, position] if position is not None else act)
-    return torch.cat(out)
+    return stacked_activations(tower, inputs, [name], batch_size, position=position)[:, 0]

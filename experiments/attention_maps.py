@@ -19,6 +19,7 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from clip_lens.hooks import stacked_activations
 from clip_lens.model import HookedCLIP
 from clip_lens.plot import style
 
@@ -26,13 +27,7 @@ from clip_lens.plot import style
 def patterns(model: HookedCLIP, pixels: Float[Tensor, "batch 3 H W"], layers: Sequence[int],
              batch_size: int = 16) -> Float[Tensor, "batch layer head query key"]:
     """Attention patterns of the vision tower for the given layers (0-based)."""
-    names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(pixels), batch_size):
-            _, cache = model.vision.run_with_cache(pixels[i:i + batch_size], names_filter=names)
-            out.append(torch.stack([cache[n] for n in names], dim=1))
-    return torch.cat(out)
+    return stacked_activations(model.vision, pixels, [f"blocks.{l}.attn.hook_pattern" for l in layers], batch_size)
 
 
 def class_token_attention(pattern: Float[Tensor, "... query key"], grid: tuple[int, int]) -> Float[Tensor, "... gh gw"]:

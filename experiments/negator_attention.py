@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from clip_lens import plot
 from clip_lens.data import ALIGNED_SLOTS, align_positions
 from clip_lens.data.valse import FURTHER_SLOT, NEGATOR_POSITION
+from clip_lens.hooks import stacked_activations
 
 EXISTENCE_QUERY_SLOTS = ALIGNED_SLOTS[NEGATOR_POSITION:]  # negator, subject, further subject, '.', EOT
 RELATIVE_OFFSETS = 6
@@ -109,10 +110,7 @@ def negator_positions(negated: Int[Tensor, "n pos"], non_negated: Int[Tensor, "n
 
 
 def _patterns(tower, tokens: Tensor, layers: range) -> Float[Tensor, "batch layer head query key"]:
-    names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
-    with torch.no_grad():
-        _, cache = tower.run_with_cache(tokens, names_filter=names)
-    return torch.stack([cache[name] for name in names], dim=1)
+    return stacked_activations(tower, tokens, [f"blocks.{l}.attn.hook_pattern" for l in layers], batch_size=len(tokens))
 
 
 def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequence[str], Tensor], *,
