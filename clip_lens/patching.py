@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clip_lens.model import HookedCLIP
-from clip_lens.towers import HookedTextTower, HookedVisionTower
+from clip_lens.towers import HookedTextTower
 
 HOOK_KINDS = ("resid", "attn_out", "mlp_out", "z", "mlp_post", "pattern")
 # the axis of single components a hook kind is split into (hook="z": heads; "mlp_post": neurons;

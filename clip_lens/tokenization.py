@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import torch
 from jaxtyping import Int
 from torch import Tensor
 

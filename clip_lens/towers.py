@@ -15,7 +15,7 @@ in the vision tower), layer l is the residual after block l - 1, layer L the out
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
