@@ -57,6 +57,15 @@ def test_demo_runs_offline_and_shows_structure(tmp_path, capsys):
     n_layers = loc["layer"].max()
     middle = loc[(loc["segment"] == "correct") & loc["layer"].between(1, n_layers - 1)]
     assert (middle["localisation"] > 0.1).any()
+    # attribution on one-shape scenes: the trained model's structure shows. Attribution patching's
+    # top heads remove the score faster than random heads, and the SAE latent each class relies on
+    # most means the class's colour (its best-aligned concept name shares the colour word).
+    areas = pd.read_csv(tmp_path / "attribution" / "deletion_areas.csv").set_index("method")["area"]
+    assert areas["attribution patching"] < areas["random"]
+    reliance = pd.read_csv(tmp_path / "attribution" / "reliance.csv")
+    top = reliance[reliance["rank"] == 1]
+    assert len(top) == 12
+    assert (top["class"].str.split().str[0] == top["best_concept"].str.split().str[0]).mean() >= 0.9
 
 
 @pytest.mark.slow
