@@ -21,6 +21,7 @@ shortcuts above; they run the tower from the first intervened layer with the hoo
 from __future__ import annotations
 
 import bisect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -41,6 +42,7 @@ HOOK_KINDS = ("resid", "attn_out", "mlp_out", "z", "mlp_post", "pattern")
 UNIT_AXES = {"z": "head", "mlp_post": "neuron"}
 SAE_HOOKS = ("resid", "attn_out", "mlp_out")
 EXACT_INTERVENTIONS = ("patch", "zero", "mean", "resample")
+LARGE_GRID = 50_000  # exact interventions per pair above which `patch` suggests attribution patching
 Metric = Union[str, Callable[[Tensor, Tensor], Tensor]]
 
 
@@ -748,6 +750,10 @@ def patch(
     shape = [n_pairs, *([len(hooks)] if hook_axis else []), len(layers_list)] + ([len(pos_list)] if pos_list is not None else []) + ([len(unit_list)] if unit_axis else [])
     value_shape = [tower.cfg.d_embed] if embedding_metric else []
     dims += ["embed"] if embedding_metric else []
+    per_pair = int(np.prod(shape[1:]))
+    if method == "exact" and not hook_intervention and per_pair > LARGE_GRID:
+        warnings.warn(f"{per_pair:,} exact interventions per pair (each a partial forward pass); method='attribution' "
+                      "estimates them all from one forward and one backward pass", stacklevel=2)
     effects = torch.full(shape + value_shape, float("nan"))
     baseline = torch.full([n_pairs] + value_shape, float("nan"))
     source_baseline = torch.full([n_pairs] + value_shape, float("nan")) if intervention == "patch" else None

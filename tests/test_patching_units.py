@@ -169,3 +169,19 @@ def test_bad_unit_requests(setup, kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         clip_lens.patch(model, **args)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(emb, other):
+    raise _Stop  # abort at the first metric call: the warning comes before any work
+
+
+def test_a_large_exact_grid_suggests_attribution_patching(setup):
+    """5 tokens x 12 layers x 2048 neurons = 122,880 exact interventions per pair: a warning."""
+    model, image_emb = setup
+    with pytest.warns(UserWarning, match="122,880 exact interventions per pair"), pytest.raises(_Stop):
+        clip_lens.patch(model, target=["a b c"], image=image_emb, hook="mlp_post", layers="all", intervention="zero",
+                        metric=_stop, progress=False)
