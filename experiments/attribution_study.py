@@ -6,6 +6,7 @@ With no image folder, scikit-image's sample photos are the demo set."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -92,8 +93,7 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
 
     # Logit Lens per layer; the last layer is the model's own score
     lens = logit_lens(model, inputs, other)
-    tables = {"instances": frame.assign(image=[Path(p).name for p in frame["image"]], score=score.numpy(),
-                                        logit_lens_layer_0=lens[:, 0].numpy())}
+    tables = {"instances": frame.assign(image=[Path(p).name for p in frame["image"]], score=score.numpy())}
     tables["logit_lens"] = pd.DataFrame([dict(instance=names[i], layer=l, score=float(lens[i, l]))
                                          for i in range(len(names)) for l in range(n_layers + 1)])
 
@@ -103,6 +103,8 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
     neurons = attribution.neuron_attributions(model, inputs, other, progress=progress)
     tables["top_neurons"] = attribution.components_frame(neurons, "neuron", top=20)
     positions = attribution.position_attributions(model, inputs, other)[:, 0]          # [n, pos]
+    if tower == "text":
+        tables["position_attributions"] = _token_table(model, tokens, names, positions)
 
     # faithfulness of the head rankings
     faith = attribution.faithfulness(model, inputs, other, ks=ks, seed=seed)
@@ -129,27 +131,58 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
         .melt(id_vars=["instance", "label"], var_name="latent", value_name="attribution")
     tables["latent_attributions"] = tables["latent_attributions"][tables["latent_attributions"]["attribution"] != 0]
 
-    _write_report(model_label, out, source, tower, frame, names, tables, lens, score, heads, positions, pixels, tokens,
-                  faith, hook, sae_model, trained, stats, map_images, model)
+    run = _Run(model, model_label, source, tower, frame, names, pixels, score, lens, positions, faith, hook,
+               sae_model, trained, stats)
+    _write_report(run, tables, out, map_images)
     for name, table in tables.items():
         table.to_csv(out / f"{name}.csv", index=False)
     return tables
 
 
-def _write_report(model_label, out, source, tower, frame, names, tables, lens, score, heads, positions, pixels, tokens,
-                  faith, hook, sae_model, trained, stats, map_images, model) -> None:
+def _token_table(model: HookedCLIP, tokens: torch.Tensor, names: list, positions: torch.Tensor) -> pd.DataFrame:
+    """instance, position, token, attribution: one row per token up to EOT."""
+    rows = []
+    for i, name in enumerate(names):
+        for q, tok in enumerate(model.text.to_str_tokens(tokens[i])[: int(tokens[i].argmax()) + 1]):
+            rows.append(dict(instance=name, position=q, token=tok, attribution=float(positions[i, q])))
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class _Run:
+    """What the report is written from (besides the tables)."""
+
+    model: HookedCLIP
+    model_label: str
+    source: str                  # where the images came from
+    tower: str
+    frame: pd.DataFrame          # image, label, caption per instance
+    names: list
+    pixels: torch.Tensor         # [n, 3, H, W]
+    score: torch.Tensor          # [n], S of each image with its caption
+    lens: torch.Tensor           # [n, layer 0..L], Logit Lens
+    positions: torch.Tensor      # [n, pos], attribution per position at layer 0
+    faith: attribution.Faithfulness
+    hook: str
+    sae: TopKSAE
+    sae_trained: bool
+    sae_stats: dict
+
+
+def _write_report(run: _Run, tables: dict, out: Path, map_images: int) -> None:
+    model, tower, frame, names, positions = run.model, run.tower, run.frame, run.names, run.positions
     report = Report(f"Attributing CLIP's scores to components of its {tower} encoder")
     report.section("Setup").text(
-        f"Model: {model_label}. Images: {source} ({len(frame)} labelled images). Each image is scored against its own "
+        f"Model: {run.model_label}. Images: {run.source} ({len(frame)} labelled images). Each image is scored against its own "
         f"caption (S = logit_scale.exp() x cosine); the {tower} tower's components are attributed, the other "
         f"modality's embedding held fixed.")
     report.text("Attribution of a component: the attribution-patching estimate of how much S drops when the component "
                 "is zeroed, a . dS/da from one forward and one backward pass (METHODS.md). Positive: the component "
                 "supports the score.", note=True)
-    report.table(tables["instances"].drop(columns=["logit_lens_layer_0"]), max_rows=40, caption="Instances and their scores")
+    report.table(tables["instances"], max_rows=40, caption="Instances and their scores")
 
     report.section("Logit Lens")
-    report.figure(attribution.logit_lens_figure(lens, names, score))
+    report.figure(attribution.logit_lens_figure(run.lens, names, run.score))
     report.text("Each layer's residual stream at the pooled position, read out through the final norm and projection. "
                 "At the last layer it is the model's own score.", note=True)
 
@@ -162,29 +195,24 @@ def _write_report(model_label, out, source, tower, frame, names, tables, lens, s
         grid = model.vision.cfg.grid_size
         shown = min(map_images, len(frame))
         maps = positions[:shown, 1:].reshape(shown, *grid)
-        report.figure(attribution.position_map_figure([attention_maps.model_view(model, pixels[i]) for i in range(shown)],
+        report.figure(attribution.position_map_figure([attention_maps.model_view(model, run.pixels[i]) for i in range(shown)],
                                                       maps, [names[i] for i in range(shown)]))
         report.text(f"Class token (position 0): mean attribution {float(positions[:, 0].mean()):.4f}.", note=True)
     else:
-        rows = []
-        for i in range(len(frame)):
-            for q, tok in enumerate(model.text.to_str_tokens(tokens[i])[: int(tokens[i].argmax()) + 1]):
-                rows.append(dict(instance=names[i], position=q, token=tok, attribution=float(positions[i, q])))
-        tables["position_attributions"] = pd.DataFrame(rows)
         report.table(tables["position_attributions"], max_rows=60, caption="Attribution per token (input x gradient at layer 0)")
 
     report.section("Faithfulness: deletion curves")
-    report.figure(faith.figure())
-    report.table(faith.areas, caption="Area under each deletion curve (mean S per unit of k; smaller = the score falls faster)")
+    report.figure(run.faith.figure())
+    report.table(run.faith.areas, caption="Area under each deletion curve (mean S per unit of k; smaller = the score falls faster)")
     report.text("The top-k heads of each instance's ranking are zeroed together (exact runs) and S is recorded. Logit "
                 "Lens ranks heads by their direct effect only; attribution patching includes what later layers do "
                 "with a head's output.", note=True)
 
     report.section("Sparse-autoencoder latents")
-    origin = "trained here on the study's own activations at every position (saved as sae.safetensors)" if trained else "loaded"
-    report.text(f"TopK SAE on {tower}.{hook}: {sae_model.n_latents} latents, k = {sae_model.k}, {origin}. "
+    origin = "trained here on the study's own activations at every position (saved as sae.safetensors)" if run.sae_trained else "loaded"
+    report.text(f"TopK SAE on {tower}.{run.hook}: {run.sae.n_latents} latents, k = {run.sae.k}, {origin}. "
                 "Latent attributions are taken at the pooled position (class token / EOT).")
-    report.table(pd.DataFrame([stats]), caption="SAE statistics on the study's activations")
+    report.table(pd.DataFrame([run.sae_stats]), caption="SAE statistics on the study's activations")
     report.figure(attribution.reliance_figure(tables["reliance"]))
     report.table(tables["reliance"], max_rows=60,
                  caption="Per class, the latents with the largest mean attribution; alignment = cosine of the decoder "
