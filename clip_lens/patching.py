@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clip_lens.model import HookedCLIP
-from clip_lens.towers import HookedTextTower
+from clip_lens.towers import HookedTextTower, HookedVisionTower
 
 HOOK_KINDS = ("resid", "attn_out", "mlp_out", "z", "mlp_post", "pattern")
 # the axis of single components a hook kind is split into (hook="z": heads; "mlp_post": neurons;
@@ -229,6 +229,33 @@ def _hook_names(hook: str, layer: int, n_layers: int) -> str:
     return f"blocks.{layer}.attn.hook_pattern"
 
 
+def _class_token_pooled(tower) -> bool:
+    """A non-causal tower whose embedding reads the class token only (position 0)."""
+    return isinstance(tower, HookedVisionTower) and tower.cfg.pooling == "tok" and not tower.cfg.causal
+
+
+def _run_cached_class_token(tower, inputs: Tensor, names: set[str]) -> tuple[Tensor, dict]:
+    """`_run_cached` for a class-token-pooled tower, with its last block computed at the class token
+    only (its other positions enter as keys and values and are never read again): the last block's
+    hooks are cached as one row, [batch, 1, ...], except its `hook_resid_pre` (the whole input)."""
+    last = tower.cfg.n_layers - 1
+    prefix = f"blocks.{last}."
+    early = {n for n in names if not n.startswith(prefix)}
+    late = {n for n in names if n.startswith(prefix)} - {prefix + "hook_resid_pre"}
+    store: dict[str, Tensor] = {}
+
+    def save(act: Tensor, hook) -> None:
+        store[hook.name] = act
+
+    with torch.no_grad():
+        resid, cache = tower.run_with_cache(inputs, stop_at_layer=last, names_filter=lambda n: n in early)
+        store.update(cache.cache_dict)
+        store[prefix + "hook_resid_pre"] = resid
+        with tower.hooks(fwd_hooks=[(n, save) for n in late]):
+            emb = tower.pool(_last_block_at_class_token(tower, resid, [2 * last] * len(resid)))
+    return emb, store
+
+
 def _run_cached(tower, inputs: Tensor, names: set[str]) -> tuple[Tensor, dict]:
     with torch.no_grad():
         emb, cache = tower.run_with_cache(inputs, names_filter=lambda n: n in names)
@@ -350,16 +377,23 @@ def _build_interventions(plan: _Plan, tower, pair: int, lengths: Tensor, cache_t
         name = _hook_names(plan.hook, layer, n_layers)
         act_t_full = cache_t[name][pair]
         act_s_full = cache_s[name][src_pair] if cache_s is not None else None
+        # the last block of a class-token tower is cached at the class token only (one row): its
+        # other positions never reach the embedding, so changing them changes nothing
+        class_token_row = act_t_full.shape[0] == 1 and length > 1 and not causal
         for pi, pos in enumerate(positions):
             if pos is not None and pos >= length:
                 continue
+            base_key = (li,) + ((pi,) if plan.positions is not None else ())
+            if class_token_row and pos is not None and pos > 0:
+                noops += [(base_key + ((ui,) if plan.units is not None else ()), pair)
+                          for ui in (range(len(plan.units)) if plan.units is not None else [None])]
+                continue
             # the whole sequence is the pair's own tokens (not the padding of a shorter text)
-            sel = slice(0, length) if pos is None else pos
+            sel = slice(0, 1 if class_token_row else length) if pos is None else pos
             act_t = act_t_full[sel]
             act_s = act_s_full[sel] if act_s_full is not None else None
             if act_s is not None and act_s.shape != act_t.shape:
                 raise ValueError(f"pair {pair}: source and target differ in length, which a positional patch needs equal")
-            base_key = (li,) + ((pi,) if plan.positions is not None else ())
             for ui, _, rep in _unit_replacements(plan, act_t, act_s, means.get(layer)):
                 key = base_key + ((ui,) if ui is not None else ())
                 if rep is None:
@@ -438,20 +472,21 @@ def _exact(plans: list[_Plan], tower, target: Tensor, source: Optional[Tensor], 
     means = [_means(plan, tower, source if source is not None else target, mean, pair_chunk)
              if intervention == "mean" else {} for plan in plans]
     prefixes = [(i,) if len(plans) > 1 else () for i in range(len(plans))]
+    run_cached = _run_cached_class_token if _class_token_pooled(tower) else _run_cached
     for lo in range(0, n_pairs, pair_chunk):
         hi = min(lo + pair_chunk, n_pairs)
         chunk_t = target[lo:hi]
-        emb_t, cache_t = _run_cached(tower, chunk_t, names_t)
+        emb_t, cache_t = run_cached(tower, chunk_t, names_t)
         with torch.no_grad():
             baseline[lo:hi] = score(emb_t, other[lo:hi])
         cache_s, src_index = None, None
         if intervention in ("patch", "resample"):
             if intervention == "resample":
                 src_index = perm[lo:hi]
-                emb_s, cache_s = _run_cached(tower, source[src_index], names_s)
+                emb_s, cache_s = run_cached(tower, source[src_index], names_s)
                 src_index = torch.arange(hi - lo)
             else:
-                emb_s, cache_s = _run_cached(tower, source[lo:hi], names_s)
+                emb_s, cache_s = run_cached(tower, source[lo:hi], names_s)
                 with torch.no_grad():
                     source_baseline[lo:hi] = score(emb_s, other[lo:hi])
         items = []

@@ -185,3 +185,38 @@ def test_a_large_exact_grid_suggests_attribution_patching(setup):
     with pytest.warns(UserWarning, match="122,880 exact interventions per pair"), pytest.raises(_Stop):
         clip_lens.patch(model, target=["a b c"], image=image_emb, hook="mlp_post", layers="all", intervention="zero",
                         metric=_stop, progress=False)
+
+
+@pytest.mark.parametrize("hook,layers,intervention", [
+    ("attn_out", [10, 11], "patch"), ("mlp_out", [11], "mean"), ("resid", [11, 12], "patch"), ("z", [11], "zero"),
+    ("mlp_post", [11], "patch"),
+])
+def test_vision_positions_in_the_last_block_equal_hook_loop(setup, hook, layers, intervention):
+    """The last block of the vision tower is cached at the class token only: single positions there
+    (class token or a patch) and the residual after it still equal a full forward pass with a hook."""
+    model, _ = setup
+    text_emb = model.encode_text(model.to_tokens(["a photo of a dog"])).detach()
+    images, sources = random_pixels(2, seed=13), random_pixels(2, seed=14)
+    kwargs = dict(heads=[2]) if hook == "z" else dict(neurons=[7]) if hook == "mlp_post" else {}
+    res = clip_lens.patch(model, target=images, source=sources if intervention == "patch" else None, text=text_emb,
+                          hook=hook, layers=layers, positions=[0, 3], intervention=intervention, progress=False, **kwargs)
+    names = {"attn_out": "blocks.{}.hook_attn_out", "mlp_out": "blocks.{}.hook_mlp_out", "z": "blocks.{}.attn.hook_z",
+             "mlp_post": "blocks.{}.mlp.hook_post"}
+    _, src_cache = model.vision.run_with_cache(sources)
+    _, own_cache = model.vision.run_with_cache(images)
+    for li, layer in enumerate(layers):
+        name = (f"blocks.{layer}.hook_resid_pre" if layer < 12 else "blocks.11.hook_resid_post") if hook == "resid" \
+            else names[hook].format(layer)
+        mean = own_cache[name].flatten(0, 1).mean(0) if intervention == "mean" else None
+        for i in range(2):
+            for pi, pos in enumerate([0, 3]):
+                def edit(act, i=i, pos=pos):
+                    index = (0, pos) + ((2,) if hook == "z" else ())
+                    if hook == "mlp_post":
+                        index = (0, pos, 7)
+                    value = {"patch": src_cache[name][(i,) + index[1:]], "zero": 0.0, "mean": mean}[intervention]
+                    act[index] = value
+                    return act
+                expected = score(model, run_edited(model.vision, images[i:i + 1], name, edit), text_emb)
+                got = res.effects[(i, li, pi) + ((0,) if hook in ("z", "mlp_post") else ())]
+                assert abs(float(got) - float(expected)) < TOL, (hook, layer, i, pos)
