@@ -14,8 +14,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from clip_lens.data.image_sets import caption_targets, load_captions, load_image_folder
-from clip_lens.data.sample_images import sample_images
+from clip_lens.data.image_sets import open_image_set
 from clip_lens.lens import logit_lens
 from clip_lens.model import HookedCLIP
 from clip_lens.plot import head_heatmap
@@ -28,19 +27,9 @@ PathLike = Union[str, Path]
 
 def _image_set(out: Path, images: Optional[PathLike], captions: Optional[PathLike], labels: Optional[PathLike]):
     """(frame of labelled images: image, label, caption; description of the source)."""
-    if images is None:
-        frame, by_label_caption = sample_images(out / "sample_images")
-        caption_list = list(by_label_caption.values())
-        by_label = {label: i for i, label in enumerate(by_label_caption)}
-        source = "scikit-image's sample photos (demo set)"
-    else:
-        if captions is None:
-            raise ValueError("--images needs --captions (a file with one 'label<TAB>caption' per line)")
-        frame = load_image_folder(images, labels)
-        caption_list, by_label = load_captions(captions)
-        source = str(images)
-    targets = caption_targets(frame["label"], by_label)
-    frame = frame.assign(caption=[caption_list[t] if t >= 0 else None for t in targets])[targets >= 0]
+    image_set = open_image_set(images, captions, labels, out / "sample_images")
+    frame, targets, source = image_set.frame, image_set.targets, image_set.source
+    frame = frame.assign(caption=[image_set.captions[t] if t >= 0 else None for t in targets])[targets >= 0]
     if frame.empty:
         raise ValueError(f"no image in {source} has a label with a caption")
     return frame.reset_index(drop=True), source

@@ -8,8 +8,7 @@ from typing import Optional, Union
 
 import pandas as pd
 
-from clip_lens.data.image_sets import caption_targets, load_captions, load_image_folder
-from clip_lens.data.sample_images import sample_images
+from clip_lens.data.image_sets import open_image_set
 from clip_lens.model import HookedCLIP
 from clip_lens.report import Report
 from experiments import attention_cancellation, attention_maps
@@ -25,18 +24,8 @@ def attention_cancellation_study(model: HookedCLIP, model_label: str, out: PathL
     summary.csv, logits.csv, attention_distance.csv and report.html. Returns the tables."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if images is None:
-        frame, by_label_caption = sample_images(out / "sample_images")
-        caption_list = list(by_label_caption.values())
-        by_label = {label: i for i, label in enumerate(by_label_caption)}
-        source = "scikit-image's sample photos (demo set)"
-    else:
-        if captions is None:
-            raise ValueError("--images needs --captions (a file with one candidate caption per line)")
-        frame = load_image_folder(images, labels)
-        caption_list, by_label = load_captions(captions)
-        source = str(images)
-    targets = caption_targets(frame["label"], by_label)
+    image_set = open_image_set(images, captions, labels, out / "sample_images")
+    frame, caption_list, targets, source = image_set.frame, image_set.captions, image_set.targets, image_set.source
     chosen = attention_cancellation.parse_settings(settings, model.vision.cfg.n_layers) if settings else None
     result = attention_cancellation.run(model, frame, caption_list, targets=targets, settings=chosen, progress=progress)
     pixels = model.to_pixels(list(frame["image"]))

@@ -8,6 +8,7 @@ caption itself).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -75,3 +76,41 @@ def caption_targets(labels: Sequence[Optional[str]], by_label: dict[str, int]) -
     if unknown:
         raise ValueError(f"labels without a caption: {unknown[:5]}; give them as 'label<TAB>caption' lines")
     return np.array([by_label[l] if l is not None else -1 for l in labels])
+
+
+@dataclass
+class ImageSet:
+    """Images with labels and the candidate captions, as the vision studies take them.
+
+    Attributes:
+        frame: one row per image: image (path), label (None when unlabelled).
+        captions: the candidate captions.
+        targets: [images], the index of each image's caption in `captions` (-1 when unlabelled).
+        source: where the images came from, for reports.
+    """
+
+    frame: pd.DataFrame
+    captions: list[str]
+    targets: np.ndarray
+    source: str
+
+
+def open_image_set(images: Optional[Union[str, Path]], captions: Optional[Union[str, Path]],
+                   labels: Optional[Union[str, Path]], sample_folder: Union[str, Path]) -> ImageSet:
+    """An image folder with its captions file (and optional labels CSV), or, with `images=None`,
+    scikit-image's sample photos written to `sample_folder` (the demo set)."""
+    if images is None:
+        from clip_lens.data.sample_images import sample_images
+
+        frame, caption_by_label = sample_images(sample_folder)
+        caption_list = list(caption_by_label.values())
+        by_label = {label: i for i, label in enumerate(caption_by_label)}
+        source = "scikit-image's sample photos (demo set)"
+    else:
+        if captions is None:
+            raise ValueError("--images needs --captions (a file with one candidate caption per line, "
+                             "optionally 'label<TAB>caption')")
+        frame = load_image_folder(images, labels)
+        caption_list, by_label = load_captions(captions)
+        source = str(images)
+    return ImageSet(frame, caption_list, caption_targets(frame["label"], by_label), source)
