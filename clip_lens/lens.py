@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
 from clip_lens.model import HookedCLIP
+from clip_lens.scores import score
 from clip_lens.towers import HookedTextTower
 
 
@@ -43,7 +43,7 @@ def logit_lens(model: HookedCLIP, inputs: Tensor, other: Float[Tensor, "n d_embe
     for layer in chosen:
         resid = cache[names[layer]]
         emb = tower.pool(resid, inputs) if isinstance(tower, HookedTextTower) else tower.pool(resid)
-        scores.append(model.logit_scale.exp() * F.cosine_similarity(emb, other.expand_as(emb), dim=-1))
+        scores.append(score(model, emb, other.expand_as(emb)))
     return torch.stack(scores, dim=1)
 
 

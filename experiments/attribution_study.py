@@ -12,7 +12,6 @@ from typing import Optional, Sequence, Union
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from clip_lens.data.image_sets import open_image_set
 from clip_lens.lens import logit_lens
@@ -20,6 +19,7 @@ from clip_lens.model import HookedCLIP
 from clip_lens.plot import head_heatmap
 from clip_lens.report import Report
 from clip_lens.sae import TopKSAE, cache_activations, sae_statistics, train_sae
+from clip_lens.scores import score as clip_score
 from experiments import attention_maps, attribution
 
 PathLike = Union[str, Path]
@@ -78,7 +78,7 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
     blocks = model.vision if tower == "vision" else model.text
     n_layers = blocks.cfg.n_layers
     names = [Path(p).stem for p in frame["image"]]
-    score = (model.logit_scale.exp() * F.cosine_similarity(image_emb, text_emb, dim=-1)).detach()
+    score = clip_score(model, text_emb, image_emb).detach()
 
     # Logit Lens per layer; the last layer is the model's own score
     lens = logit_lens(model, inputs, other)
