@@ -39,7 +39,8 @@ def hooks_attached(*points: HookPoint) -> bool:
     set). Without one, a module may take a fused kernel that never materialises the hooked
     intermediate (the layer norm's scale, the attention pattern): same values to float rounding,
     fewer passes over memory."""
-    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_backward_hooks:
+    registry = torch.nn.modules.module
+    if registry._global_forward_hooks or registry._global_forward_pre_hooks or registry._global_backward_hooks:
         return True
     return any(p._forward_hooks or p._forward_pre_hooks or p._backward_hooks or p._backward_pre_hooks for p in points)
 
