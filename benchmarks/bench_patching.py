@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import clip_lens
-from clip_lens.loading import random_model_pair
 from clip_lens.data import load_valse, prepare_existence
+from clip_lens.model import random_model_pair
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -6,14 +6,19 @@
 """
 
 from clip_lens.config import TextConfig, TowerConfig, VisionConfig
-from clip_lens.loading import UnsupportedArchitecture, from_huggingface, from_open_clip, from_pretrained
+from clip_lens.loading import UnsupportedArchitecture
 from clip_lens.model import HookedCLIP
-from clip_lens.patching import PatchResult, patch, value_only_attention
+from clip_lens.patching import PatchResult, hook_name, patch, value_only_attention
 from clip_lens.tokenization import Tokenizer
 from clip_lens.towers import HookedTextTower, HookedVisionTower
 
+from_open_clip = HookedCLIP.from_open_clip
+from_pretrained = HookedCLIP.from_pretrained
+from_huggingface = HookedCLIP.from_huggingface
+
 __all__ = [
     "HookedCLIP",
+    "hook_name",
     "PatchResult",
     "patch",
     "value_only_attention",

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ def _load_pair(model_name: str, pretrained: Optional[str], seed: int):
     import open_clip
 
     import clip_lens
-    from clip_lens.loading import random_model_pair
+    from clip_lens.model import random_model_pair
 
     if pretrained is None:
         return random_model_pair(model_name, seed)
@@ -44,8 +44,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         t_ours = time.perf_counter() - t0
         _, cache = model.run_with_cache(text=tokens, image=pixels)
     print(f"clip_lens check: {args.model} ({'pretrained=' + args.pretrained if args.pretrained else 'random weights, perturbed'})")
-    print(f"  text tower:   {model.text.cfg.n_layers} layers x {model.text.cfg.n_heads} heads, d_model {model.text.cfg.d_model}, act {model.text.cfg.act_fn}")
-    print(f"  vision tower: {model.vision.cfg.n_layers} layers x {model.vision.cfg.n_heads} heads, d_model {model.vision.cfg.d_model}, patches {model.vision.cfg.n_patches}")
+    text_cfg, vision_cfg = model.text.cfg, model.vision.cfg
+    print(f"  text tower:   {text_cfg.n_layers} layers x {text_cfg.n_heads} heads, d_model {text_cfg.d_model}, act {text_cfg.act_fn}")
+    print(f"  vision tower: {vision_cfg.n_layers} layers x {vision_cfg.n_heads} heads, d_model {vision_cfg.d_model}, "
+          f"patches {vision_cfg.n_patches}")
     worst = 0.0
     for label, a, b in zip(("text embeddings", "image embeddings", "logits"), ours, ref):
         diff = (a - b).abs().max().item()
@@ -85,66 +87,64 @@ def _add_model_args(parser: argparse.ArgumentParser, instances: bool = True) -> 
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def run_study(args: argparse.Namespace, study: Callable[..., dict], summary: Callable[[dict], str] = lambda t: "") -> int:
+    """The steps every study command shares: seed, load the model, run `study(model, label)`,
+    print its summary, and say what was written and how long it took."""
+    torch.manual_seed(args.seed)
+    model, label = load_model(args.model, args.pretrained)
+    start = time.perf_counter()
+    tables = study(model, label)
+    lines = summary(tables)
+    if lines:
+        print(lines)
+    print(f"wrote {args.out}/report.html and {len(tables)} tables in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
 def cmd_valse_existence(args: argparse.Namespace) -> int:
     from experiments import negation_study
 
-    torch.manual_seed(args.seed)
-    model, label = load_model(args.model, args.pretrained)
     studies = {"all": negation_study.VALSE_STUDIES, "text": negation_study.TEXT_STUDIES}.get(args.study, (args.study,))
-    start = time.perf_counter()
-    tables = negation_study.valse_existence(
-        model, label, args.valse, args.images, args.out, studies=studies, missing=args.missing_images,
-        limit=args.limit, sample=args.sample, grey=args.grey, subject_size=args.clipseg, query_layers=args.query_layers, progress=not args.quiet)
-    print(tables["accuracy"].to_string(index=False))
-    print(f"{len(tables['instances'])} instances, {len(tables['excluded'])} excluded; "
-          f"wrote {args.out}/report.html and {len(tables)} tables in {time.perf_counter() - start:.1f}s")
-    return 0
+    return run_study(args, lambda model, label: negation_study.valse_existence(
+        model, label, args.valse, args.images, args.out, studies=studies, missing=args.missing_images, limit=args.limit,
+        sample=args.sample, grey=args.grey, subject_size=args.clipseg, query_layers=args.query_layers,
+        progress=not args.quiet),
+        lambda tables: f"{tables['accuracy'].to_string(index=False)}\n"
+                       f"{len(tables['instances'])} instances, {len(tables['excluded'])} excluded")
 
 
 def cmd_cannot(args: argparse.Namespace) -> int:
     from experiments import negation_study
 
-    torch.manual_seed(args.seed)
-    model, label = load_model(args.model, args.pretrained)
-    start = time.perf_counter()
-    tables = negation_study.cannot_negator_attention(
+    return run_study(args, lambda model, label: negation_study.cannot_negator_attention(
         model, label, args.cannot, args.out, spacy_model=args.spacy_model, limit=args.limit,
-        query_layers=args.query_layers, progress=not args.quiet)
-    print(tables["selection"].to_string(index=False))
-    print(tables["negator_heads"].head(5).to_string(index=False))
-    print(f"wrote {args.out}/report.html and {len(tables)} tables in {time.perf_counter() - start:.1f}s")
-    return 0
+        query_layers=args.query_layers, progress=not args.quiet),
+        lambda tables: f"{tables['selection'].to_string(index=False)}\n"
+                       f"{tables['negator_heads'].head(5).to_string(index=False)}")
 
 
 def cmd_attention_cancellation(args: argparse.Namespace) -> int:
     from experiments import vision_study
 
-    torch.manual_seed(args.seed)
-    model, label = load_model(args.model, args.pretrained)
-    start = time.perf_counter()
-    tables = vision_study.attention_cancellation_study(
+    return run_study(args, lambda model, label: vision_study.attention_cancellation_study(
         model, label, args.out, images=args.images, captions=args.captions, labels=args.labels,
-        settings=args.settings, map_images=args.map_images, progress=not args.quiet)
-    print(tables["summary"].to_string(index=False))
-    print(f"wrote {args.out}/report.html and {len(tables)} tables in {time.perf_counter() - start:.1f}s")
-    return 0
+        settings=args.settings, map_images=args.map_images, progress=not args.quiet),
+        lambda tables: tables["summary"].to_string(index=False))
 
 
 def cmd_attribution(args: argparse.Namespace) -> int:
     from experiments import attribution_study
 
-    torch.manual_seed(args.seed)
-    model, label = load_model(args.model, args.pretrained)
-    start = time.perf_counter()
-    tables = attribution_study.attribution_study(
+    def summary(tables: dict) -> str:
+        reliance = tables["reliance"]
+        return (f"{tables['deletion_areas'].to_string(index=False)}\n{int(reliance['unexpected'].sum())} of "
+                f"{len(reliance)} relied-on latents are unexpected (low alignment with their class)")
+
+    return run_study(args, lambda model, label: attribution_study.attribution_study(
         model, label, args.out, images=args.images, captions=args.captions, labels=args.labels, tower=args.tower,
         sae=args.sae, sae_hook=args.sae_hook, sae_latents=args.sae_latents, sae_k=args.sae_k, sae_steps=args.sae_steps,
-        ks=args.ks, concept_template=args.concept_template, limit=args.limit, seed=args.seed, progress=not args.quiet)
-    print(tables["deletion_areas"].to_string(index=False))
-    reliance = tables["reliance"]
-    print(f"{int(reliance['unexpected'].sum())} of {len(reliance)} relied-on latents are unexpected (low alignment with their class)")
-    print(f"wrote {args.out}/report.html and {len(tables)} tables in {time.perf_counter() - start:.1f}s")
-    return 0
+        ks=args.ks, concept_template=args.concept_template, limit=args.limit, seed=args.seed, progress=not args.quiet),
+        summary)
 
 
 def cmd_train_tiny(args: argparse.Namespace) -> int:

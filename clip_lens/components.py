@@ -38,7 +38,11 @@ def hooks_attached(*points: HookPoint) -> bool:
     """Whether any of these hook points has a forward or backward hook (or a global module hook is
     set). Without one, a module may take a fused kernel that never materialises the hooked
     intermediate (the layer norm's scale, the attention pattern): same values to float rounding,
-    fewer passes over memory."""
+    fewer passes over memory.
+
+    This reads torch's hook dicts rather than `HookPoint.has_hooks()`, which sees only hooks added
+    through TransformerLens: a hook a user registers with torch's own `register_forward_hook`
+    must switch the fused path off too, or it would silently never run."""
     registry = torch.nn.modules.module
     if registry._global_forward_hooks or registry._global_forward_pre_hooks or registry._global_backward_hooks:
         return True
@@ -89,8 +93,13 @@ class Attention(nn.Module):
         self.qkv_bias = nn.Parameter(torch.zeros(3 * d))
         self.out_weight = nn.Parameter(torch.empty(d, d))
         self.out_bias = nn.Parameter(torch.zeros(d))
-        for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
-            setattr(self, f"hook_{name}", HookPoint())
+        self.hook_q = HookPoint()            # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()            # [batch, pos, head, d_head]
+        self.hook_v = HookPoint()            # [batch, pos, head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_pattern = HookPoint()      # [batch, head, query_pos, key_pos]
+        self.hook_z = HookPoint()            # [batch, pos, head, d_head]
+        self.hook_result = HookPoint()       # [batch, pos, head, d_model]
 
     # TransformerLens weight views -----------------------------------------------------------
     def _split_in(self, i: int) -> Float[Tensor, "head d_model d_head"]:
@@ -133,7 +142,7 @@ class Attention(nn.Module):
         return self.qkv_bias[2 * d :].view(self.n_heads, self.d_head)
 
     @property
-    def b_O(self) -> Float[Tensor, "d_model"]:
+    def b_O(self) -> Float[Tensor, " d_model"]:
         return self.out_bias
 
     # forward ---------------------------------------------------------------------------------
@@ -149,15 +158,17 @@ class Attention(nn.Module):
         KV cache, as in TransformerLens). The hooks then see those positions only.
         """
         batch, pos, _ = x.shape
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # shape = [batch, pos, 3 * head * d_head]
         if not self.causal and past_kv is None and not self.use_attn_result \
                 and not hooks_attached(self.hook_attn_scores, self.hook_pattern):
             # no one looks at the scores or the pattern: the fused kernel (as open_clip's vision tower)
+            # shape = 3 x [batch, pos, head, d_head]
             q, k, v = qkv.view(batch, pos, 3, self.n_heads, self.d_head).unbind(2)
             q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
             z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            # shape = [batch, head, pos, d_head] -> [batch, pos, head, d_head]
             return self.project_z(self.hook_z(z.transpose(1, 2)))
-        q, k, v = (
+        q, k, v = (  # shape = 3 x [batch, pos, head, d_head]
             t.view(batch, pos, self.n_heads, self.d_head) for t in qkv.chunk(3, dim=-1)
         )
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
@@ -172,6 +183,7 @@ class Attention(nn.Module):
             scores = scores.masked_fill(mask, float("-inf"))
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(scores.softmax(dim=-1))
+        # shape = [batch, head, pos, d_head] -> [batch, pos, head, d_head]
         z = self.hook_z(torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2))
         if self.use_attn_result:
             result = self.hook_result(
@@ -186,12 +198,12 @@ class Attention(nn.Module):
         d = self.n_heads * self.d_head
         kv = F.linear(x, self.qkv_weight[d:], self.qkv_bias[d:])
         k, v = kv.chunk(2, dim=-1)
-        shape = (*x.shape[:2], self.n_heads, self.d_head)
+        shape = (*x.shape[:2], self.n_heads, self.d_head)  # shape = [batch, pos, head, d_head]
         return k.reshape(shape), v.reshape(shape)
 
     def project_z(self, z: Float[Tensor, "... head d_head"]) -> Float[Tensor, "... d_model"]:
         """The attention output (bias included) for per-head values z."""
-        return F.linear(z.flatten(-2), self.out_weight, self.out_bias)
+        return F.linear(z.flatten(-2), self.out_weight, self.out_bias)  # shape = [..., head * d_head] -> [..., d_model]
 
 
 class MLP(nn.Module):
@@ -216,11 +228,11 @@ class MLP(nn.Module):
         return self.out_weight.T
 
     @property
-    def b_in(self) -> Float[Tensor, "d_mlp"]:
+    def b_in(self) -> Float[Tensor, " d_mlp"]:
         return self.in_bias
 
     @property
-    def b_out(self) -> Float[Tensor, "d_model"]:
+    def b_out(self) -> Float[Tensor, " d_model"]:
         return self.out_bias
 
     def project_post(self, post: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_model"]:

@@ -19,7 +19,7 @@ class TowerConfig:
     """Fields common to both towers.
 
     Attributes:
-        n_layers: number of residual blocks L. "Layer l" in METHODS.md runs over 0..L.
+        n_layers: number of residual blocks L. "Layer l" in docs/methods.md#layer-numbering runs over 0..L.
         d_model: residual stream width.
         n_heads: attention heads per block.
         d_head: width of one head (d_model // n_heads).

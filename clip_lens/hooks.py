@@ -18,6 +18,16 @@ from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+TOWER_PREFIXES = ("text", "vision")
+
+
+def split_tower_prefix(name: str) -> tuple[Optional[str], str]:
+    """("text" | "vision", the tower's own name) of a HookedCLIP hook name, e.g.
+    "vision.blocks.3.hook_resid_pre" -> ("vision", "blocks.3.hook_resid_pre"); a name without a
+    tower prefix gives (None, name)."""
+    prefix, _, rest = name.partition(".")
+    return (prefix, rest) if prefix in TOWER_PREFIXES and rest else (None, name)
+
 
 class HookContext:
     """A context-level counter shared by a root module and the towers inside it."""

@@ -1,4 +1,4 @@
-"""Logit Lens for CLIP (METHODS.md): each layer's residual stream, at the pooled position (EOT for
+"""Logit Lens for CLIP (docs/methods.md#logit-lens): each layer's residual stream, at the pooled position (EOT for
 text, the class token for images), passed through the tower's final norm and projection into the
 joint space and scored against the other modality's embedding."""
 
@@ -11,13 +11,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from clip_lens.model import HookedCLIP
+from clip_lens.patching.sites import hook_name
 from clip_lens.scores import score
-from clip_lens.towers import HookedTextTower
 
 
 def residual_names(n_layers: int) -> list[str]:
-    """Hook names of the residual stream at layers 0..L (METHODS.md numbering)."""
-    return [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    """Hook names of the residual stream at layers 0..L (docs/methods.md#layer-numbering)."""
+    return [hook_name("resid", layer, n_layers) for layer in range(n_layers + 1)]
 
 
 @torch.no_grad()
@@ -32,9 +32,7 @@ def logit_lens(model: HookedCLIP, inputs: Tensor, other: Float[Tensor, "n d_embe
     Returns:
         [n, len(layers)]; at layer L it equals the model's own score.
     """
-    tower = model.text if inputs.dtype in (torch.long, torch.int) else model.vision
-    if isinstance(tower, HookedTextTower):
-        inputs = tower.trim(tower.check_tokens(inputs))
+    tower, inputs = model.tower_input(inputs, name="inputs")
     n_layers = tower.cfg.n_layers
     chosen = list(range(n_layers + 1)) if layers == "all" else [tower.check_layer(l) for l in layers]
     names = residual_names(n_layers)
@@ -42,7 +40,7 @@ def logit_lens(model: HookedCLIP, inputs: Tensor, other: Float[Tensor, "n d_embe
     scores = []
     for layer in chosen:
         resid = cache[names[layer]]
-        emb = tower.pool(resid, inputs) if isinstance(tower, HookedTextTower) else tower.pool(resid)
+        emb = tower.pool_residual(resid, inputs)
         scores.append(score(model, emb, other.expand_as(emb)))
     return torch.stack(scores, dim=1)
 
@@ -52,7 +50,7 @@ def joint_space_directions(tower, directions: Float[Tensor, "n d_model"]) -> Flo
     tower's final norm (centring and gain; the input-dependent scale and the bias left out) and its
     projection: W_proj^T (gamma * (d - mean(d))). Used to read what a direction (an SAE decoder row,
     a neuron's output weights) means in terms of the other modality's embeddings."""
-    norm = tower.ln_final if isinstance(tower, HookedTextTower) else tower.ln_post
+    norm = tower.final_norm
     centred = directions - directions.mean(-1, keepdim=True)
     carried = centred * norm.w
     return carried @ tower.proj.W if tower.proj is not None else carried

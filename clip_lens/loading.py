@@ -1,5 +1,7 @@
-"""Building a HookedCLIP from open_clip models, open_clip names (tags or checkpoint files) and
-Hugging Face `transformers` CLIP models.
+"""The parts a HookedCLIP is built from (tower configs, towers, mapped weights), read from
+open_clip models, open_clip names (tags or checkpoint files) and Hugging Face `transformers` CLIP
+models. `HookedCLIP.from_open_clip` / `from_pretrained` / `from_huggingface` assemble them; this
+module does not import the model class.
 
 Each source has one weight-mapping table: rows of (our parameter, source keys, transform). The
 table is applied by one function that checks every shape and that every parameter of the hooked
@@ -12,21 +14,35 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-
-from clip_lens import tiny
 from torch import Tensor, nn
 
+from clip_lens import zoo
 from clip_lens.config import TextConfig, VisionConfig
-from clip_lens.model import HookedCLIP
 from clip_lens.tokenization import Tokenizer
 from clip_lens.towers import HookedTextTower, HookedVisionTower
 
 Row = tuple[str, Sequence[str], Callable[..., Tensor]]
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Parts:
+    """What a HookedCLIP is built from: its towers, its other constructor arguments (`kwargs`:
+    logit_bias, preprocess_cfg, name), and the source's weights with the table that maps them
+    (`apply_table`), to be moved to the source's device and dtype."""
+
+    text: HookedTextTower
+    vision: HookedVisionTower
+    kwargs: dict
+    state_dict: dict[str, Tensor]
+    table: list[Row]
+    device: torch.device
+    dtype: torch.dtype
 
 
 def _same(x: Tensor) -> Tensor:
@@ -264,9 +280,9 @@ def open_clip_configs(model: nn.Module) -> tuple[TextConfig, VisionConfig, str, 
     return text_cfg, vision_cfg, text_prefix, text_proj
 
 
-def from_open_clip(model: nn.Module, tokenizer: Any = None, preprocess_cfg: Optional[dict] = None,
-                   name: Optional[str] = None) -> HookedCLIP:
-    """A HookedCLIP with the weights of an open_clip `CLIP` or `CustomTextCLIP`.
+def open_clip_parts(model: nn.Module, tokenizer: Any = None, preprocess_cfg: Optional[dict] = None,
+                    name: Optional[str] = None) -> Parts:
+    """The parts of a HookedCLIP with the weights of an open_clip `CLIP` or `CustomTextCLIP`.
 
     Args:
         model: the open_clip model (left unchanged).
@@ -279,14 +295,11 @@ def from_open_clip(model: nn.Module, tokenizer: Any = None, preprocess_cfg: Opti
         tokenizer = Tokenizer.from_open_clip(tokenizer)
     preprocess_cfg = preprocess_cfg or dict(getattr(model.visual, "preprocess_cfg", {}) or {}) or None
     has_bias = getattr(model, "logit_bias", None) is not None
-    hooked = HookedCLIP(
-        HookedTextTower(text_cfg, tokenizer=tokenizer), HookedVisionTower(vision_cfg),
-        logit_bias=0.0 if has_bias else None, preprocess_cfg=preprocess_cfg, name=name,
-    )
-    state_dict = {k: v.detach() for k, v in model.state_dict().items()}
-    apply_table(hooked, state_dict, open_clip_table(text_cfg, vision_cfg, text_prefix, text_proj, has_bias))
     param = next(model.parameters())
-    return hooked.to(device=param.device, dtype=param.dtype).eval()
+    return Parts(HookedTextTower(text_cfg, tokenizer=tokenizer), HookedVisionTower(vision_cfg),
+                 dict(logit_bias=0.0 if has_bias else None, preprocess_cfg=preprocess_cfg, name=name),
+                 {k: v.detach() for k, v in model.state_dict().items()},
+                 open_clip_table(text_cfg, vision_cfg, text_prefix, text_proj, has_bias), param.device, param.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,11 +337,12 @@ def _cached_tag_weights(tag_cfg: dict, cache_dir: Optional[str]) -> Optional[str
     return None
 
 
-def from_pretrained(name: str, pretrained: Optional[Union[str, os.PathLike]] = None,
-                    cache_dir: Optional[str] = None, device: Union[str, torch.device] = "cpu",
-                    **open_clip_kwargs: Any) -> HookedCLIP:
-    """A HookedCLIP for an open_clip architecture `name` (e.g. "ViT-B-32"), or for a model that
-    ships with clip_lens ("clip_lens/tiny-shapes", its weights by default).
+def create_open_clip(name: str, pretrained: Optional[Union[str, os.PathLike]] = None,
+                     cache_dir: Optional[str] = None, device: Union[str, torch.device] = "cpu",
+                     **open_clip_kwargs: Any) -> tuple[nn.Module, Any, str]:
+    """(open_clip model, its tokenizer, the name to label it with) for an open_clip architecture
+    `name` (e.g. "ViT-B-32"), or for a model that ships with clip_lens ("clip_lens/tiny-shapes",
+    its weights by default).
 
     Args:
         pretrained: an open_clip pretrained tag ("openai", "laion2b_s34b_b79k", ...), the path of a
@@ -341,13 +355,13 @@ def from_pretrained(name: str, pretrained: Optional[Union[str, os.PathLike]] = N
     import open_clip
 
     label = name
-    if name == tiny.NAME:
-        name = tiny.register()
+    if name == zoo.NAME:
+        name = zoo.register()
         if pretrained is None:
-            if not tiny.WEIGHTS.is_file():
-                raise FileNotFoundError(f"the weights of {tiny.NAME} are missing ({tiny.WEIGHTS}); "
+            if not zoo.WEIGHTS.is_file():
+                raise FileNotFoundError(f"the weights of {zoo.NAME} are missing ({zoo.WEIGHTS}); "
                                         "retrain them with `clip-lens train-tiny`")
-            pretrained = tiny.WEIGHTS
+            pretrained = zoo.WEIGHTS
     if name not in open_clip.list_models():
         raise ValueError(f"Unknown open_clip architecture {name!r}; see open_clip.list_models()")
     kwargs = dict(open_clip_kwargs, cache_dir=cache_dir, device=device)
@@ -378,8 +392,7 @@ def from_pretrained(name: str, pretrained: Optional[Union[str, os.PathLike]] = N
                 "  - a Hugging Face CLIP directory: HookedCLIP.from_huggingface('/path/to/clip-vit-base-patch32')"
             )
     oc_model = open_clip.create_model(name, pretrained=pretrained_arg, **kwargs)
-    tokenizer = open_clip.get_tokenizer(name)
-    return from_open_clip(oc_model.eval(), tokenizer=tokenizer, name=label)
+    return oc_model.eval(), open_clip.get_tokenizer(name), label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,9 +429,10 @@ def huggingface_configs(config: Any) -> tuple[TextConfig, VisionConfig]:
     return text_cfg, vision_cfg
 
 
-def from_huggingface(model_or_path: Any, tokenizer: Any = None) -> HookedCLIP:
-    """A HookedCLIP from a transformers `CLIPModel` or a local directory with one (config and
-    weights, as written by `save_pretrained`). Its tokenizer is used when the directory has one."""
+def huggingface_parts(model_or_path: Any, tokenizer: Any = None) -> Parts:
+    """The parts of a HookedCLIP from a transformers `CLIPModel` or a local directory with one
+    (config and weights, as written by `save_pretrained`). Its tokenizer is used when the
+    directory has one."""
     from transformers import CLIPModel
 
     path = None
@@ -441,24 +455,8 @@ def from_huggingface(model_or_path: Any, tokenizer: Any = None) -> HookedCLIP:
         "size": vision_cfg.image_size, "mode": "RGB", "interpolation": "bicubic", "resize_mode": "shortest",
         "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711), "fill_color": 0,
     }
-    hooked = HookedCLIP(HookedTextTower(text_cfg, tokenizer=tokenizer), HookedVisionTower(vision_cfg),
-                        preprocess_cfg=processor_cfg, name=getattr(hf.config, "_name_or_path", None) or None)
-    state_dict = {k: v.detach() for k, v in hf.state_dict().items()}
-    apply_table(hooked, state_dict, huggingface_table(text_cfg, vision_cfg))
     param = next(hf.parameters())
-    return hooked.to(device=param.device, dtype=param.dtype).eval()
-
-
-def random_model_pair(name: str, seed: int = 0, scale: float = 0.1):
-    """(open_clip model, HookedCLIP) of architecture `name` with random weights, every LayerNorm,
-    bias, embedding and the logit scale moved off its initial value by N(0, scale) noise, so that a
-    wrong weight mapping shows. For parity checks and timings without pretrained weights."""
-    import open_clip
-
-    torch.manual_seed(seed)
-    oc = open_clip.create_model(name).eval()
-    with torch.no_grad():
-        for param_name, param in oc.named_parameters():
-            if param.ndim <= 1 or "embedding" in param_name or "logit_scale" in param_name:
-                param.add_(torch.randn_like(param) * scale)
-    return oc, from_open_clip(oc, tokenizer=open_clip.get_tokenizer(name), name=name)
+    return Parts(HookedTextTower(text_cfg, tokenizer=tokenizer), HookedVisionTower(vision_cfg),
+                 dict(preprocess_cfg=processor_cfg, name=getattr(hf.config, "_name_or_path", None) or None),
+                 {k: v.detach() for k, v in hf.state_dict().items()}, huggingface_table(text_cfg, vision_cfg),
+                 param.device, param.dtype)

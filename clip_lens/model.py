@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from clip_lens.hooks import HookContext, HookedModule
+from clip_lens import loading
+from clip_lens.hooks import TOWER_PREFIXES, HookContext, HookedModule
 from clip_lens.images import ImageLike, build_transform, default_preprocess_cfg, to_pixels
-from clip_lens.towers import HookedTextTower, HookedVisionTower
+from clip_lens.towers import HookedTextTower, HookedTower, HookedVisionTower
 
 
 class HookedCLIP(HookedModule):
@@ -56,34 +57,54 @@ class HookedCLIP(HookedModule):
     # names instead, so the towers keep working on their own.
     def setup(self) -> None:
         self.mod_dict, self.hook_dict = {}, {}
-        for prefix, tower in (("text", self.text), ("vision", self.vision)):
+        for prefix, tower in zip(TOWER_PREFIXES, (self.text, self.vision)):
             for name, module in tower.mod_dict.items():
                 self.mod_dict[f"{prefix}.{name}"] = module
             for name, hook_point in tower.hook_dict.items():
                 self.hook_dict[f"{prefix}.{name}"] = hook_point
 
-    # loading (implemented in clip_lens.loading) --------------------------------------------------
+    # loading (the parts come from clip_lens.loading) ---------------------------------------------
     @classmethod
-    def from_open_clip(cls, model: nn.Module, tokenizer: Any = None, **kwargs: Any) -> "HookedCLIP":
-        """From an open_clip `CLIP` / `CustomTextCLIP` object (weights copied)."""
-        from clip_lens.loading import from_open_clip
-
-        return from_open_clip(model, tokenizer=tokenizer, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, name: str, pretrained: Optional[str] = None, **kwargs: Any) -> "HookedCLIP":
-        """From an open_clip architecture name and a pretrained tag, checkpoint file or None
-        (random weights). See `clip_lens.loading.from_pretrained`."""
-        from clip_lens.loading import from_pretrained
-
-        return from_pretrained(name, pretrained=pretrained, **kwargs)
+    def from_parts(cls, parts: loading.Parts) -> "HookedCLIP":
+        """A HookedCLIP from its towers and the source's weights mapped into them."""
+        hooked = cls(parts.text, parts.vision, **parts.kwargs)
+        loading.apply_table(hooked, parts.state_dict, parts.table)
+        return hooked.to(device=parts.device, dtype=parts.dtype).eval()
 
     @classmethod
-    def from_huggingface(cls, model_or_path: Any, **kwargs: Any) -> "HookedCLIP":
-        """From a `transformers` `CLIPModel` or a local directory holding one."""
-        from clip_lens.loading import from_huggingface
+    def from_open_clip(cls, model: nn.Module, tokenizer: Any = None, preprocess_cfg: Optional[dict] = None,
+                       name: Optional[str] = None) -> "HookedCLIP":
+        """From an open_clip `CLIP` / `CustomTextCLIP` object (weights copied; `model` unchanged).
 
-        return from_huggingface(model_or_path, **kwargs)
+        Args:
+            tokenizer: an open_clip tokenizer or a `clip_lens.Tokenizer`; default: open_clip's BPE
+                tokenizer with the model's context length.
+            preprocess_cfg: image preprocessing; default: the model's own (`model.visual.preprocess_cfg`).
+        """
+        return cls.from_parts(loading.open_clip_parts(model, tokenizer, preprocess_cfg, name))
+
+    @classmethod
+    def from_pretrained(cls, name: str, pretrained: Optional[str] = None, cache_dir: Optional[str] = None,
+                        device: Union[str, torch.device] = "cpu", **open_clip_kwargs: Any) -> "HookedCLIP":
+        """From an open_clip architecture name (e.g. "ViT-B-32") or a model that ships with
+        clip_lens ("clip_lens/tiny-shapes", its weights by default).
+
+        Args:
+            pretrained: an open_clip pretrained tag ("openai", "laion2b_s34b_b79k", ...), the path of
+                a checkpoint file (an open_clip state dict, .pt/.bin/.safetensors), or None for random
+                weights. A tag whose weights are not cached fails at once when the hub is
+                unreachable, with the ways to provide the weights.
+            cache_dir: where open_clip / huggingface_hub look for and keep downloaded weights.
+            open_clip_kwargs: passed to `open_clip.create_model` (e.g. force_quick_gelu=True).
+        """
+        oc_model, tokenizer, label = loading.create_open_clip(name, pretrained, cache_dir, device, **open_clip_kwargs)
+        return cls.from_open_clip(oc_model, tokenizer=tokenizer, name=label)
+
+    @classmethod
+    def from_huggingface(cls, model_or_path: Any, tokenizer: Any = None) -> "HookedCLIP":
+        """From a `transformers` `CLIPModel` or a local directory holding one (as written by
+        `save_pretrained`; its tokenizer is used when the directory has one)."""
+        return cls.from_parts(loading.huggingface_parts(model_or_path, tokenizer))
 
     # inputs ---------------------------------------------------------------------------------
     @property
@@ -103,6 +124,25 @@ class HookedCLIP(HookedModule):
         if self._transform is None:
             self._transform = build_transform(self.preprocess_cfg)
         return to_pixels(images, self._transform, device=self.logit_scale.device)
+
+    def tower_input(self, value: Any, *, name: str = "input") -> tuple[HookedTower, Tensor]:
+        """The tower an input belongs to, and the input ready for it: texts or tokens [batch, pos]
+        (trimmed to the longest EOT) for the text tower, images or pixels [batch, 3, H, W] for the
+        vision tower. `name` is the argument named in the error for anything else."""
+        if isinstance(value, str) or (isinstance(value, (list, tuple)) and value and isinstance(value[0], str)):
+            return self.text, self.to_tokens(value)
+        if isinstance(value, Tensor) and value.dtype in (torch.long, torch.int):
+            return self.text, self.text.check_input(value)
+        if isinstance(value, Tensor) and value.ndim == 4:
+            return self.vision, self.vision.check_input(value)
+        if isinstance(value, (list, tuple)):
+            return self.vision, self.to_pixels(value)
+        raise ValueError(f"{name}: expected texts, tokens [batch, pos], images or pixels [batch, 3, H, W]; "
+                         f"got {type(value).__name__}")
+
+    def other_tower(self, tower: HookedTower) -> HookedTower:
+        """The vision tower for the text tower, and the other way round."""
+        return self.vision if tower is self.text else self.text
 
     # forward ---------------------------------------------------------------------------------
     def encode_text(self, tokens: Int[Tensor, "batch pos"], normalize: bool = False) -> Float[Tensor, "batch d_embed"]:
@@ -131,3 +171,18 @@ class HookedCLIP(HookedModule):
         if image_emb is None:
             return text_emb
         return self.logits_from_embeddings(image_emb, text_emb)
+
+
+def random_model_pair(name: str, seed: int = 0, scale: float = 0.1) -> tuple[nn.Module, HookedCLIP]:
+    """(open_clip model, HookedCLIP) of architecture `name` with random weights, every LayerNorm,
+    bias, embedding and the logit scale moved off its initial value by N(0, scale) noise, so that a
+    wrong weight mapping shows. For parity checks and timings without pretrained weights."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    oc = open_clip.create_model(name).eval()
+    with torch.no_grad():
+        for param_name, param in oc.named_parameters():
+            if param.ndim <= 1 or "embedding" in param_name or "logit_scale" in param_name:
+                param.add_(torch.randn_like(param) * scale)
+    return oc, HookedCLIP.from_open_clip(oc, tokenizer=open_clip.get_tokenizer(name), name=name)

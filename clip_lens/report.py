@@ -4,9 +4,11 @@ so the file opens anywhere without a network."""
 from __future__ import annotations
 
 import html
+import os
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Union
+from typing import Mapping, Optional, Union
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -65,7 +67,31 @@ class Report:
                 f"<p class='note'>Written by clip_lens on {stamp}.</p>{body}</body></html>")
 
     def write(self, path: Union[str, Path]) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_html(), encoding="utf-8")
-        return path
+        return write_text_atomically(path, self.to_html())
+
+
+def write_text_atomically(path: Union[str, Path], text: str) -> Path:
+    """Write `text` to a temporary file beside `path`, then rename it into place: a reader (or a
+    killed run) never sees a partial file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_study(out: Union[str, Path], tables: Mapping[str, pd.DataFrame], report: Optional[Report] = None) -> Path:
+    """A study's outputs: each table as out/<name>.csv and the report as out/report.html, each
+    written atomically. Returns `out`."""
+    out = Path(out)
+    for name, table in tables.items():
+        write_text_atomically(out / f"{name}.csv", table.to_csv(index=False))
+    if report is not None:
+        report.write(out / "report.html")
+    return out

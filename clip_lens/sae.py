@@ -1,4 +1,4 @@
-"""TopK sparse autoencoders on cached activations of any hook (METHODS.md, latent components).
+"""TopK sparse autoencoders on cached activations of any hook (docs/methods.md#topk-sparse-autoencoder, latent components).
 
     acts = cache_activations(model, "vision.blocks.11.hook_resid_post", pixels, position=0)  # [N, d_model]
     sae, history = train_sae(acts, n_latents=4096, k=32, steps=5000, checkpoint_dir="runs/sae")
@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from clip_lens.hooks import stacked_activations
+from clip_lens.hooks import split_tower_prefix, stacked_activations
 
 
 class TopKSAE(nn.Module):
@@ -180,8 +180,7 @@ def cache_activations(model: Any, hook_name: str, inputs: Tensor, position: Opti
 
     `model` is a HookedCLIP (prefixed names, e.g. "vision.blocks.11.hook_resid_post") or a tower.
     """
-    tower, name = model, hook_name
-    if hook_name.startswith(("text.", "vision.")) and hasattr(model, "text"):
-        prefix, name = hook_name.split(".", 1)
-        tower = getattr(model, prefix)
-    return stacked_activations(tower, inputs, [name], batch_size, position=position)[:, 0]
+    prefix, local_name = split_tower_prefix(hook_name)
+    if prefix is not None and hasattr(model, "text"):  # a HookedCLIP: its tower runs the tower's inputs
+        model, hook_name = getattr(model, prefix), local_name
+    return stacked_activations(model, inputs, [hook_name], batch_size, position=position)[:, 0]

@@ -1,4 +1,4 @@
-"""Caption-foil scores of CLIP and the segments every negation result is reported by (METHODS.md).
+"""Caption-foil scores of CLIP and the segments every negation result is reported by (docs/methods.md#scores-and-segments).
 
 S(t, i) = logit_scale.exp() * cos(text_embedding(t), image_embedding(i)); d = S(c, i) - S(f, i);
 correct d > 1, ambiguous -1 < d <= 1, incorrect d <= -1.
@@ -6,7 +6,7 @@ correct d > 1, ambiguous -1 < d <= 1, incorrect d <= -1.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -29,9 +29,17 @@ def segment_of(d: Union[float, Sequence[float], np.ndarray, Tensor]) -> np.ndarr
     return np.where(d > 1, "correct", np.where(d > -1, "ambiguous", "incorrect"))
 
 
-def score(model: HookedCLIP, text_emb: Float[Tensor, "n d_embed"], image_emb: Float[Tensor, "n d_embed"]) -> Float[Tensor, "n"]:
+def score(model: HookedCLIP, text_emb: Float[Tensor, "n d_embed"], image_emb: Float[Tensor, "n d_embed"]) -> Float[Tensor, " n"]:
     """S for matched rows of text and image embeddings."""
     return model.logit_scale.exp() * F.cosine_similarity(text_emb, image_emb, dim=-1)
+
+
+def difference_metric(model: HookedCLIP) -> Callable[[Tensor, Tensor], Tensor]:
+    """A `patch` metric for d: with other = normalize(c) - normalize(f) (text embeddings),
+    scale * <normalize(i), other> = S(c, i) - S(f, i), in one dot product per image."""
+    def d(image_emb: Float[Tensor, "batch d_embed"], other: Float[Tensor, "batch d_embed"]) -> Float[Tensor, " batch"]:
+        return model.logit_scale.exp() * (F.normalize(image_emb, dim=-1) * other).sum(dim=-1)
+    return d
 
 
 @torch.no_grad()

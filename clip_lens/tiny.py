@@ -22,25 +22,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from clip_lens.data import shapes
+from clip_lens.scores import pair_scores
+from clip_lens.zoo import ARCHITECTURE, CONFIG, MODELS, NAME, WEIGHTS, register  # noqa: F401 (the shipped model's facts, re-exported)
 
-NAME = "clip_lens/tiny-shapes"
-ARCHITECTURE = "clip_lens-tiny-shapes"
-MODELS = Path(__file__).resolve().parent / "models"
-CONFIG = MODELS / "tiny-shapes.json"
-WEIGHTS = MODELS / "tiny-shapes.safetensors"
 TRAIN_KINDS = ("existence", "existence", "existence", "colour", "count")
 EVAL_SEED = 10_000
-
-
-def register() -> str:
-    """Make the architecture known to open_clip (idempotent); returns its open_clip name."""
-    import json
-
-    from open_clip import factory
-
-    if ARCHITECTURE not in factory._MODEL_CONFIGS:  # open_clip keeps its registry in this dict
-        factory._MODEL_CONFIGS[ARCHITECTURE] = json.loads(CONFIG.read_text())
-    return ARCHITECTURE
 
 
 def create_open_clip(seed: int = 0):
@@ -126,8 +112,6 @@ def save(model: torch.nn.Module, path: Union[str, Path]) -> Path:
 def evaluate(model, n: int = 1000, seed: int = EVAL_SEED, batch_size: int = 250) -> dict:
     """Held-out existence accuracy (caption preferred over foil) of a HookedCLIP: overall and per
     negation placement, on scenes from a seed the training stream does not use."""
-    from clip_lens.scores import pair_scores
-
     data = list(shapes.examples(n, seed=seed))
     correct = {"caption": [], "foil": []}
     for i in range(0, n, batch_size):

@@ -8,7 +8,7 @@ Both forward passes can start from a residual stream at layer l and stop at laye
 (`start_at_layer`, `stop_at_layer`, as in TransformerLens), which is what lets the patching engine
 resume a run from a cached layer instead of from the input.
 
-Layer numbering follows METHODS.md: layer 0 is the input of block 0 (the embeddings, after `ln_pre`
+Layer numbering follows docs/methods.md#layer-numbering: layer 0 is the input of block 0 (the embeddings, after `ln_pre`
 in the vision tower), layer l is the residual after block l - 1, layer L the output of the last block.
 """
 
@@ -28,10 +28,13 @@ from clip_lens.hooks import HookedModule
 from clip_lens.tokenization import Tokenizer
 
 
-class _HookedTower(HookedModule):
-    """What both towers share: config, blocks, layer-range checks, per-head results."""
+class HookedTower(HookedModule):
+    """What both towers share: config, blocks, layer-range checks, per-head results, and the facts
+    about a tower that code outside it asks (its modality, causal attention, class-token pooling,
+    sequence lengths)."""
 
     cfg: TowerConfig
+    modality: str  # "text" or "vision"
 
     def __init__(self, cfg: TowerConfig):
         super().__init__()
@@ -76,8 +79,49 @@ class _HookedTower(HookedModule):
             resid = block(resid)
         return resid
 
+    # facts about the tower -------------------------------------------------------------------
+    @property
+    def attends_causally(self) -> bool:
+        """Position q reads positions <= q only, so a change at q cannot reach earlier positions."""
+        return False
 
-class HookedTextTower(_HookedTower):
+    @property
+    def pools_class_token(self) -> bool:
+        """The embedding reads the class token (position 0) only, through non-causal attention."""
+        return False
+
+    def n_positions(self, inputs: Tensor) -> int:
+        """Positions of the residual stream for `inputs` (tokens [batch, pos] or pixels)."""
+        raise NotImplementedError
+
+    def sequence_lengths(self, inputs: Tensor) -> Int[Tensor, " batch"]:
+        """Each input's own positions: tokens up to and including EOT, or every image position."""
+        raise NotImplementedError
+
+    def check_input(self, inputs: Tensor) -> Tensor:
+        """`inputs` checked for this tower (tokens trimmed to the longest EOT), or a ValueError."""
+        raise NotImplementedError
+
+    def pooled_positions(self, inputs: Tensor) -> Int[Tensor, " batch"]:
+        """The position each input's embedding is read from (EOT for CLIP text, the class token)."""
+        raise NotImplementedError
+
+    def pool_residual(self, resid: Float[Tensor, "batch pos d_model"], inputs: Tensor) -> Float[Tensor, "batch d_embed"]:
+        """The embedding from the residual stream at layer L of `inputs`' run."""
+        raise NotImplementedError
+
+    def pool_rows(self, rows: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch d_embed"]:
+        """The embedding from the layer-L residual at the pooled position only."""
+        raise NotImplementedError
+
+    @property
+    def final_norm(self) -> LayerNorm:
+        """The norm between the last block and the projection (ln_final, ln_post)."""
+        raise NotImplementedError
+
+
+
+class HookedTextTower(HookedTower):
     """CLIP's text transformer.
 
     Hooks: hook_embed, hook_pos_embed [batch, pos, d_model]; the block hooks;
@@ -89,6 +133,7 @@ class HookedTextTower(_HookedTower):
     """
 
     cfg: TextConfig
+    modality = "text"
 
     def __init__(self, cfg: TextConfig, tokenizer: Optional[Tokenizer] = None):
         super().__init__(cfg)
@@ -130,7 +175,7 @@ class HookedTextTower(_HookedTower):
     def can_trim(self) -> bool:
         return self.cfg.causal and self.cfg.pooling in ("argmax", "eos")
 
-    def pooled_positions(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
+    def pooled_positions(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
         """Position each sequence is pooled at (its EOT token for CLIP)."""
         pooling = self.cfg.pooling
         if pooling == "argmax":
@@ -159,6 +204,21 @@ class HookedTextTower(_HookedTower):
             raise ValueError(f"tokens have {tokens.shape[1]} positions; the tower takes at most {self.cfg.n_ctx}")
         return tokens
 
+    @property
+    def attends_causally(self) -> bool:
+        return self.cfg.causal
+
+    def n_positions(self, inputs: Int[Tensor, "batch pos"]) -> int:
+        return inputs.shape[1]
+
+    def sequence_lengths(self, inputs: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
+        if self.can_trim:
+            return self.pooled_positions(inputs) + 1
+        return torch.full((inputs.shape[0],), inputs.shape[1])
+
+    def check_input(self, inputs: Tensor) -> Int[Tensor, "batch pos"]:
+        return self.trim(self.check_tokens(inputs))
+
     # forward ---------------------------------------------------------------------------------
     def embed_tokens(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         """Residual stream at layer 0: token plus positional embedding."""
@@ -172,6 +232,13 @@ class HookedTextTower(_HookedTower):
         positions = self.pooled_positions(tokens)
         pooled = self.hook_pooled(normed[torch.arange(normed.shape[0], device=normed.device), positions])
         return self.hook_embedding(self.proj(pooled) if self.proj is not None else pooled)
+
+    def pool_residual(self, resid: Float[Tensor, "batch pos d_model"], inputs: Tensor) -> Float[Tensor, "batch d_embed"]:
+        return self.pool(resid, inputs)
+
+    @property
+    def final_norm(self) -> LayerNorm:
+        return self.ln_final
 
     def pool_rows(self, rows: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch d_embed"]:
         """The embedding from the layer-L residual at the pooled position only (per-token norm, so
@@ -208,7 +275,7 @@ class HookedTextTower(_HookedTower):
         return self.pool(resid, tokens)
 
 
-class HookedVisionTower(_HookedTower):
+class HookedVisionTower(HookedTower):
     """CLIP's vision transformer (ViT).
 
     Hooks: hook_patch_embed [batch, n_patches, d_model]; hook_class_embed [batch, 1, d_model];
@@ -219,6 +286,7 @@ class HookedVisionTower(_HookedTower):
     """
 
     cfg: VisionConfig
+    modality = "vision"
 
     def __init__(self, cfg: VisionConfig):
         super().__init__(cfg)
@@ -244,6 +312,19 @@ class HookedVisionTower(_HookedTower):
             )
         return pixels
 
+    @property
+    def pools_class_token(self) -> bool:
+        return self.cfg.pooling == "tok" and not self.cfg.causal
+
+    def n_positions(self, inputs: Tensor) -> int:
+        return self.cfg.n_ctx
+
+    def sequence_lengths(self, inputs: Tensor) -> Int[Tensor, " batch"]:
+        return torch.full((inputs.shape[0],), self.cfg.n_ctx)
+
+    def check_input(self, inputs: Tensor) -> Float[Tensor, "batch 3 height width"]:
+        return self.check_pixels(inputs)
+
     def embed_pixels(self, pixels: Float[Tensor, "batch 3 height width"]) -> Float[Tensor, "batch pos d_model"]:
         """Residual stream at layer 0: class token and patches, plus positions, through ln_pre."""
         batch = pixels.shape[0]
@@ -264,6 +345,24 @@ class HookedVisionTower(_HookedTower):
             pooled = reduce(self.ln_post(resid))
         pooled = self.hook_pooled(pooled)
         return self.hook_embedding(self.proj(pooled) if self.proj is not None else pooled)
+
+    def pool_residual(self, resid: Float[Tensor, "batch pos d_model"], inputs: Tensor) -> Float[Tensor, "batch d_embed"]:
+        return self.pool(resid)
+
+    @property
+    def final_norm(self) -> LayerNorm:
+        return self.ln_post
+
+    def pooled_positions(self, inputs: Tensor) -> Int[Tensor, " batch"]:
+        if self.cfg.pooling != "tok":
+            raise ValueError(f"a vision tower pooled by {self.cfg.pooling!r} reads no single position (only class-token "
+                             "pooling, 'tok', does)")
+        return torch.zeros(inputs.shape[0], dtype=torch.long, device=inputs.device)
+
+    def pool_rows(self, rows: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch d_embed"]:
+        if self.cfg.pooling != "tok":
+            raise ValueError(f"a vision tower pooled by {self.cfg.pooling!r} has no single pooled row")
+        return self.pool(rows[:, None])
 
     def forward(
         self,

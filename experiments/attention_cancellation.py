@@ -1,4 +1,4 @@
-"""Layer-wise attention cancellation in the vision encoder (METHODS.md).
+"""Layer-wise attention cancellation in the vision encoder (docs/methods.md#attention-cancellation).
 
 In the chosen layers every position attends only to itself (the attention pattern becomes the
 identity), so the attention block outputs out_proj(V). For each image and a list of candidate
@@ -162,6 +162,6 @@ def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, tar
     text = encode_texts(model, captions)
     with torch.no_grad():
         cosine = F.normalize(embeddings, dim=-1) @ F.normalize(text, dim=-1).T
-        logits = model.logit_scale.exp() * cosine + (model.logit_bias if model.logit_bias is not None else 0)
+        logits = model.logits_from_embeddings(embeddings, text)
     return AttentionCancellation(images, list(captions), ["baseline", *settings], [(), *settings.values()],
                                  logits.numpy(), cosine.numpy())

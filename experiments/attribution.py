@@ -1,4 +1,4 @@
-"""Attributing a CLIP score to latent components, and the faithfulness of the rankings (METHODS.md).
+"""Attributing a CLIP score to latent components, and the faithfulness of the rankings (docs/methods.md#attribution-and-latent-components).
 
 Attributions (all from attribution patching through `clip_lens.patch`, one forward and one backward
 pass per chunk of instances): the estimated drop of S when a component is zeroed, i.e. a . dS/da,
@@ -26,34 +26,36 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
+from plotly.subplots import make_subplots
 from torch import Tensor
 
+from clip_lens.hooks import split_tower_prefix
 from clip_lens.lens import joint_space_directions
 from clip_lens.model import HookedCLIP
-from clip_lens.patching import hook_site, patch
+from clip_lens.patching import hook_name, hook_site, patch
 from clip_lens.plot import style
-from clip_lens.towers import HookedTextTower
+from clip_lens.scores import score as clip_score
 
 METHODS = ("attribution patching", "logit lens", "random")
 
 
 def _tower(model: HookedCLIP, inputs: Tensor):
-    return model.text if inputs.dtype in (torch.long, torch.int) else model.vision
+    return model.tower_input(inputs, name="inputs")[0]
 
 
-def _other_kind(inputs: Tensor) -> str:
-    return "image" if inputs.dtype in (torch.long, torch.int) else "text"
+def _other_kind(model: HookedCLIP, inputs: Tensor) -> str:
+    """The keyword `patch` takes the other modality by: "image" for texts, "text" for images."""
+    return "image" if _tower(model, inputs).modality == "text" else "text"
 
 
 def _zero_attribution(model: HookedCLIP, inputs: Tensor, other: Tensor, progress: bool = False, **grid) -> Tensor:
-    """Clean score minus the attribution-patching estimate of zeroing each component of `grid`."""
+    """The attribution-patching estimate of the drop of S when each component of `grid` is zeroed."""
     res = patch(model, target=inputs, intervention="zero", method="attribution", progress=progress,
-                **{_other_kind(inputs): other.detach()}, **grid)
-    return res.baseline.view(-1, *[1] * (res.effects.ndim - 1)) - res.effects
+                **{_other_kind(model, inputs): other.detach()}, **grid)
+    return -res.changes()
 
 
 def attribution_scores(model: HookedCLIP, inputs: Tensor, other: Tensor) -> Float[Tensor, "n layer head"]:
@@ -88,11 +90,10 @@ def latent_attributions(model: HookedCLIP, sae, hook_name: str, inputs: Tensor, 
         position: "pooled" (the class token, or each text's EOT), "sequence" (every position
             together) or a position.
     """
-    tower = _tower(model, inputs)
-    kind, layer = hook_site(hook_name.split(".", 1)[1] if hook_name.startswith(("text.", "vision.")) else hook_name,
-                            tower.cfg.n_layers)
-    if isinstance(position, str) and position == "pooled" and isinstance(tower, HookedTextTower):
-        inputs = tower.trim(tower.check_tokens(inputs))
+    tower, checked = model.tower_input(inputs, name="inputs")
+    kind, layer = hook_site(split_tower_prefix(hook_name)[1], tower.cfg.n_layers)
+    if isinstance(position, str) and position == "pooled" and tower.modality == "text":
+        inputs = checked
         eot = tower.pooled_positions(inputs)
         per_position = _zero_attribution(model, inputs, other, hook=kind, layers=[layer], positions="all", sae=sae,
                                          progress=progress)[:, 0]                          # [n, pos, latent]
@@ -178,21 +179,20 @@ def logit_lens_scores(model: HookedCLIP, inputs: Tensor, other: Tensor) -> Float
     """Drop of S when one head's output at the pooled position is removed from the final residual."""
     tower = _tower(model, inputs)
     L = tower.cfg.n_layers
-    names = [f"blocks.{l}.attn.hook_z" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+    names = [hook_name("z", l, L) for l in range(L)] + [hook_name("resid", L, L)]
     _, cache = tower.run_with_cache(inputs, names_filter=names)
     rows = torch.arange(len(inputs))
-    pooled = tower.pooled_positions(inputs) if isinstance(tower, HookedTextTower) else torch.zeros(len(inputs), dtype=torch.long)
+    pooled = tower.pooled_positions(inputs)
     final = cache[names[-1]][rows, pooled]                                   # [n, d_model]
-    scale = model.logit_scale.exp()
 
     def score(resid):
-        emb = tower.pool_rows(resid) if isinstance(tower, HookedTextTower) else tower.pool(resid[:, None])
-        return scale * F.cosine_similarity(emb, other.expand_as(emb), dim=-1)
+        emb = tower.pool_rows(resid)
+        return clip_score(model, emb, other.expand_as(emb))
 
     clean = score(final)
     out = torch.zeros(len(inputs), L, tower.cfg.n_heads)
     for l, block in enumerate(tower.blocks):
-        z = cache[f"blocks.{l}.attn.hook_z"][rows, pooled]                   # [n, head, d_head]
+        z = cache[names[l]][rows, pooled]                                    # [n, head, d_head]
         per_head = torch.einsum("nhe,hed->nhd", z, block.attn.W_O)           # [n, head, d_model]
         if block.ls1 is not None:
             per_head = per_head * block.ls1
@@ -214,7 +214,7 @@ def deletion_curve(model: HookedCLIP, inputs: Tensor, other: Tensor, ranking: Fl
     """S with the top-k heads of each instance's ranking zeroed together, for each k."""
     tower = _tower(model, inputs)
     n_heads = tower.cfg.n_heads
-    kind = "image" if inputs.dtype in (torch.long, torch.int) else "text"
+    kind = _other_kind(model, inputs)
     if max(ks) <= 0:
         raise ValueError("ks needs at least one k > 0")
     out = np.zeros((len(inputs), len(ks)))
@@ -274,7 +274,7 @@ def faithfulness(model: HookedCLIP, inputs: Tensor, other: Tensor, ks: Sequence[
 # ---------------------------------------------------------------------------------------------
 # figures
 # ---------------------------------------------------------------------------------------------
-def logit_lens_figure(scores: Float[Tensor, "n layer"], names: Sequence[str], final: Float[Tensor, "n"]) -> go.Figure:
+def logit_lens_figure(scores: Float[Tensor, "n layer"], names: Sequence[str], final: Float[Tensor, " n"]) -> go.Figure:
     """Logit Lens score per layer: one faint line per instance, the mean in bold, and the model's
     own score (which the last layer reproduces) as a dashed line."""
     fig = go.Figure()

@@ -16,8 +16,9 @@ import torch
 from clip_lens.data.image_sets import open_image_set
 from clip_lens.lens import logit_lens
 from clip_lens.model import HookedCLIP
+from clip_lens.patching import hook_name
 from clip_lens.plot import head_heatmap
-from clip_lens.report import Report
+from clip_lens.report import Report, write_study
 from clip_lens.sae import TopKSAE, cache_activations, sae_statistics, train_sae
 from clip_lens.scores import score as clip_score
 from experiments import attention_maps, attribution
@@ -38,9 +39,8 @@ def _image_set(out: Path, images: Optional[PathLike], captions: Optional[PathLik
 def _activations(tower, hook: str, inputs) -> torch.Tensor:
     """Activations of `hook` at every position of every input (text: up to EOT), [n_vectors, d]."""
     acts = cache_activations(tower, hook, inputs)                                  # [n, pos, d]
-    if inputs.dtype in (torch.long, torch.int):
-        return acts[torch.arange(acts.shape[1])[None] < (tower.pooled_positions(inputs) + 1)[:, None]]
-    return acts.reshape(-1, acts.shape[-1])
+    own = torch.arange(acts.shape[1])[None] < tower.sequence_lengths(inputs)[:, None]  # [n, pos]
+    return acts[own]
 
 
 def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, images: Optional[PathLike] = None,
@@ -100,7 +100,7 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
     tables["deletion_curves"], tables["deletion_areas"] = faith.curves, faith.areas
 
     # SAE latents: attribution, alignment with the class names, unexpected reliance
-    hook = sae_hook or f"blocks.{n_layers - 1}.hook_resid_post"
+    hook = sae_hook or hook_name("resid", n_layers, n_layers)
     acts = _activations(blocks, hook, inputs)
     if sae is not None:
         sae_model, trained = TopKSAE.load(Path(sae).with_suffix("")), False
@@ -122,9 +122,7 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
 
     run = _Run(model, model_label, source, tower, frame, names, pixels, score, lens, positions, faith, hook,
                sae_model, trained, stats)
-    _write_report(run, tables, out, map_images)
-    for name, table in tables.items():
-        table.to_csv(out / f"{name}.csv", index=False)
+    write_study(out, tables, _report(run, tables, map_images))
     return tables
 
 
@@ -158,7 +156,7 @@ class _Run:
     sae_stats: dict
 
 
-def _write_report(run: _Run, tables: dict, out: Path, map_images: int) -> None:
+def _report(run: _Run, tables: dict, map_images: int) -> Report:
     model, tower, frame, names, positions = run.model, run.tower, run.frame, run.names, run.positions
     report = Report(f"Attributing CLIP's scores to components of its {tower} encoder")
     report.section("Setup").text(
@@ -166,7 +164,7 @@ def _write_report(run: _Run, tables: dict, out: Path, map_images: int) -> None:
         f"caption (S = logit_scale.exp() x cosine); the {tower} tower's components are attributed, the other "
         f"modality's embedding held fixed.")
     report.text("Attribution of a component: the attribution-patching estimate of how much S drops when the component "
-                "is zeroed, a . dS/da from one forward and one backward pass (METHODS.md). Positive: the component "
+                "is zeroed, a . dS/da from one forward and one backward pass (docs/methods.md#component-attribution). Positive: the component "
                 "supports the score.", note=True)
     report.table(tables["instances"], max_rows=40, caption="Instances and their scores")
 
@@ -207,4 +205,4 @@ def _write_report(run: _Run, tables: dict, out: Path, map_images: int) -> None:
                  caption="Per class, the latents with the largest mean attribution; alignment = cosine of the decoder "
                          "direction (through the final norm's linear part and the projection) with the class name's text "
                          "embedding; unexpected = less aligned with the class than the median latent")
-    report.write(out / "report.html")
+    return report

@@ -1,4 +1,4 @@
-"""Causal tracing of negation in the text encoder (METHODS.md).
+"""Causal tracing of negation in the text encoder (docs/methods.md#causal-tracing).
 
 For each instance, the non-negated sentence p is run with its residual stream at one (layer,
 position) replaced by the negated sentence n's; CTE(l, q) = d* / d is the share of the caption-foil
@@ -39,7 +39,7 @@ class CausalTracing:
 
     instances: pd.DataFrame
     cte: Float[np.ndarray, "n layer 8"]
-    further_counts: Int[np.ndarray, "n"]
+    further_counts: Int[np.ndarray, " n"]
     cte_positions: Float[np.ndarray, "n layer pos"]
     slots: tuple = ALIGNED_SLOTS
 

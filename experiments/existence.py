@@ -1,5 +1,5 @@
 """VALSE existence instances ready for the negation studies: rephrased pairs, image embeddings,
-scores S, d and segments (METHODS.md)."""
+scores S, d and segments (docs/methods.md#scores-and-segments)."""
 
 from __future__ import annotations
 

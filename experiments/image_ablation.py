@@ -1,4 +1,4 @@
-"""Image ablation in the vision encoder (METHODS.md).
+"""Image ablation in the vision encoder (docs/methods.md#image-ablation).
 
 The output of the attention block (MHA) or the MLP of one layer, at every position, is replaced by
 its value on the mean-colour version of the image; d* is the caption-foil difference of that run
@@ -23,6 +23,7 @@ from clip_lens import plot
 from clip_lens.images import mean_colour_pixels
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import patch
+from clip_lens.scores import difference_metric
 from experiments.existence import ExistenceInstances
 
 COMPONENTS = {"MHA": "attn_out", "MLP": "mlp_out"}
@@ -80,14 +81,6 @@ class ImageAblation:
         return {"iae_by_layer": plot.iae_by_layer(self.segment_means(), "Image ablation effect per layer (IAE = d - d*)"),
                 "ablation_outcomes": plot.outcome_bars(self.outcome_counts(), "Instances after ablating one component"),
                 "mha_vs_mlp": plot.mha_vs_mlp(self.mha_vs_mlp(), "MHA against MLP: mean IAE")}
-
-
-def difference_metric(model: HookedCLIP):
-    """Metric for `patch` with other = normalize(c) - normalize(f): d = scale * <normalize(i), other>
-    = S(c, i) - S(f, i) (a logit bias cancels)."""
-    def d(image_emb: Tensor, other: Tensor) -> Tensor:
-        return model.logit_scale.exp() * (F.normalize(image_emb, dim=-1) * other).sum(dim=-1)
-    return d
 
 
 def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Tensor] = None, grey: bool = False,

@@ -14,7 +14,7 @@ import pandas as pd
 
 from clip_lens.data import load_cannot, no_determiner_pairs
 from clip_lens.model import HookedCLIP
-from clip_lens.report import Report
+from clip_lens.report import Report, write_study
 from experiments import causal_tracing, existence, image_ablation, negator_attention, preliminary
 
 TEXT_STUDIES = ("causal-tracing", "negator-attention", "preliminary")
@@ -105,9 +105,7 @@ def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images
 
     if len(inst.excluded):
         report.section("Excluded instances").table(inst.excluded, max_rows=100)
-    for name, table in tables.items():
-        table.to_csv(out / f"{name}.csv", index=False)
-    report.write(out / "report.html")
+    write_study(out, tables, report)
     return tables
 
 
@@ -142,7 +140,5 @@ def cannot_negator_attention(model: HookedCLIP, model_label: str, cannot: Union[
     report.table(pairs.summary(), caption="Selection of sentences with 'no' as a determiner")
     _negator_section(report, na, query_layers)
     report.section("Dropped sentences").table(pairs.dropped, max_rows=50)
-    for name, table in tables.items():
-        table.to_csv(out / f"{name}.csv", index=False)
-    report.write(out / "report.html")
+    write_study(out, tables, report)
     return tables

@@ -1,4 +1,4 @@
-"""Negator-selective attention heads (METHODS.md).
+"""Negator-selective attention heads (docs/methods.md#negator-selective-attention).
 
 For every head, the attention paid to the negator's key position k by queries q >= k, in the
 negated minus the non-negated sentence: diff[q] = A_neg[q, k] - A_nonneg[q, k]. A head's score on
@@ -97,7 +97,7 @@ class NegatorAttention:
         return figures
 
 
-def negator_positions(negated: Int[Tensor, "n pos"], non_negated: Int[Tensor, "n pos"]) -> Int[Tensor, "n"]:
+def negator_positions(negated: Int[Tensor, "n pos"], non_negated: Int[Tensor, "n pos"]) -> Int[Tensor, " n"]:
     """The one position where each pair's tokens differ; raises naming the pair otherwise."""
     if negated.shape != non_negated.shape:
         raise ValueError(f"token shapes differ: {tuple(negated.shape)} vs {tuple(non_negated.shape)}")

@@ -1,4 +1,4 @@
-"""Preliminary analyses of VALSE existence (METHODS.md): how d relates to the caption's length,
+"""Preliminary analyses of VALSE existence (docs/methods.md#preliminary-measures): how d relates to the caption's length,
 to the caption-foil similarity in the joint space and (negation in the foil) to the size of the
 subject in the image, measured by a text-prompted segmentation model such as CLIPSeg."""
 
@@ -25,7 +25,7 @@ MEASURES = {"n_tokens": "caption length (tokens)", "caption_foil_cosine": "cosin
 # Words that end the subject phrase of "There is/are no <subject> ..." (e.g. "people in the picture").
 SUBJECT_STOP = {"in", "on", "at", "shown", "pictured", "visible", "present", "here", "there", "near", "inside",
                 "outside", "around", "under", "behind", "to", "that", "which", "who", "being", "by", "with",
-                "for", "from", "anywhere", "seen", "depicted", "can", "is", "are", "being"}
+                "for", "from", "anywhere", "seen", "depicted", "can", "is", "are"}
 
 SubjectSize = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 

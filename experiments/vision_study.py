@@ -10,7 +10,7 @@ import pandas as pd
 
 from clip_lens.data.image_sets import open_image_set
 from clip_lens.model import HookedCLIP
-from clip_lens.report import Report
+from clip_lens.report import Report, write_study
 from experiments import attention_cancellation, attention_maps
 
 PathLike = Union[str, Path]
@@ -53,7 +53,5 @@ def attention_cancellation_study(model: HookedCLIP, model_label: str, out: PathL
         name = Path(frame["image"][i]).name
         report.figure(attention_maps.attention_map_figure(attention_maps.model_view(model, pixels[i]), maps[i],
                                                           f"Class-token attention, layer {layer} (from 0): {name}"))
-    for name, table in tables.items():
-        table.to_csv(out / f"{name}.csv", index=False)
-    report.write(out / "report.html")
+    write_study(out, tables, report)
     return tables

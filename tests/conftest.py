@@ -48,6 +48,16 @@ def vit_b32():
     return shared_pair("ViT-B-32")
 
 
+@pytest.fixture(scope="session")
+def vit_b32_image(vit_b32):
+    """(pixels [1, 3, 224, 224], their ViT-B-32 image embedding [1, d_embed]): the other modality
+    of text-tower patching tests."""
+    _, model = vit_b32
+    image = random_pixels(1, seed=5)
+    with torch.no_grad():
+        return image, model.encode_image(image)
+
+
 SENTENCES = [
     "There are no giraffes.",
     "There are some giraffes.",

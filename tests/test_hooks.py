@@ -6,7 +6,6 @@ import re
 
 import pytest
 import torch
-
 from conftest import SENTENCES, random_pixels
 
 
@@ -189,7 +188,6 @@ def test_fused_paths_give_the_hooked_values_and_never_overwrite_a_cached_activat
     in-place kernels. Caching hook_pre must still see the true pre-activations (not the GELU written
     over them), and the embeddings agree with a run where every intermediate is hooked."""
     import torch.nn.functional as F
-
     from conftest import random_pixels
 
     _, model = vit_b32

@@ -1,4 +1,4 @@
-"""Image ablation (METHODS.md): the mean-colour image, equality with a hand-written hook loop on
+"""Image ablation (docs/methods.md#image-ablation): the mean-colour image, equality with a hand-written hook loop on
 random ViT-B-32 weights, and IAE / outcome counts on a hand-built case."""
 
 import numpy as np
@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_pixels
 
 from clip_lens.images import mean_colour_pixels
-from conftest import random_pixels
 from experiments import image_ablation
 from experiments.existence import ExistenceInstances
 from experiments.image_ablation import ImageAblation
@@ -90,8 +90,9 @@ def test_prepared_instances_keep_their_text_embeddings(vit_b32):
     """existence.prepare keeps caption and foil embeddings (row-aligned, also after subset), so
     image ablation and the preliminary study do not encode the texts again; without them they are
     encoded on demand, with the same result."""
-    from clip_lens.scores import encode_texts
     from conftest import SHARED_DATA
+
+    from clip_lens.scores import encode_texts
     from experiments import existence
 
     _, model = vit_b32

@@ -4,9 +4,8 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from PIL import Image
-
 from conftest import SENTENCES
+from PIL import Image
 
 
 def test_to_tokens_matches_open_clip_tokenizer(vit_b32):

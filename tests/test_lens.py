@@ -3,9 +3,9 @@ projection applied by hand to the cached residual."""
 
 import torch
 import torch.nn.functional as F
+from conftest import random_pixels
 
 from clip_lens.lens import logit_lens
-from conftest import random_pixels
 
 
 def test_last_layer_is_the_models_score_and_earlier_layers_match_by_hand(vit_b32):

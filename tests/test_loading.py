@@ -6,11 +6,11 @@ import time
 import open_clip
 import pytest
 import torch
+from conftest import SENTENCES, random_pixels, shared_pair
 from safetensors.torch import save_file
 
 import clip_lens
 from clip_lens.loading import UnsupportedArchitecture, hub_reachable
-from conftest import SENTENCES, random_pixels, shared_pair
 
 
 def assert_same_outputs(reference: clip_lens.HookedCLIP, loaded: clip_lens.HookedCLIP):

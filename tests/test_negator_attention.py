@@ -1,4 +1,4 @@
-"""Negator-selective attention (METHODS.md): a planted head in a hand-built tower is found, and the
+"""Negator-selective attention (docs/methods.md#negator-selective-attention): a planted head in a hand-built tower is found, and the
 scores equal a computation by hand from cached patterns."""
 
 import numpy as np

@@ -4,9 +4,9 @@ passes within 1e-5 (max-abs, float32) on real architectures with perturbed rando
 import open_clip
 import pytest
 import torch
+from conftest import SENTENCES, fresh_open_clip, perturb_, random_pixels, shared_pair
 
 import clip_lens
-from conftest import SENTENCES, fresh_open_clip, perturb_, random_pixels, shared_pair
 
 TOL = 1e-5
 

@@ -5,9 +5,9 @@ exact patching where the metric is linear, and bad requests name the offending i
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_pixels
 
 import clip_lens
-from conftest import random_pixels
 
 NEG = ["There are no giraffes.", "There is no cat on the mat.", "There are no people in the picture."]
 POS = ["There are some giraffes.", "There is a cat on the mat.", "There are some people in the picture."]
@@ -15,12 +15,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def setup(vit_b32):
-    _, model = vit_b32
-    image = random_pixels(1, seed=5)
-    with torch.no_grad():
-        image_emb = model.encode_image(image)
-    return model, image, image_emb
+def setup(vit_b32, vit_b32_image):
+    return (vit_b32[1], *vit_b32_image)
 
 
 def score(model, emb, other):

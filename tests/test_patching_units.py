@@ -5,10 +5,10 @@ patching where the metric is linear in the component."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_pixels
 
 import clip_lens
 from clip_lens.sae import TopKSAE
-from conftest import random_pixels
 
 TEXTS = ["There is a cat on the mat.", "There are some giraffes."]
 SOURCES = ["There is a dog on the mat.", "There are some zebras."]
@@ -16,12 +16,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def setup(vit_b32):
-    _, model = vit_b32
-    image = random_pixels(1, seed=5)
-    with torch.no_grad():
-        image_emb = model.encode_image(image)
-    return model, image_emb
+def setup(vit_b32, vit_b32_image):
+    return vit_b32[1], vit_b32_image[1]
 
 
 def score(model, emb, other):

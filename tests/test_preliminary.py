@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import SHARED_DATA, write_noise_images
+
 from experiments import existence, preliminary
 
 

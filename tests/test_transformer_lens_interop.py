@@ -3,9 +3,8 @@ and agrees with a hand-written hook loop."""
 
 import torch
 import torch.nn.functional as F
-from transformer_lens import patching
-
 from conftest import random_pixels
+from transformer_lens import patching
 
 
 def test_get_act_patch_resid_pre_on_text_tower(vit_b32):

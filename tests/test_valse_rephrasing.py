@@ -1,10 +1,10 @@
-"""The existence rephrasing rule (METHODS.md) on hand-written cases and on all of VALSE existence."""
+"""The existence rephrasing rule (docs/methods.md#valse-existence-pairs) on hand-written cases and on all of VALSE existence."""
 
 import pandas as pd
 import pytest
+from conftest import SHARED_DATA, write_noise_images
 
 from clip_lens.data import load_valse, prepare_existence, rephrase_non_negated, resolve_images
-from conftest import SHARED_DATA, write_noise_images
 
 
 @pytest.mark.parametrize("sentence,expected", [

@@ -1,4 +1,4 @@
-"""CANNOT sentences and their "no" -> "some" counterparts (METHODS.md, negator-selective attention).
+"""CANNOT sentences and their "no" -> "some" counterparts (docs/methods.md#cannot-pairs, negator-selective attention).
 
 CANNOT comes in two shapes, both tab-separated with a header row:
 - the official dataset: `premise`, `hypothesis`, `label`;

@@ -1,4 +1,4 @@
-"""VALSE loading and the existence rephrasing of METHODS.md.
+"""VALSE loading and the existence rephrasing of docs/methods.md#valse-existence-pairs.
 
 Existence pairs are (negated, non-negated) sentences such as "There are no animals." /
 "There are animals."; the non-negated one gets "some" before its subject, so that the two have the
@@ -145,7 +145,7 @@ NEGATOR_POSITION = 3
 FURTHER_SLOT = ALIGNED_SLOTS.index("further subject")
 
 
-def align_positions(values: Float[np.ndarray, "n ... pos"], eot: Int[np.ndarray, "n"]) -> tuple[np.ndarray, np.ndarray]:
+def align_positions(values: Float[np.ndarray, "n ... pos"], eot: Int[np.ndarray, " n"]) -> tuple[np.ndarray, np.ndarray]:
     """Map per-position values of existence sentences onto the 8 aligned slots.
 
     Args:
@@ -173,7 +173,7 @@ def align_positions(values: Float[np.ndarray, "n ... pos"], eot: Int[np.ndarray,
     return aligned, counts
 
 
-def weighted_slot_mean(aligned: Float[np.ndarray, "n ... 8"], further_counts: Int[np.ndarray, "n"]) -> np.ndarray:
+def weighted_slot_mean(aligned: Float[np.ndarray, "n ... 8"], further_counts: Int[np.ndarray, " n"]) -> np.ndarray:
     """Mean over instances [..., 8], the further-subject slot weighted by each instance's number of
     further tokens (so it is the mean over all such tokens; 0 when no instance has any)."""
     aligned = np.asarray(aligned, dtype=float)

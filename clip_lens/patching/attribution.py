@@ -1,0 +1,110 @@
+"""Attribution patching: every intervention of a grid estimated to first order from one forward
+and one backward pass per chunk of pairs (docs/methods.md#attribution-patching):
+
+    metric(intervened) - metric(clean) ~= (a_replacement - a) . d metric / d a   at the clean target.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from clip_lens.patching.exact import plan_means, replacement
+from clip_lens.patching.request import Plan, Request
+from clip_lens.patching.result import PatchResult
+from clip_lens.patching.resume import run_cached
+
+
+def run_attribution(request: Request, result: PatchResult) -> None:
+    """Fill `result.effects` (baseline + estimate) and `result.contributions` (the estimates)."""
+    plan, tower = request.plan, request.tower
+    names = [plan.kind.hook_name(layer, tower.cfg.n_layers) for layer in plan.layers]
+    lengths = tower.sequence_lengths(request.target)
+    dataset = request.source if request.source is not None else request.target
+    means = plan_means(plan, tower, dataset, request.mean, request.pair_chunk) if request.intervention == "mean" else {}
+    result.contributions = torch.full_like(result.effects, float("nan"))
+    chunks = range(0, request.n_pairs, request.pair_chunk)
+    for lo in tqdm(chunks, desc=f"attribution {plan.hook}", disable=not request.progress):
+        hi = min(lo + request.pair_chunk, request.n_pairs)
+        acts = _clean_run_with_gradients(request, result, lo, hi, names)
+        cache_s = _source_cache(request, result, lo, hi, names)
+        for li, (layer, name) in enumerate(zip(plan.layers, names)):
+            act, grad = acts[name].detach(), acts[name].grad
+            contrib = first_order_contributions(plan, act, grad, cache_s[name] if cache_s is not None else None,
+                                                means.get(layer))             # [batch, pos, (unit)]
+            _write(result, plan, contrib, lengths[lo:hi], lo, li)
+        tower.zero_grad(set_to_none=True)
+
+
+def _clean_run_with_gradients(request: Request, result: PatchResult, lo: int, hi: int, names: list[str]) -> dict:
+    """Run pairs lo..hi with gradients, record their baselines, and return the hooked activations
+    with their gradients of the metric."""
+    acts: dict[str, Tensor] = {}
+
+    def keep(act: Tensor, hook) -> Tensor:
+        act.retain_grad()
+        acts[hook.name] = act
+        return act
+
+    with torch.enable_grad():
+        emb = request.tower.run_with_hooks(request.target[lo:hi], fwd_hooks=[(name, keep) for name in names])
+        values = request.score(emb, request.other[lo:hi])
+        values.sum().backward()
+    result.baseline[lo:hi] = values.detach()
+    return acts
+
+
+def _source_cache(request: Request, result: PatchResult, lo: int, hi: int, names: list[str]) -> Optional[dict]:
+    """The source runs' activations for "patch" / "resample" (and the source baselines), else None."""
+    if request.intervention not in ("patch", "resample"):
+        return None
+    if request.intervention == "resample":
+        _, cache_s = run_cached(request.tower, request.source[request.resample_pairs[lo:hi]], set(names))
+        return cache_s
+    emb_s, cache_s = run_cached(request.tower, request.source[lo:hi], set(names))
+    with torch.no_grad():
+        result.source_baseline[lo:hi] = request.score(emb_s, request.other[lo:hi])
+    return cache_s
+
+
+def _write(result: PatchResult, plan: Plan, contrib: Tensor, lengths: Tensor, lo: int, li: int) -> None:
+    """Store one layer's contributions [batch, pos, (unit)] of pairs lo.. and baseline + them,
+    summed over the pair's own positions ("sequence") or per position (NaN past its length)."""
+    n = contrib.shape[0]
+    unit_dims = [1] * (contrib.ndim - 2)
+    baseline = result.baseline[lo : lo + n].view(-1, *unit_dims)                   # shape = [batch, (1)]
+    valid = torch.arange(contrib.shape[1])[None] < lengths[:, None]                 # [batch, pos]
+    contrib = contrib * valid.view(n, -1, *unit_dims)                              # shape = [batch, pos, (unit)]
+    if plan.positions is None:
+        result.effects[lo : lo + n, li] = baseline + contrib.sum(1)
+        result.contributions[lo : lo + n, li] = contrib.sum(1)
+        return
+    for pi, pos in enumerate(plan.positions):
+        if pos < contrib.shape[1]:
+            inside = (pos < lengths).view(-1, *unit_dims)
+            result.effects[lo : lo + n, li, pi] = torch.where(inside, baseline + contrib[:, pos], torch.nan)
+            result.contributions[lo : lo + n, li, pi] = torch.where(inside, contrib[:, pos], torch.nan)
+
+
+def first_order_contributions(plan: Plan, act: Tensor, grad: Tensor, act_s: Optional[Tensor],
+                              mean: Optional[Tensor]) -> Float[Tensor, "batch pos *unit"]:
+    """(a_replacement - a) . d metric / d a, per position and unit.
+
+    act, grad: [batch, pos, (head,) d]. Heads sum over d_head, neurons are single coordinates,
+    SAE latents j give (c_rep_j - c_j) * (W_dec[j] . grad); without units, a sum over d.
+    """
+    if plan.sae is not None:
+        with torch.no_grad():
+            codes = plan.sae.encode(act)
+            codes_rep = torch.zeros_like(codes) if plan.intervention == "zero" else plan.sae.encode(act_s)
+            along = grad @ plan.sae.W_dec.detach().T                          # [batch, pos, n_latents]
+        return ((codes_rep - codes) * along)[..., plan.units]
+    contrib = (replacement(plan, act, act_s, mean) - act) * grad
+    if plan.kind.unit_axis == "neuron":
+        return contrib[..., plan.units] if plan.units is not None else contrib.sum(-1)
+    contrib = contrib.sum(-1)
+    return contrib[..., plan.units] if plan.units is not None else contrib

@@ -1,0 +1,222 @@
+"""Exact interventions: build them, skip those that change nothing, batch the rest and run them.
+
+Per chunk of pairs, the target (and source) runs are cached once (`resume.run_cached`). Each
+intervention then resumes from the target's cached residual at its own half-layer step, in the
+causal text tower from its own position on (earlier positions keep their cached keys and
+values), and many run in one batch, each joining when the batch reaches its step.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from clip_lens.patching.request import Plan, Request
+from clip_lens.patching.result import PatchResult
+from clip_lens.patching.resume import cached_at_class_token_only, cached_names, resume, run_cached
+from clip_lens.towers import HookedTower
+
+
+class Intervention:
+    """One exact intervention of one pair: where it resumes and the residual it starts from."""
+
+    __slots__ = ("pair", "key", "start", "state", "suffix", "row")
+
+    def __init__(self, pair: int, key: tuple, start: int, state: Tensor, suffix: int, row: Optional[int]):
+        self.pair = pair      # index within the chunk
+        self.key = key        # its cell of `effects` after the pair index
+        self.start = start    # half-layer step it resumes at
+        self.state = state    # [suffix length, d_model], the residual at `start` from `suffix` on
+        self.suffix = suffix  # first position computed (causal towers); 0 otherwise
+        self.row = row        # the pooled position within the suffix (causal towers), else None
+
+
+def replacement(plan: Plan, act_t: Tensor, act_s: Optional[Tensor], mean: Optional[Tensor]) -> Tensor:
+    """The activation an intervention writes, shaped like the target's `act_t`."""
+    if plan.intervention == "zero":
+        return torch.zeros_like(act_t)
+    if plan.intervention == "mean":
+        return mean.expand_as(act_t)
+    return act_s
+
+
+def unit_replacements(plan: Plan, act_t: Tensor, act_s: Optional[Tensor],
+                      mean: Optional[Tensor]) -> Iterator[tuple[Optional[int], Optional[Tensor]]]:
+    """(unit index, activation with that unit replaced) for each unit of one activation
+    `act_t` / `act_s` [..., (head,) d]; the activation is None where the replacement changes
+    nothing (its result is the clean run's). Without units: one (None, activation)."""
+    if plan.units is None:
+        rep = replacement(plan, act_t, act_s, mean)
+        yield None, (None if torch.equal(rep, act_t) else rep)
+    elif plan.sae is not None:
+        yield from _latent_replacements(plan, act_t, act_s)
+    else:
+        rep_full = replacement(plan, act_t, act_s, mean)
+        for ui, unit in enumerate(plan.units):
+            unit_t, unit_rep = plan.kind.unit(act_t, unit), plan.kind.unit(rep_full, unit)
+            yield ui, (None if torch.equal(unit_rep, unit_t) else plan.kind.with_unit(act_t, unit, unit_rep))
+
+
+def _latent_replacements(plan: Plan, act_t: Tensor, act_s: Optional[Tensor]) -> Iterator[tuple[int, Optional[Tensor]]]:
+    """Latent j written as in the replacement run: a + (c_rep_j - c_j) W_dec[j]."""
+    with torch.no_grad():
+        codes_t = plan.sae.encode(act_t)
+        codes_rep = torch.zeros_like(codes_t) if plan.intervention == "zero" else plan.sae.encode(act_s)
+    delta = codes_rep - codes_t                                                   # [..., n_latents]
+    # shape = [..., n_latents] -> [rows, n_latents]: the latents whose code changes anywhere
+    changed = set((delta != 0).reshape(-1, delta.shape[-1]).any(0).nonzero().flatten().tolist())
+    for ui, latent in enumerate(plan.units):
+        if latent not in changed:
+            yield ui, None
+        else:
+            yield ui, act_t + delta[..., latent, None] * plan.sae.W_dec[latent].detach()
+
+
+def build_interventions(plan: Plan, tower: HookedTower, pair: int, length: int, cache_t: dict,
+                        cache_s: Optional[dict], src_pair: int, means: dict) -> tuple[list[Intervention], list[tuple]]:
+    """The interventions of one pair of a chunk (`length` its own positions), and the keys of
+    those that change nothing."""
+    items, noops = [], []
+    unit_keys = [(ui,) for ui in range(len(plan.units))] if plan.units is not None else [()]
+    positions = plan.positions if plan.positions is not None else [None]
+    for li, layer in enumerate(plan.layers):
+        name = plan.kind.hook_name(layer, tower.cfg.n_layers)
+        act_t = cache_t[name][pair]
+        act_s = cache_s[name][src_pair] if cache_s is not None else None
+        class_token_row = cached_at_class_token_only(tower, name)  # other positions reach nothing
+        for pi, pos in enumerate(positions):
+            if pos is not None and pos >= length:
+                continue
+            key = (li,) + ((pi,) if plan.positions is not None else ())
+            if class_token_row and pos is not None and pos > 0:
+                noops += [key + unit_key for unit_key in unit_keys]
+                continue
+            # the whole sequence is the pair's own tokens (not the padding of a shorter text)
+            sel = slice(0, 1 if class_token_row else length) if pos is None else pos
+            new, new_noops = _at_site(plan, tower, pair, length, layer, pos, sel, key, act_t, act_s, cache_t, means)
+            items.extend(new)
+            noops.extend(new_noops)
+    return items, noops
+
+
+def _at_site(plan: Plan, tower: HookedTower, pair: int, length: int, layer: int, pos: Optional[int], sel, key: tuple,
+             act_t: Tensor, act_s: Optional[Tensor], cache_t: dict, means: dict) -> tuple[list[Intervention], list[tuple]]:
+    """The interventions (one per unit) at one layer and position (`sel` of the activations)."""
+    act_t, act_s = act_t[sel], (act_s[sel] if act_s is not None else None)
+    if act_s is not None and act_s.shape != act_t.shape:
+        raise ValueError(f"pair {pair}: source and target differ in length, which a positional patch needs equal")
+    causal = tower.attends_causally
+    suffix = pos if (causal and pos is not None) else 0  # a causal run recomputes positions suffix.. only
+    items, noops = [], []
+    for ui, rep in unit_replacements(plan, act_t, act_s, means.get(layer)):
+        unit_key = key + ((ui,) if ui is not None else ())
+        if rep is None:
+            noops.append(unit_key)
+            continue
+        state = plan.kind.resumed_residual(tower, layer, rep, cache_t, pair, sel)  # shape = [pos, d_model]
+        items.append(Intervention(pair, unit_key, plan.kind.start_step(layer), state[suffix:length], suffix,
+                                  (length - 1 - suffix) if causal else None))
+    return items, noops
+
+
+def run_exact(request: Request, result: PatchResult) -> None:
+    """Exact interventions of every plan (hook kind), sharing the cached target and source runs;
+    with several plans, each cell's key starts with the plan's index (the "hook" axis)."""
+    tower, plans, n_pairs = request.tower, request.plans, request.n_pairs
+    names_s = {plan.kind.hook_name(layer, tower.cfg.n_layers) for plan in plans for layer in plan.layers}
+    names_t = cached_names(tower, names_s)
+    lengths = tower.sequence_lengths(request.target)
+    means = [plan_means(plan, tower, _dataset(request), request.mean, request.pair_chunk)
+             if request.intervention == "mean" else {} for plan in plans]
+    prefixes = [(i,) if len(plans) > 1 else () for i in range(len(plans))]
+    bar = tqdm(total=n_pairs, desc=f"patch {result.hook} ({request.intervention})", disable=not request.progress,
+               unit="pair")
+    for lo in range(0, n_pairs, request.pair_chunk):
+        hi = min(lo + request.pair_chunk, n_pairs)
+        cache_t, cache_s, src_index = _cached_chunk(request, result, lo, hi, names_t, names_s)
+        items = []
+        for p in range(hi - lo):
+            for plan, plan_mean, prefix in zip(plans, means, prefixes):
+                new, noops = build_interventions(plan, tower, p, int(lengths[lo + p]), cache_t, cache_s,
+                                                 p if src_index is None else int(src_index[p]), plan_mean)
+                for item in new:
+                    item.key = prefix + item.key
+                items += new
+                for key in noops:
+                    result.effects[(lo + p, *prefix, *key)] = result.baseline[lo + p]
+        run_items(request, items, cache_t, lo, result.effects)
+        bar.update(hi - lo)
+    bar.close()
+
+
+def _dataset(request: Request) -> Tensor:
+    """The inputs a "mean" intervention averages over: the sources, or else the targets."""
+    return request.source if request.source is not None else request.target
+
+
+def _cached_chunk(request: Request, result: PatchResult, lo: int, hi: int, names_t: set[str],
+                  names_s: set[str]) -> tuple[dict, Optional[dict], Optional[Tensor]]:
+    """Cache the target (and source) runs of pairs lo..hi and record their baselines.
+    Returns (target cache, source cache, source row of each pair or None for row = pair)."""
+    tower, score, other = request.tower, request.score, request.other[lo:hi]
+    emb_t, cache_t = run_cached(tower, request.target[lo:hi], names_t, embedding_only=True)
+    with torch.no_grad():
+        result.baseline[lo:hi] = score(emb_t, other)
+    if request.intervention == "resample":
+        _, cache_s = run_cached(tower, request.source[request.resample_pairs[lo:hi]], names_s, embedding_only=True)
+        return cache_t, cache_s, torch.arange(hi - lo)
+    if request.intervention == "patch":
+        emb_s, cache_s = run_cached(tower, request.source[lo:hi], names_s, embedding_only=True)
+        with torch.no_grad():
+            result.source_baseline[lo:hi] = score(emb_s, other)
+        return cache_t, cache_s, None
+    return cache_t, None, None
+
+
+def run_items(request: Request, items: list[Intervention], cache_t: dict, offset: int, effects: Tensor) -> None:
+    """Run interventions grouped by (suffix start, suffix length), in batches sorted by start step."""
+    tower, n_layers = request.tower, request.tower.cfg.n_layers
+    causal = tower.attends_causally
+    groups: dict[tuple[int, int], list[Intervention]] = {}
+    for item in items:
+        groups.setdefault((item.suffix, item.state.shape[0]), []).append(item)
+    for (suffix, _), group in groups.items():
+        group.sort(key=lambda it: it.start)
+        for b in range(0, len(group), request.batch_size):
+            batch = group[b : b + request.batch_size]
+            pairs = torch.tensor([it.pair for it in batch])
+            kv = None
+            if causal and suffix > 0:  # the unchanged prefix enters as cached keys and values
+                kv = [(cache_t[f"blocks.{blk}.attn.hook_k"][pairs, :suffix], cache_t[f"blocks.{blk}.attn.hook_v"][pairs, :suffix])
+                      for blk in range(n_layers)]
+            states = torch.stack([it.state for it in batch])                 # [N, suffix length, d_model]
+            rows = torch.tensor([it.row for it in batch]) if causal else None
+            with torch.no_grad():
+                emb = resume(tower, states, [it.start for it in batch], kv, rows)
+                values = request.score(emb, request.other[offset + pairs])
+            for it, value in zip(batch, values):
+                effects[(offset + it.pair, *it.key)] = value
+
+
+def plan_means(plan: Plan, tower: HookedTower, inputs: Tensor, mean: Optional[Tensor], pair_chunk: int) -> dict:
+    """{layer: mean activation} over the dataset `inputs` (pairs, and positions up to each pair's
+    length), or `mean` as given (one for all layers, or one per layer)."""
+    n_layers = tower.cfg.n_layers
+    if mean is not None:
+        mean = torch.as_tensor(mean)
+        per_layer = mean.ndim > 1 and mean.shape[0] == len(plan.layers)
+        return {layer: mean[i] if per_layer else mean for i, layer in enumerate(plan.layers)}
+    names = {plan.kind.hook_name(layer, n_layers) for layer in plan.layers}
+    lengths = tower.sequence_lengths(inputs)
+    positions = torch.arange(tower.n_positions(inputs))
+    sums, count = {}, 0
+    for lo in range(0, inputs.shape[0], pair_chunk):
+        _, cache = run_cached(tower, inputs[lo : lo + pair_chunk], names)
+        valid = positions[None] < lengths[lo : lo + pair_chunk, None]           # [chunk, pos]
+        for name, act in cache.items():
+            sums[name] = sums.get(name, 0) + act[valid].sum(0)
+        count += int(valid.sum())
+    return {layer: sums[plan.kind.hook_name(layer, n_layers)] / count for layer in plan.layers}

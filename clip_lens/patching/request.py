@@ -1,0 +1,310 @@
+"""`patch`'s arguments turned into one checked, frozen request.
+
+Every check on the arguments lives here, so the runners (`exact`, `attribution`,
+`hook_functions`) receive a request that is already known to be consistent.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from clip_lens.model import HookedCLIP
+from clip_lens.patching.result import PatchResult
+from clip_lens.patching.sites import SAE_HOOKS, HookKind, kind_of
+from clip_lens.scores import score as clip_score
+from clip_lens.towers import HookedTower
+
+EXACT_INTERVENTIONS = ("patch", "zero", "mean", "resample")
+METHODS = ("exact", "attribution")
+LARGE_GRID = 50_000  # exact interventions per pair above which `patch` suggests attribution patching
+Metric = Union[str, Callable[[Tensor, Tensor], Tensor]]
+Score = Callable[[Tensor, Tensor], Tensor]  # (embeddings [batch, d_embed], other [batch, d_embed]) -> [batch]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The interventions on one hook kind: a grid of layers x positions x units."""
+
+    kind: HookKind
+    layers: list
+    positions: Optional[list]  # None: the pair's whole sequence at once
+    units: Optional[list]      # heads, neurons or SAE latents; None: the whole activation
+    intervention: Any          # "patch" / "zero" / "mean" / "resample", "value_only" or a hook function
+    sae: Any = None            # splits a residual-space activation into latents (see `patch`)
+
+    @property
+    def hook(self) -> str:
+        return self.kind.name
+
+    @property
+    def unit_axis(self) -> Optional[str]:
+        """"head", "neuron" or "latent": the axis of `units`; None without units."""
+        if self.units is None:
+            return None
+        return "latent" if self.sae is not None else self.kind.unit_axis
+
+
+@dataclass(frozen=True)
+class Request:
+    """One checked call of `patch`: the tower, its inputs, the metric, and the grid of each hook kind."""
+
+    tower: HookedTower
+    target: Tensor                # [n_pairs, pos] tokens or [n_pairs, 3, H, W] pixels
+    source: Optional[Tensor]      # as `target`; the dataset for "mean" / "resample"
+    other: Tensor                 # [n_pairs, d_embed], the other modality ([n_pairs, 0] if not needed)
+    score: Score
+    plans: tuple[Plan, ...]       # one per hook kind, same layers, positions and units
+    mean: Optional[Tensor]
+    method: str
+    resample_pairs: Optional[Tensor]  # [n_pairs], the source index of each pair for "resample"
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]        # of `effects`, value axes included
+    batch_size: int
+    pair_chunk: int
+    progress: bool
+
+    @property
+    def n_pairs(self) -> int:
+        return self.target.shape[0]
+
+    @property
+    def plan(self) -> Plan:
+        return self.plans[0]
+
+    @property
+    def intervention(self) -> Any:
+        return self.plan.intervention
+
+    @property
+    def by_hook_function(self) -> bool:
+        return is_hook_function(self.intervention)
+
+    def empty_result(self) -> PatchResult:
+        """A result whose effects and baselines are NaN until a runner fills them."""
+        value_shape = list(self.shape[-1:]) if "embed" in self.dims else []  # metric="embedding"
+        unit_axis, units = self.plan.unit_axis, self.plan.units
+        intervention = self.intervention
+        nan = functools.partial(torch.full, fill_value=float("nan"))
+        return PatchResult(
+            effects=nan(list(self.shape)), baseline=nan([self.n_pairs] + value_shape),
+            source_baseline=nan([self.n_pairs] + value_shape) if intervention == "patch" else None,
+            dims=self.dims, layers=self.plan.layers, positions=self.plan.positions,
+            hook="+".join(plan.hook for plan in self.plans),
+            heads=units if unit_axis == "head" else None, neurons=units if unit_axis == "neuron" else None,
+            latents=units if unit_axis == "latent" else None,
+            intervention=intervention if isinstance(intervention, str) else getattr(intervention, "__name__", "hook"),
+            method=self.method,
+            extra={"resample_pairs": self.resample_pairs} if self.resample_pairs is not None else {})
+
+
+def is_hook_function(intervention: Any) -> bool:
+    return callable(intervention) or intervention == "value_only"
+
+
+def build_request(model: HookedCLIP, *, target, source, image, text, hook, layers, positions, heads, neurons,
+                  sae, latents, intervention, mean, metric, method, batch_size, pair_chunk, seed,
+                  progress) -> Request:
+    """The checked request of one `patch` call (see `patch` for the arguments)."""
+    kinds = _check_kinds(hook, intervention, method, metric, sae)
+    tower, target, source = _tower_inputs(model, target, source, intervention)
+    embedding_metric = isinstance(metric, str) and metric == "embedding"
+    other_input = image if tower.modality == "text" else text
+    if embedding_metric and other_input is None:
+        other = torch.zeros(target.shape[0], 0)
+    else:
+        other = _other_embeddings(model, tower, other_input, target.shape[0])
+    score = _score(model, metric)
+    plans = _plans(tower, kinds, target, source, layers, positions, heads, neurons, sae, latents, intervention)
+    dims, shape = _dims_and_shape(plans, tower, target.shape[0], embedding_metric)
+    _warn_if_large(plans, shape, method, embedding_metric)
+    perm = _resample_pairs(tower, target, source, seed) if intervention == "resample" else None
+    return Request(tower=tower, target=target, source=source, other=other, score=score, plans=tuple(plans),
+                   mean=mean, method=method, resample_pairs=perm, dims=dims, shape=shape, batch_size=batch_size,
+                   pair_chunk=pair_chunk, progress=progress)
+
+
+def _check_kinds(hook, intervention, method: str, metric: Metric, sae) -> list[HookKind]:
+    """The hook kinds, checked against the intervention, the method and the metric."""
+    names = [hook] if isinstance(hook, str) else list(hook)
+    kinds = [kind_of(name) for name in names]
+    if not kinds:
+        raise ValueError("hook: give a hook kind or a list of them")
+    by_hook_function = is_hook_function(intervention)
+    if not by_hook_function and intervention not in EXACT_INTERVENTIONS:
+        raise ValueError(f"Unknown intervention {intervention!r}; use one of {EXACT_INTERVENTIONS}, 'value_only' or a hook function")
+    if kinds[0].reenters is None and not by_hook_function:
+        raise ValueError(f"hook={kinds[0].name!r} takes a hook-function intervention (e.g. 'value_only')")
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; use 'exact' or 'attribution'")
+    if method == "attribution" and isinstance(metric, str) and metric == "embedding":
+        raise ValueError("attribution patching needs a scalar metric, not metric='embedding'")
+    if len(kinds) > 1 and (by_hook_function or method == "attribution" or sae is not None
+                           or any(kind.unit_axis for kind in kinds)):
+        raise ValueError("several hook kinds at once are for exact patch/zero/mean/resample interventions "
+                         "on resid, attn_out or mlp_out")
+    if method == "attribution" and by_hook_function:
+        raise ValueError("attribution patching needs a patch, zero, mean or resample intervention")
+    return kinds
+
+
+def _tower_inputs(model: HookedCLIP, target, source, intervention) -> tuple[HookedTower, Tensor, Optional[Tensor]]:
+    """(tower, target, source) with both inputs checked for the tower the target belongs to."""
+    tower, target = model.tower_input(target, name="target")
+    if source is not None:
+        source_tower, source = model.tower_input(source, name="source")
+        if source_tower is not tower:
+            raise ValueError(f"source is {source_tower.modality} input but target is {tower.modality} input")
+    if intervention in ("patch", "resample") and source is None:
+        if intervention == "patch":
+            raise ValueError("intervention='patch' needs a source")
+        source = target
+    if intervention == "patch" and source.shape[0] != target.shape[0]:
+        raise ValueError(f"{source.shape[0]} sources for {target.shape[0]} targets")
+    return tower, target, source
+
+
+def _other_embeddings(model: HookedCLIP, tower: HookedTower, other: Any, n: int) -> Tensor:
+    """The other modality's embeddings [n, d_embed], computed once."""
+    argument = "image" if tower.modality == "text" else "text"
+    if other is None:
+        raise ValueError(f"patching the {tower.modality} tower needs the other modality: pass "
+                         f"{argument}=pixels, inputs or embeddings")
+    d_embed = model.text.cfg.d_embed
+    if isinstance(other, Tensor) and other.ndim == 2 and other.is_floating_point() and other.shape[1] == d_embed:
+        emb = other
+    else:
+        other_tower, value = model.tower_input(other, name=argument)
+        if other_tower is tower:
+            raise ValueError(f"the other modality of a {tower.modality} patch cannot be {tower.modality} input")
+        with torch.no_grad():
+            emb = other_tower(value)
+    if emb.shape[0] == 1:
+        emb = emb.expand(n, -1)
+    if emb.shape[0] != n:
+        raise ValueError(f"{emb.shape[0]} embeddings of the other modality for {n} pairs (give 1 or {n})")
+    return emb.detach()
+
+
+def _score(model: HookedCLIP, metric: Metric) -> Score:
+    if metric == "embedding":
+        return lambda emb, other: emb
+    if metric == "score":
+        return functools.partial(clip_score, model)  # S (docs/methods.md#the-score-s)
+    if callable(metric):
+        return metric
+    raise ValueError(f"metric={metric!r}: use 'score', 'embedding' or a callable(embedding, other_embedding) -> [batch]")
+
+
+def check_list(values, valid: range, what: str) -> list:
+    """`values` ("all", one int or a list; tuples inside kept as groups) checked against `valid`."""
+    if isinstance(values, str) and values == "all":
+        return list(valid)
+    if isinstance(values, int):
+        values = [values]
+    out = []
+    for v in values:
+        if isinstance(v, (tuple, list, range)):
+            out.append(tuple(check_list(list(v), valid, what)))
+            continue
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or int(v) not in valid:
+            raise ValueError(f"{what} {v!r} is out of range ({valid.start}..{valid.stop - 1})")
+        out.append(int(v))
+    return out
+
+
+def _plans(tower: HookedTower, kinds: list[HookKind], target: Tensor, source: Optional[Tensor], layers, positions,
+           heads, neurons, sae, latents, intervention) -> list[Plan]:
+    """One plan per hook kind, sharing the first kind's layers, positions and units."""
+    n_layers = tower.cfg.n_layers
+    by_hook_function = is_hook_function(intervention)
+    layer_list = check_list(layers, kinds[0].layers(n_layers), "layer")
+    if any(kind.layers(n_layers) != kinds[0].layers(n_layers) for kind in kinds):
+        raise ValueError(f"hook kinds {[kind.name for kind in kinds]} have different layer ranges; patch them separately")
+    if not by_hook_function and any(isinstance(layer, tuple) for layer in layer_list):
+        raise ValueError("layer groups (tuples) are for hook-function interventions")
+    position_list = None if by_hook_function else _positions(positions, target, tower)
+    _, units = _units(tower, kinds[0], by_hook_function, heads, neurons, sae, latents, intervention)
+    if tower.modality == "text" and source is not None and intervention == "patch":
+        _check_equal_lengths(tower, source, target)
+    return [Plan(kind, layer_list, position_list, units, intervention, sae) for kind in kinds]
+
+
+def _positions(positions, target: Tensor, tower: HookedTower) -> Optional[list]:
+    if isinstance(positions, str) and positions == "sequence":
+        return None
+    return check_list(positions, range(tower.n_positions(target)), "position")
+
+
+def _units(tower: HookedTower, kind: HookKind, by_hook_function: bool, heads, neurons, sae, latents,
+           intervention) -> tuple[Optional[str], Optional[list]]:
+    """(axis name, labels) of the units one activation is split into, or (None, None)."""
+    if sae is not None:
+        return "latent", _sae_latents(tower, kind, by_hook_function, sae, latents, intervention)
+    if by_hook_function or kind.unit_axis is None:
+        return None, None  # a hook-function intervention sees every head at once: no head axis
+    chosen = heads if kind.unit_axis == "head" else neurons
+    return kind.unit_axis, check_list(chosen, range(kind.n_units(tower)), kind.unit_axis)
+
+
+def _sae_latents(tower: HookedTower, kind: HookKind, by_hook_function: bool, sae, latents, intervention) -> list:
+    if not kind.residual_space or by_hook_function:
+        raise ValueError(f"sae= splits a {'/'.join(SAE_HOOKS)} activation with a patch, zero or resample "
+                         f"intervention; got hook={kind.name!r}, intervention={intervention!r}")
+    if intervention == "mean":
+        raise ValueError("sae= takes intervention 'zero', 'patch' or 'resample' (a mean latent code is not defined here)")
+    if not (hasattr(sae, "encode") and hasattr(sae, "W_dec")):
+        raise ValueError("sae= needs an object with encode(x) and W_dec [n_latents, d], e.g. clip_lens.sae.TopKSAE")
+    n_latents, d_in = sae.W_dec.shape
+    if d_in != tower.cfg.d_model:
+        raise ValueError(f"the SAE reads {d_in}-dimensional activations but {kind.name} has d_model={tower.cfg.d_model}")
+    return check_list(latents, range(n_latents), "latent")
+
+
+def _check_equal_lengths(tower: HookedTower, source: Tensor, target: Tensor) -> None:
+    ls, lt = tower.sequence_lengths(source), tower.sequence_lengths(target)
+    bad = (ls != lt).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"pair {i}: source has {int(ls[i])} tokens and target {int(lt[i])}; a positional patch needs "
+                         "equal token lengths")
+
+
+def _dims_and_shape(plans: list[Plan], tower: HookedTower, n_pairs: int,
+                    embedding_metric: bool) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The axes of `effects`: pair, (hook), layer, (position), (unit), (embed), and their sizes."""
+    plan = plans[0]
+    dims, shape = ["pair"], [n_pairs]
+    if len(plans) > 1:
+        dims, shape = dims + ["hook"], shape + [len(plans)]
+    dims, shape = dims + ["layer"], shape + [len(plan.layers)]
+    if plan.positions is not None:
+        dims, shape = dims + ["position"], shape + [len(plan.positions)]
+    if plan.units is not None:
+        dims, shape = dims + [plan.unit_axis], shape + [len(plan.units)]
+    if embedding_metric:
+        dims, shape = dims + ["embed"], shape + [tower.cfg.d_embed]
+    return tuple(dims), tuple(shape)
+
+
+def _warn_if_large(plans: list[Plan], shape: tuple[int, ...], method: str, embedding_metric: bool) -> None:
+    if method != "exact" or is_hook_function(plans[0].intervention):
+        return
+    per_pair = int(np.prod(shape[1:-1] if embedding_metric else shape[1:]))
+    if per_pair > LARGE_GRID:
+        warnings.warn(f"{per_pair:,} exact interventions per pair (each a partial forward pass); method='attribution' "
+                      "estimates them all from one forward and one backward pass", stacklevel=4)
+
+
+def _resample_pairs(tower: HookedTower, target: Tensor, source: Tensor, seed: int) -> Tensor:
+    """The source index of each pair for intervention="resample", drawn with `seed`."""
+    perm = torch.randperm(source.shape[0], generator=torch.Generator().manual_seed(seed))[: target.shape[0]]
+    if tower.modality == "text" and not torch.equal(tower.sequence_lengths(source[perm]), tower.sequence_lengths(target)):
+        raise ValueError("intervention='resample' needs all texts to have the same token length")
+    return perm

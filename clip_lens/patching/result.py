@@ -1,0 +1,73 @@
+"""`PatchResult`: what `clip_lens.patch` returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pandas as pd
+from torch import Tensor
+
+
+@dataclass
+class PatchResult:
+    """What `patch` returns.
+
+    Attributes:
+        effects: the metric of each intervened target run, [pair, (hook), layer, (position),
+            (head | neuron | latent)] (+ [embed] with metric="embedding"); NaN where a position
+            lies beyond a pair's last token.
+        baseline: [pair] (+ [embed]), the metric of the clean target run.
+        source_baseline: [pair], the metric of the clean source run (None without a source).
+        dims: names of the axes of `effects`.
+        hook: the hook kind ("attn_out+mlp_out" for several, along the "hook" axis).
+        layers, positions, heads, neurons, latents: the labels along those axes (None: no such axis).
+        contributions: with method="attribution", the first-order estimates of
+            metric(intervened) - metric(clean) themselves, shaped like `effects` (None otherwise).
+    """
+
+    effects: Tensor
+    baseline: Tensor
+    source_baseline: Optional[Tensor]
+    dims: tuple[str, ...]
+    layers: list
+    positions: Optional[list]
+    heads: Optional[list]
+    hook: str
+    intervention: str
+    method: str = "exact"
+    extra: dict = field(default_factory=dict)
+    neurons: Optional[list] = None
+    latents: Optional[list] = None
+    contributions: Optional[Tensor] = None
+
+    def changes(self) -> Tensor:
+        """metric(intervened) - metric(clean), shaped like `effects`: the attribution estimates
+        as computed, or the exact effects less the baseline."""
+        if self.contributions is not None:
+            return self.contributions
+        n_value_dims = self.baseline.ndim - 1  # the trailing [embed] axis with metric="embedding"
+        view = self.baseline.shape[:1] + (1,) * (self.effects.ndim - 1 - n_value_dims) + self.baseline.shape[1:]
+        return self.effects - self.baseline.view(view)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per pair x intervention (long format), NaN cells dropped.
+
+        Columns: pair, [hook], layer, [position], [head | neuron | latent], metric, baseline,
+        [source_baseline], hook, intervention, method.
+        """
+        if "embed" in self.dims:
+            raise ValueError("effects are embeddings (metric='embedding'); score them, then tabulate")
+        labels = {"pair": list(range(self.effects.shape[0])), "hook": self.hook.split("+"), "layer": self.layers,
+                  "position": self.positions, "head": self.heads, "neuron": self.neurons, "latent": self.latents}
+        index = pd.MultiIndex.from_product([labels[d] for d in self.dims], names=list(self.dims))
+        frame = pd.DataFrame({"metric": self.effects.detach().cpu().reshape(-1).numpy()}, index=index).reset_index()
+        frame = frame.dropna(subset=["metric"])
+        pairs = frame["pair"].to_numpy()
+        frame["baseline"] = self.baseline.detach().cpu().numpy()[pairs]
+        if self.source_baseline is not None:
+            frame["source_baseline"] = self.source_baseline.detach().cpu().numpy()[pairs]
+        if "hook" not in self.dims:
+            frame["hook"] = self.hook
+        frame["intervention"], frame["method"] = self.intervention, self.method
+        return frame.reset_index(drop=True)

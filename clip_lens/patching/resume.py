@@ -1,0 +1,118 @@
+"""Cached runs of the target and source, and runs resumed from a cached half-layer.
+
+Steps count half-layers (docs/methods.md#layer-numbering): step 2b is the residual before block b,
+step 2b + 1 the residual between its attention and its MLP; the last step, 2L, is the residual
+after the last block.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Optional
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from clip_lens.towers import HookedTower
+
+
+def cached_names(tower: HookedTower, source_names: set[str]) -> set[str]:
+    """Hooks a target run caches for exact interventions: every residual (where interventions
+    resume), the keys and values of a causal tower (the unchanged prefix of a resumed run), and
+    the hooks read from the source."""
+    n_layers = tower.cfg.n_layers
+    names = {f"blocks.{n_layers - 1}.hook_resid_post"}
+    for b in range(n_layers):
+        names |= {f"blocks.{b}.hook_resid_pre", f"blocks.{b}.hook_resid_mid", f"blocks.{b}.hook_resid_post"}
+        if tower.attends_causally:
+            names |= {f"blocks.{b}.attn.hook_k", f"blocks.{b}.attn.hook_v"}
+    return names | source_names
+
+
+def cached_at_class_token_only(tower: HookedTower, name: str) -> bool:
+    """Whether `run_cached(embedding_only=True)` keeps hook `name` at the class token only ([batch, 1, ...]): the hooks
+    of a class-token tower's last block other than its input. Their other positions never reach
+    the embedding, so an intervention there changes nothing."""
+    prefix = f"blocks.{tower.cfg.n_layers - 1}."
+    return tower.pools_class_token and name.startswith(prefix) and name != prefix + "hook_resid_pre"
+
+
+def run_cached(tower: HookedTower, inputs: Tensor, names: set[str], *,
+               embedding_only: bool = False) -> tuple[Tensor, dict]:
+    """(embeddings [batch, d_embed], {name: activation}) of a run without gradients.
+
+    With `embedding_only`, a class-token tower computes its last block at the class token only
+    and caches that block's hooks as one row (`cached_at_class_token_only`): about 5/6 of the
+    block's work, for runs whose other positions are never read (exact interventions)."""
+    if embedding_only and tower.pools_class_token:
+        return _run_cached_class_token(tower, inputs, names)
+    with torch.no_grad():
+        emb, cache = tower.run_with_cache(inputs, names_filter=lambda n: n in names)
+    return emb, cache.cache_dict
+
+
+def _run_cached_class_token(tower: HookedTower, inputs: Tensor, names: set[str]) -> tuple[Tensor, dict]:
+    last = tower.cfg.n_layers - 1
+    prefix = f"blocks.{last}."
+    late = {n for n in names if cached_at_class_token_only(tower, n)}
+    early = {n for n in names if not n.startswith(prefix)}
+    store: dict[str, Tensor] = {}
+
+    def save(act: Tensor, hook) -> None:
+        store[hook.name] = act
+
+    with torch.no_grad():
+        resid, cache = tower.run_with_cache(inputs, stop_at_layer=last, names_filter=lambda n: n in early)
+        store.update(cache.cache_dict)
+        store[prefix + "hook_resid_pre"] = resid
+        with tower.hooks(fwd_hooks=[(n, save) for n in late]):
+            emb = tower.pool(last_block_at_class_token(tower, resid, [2 * last] * len(resid)))
+    return emb, store
+
+
+def resume(tower: HookedTower, states: Float[Tensor, "N S d_model"], starts: list[int],
+           kv: Optional[list[tuple[Tensor, Tensor]]], rows: Optional[Tensor]) -> Float[Tensor, "N d_embed"]:
+    """Embeddings of N runs resumed at half-layer steps, in one batch.
+
+    Args:
+        states: residual streams (suffix positions only, see `kv`) at each run's start step,
+            sorted so that `starts` ascends. Updated in place.
+        starts: each run's start step; a run joins the batch when the loop reaches it.
+        kv: per block, cached (keys, values) [N, prefix, head, d_head] of the positions before
+            the suffix (causal towers), or None when the suffix is the whole sequence.
+        rows: [N], the pooled position within the suffix (text), or None (the tower pools itself).
+    """
+    x = states
+    n_steps = 2 * tower.cfg.n_layers
+    # a class-token tower needs only the class token's row out of the last block
+    class_token_only = rows is None and tower.pools_class_token
+    for step in range(starts[0], n_steps - 2 if class_token_only else n_steps):
+        active = bisect.bisect_right(starts, step)  # runs that have joined by this step
+        block = tower.blocks[step // 2]
+        if step % 2 == 0:
+            past = (kv[step // 2][0][:active], kv[step // 2][1][:active]) if kv is not None else None
+            block.attn_half_(x[:active], past)
+        else:
+            block.mlp_half_(x[:active])
+    if class_token_only:
+        return tower.pool(last_block_at_class_token(tower, x, starts))
+    if rows is None:
+        return tower.pool(x)
+    return tower.pool_rows(x[torch.arange(x.shape[0]), rows])
+
+
+def last_block_at_class_token(tower: HookedTower, x: Float[Tensor, "N pos d_model"],
+                              starts: list[int]) -> Float[Tensor, "N 1 d_model"]:
+    """The residual after the last block at the class token (position 0) only, from residuals at
+    the last block's input (or, per `starts`, at its middle)."""
+    block, last = tower.blocks[-1], 2 * tower.cfg.n_layers - 2
+    cls = x[:, :1].clone()
+    active = bisect.bisect_right(starts, last)
+    if active:  # non-causal attention: the order of the keys does not matter
+        past = block.attn.keys_values(block.ln1(x[:active, 1:]))
+        cls[:active] = block.attn_half(x[:active, :1], past)
+    active = bisect.bisect_right(starts, last + 1)
+    if active:
+        cls[:active] = block.mlp_half(cls[:active])
+    return cls

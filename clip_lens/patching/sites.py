@@ -1,0 +1,148 @@
+"""The hook kinds `patch` intervenes on, one row each.
+
+A row says what the hook is called at a layer, which layers it has, the single units it splits
+into (heads, neurons; SAE latents split any residual-space kind), and where a replacement
+re-enters the residual stream. Adding a hook kind is adding a row.
+
+Resumed runs count in half-layers: step 2b is the residual before block b (`hook_resid_pre`),
+step 2b + 1 the residual between its attention and its MLP (`hook_resid_mid`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from clip_lens.components import TransformerBlock
+from clip_lens.towers import HookedTower
+
+
+def _as_is(block: TransformerBlock, out: Tensor) -> Tensor:
+    return out
+
+
+def _heads_to_attn_out(block: TransformerBlock, z: Float[Tensor, "... head d_head"]) -> Float[Tensor, "... d_model"]:
+    """The attention output recomputed from (edited) per-head values z."""
+    out = block.attn.project_z(z)
+    return out * block.ls1 if block.ls1 is not None else out
+
+
+def _neurons_to_mlp_out(block: TransformerBlock, post: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_model"]:
+    """The MLP output recomputed from (edited) neuron activations."""
+    out = block.mlp.project_post(post)
+    return out * block.ls2 if block.ls2 is not None else out
+
+
+@dataclass(frozen=True)
+class HookKind:
+    """One hook kind of the engine.
+
+    Attributes:
+        name: what `patch(hook=...)` calls it.
+        leaf: the hook's name inside block b, `blocks.{b}.{leaf}`.
+        unit_axis: "head" or "neuron" when one activation splits into single units, else None.
+        reenters: where a replacement joins the residual stream: "resid" (it is the residual),
+            "attn" (added after block b's attention), "mlp" (added after block b's MLP); None for
+            kinds only hook functions intervene on.
+        to_output: the block's residual-space output from the (edited) activation.
+        residual_space: the activation is d_model wide, so an SAE can split it into latents.
+        has_final_layer: layers run 0..L (the residual after the last block is layer L), not 0..L-1.
+    """
+
+    name: str
+    leaf: str
+    unit_axis: Optional[str] = None
+    reenters: Optional[str] = None
+    to_output: Callable[[TransformerBlock, Tensor], Tensor] = _as_is
+    residual_space: bool = False
+    has_final_layer: bool = False
+
+    def layers(self, n_layers: int) -> range:
+        return range(n_layers + 1) if self.has_final_layer else range(n_layers)
+
+    def hook_name(self, layer: int, n_layers: int) -> str:
+        """The tower hook name at `layer` (the residual at layer L is the last block's resid_post)."""
+        if self.has_final_layer and layer == n_layers:
+            return f"blocks.{n_layers - 1}.hook_resid_post"
+        return f"blocks.{layer}.{self.leaf}"
+
+    def n_units(self, tower: HookedTower) -> int:
+        return {"head": tower.cfg.n_heads, "neuron": tower.cfg.d_mlp}[self.unit_axis]
+
+    def unit(self, act: Tensor, unit: int) -> Tensor:
+        """One unit of `act` [..., (head,) d]: a head's [..., d_head] or a neuron's [...]."""
+        return act[..., unit, :] if self.unit_axis == "head" else act[..., unit]
+
+    def with_unit(self, act: Tensor, unit: int, value: Tensor) -> Tensor:
+        """A copy of `act` with one unit set to `value`."""
+        out = act.clone()
+        if self.unit_axis == "head":
+            out[..., unit, :] = value
+        else:
+            out[..., unit] = value
+        return out
+
+    def start_step(self, layer: int) -> int:
+        """The half-layer step a run resumes at after a replacement at `layer`."""
+        return {"resid": 2 * layer, "attn": 2 * layer + 1, "mlp": 2 * layer + 2}[self.reenters]
+
+    def resumed_residual(self, tower: HookedTower, layer: int, rep: Tensor, cache: dict, pair: int,
+                         sel) -> Float[Tensor, "pos d_model"]:
+        """The residual stream at `start_step(layer)` of one target run (`pair` of the cached
+        `cache`) with the activation at positions `sel` replaced by `rep`."""
+        if self.reenters == "resid":
+            state = cache[self.hook_name(layer, tower.cfg.n_layers)][pair].clone()
+            state[sel] = rep
+            return state
+        block = tower.blocks[layer]
+        with torch.no_grad():
+            out = self.to_output(block, rep)
+        before, after = ("hook_resid_pre", "hook_resid_mid") if self.reenters == "attn" else ("hook_resid_mid", "hook_resid_post")
+        state = cache[f"blocks.{layer}.{after}"][pair].clone()
+        state[sel] = cache[f"blocks.{layer}.{before}"][pair][sel] + out
+        return state
+
+
+KINDS: dict[str, HookKind] = {kind.name: kind for kind in (
+    HookKind("resid", "hook_resid_pre", reenters="resid", residual_space=True, has_final_layer=True),
+    HookKind("attn_out", "hook_attn_out", reenters="attn", residual_space=True),
+    HookKind("mlp_out", "hook_mlp_out", reenters="mlp", residual_space=True),
+    HookKind("z", "attn.hook_z", unit_axis="head", reenters="attn", to_output=_heads_to_attn_out),
+    HookKind("mlp_post", "mlp.hook_post", unit_axis="neuron", reenters="mlp", to_output=_neurons_to_mlp_out),
+    HookKind("pattern", "attn.hook_pattern"),  # hook functions only (e.g. value-only attention)
+)}
+HOOK_KINDS = tuple(KINDS)
+UNIT_AXES = {kind.name: kind.unit_axis for kind in KINDS.values() if kind.unit_axis}
+SAE_HOOKS = tuple(kind.name for kind in KINDS.values() if kind.residual_space)
+
+
+def kind_of(name: str) -> HookKind:
+    if name not in KINDS:
+        raise ValueError(f"Unknown hook kind {name!r}; use one of {HOOK_KINDS}")
+    return KINDS[name]
+
+
+def hook_name(kind: str, layer: int, n_layers: int) -> str:
+    """The tower hook name of hook kind `kind` at `layer` in a tower of `n_layers` blocks, e.g.
+    hook_name("resid", 12, 12) -> "blocks.11.hook_resid_post" (docs/methods.md#layer-numbering)."""
+    return kind_of(kind).hook_name(layer, n_layers)
+
+
+def hook_site(name: str, n_layers: int) -> tuple[str, int]:
+    """(hook kind, layer) that `patch` uses for a tower's hook name, e.g.
+    "blocks.11.hook_resid_post" -> ("resid", 12) in a 12-block tower (the residual after block b is
+    layer b + 1, docs/methods.md#layer-numbering), "blocks.3.mlp.hook_post" -> ("mlp_post", 3)."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit() and int(parts[1]) < n_layers:
+        block, leaf = int(parts[1]), ".".join(parts[2:])
+        if leaf == "hook_resid_post":
+            return "resid", block + 1
+        for kind in KINDS.values():
+            if kind.leaf == leaf:
+                return kind.name, block
+    raise ValueError(f"{name!r} is not a hook `patch` intervenes on: use blocks.<b>.hook_resid_pre / hook_resid_post / "
+                     f"hook_attn_out / hook_mlp_out / attn.hook_z / mlp.hook_post (b in 0..{n_layers - 1})")
