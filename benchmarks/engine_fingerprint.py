@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHORT = {"exact": "exact", "attribution": "attr"}  # output names, as recorded since the first fingerprint
 
 
-def record(out: Path, n_ablation: int) -> None:
+def record(out: Path, n_ablation: int, valse: Path) -> None:
     import clip_lens
     from clip_lens.data import load_valse, prepare_existence
     from experiments import existence, image_ablation
@@ -37,7 +38,6 @@ def record(out: Path, n_ablation: int) -> None:
     from clip_lens.sae import TopKSAE
 
     print(f"clip_lens from {Path(clip_lens.__file__).parent}", flush=True)
-    valse = SHARED / "valse" / "existence.json"
     _, model = random_model_pair("ViT-B-32", 0)
     pairs = prepare_existence(load_valse(valse), model.to_tokens).pairs
     image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -55,7 +55,7 @@ def record(out: Path, n_ablation: int) -> None:
     for kind in ("attn_out", "mlp_out", "z", "mlp_post"):
         units = dict(neurons=list(range(0, 2048, 97))) if kind == "mlp_post" else {}
         for method in ("exact", "attribution"):
-            out_[f"{method}_{kind}"] = clip_lens.patch(model, target=pos[:3], source=neg[:3], hook=kind, method=method,
+            out_[f"{SHORT[method]}_{kind}"] = clip_lens.patch(model, target=pos[:3], source=neg[:3], hook=kind, method=method,
                                                        **units, **text).effects
     out_["mean_multi"] = clip_lens.patch(model, target=pos, hook=["attn_out", "mlp_out"], intervention="mean",
                                          positions="sequence", **text).effects
@@ -65,7 +65,7 @@ def record(out: Path, n_ablation: int) -> None:
     torch.manual_seed(1)
     sae = TopKSAE(512, 64, k=8)
     for method in ("exact", "attribution"):
-        out_[f"sae_{method}"] = clip_lens.patch(model, target=pos[:2], source=neg[:2], layers=[4, 12], sae=sae,
+        out_[f"sae_{SHORT[method]}"] = clip_lens.patch(model, target=pos[:2], source=neg[:2], layers=[4, 12], sae=sae,
                                                 method=method, **text).effects
     px = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     out_["vision_z"] = clip_lens.patch(model, target=px[:2], source=px[1:3], text=["a dog", "a cat"], hook="z",
@@ -89,8 +89,11 @@ def compare(before: Path, after: Path) -> bool:
     same_all = a.keys() == b.keys()
     for name in a:
         x, y = a[name], b.get(name)
-        same = y is not None and x.shape == y.shape and torch.equal(x.isnan(), y.isnan()) \
-            and torch.equal(x.nan_to_num(), y.nan_to_num())
+        if y is None:
+            same_all = False
+            print(f"{name:24s} missing from {after}")
+            continue
+        same = x.shape == y.shape and torch.equal(x.isnan(), y.isnan()) and torch.equal(x.nan_to_num(), y.nan_to_num())
         same_all &= same
         print(f"{name:24s} {str(tuple(x.shape)):18s} {'bitwise identical' if same else 'DIFFERENT'} "
               f"({int((~x.isnan()).sum())} values)")
@@ -104,13 +107,14 @@ def main(argv=None) -> int:
     rec = sub.add_parser("record")
     rec.add_argument("out", type=Path)
     rec.add_argument("--ablation-instances", type=int, default=64)
+    rec.add_argument("--valse", type=Path, default=SHARED / "valse" / "existence.json")
     cmp = sub.add_parser("compare")
     cmp.add_argument("before", type=Path)
     cmp.add_argument("after", type=Path)
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)
     if args.command == "record":
-        record(args.out, args.ablation_instances)
+        record(args.out, args.ablation_instances, args.valse)
         return 0
     return 0 if compare(args.before, args.after) else 1
 

@@ -129,7 +129,15 @@ class HookedCLIP(HookedModule):
         """The tower an input belongs to, and the input ready for it: texts or tokens [batch, pos]
         (trimmed to the longest EOT) for the text tower, images or pixels [batch, 3, H, W] for the
         vision tower. `name` is the argument named in the error for anything else."""
-        if isinstance(value, str) or (isinstance(value, (list, tuple)) and value and isinstance(value[0], str)):
+        if isinstance(value, (list, tuple)) and not value:
+            raise ValueError(f"{name} is empty: give at least one text or image")
+        if isinstance(value, (list, tuple)) and any(isinstance(v, str) for v in value):
+            if not all(isinstance(v, str) for v in value):
+                i = next(i for i, v in enumerate(value) if not isinstance(v, str))
+                raise TypeError(f"{name}[{i}] is {type(value[i]).__name__} ({value[i]!r}); {name} mixes texts with "
+                                "something else")
+            return self.text, self.to_tokens(value)
+        if isinstance(value, str):
             return self.text, self.to_tokens(value)
         if isinstance(value, Tensor) and value.dtype in (torch.long, torch.int):
             return self.text, self.text.check_input(value)

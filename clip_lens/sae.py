@@ -124,7 +124,7 @@ def train_sae(activations: Float[Tensor, "n d_in"], n_latents: int, k: int, *, s
     history, start = TrainHistory(), 0
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if directory is not None and resume and (directory / "checkpoint.pt").is_file():
-        state = torch.load(directory / "checkpoint.pt", weights_only=False)
+        state = torch.load(directory / "checkpoint.pt", weights_only=True)  # tensors and plain values only: loading runs no code
         if state["config"] != sae.config():
             raise ValueError(f"checkpoint in {directory} is for {state['config']}, not {sae.config()}")
         sae.load_state_dict(state["sae"])

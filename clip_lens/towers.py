@@ -14,6 +14,7 @@ in the vision tower), layer l is the residual after block l - 1, layer L the out
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from typing import Optional, Sequence, Union
 
@@ -26,6 +27,9 @@ from clip_lens.components import LayerNorm, PatchEmbed, Projection, TokenEmbed, 
 from clip_lens.config import TextConfig, TowerConfig, VisionConfig
 from clip_lens.hooks import HookedModule
 from clip_lens.tokenization import Tokenizer
+
+# Normalised pixels ((x - mean) / std of [0, 1] values) stay within about +-3; 0-255 values do not.
+PIXEL_LIMIT = 10.0
 
 
 class HookedTower(HookedModule):
@@ -160,9 +164,20 @@ class HookedTextTower(HookedTower):
         self._tokenizer = tokenizer
 
     def to_tokens(self, texts: Union[str, Sequence[str]], trim: bool = True) -> Int[Tensor, "batch pos"]:
-        """Tokenize; with `trim`, drop the padding after the longest EOT of the batch."""
-        tokens = self.tokenizer([texts] if isinstance(texts, str) else list(texts))
-        tokens = tokens.to(self.cfg.device)
+        """Tokenize; with `trim`, drop the padding after the longest EOT of the batch. A text that
+        fills the whole context (and may have been cut to fit) is named in a warning."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("texts is empty: give at least one text")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is {type(text).__name__} ({text!r}), not a string")
+        tokens = self.tokenizer(texts).to(self.cfg.device)
+        if self.can_trim:
+            full = (self.pooled_positions(tokens) >= tokens.shape[1] - 1).nonzero().flatten().tolist()
+            for i in full[:3]:
+                warnings.warn(f"text {i} ({texts[i][:60]!r}{'...' if len(texts[i]) > 60 else ''}) fills all "
+                              f"{self.cfg.n_ctx} token slots and may have been cut to fit", stacklevel=3)
         return self.trim(tokens) if trim else tokens
 
     def to_str_tokens(self, text: Union[str, Tensor]) -> list[str]:
@@ -200,8 +215,15 @@ class HookedTextTower(HookedTower):
                 "text must be integer tokens of shape [batch, pos] (use model.to_tokens(texts)); "
                 f"got {type(tokens).__name__} {getattr(tokens, 'shape', '')}"
             )
+        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens of shape {tuple(tokens.shape)} are empty")
         if tokens.shape[1] > self.cfg.n_ctx:
             raise ValueError(f"tokens have {tokens.shape[1]} positions; the tower takes at most {self.cfg.n_ctx}")
+        bad = ((tokens < 0) | (tokens >= self.cfg.d_vocab)).nonzero()
+        if len(bad):
+            row, pos = (int(i) for i in bad[0])
+            raise ValueError(f"token id {int(tokens[row, pos])} at row {row}, position {pos} is outside the vocabulary "
+                             f"(0..{self.cfg.d_vocab - 1})")
         return tokens
 
     @property
@@ -304,12 +326,25 @@ class HookedVisionTower(HookedTower):
         self.setup()
 
     def check_pixels(self, pixels: Tensor) -> Float[Tensor, "batch 3 height width"]:
+        """`pixels` as the tower takes them: normalised floats [batch, 3, H, W], finite, batch > 0."""
         expected = (3, *self.cfg.image_size)
         if not isinstance(pixels, Tensor) or pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
             raise ValueError(
                 f"image must be a pixel tensor of shape [batch, {expected[0]}, {expected[1]}, {expected[2]}] "
                 f"(use model.to_pixels(images)); got {type(pixels).__name__} {tuple(getattr(pixels, 'shape', ()))}"
             )
+        if pixels.shape[0] == 0:
+            raise ValueError("pixels hold no image (batch of 0)")
+        if not pixels.is_floating_point():
+            raise ValueError(f"pixels are {pixels.dtype}: the tower takes normalised floats; pass raw images through "
+                             "model.to_pixels, which resizes and normalises them")
+        finite = torch.isfinite(pixels).flatten(1).all(1)
+        if not bool(finite.all()):
+            raise ValueError(f"image {int((~finite).nonzero()[0])} of the batch has NaN or infinite pixel values")
+        largest = float(pixels.abs().max())
+        if largest > PIXEL_LIMIT:
+            raise ValueError(f"pixel values reach {largest:.1f}: normalised pixels lie within a few units of 0 (0-255 "
+                             "values?); pass raw images through model.to_pixels")
         return pixels
 
     @property

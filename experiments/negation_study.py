@@ -126,7 +126,8 @@ def cannot_negator_attention(model: HookedCLIP, model_label: str, cannot: Union[
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sentences = load_cannot(cannot)
-    pairs = no_determiner_pairs(sentences, tokenize=model.to_tokens, spacy_model=spacy_model, progress=progress)
+    pairs = no_determiner_pairs(sentences, tokenize=model.to_tokens, spacy_model=spacy_model,
+                                context_length=model.text.cfg.n_ctx, progress=progress)
     kept = pairs.pairs.head(limit) if limit is not None else pairs.pairs
     if not len(kept):
         raise ValueError(f"no 'no'-determiner sentences found in {cannot}")

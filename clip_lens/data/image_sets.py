@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from clip_lens.images import path_in_folder
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -37,7 +39,7 @@ def load_image_folder(folder: Union[str, Path], labels: Optional[Union[str, Path
         table = pd.read_csv(labels, dtype=str)
         if not {"image", "label"} <= set(table.columns):
             raise ValueError(f"{labels} needs columns 'image' and 'label'; it has {list(table.columns)}")
-        paths = [folder / name for name in table["image"]]
+        paths = [path_in_folder(folder, name, f"{labels}, row {i + 1}") for i, name in enumerate(table["image"])]
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"{len(missing)} image(s) listed in {labels} missing from {folder}: {', '.join(missing[:5])}")

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float, Int
 
+from clip_lens.images import path_in_folder
+
 NEGATED = re.compile(r"^There (is|are) no (\S.*)$")
 NON_NEGATED = re.compile(r"^There (is|are) (\S.*)$")
 KEEP_DETERMINERS = {"a", "an", "some"}
@@ -118,7 +120,7 @@ def resolve_images(pairs: pd.DataFrame, image_dir: Union[str, Path], missing: st
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"Image folder not found: {image_dir}")
-    paths = [image_dir / str(name) for name in pairs["image_file"]]
+    paths = [path_in_folder(image_dir, name, f"VALSE instance {key}") for key, name in zip(pairs["id"], pairs["image_file"])]
     found = np.array([p.is_file() for p in paths], dtype=bool)
     absent = pairs.loc[~found, ["id", "image_file"]].reset_index(drop=True)
     if len(absent) and missing == "raise":

@@ -4,13 +4,19 @@ Per chunk of pairs, the target (and source) runs are cached once (`resume.run_ca
 intervention then resumes from the target's cached residual at its own half-layer step, in the
 causal text tower from its own position on (earlier positions keep their cached keys and
 values), and many run in one batch, each joining when the batch reaches its step.
+
+An intervention holds a recipe for its residual stream, not the stream: the streams are built
+when its batch runs, so memory grows with `batch_size`, not with the grid (a ViT-B-16 grid over
+every position would otherwise hold 197 x 13 residual streams per image).
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+import functools
+from typing import Callable, Iterator, Optional
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -21,17 +27,20 @@ from clip_lens.towers import HookedTower
 
 
 class Intervention:
-    """One exact intervention of one pair: where it resumes and the residual it starts from."""
+    """One exact intervention of one pair: where it resumes and how to build the residual it
+    starts from."""
 
-    __slots__ = ("pair", "key", "start", "state", "suffix", "row")
+    __slots__ = ("pair", "key", "start", "make_state", "suffix", "rows", "row")
 
-    def __init__(self, pair: int, key: tuple, start: int, state: Tensor, suffix: int, row: Optional[int]):
-        self.pair = pair      # index within the chunk
-        self.key = key        # its cell of `effects` after the pair index
-        self.start = start    # half-layer step it resumes at
-        self.state = state    # [suffix length, d_model], the residual at `start` from `suffix` on
-        self.suffix = suffix  # first position computed (causal towers); 0 otherwise
-        self.row = row        # the pooled position within the suffix (causal towers), else None
+    def __init__(self, pair: int, key: tuple, start: int, make_state: Callable[[], Tensor], suffix: int, rows: int,
+                 row: Optional[int]):
+        self.pair = pair              # index within the chunk
+        self.key = key                # its cell of `effects` after the pair index
+        self.start = start            # half-layer step it resumes at
+        self.make_state = make_state  # () -> [rows, d_model], the residual at `start` from `suffix` on
+        self.suffix = suffix          # first position computed (causal towers); 0 otherwise
+        self.rows = rows              # positions computed
+        self.row = row                # the pooled position within the suffix (causal towers), else None
 
 
 def replacement(plan: Plan, act_t: Tensor, act_s: Optional[Tensor], mean: Optional[Tensor]) -> Tensor:
@@ -43,24 +52,32 @@ def replacement(plan: Plan, act_t: Tensor, act_s: Optional[Tensor], mean: Option
     return act_s
 
 
+RepFactory = Callable[[], Tensor]  # () -> the replaced activation, built when its batch runs
+
+
 def unit_replacements(plan: Plan, act_t: Tensor, act_s: Optional[Tensor],
-                      mean: Optional[Tensor]) -> Iterator[tuple[Optional[int], Optional[Tensor]]]:
-    """(unit index, activation with that unit replaced) for each unit of one activation
-    `act_t` / `act_s` [..., (head,) d]; the activation is None where the replacement changes
-    nothing (its result is the clean run's). Without units: one (None, activation)."""
+                      mean: Optional[Tensor]) -> Iterator[tuple[Optional[int], Optional[RepFactory]]]:
+    """(unit index, a factory of the activation with that unit replaced) for each unit of one
+    activation `act_t` / `act_s` [..., (head,) d]; the factory is None where the replacement
+    changes nothing (its result is the clean run's). Without units: one (None, factory)."""
     if plan.units is None:
         rep = replacement(plan, act_t, act_s, mean)
-        yield None, (None if torch.equal(rep, act_t) else rep)
+        yield None, (None if torch.equal(rep, act_t) else functools.partial(_as_is, rep))
     elif plan.sae is not None:
         yield from _latent_replacements(plan, act_t, act_s)
     else:
         rep_full = replacement(plan, act_t, act_s, mean)
         for ui, unit in enumerate(plan.units):
             unit_t, unit_rep = plan.kind.unit(act_t, unit), plan.kind.unit(rep_full, unit)
-            yield ui, (None if torch.equal(unit_rep, unit_t) else plan.kind.with_unit(act_t, unit, unit_rep))
+            changes = not torch.equal(unit_rep, unit_t)
+            yield ui, (functools.partial(plan.kind.with_unit, act_t, unit, unit_rep) if changes else None)
 
 
-def _latent_replacements(plan: Plan, act_t: Tensor, act_s: Optional[Tensor]) -> Iterator[tuple[int, Optional[Tensor]]]:
+def _as_is(rep: Tensor) -> Tensor:
+    return rep
+
+
+def _latent_replacements(plan: Plan, act_t: Tensor, act_s: Optional[Tensor]) -> Iterator[tuple[int, Optional[RepFactory]]]:
     """Latent j written as in the replacement run: a + (c_rep_j - c_j) W_dec[j]."""
     with torch.no_grad():
         codes_t = plan.sae.encode(act_t)
@@ -69,10 +86,11 @@ def _latent_replacements(plan: Plan, act_t: Tensor, act_s: Optional[Tensor]) -> 
     # shape = [..., n_latents] -> [rows, n_latents]: the latents whose code changes anywhere
     changed = set((delta != 0).reshape(-1, delta.shape[-1]).any(0).nonzero().flatten().tolist())
     for ui, latent in enumerate(plan.units):
-        if latent not in changed:
-            yield ui, None
-        else:
-            yield ui, act_t + delta[..., latent, None] * plan.sae.W_dec[latent].detach()
+        yield ui, (functools.partial(_with_latent, plan.sae, act_t, delta, latent) if latent in changed else None)
+
+
+def _with_latent(sae, act_t: Tensor, delta: Tensor, latent: int) -> Tensor:
+    return act_t + delta[..., latent, None] * sae.W_dec[latent].detach()
 
 
 def build_interventions(plan: Plan, tower: HookedTower, pair: int, length: int, cache_t: dict,
@@ -110,16 +128,25 @@ def _at_site(plan: Plan, tower: HookedTower, pair: int, length: int, layer: int,
         raise ValueError(f"pair {pair}: source and target differ in length, which a positional patch needs equal")
     causal = tower.attends_causally
     suffix = pos if (causal and pos is not None) else 0  # a causal run recomputes positions suffix.. only
+    # the cached residual it resumes from has `length` rows, or one (a class-token tower's last block)
+    rows = min(length, cache_t[plan.kind.resumed_name(layer, tower.cfg.n_layers)].shape[1])
     items, noops = [], []
-    for ui, rep in unit_replacements(plan, act_t, act_s, means.get(layer)):
+    for ui, make_rep in unit_replacements(plan, act_t, act_s, means.get(layer)):
         unit_key = key + ((ui,) if ui is not None else ())
-        if rep is None:
+        if make_rep is None:
             noops.append(unit_key)
             continue
-        state = plan.kind.resumed_residual(tower, layer, rep, cache_t, pair, sel)  # shape = [pos, d_model]
-        items.append(Intervention(pair, unit_key, plan.kind.start_step(layer), state[suffix:length], suffix,
+        make_state = functools.partial(_suffix_state, plan, tower, layer, make_rep, cache_t, pair, sel, suffix, length)
+        items.append(Intervention(pair, unit_key, plan.kind.start_step(layer), make_state, suffix, rows - suffix,
                                   (length - 1 - suffix) if causal else None))
     return items, noops
+
+
+def _suffix_state(plan: Plan, tower: HookedTower, layer: int, make_rep: RepFactory, cache_t: dict, pair: int, sel,
+                  suffix: int, length: int) -> Float[Tensor, "suffix_len d_model"]:
+    """The residual an intervention resumes from, at positions suffix..length - 1."""
+    state = plan.kind.resumed_residual(tower, layer, make_rep(), cache_t, pair, sel)  # shape = [pos, d_model]
+    return state[suffix:length]
 
 
 def run_exact(request: Request, result: PatchResult) -> None:
@@ -182,7 +209,7 @@ def run_items(request: Request, items: list[Intervention], cache_t: dict, offset
     causal = tower.attends_causally
     groups: dict[tuple[int, int], list[Intervention]] = {}
     for item in items:
-        groups.setdefault((item.suffix, item.state.shape[0]), []).append(item)
+        groups.setdefault((item.suffix, item.rows), []).append(item)
     for (suffix, _), group in groups.items():
         group.sort(key=lambda it: it.start)
         for b in range(0, len(group), request.batch_size):
@@ -192,7 +219,7 @@ def run_items(request: Request, items: list[Intervention], cache_t: dict, offset
             if causal and suffix > 0:  # the unchanged prefix enters as cached keys and values
                 kv = [(cache_t[f"blocks.{blk}.attn.hook_k"][pairs, :suffix], cache_t[f"blocks.{blk}.attn.hook_v"][pairs, :suffix])
                       for blk in range(n_layers)]
-            states = torch.stack([it.state for it in batch])                 # [N, suffix length, d_model]
+            states = torch.stack([it.make_state() for it in batch])          # [N, suffix length, d_model]
             rows = torch.tensor([it.row for it in batch]) if causal else None
             with torch.no_grad():
                 emb = resume(tower, states, [it.start for it in batch], kv, rows)
@@ -211,11 +238,12 @@ def plan_means(plan: Plan, tower: HookedTower, inputs: Tensor, mean: Optional[Te
         return {layer: mean[i] if per_layer else mean for i, layer in enumerate(plan.layers)}
     names = {plan.kind.hook_name(layer, n_layers) for layer in plan.layers}
     lengths = tower.sequence_lengths(inputs)
-    positions = torch.arange(tower.n_positions(inputs))
     sums, count = {}, 0
     for lo in range(0, inputs.shape[0], pair_chunk):
         _, cache = run_cached(tower, inputs[lo : lo + pair_chunk], names)
-        valid = positions[None] < lengths[lo : lo + pair_chunk, None]           # [chunk, pos]
+        # a chunk of texts runs trimmed to its own longest text: count its own positions
+        n_positions = next(iter(cache.values())).shape[1]
+        valid = torch.arange(n_positions)[None] < lengths[lo : lo + pair_chunk, None]  # [chunk, pos]
         for name, act in cache.items():
             sums[name] = sums.get(name, 0) + act[valid].sum(0)
         count += int(valid.sum())

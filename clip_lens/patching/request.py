@@ -141,6 +141,9 @@ def _check_kinds(hook, intervention, method: str, metric: Metric, sae) -> list[H
         raise ValueError(f"Unknown intervention {intervention!r}; use one of {EXACT_INTERVENTIONS}, 'value_only' or a hook function")
     if kinds[0].reenters is None and not by_hook_function:
         raise ValueError(f"hook={kinds[0].name!r} takes a hook-function intervention (e.g. 'value_only')")
+    if isinstance(intervention, str) and intervention == "value_only" and kinds[0].name != "pattern":
+        raise ValueError(f"intervention='value_only' replaces attention patterns: use it with hook='pattern', "
+                         f"not hook={kinds[0].name!r}")
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; use 'exact' or 'attribution'")
     if method == "attribution" and isinstance(metric, str) and metric == "embedding":
@@ -193,21 +196,37 @@ def _other_embeddings(model: HookedCLIP, tower: HookedTower, other: Any, n: int)
 
 
 def _score(model: HookedCLIP, metric: Metric) -> Score:
-    if metric == "embedding":
+    if isinstance(metric, str) and metric == "embedding":
         return lambda emb, other: emb
-    if metric == "score":
+    if isinstance(metric, str) and metric == "score":
         return functools.partial(clip_score, model)  # S (docs/methods.md#the-score-s)
     if callable(metric):
-        return metric
+        return functools.partial(_checked_metric, metric)
     raise ValueError(f"metric={metric!r}: use 'score', 'embedding' or a callable(embedding, other_embedding) -> [batch]")
+
+
+def _checked_metric(metric: Callable[[Tensor, Tensor], Tensor], emb: Tensor, other: Tensor) -> Tensor:
+    """A user's metric, held to one value per run: a scalar would fill every cell with one number."""
+    values = metric(emb, other)
+    if not isinstance(values, Tensor) or tuple(values.shape) != (emb.shape[0],):
+        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(f"metric {getattr(metric, '__name__', metric)!r} returned {shape}; it must return one value per "
+                         f"run, a tensor of shape [batch] = [{emb.shape[0]}]")
+    return values
 
 
 def check_list(values, valid: range, what: str) -> list:
     """`values` ("all", one int or a list; tuples inside kept as groups) checked against `valid`."""
-    if isinstance(values, str) and values == "all":
-        return list(valid)
-    if isinstance(values, int):
+    if isinstance(values, str):
+        if values == "all":
+            return list(valid)
+        raise ValueError(f"{what}s={values!r}: use 'all', an int or a list of ints")
+    if isinstance(values, (int, np.integer)) and not isinstance(values, bool):
         values = [values]
+    if not isinstance(values, (list, tuple, range, np.ndarray)):
+        raise TypeError(f"{what}s={values!r}: use 'all', an int or a list of ints")
+    if len(values) == 0:
+        raise ValueError(f"{what}s is empty: give at least one {what}, or 'all'")
     out = []
     for v in values:
         if isinstance(v, (tuple, list, range)):
@@ -229,11 +248,24 @@ def _plans(tower: HookedTower, kinds: list[HookKind], target: Tensor, source: Op
         raise ValueError(f"hook kinds {[kind.name for kind in kinds]} have different layer ranges; patch them separately")
     if not by_hook_function and any(isinstance(layer, tuple) for layer in layer_list):
         raise ValueError("layer groups (tuples) are for hook-function interventions")
+    if by_hook_function:
+        _check_whole_activation(intervention, positions=positions, heads=heads, neurons=neurons, sae=sae, latents=latents)
     position_list = None if by_hook_function else _positions(positions, target, tower)
     _, units = _units(tower, kinds[0], by_hook_function, heads, neurons, sae, latents, intervention)
     if tower.modality == "text" and source is not None and intervention == "patch":
         _check_equal_lengths(tower, source, target)
     return [Plan(kind, layer_list, position_list, units, intervention, sae) for kind in kinds]
+
+
+def _check_whole_activation(intervention, **selections) -> None:
+    """A hook-function intervention receives whole activations: a selection of positions or units
+    cannot be applied to it, so asking for one is an error rather than a silent no-op."""
+    defaults = {"positions": "all", "heads": "all", "neurons": "all", "sae": None, "latents": "all"}
+    for name, value in selections.items():
+        if not (value is None if defaults[name] is None else isinstance(value, str) and value == defaults[name]):
+            name_of = intervention if isinstance(intervention, str) else getattr(intervention, "__name__", "hook function")
+            raise ValueError(f"{name}={value!r} cannot be applied with intervention={name_of!r}: a hook function receives "
+                             f"the whole activation of every position and unit; select inside the hook instead")
 
 
 def _positions(positions, target: Tensor, tower: HookedTower) -> Optional[list]:

