@@ -26,7 +26,11 @@ def one_run(model_name: str, n_images: int, layers, pair_chunk: int, out: str) -
     import torch
 
     import clip_lens
-    from clip_lens.model import random_model_pair
+
+    try:
+        from clip_lens.model import random_model_pair
+    except ImportError:  # commits before random_model_pair moved to clip_lens.model
+        from clip_lens.loading import random_model_pair
 
     logging.getLogger().setLevel(logging.ERROR)
     _, model = random_model_pair(model_name, 0)
