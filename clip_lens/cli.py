@@ -64,10 +64,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 def load_model(model: str, pretrained: Optional[str]):
     """(HookedCLIP, label) from an open_clip name (+ tag or checkpoint) or a transformers CLIP directory."""
     import clip_lens
+    from clip_lens import zoo
 
     if Path(model).is_dir():
         return clip_lens.HookedCLIP.from_huggingface(model), f"transformers CLIP from {model}"
     hooked = clip_lens.HookedCLIP.from_pretrained(model, pretrained=pretrained)
+    if model == zoo.NAME and pretrained is None:
+        return hooked, f"{model} (the weights shipped with clip_lens)"
     if pretrained is None:
         print(f"warning: {model} with random weights (no --pretrained); the results describe an untrained model",
               file=sys.stderr)
@@ -84,21 +87,28 @@ def _add_model_args(parser: argparse.ArgumentParser, instances: bool = True) -> 
         parser.add_argument("--query-layers", type=int, nargs="*", default=None,
                             help="layers for the per-query-position view (default: the layer of the top head)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier run in --out (refused without it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run_study(args: argparse.Namespace, study: Callable[..., dict], summary: Callable[[dict], str] = lambda t: "") -> int:
     """The steps every study command shares: seed, load the model, run `study(model, label)`,
     print its summary, and say what was written and how long it took."""
+    from clip_lens.report import add_to_manifest
+
     torch.manual_seed(args.seed)
     model, label = load_model(args.model, args.pretrained)
     start = time.perf_counter()
     tables = study(model, label)
+    add_to_manifest(args.out, command=["clip-lens", *args.argv], seed=args.seed,
+                    seconds=round(time.perf_counter() - start, 1))
     lines = summary(tables)
     if lines:
         print(lines)
     print(f"wrote {args.out}/report.html and {len(tables)} tables in {time.perf_counter() - start:.1f}s")
     return 0
+
 
 
 def cmd_valse_existence(args: argparse.Namespace) -> int:
@@ -107,8 +117,8 @@ def cmd_valse_existence(args: argparse.Namespace) -> int:
     studies = {"all": negation_study.VALSE_STUDIES, "text": negation_study.TEXT_STUDIES}.get(args.study, (args.study,))
     return run_study(args, lambda model, label: negation_study.valse_existence(
         model, label, args.valse, args.images, args.out, studies=studies, missing=args.missing_images, limit=args.limit,
-        sample=args.sample, grey=args.grey, subject_size=args.clipseg, query_layers=args.query_layers,
-        progress=not args.quiet),
+        sample=args.sample, seed=args.seed, grey=args.grey, subject_size=args.clipseg, query_layers=args.query_layers,
+        overwrite=args.overwrite, progress=not args.quiet),
         lambda tables: f"{tables['accuracy'].to_string(index=False)}\n"
                        f"{len(tables['instances'])} instances, {len(tables['excluded'])} excluded")
 
@@ -118,7 +128,7 @@ def cmd_cannot(args: argparse.Namespace) -> int:
 
     return run_study(args, lambda model, label: negation_study.cannot_negator_attention(
         model, label, args.cannot, args.out, spacy_model=args.spacy_model, limit=args.limit,
-        query_layers=args.query_layers, progress=not args.quiet),
+        query_layers=args.query_layers, overwrite=args.overwrite, progress=not args.quiet),
         lambda tables: f"{tables['selection'].to_string(index=False)}\n"
                        f"{tables['negator_heads'].head(5).to_string(index=False)}")
 
@@ -128,7 +138,7 @@ def cmd_attention_cancellation(args: argparse.Namespace) -> int:
 
     return run_study(args, lambda model, label: vision_study.attention_cancellation_study(
         model, label, args.out, images=args.images, captions=args.captions, labels=args.labels,
-        settings=args.settings, map_images=args.map_images, progress=not args.quiet),
+        settings=args.settings, map_images=args.map_images, overwrite=args.overwrite, progress=not args.quiet),
         lambda tables: tables["summary"].to_string(index=False))
 
 
@@ -143,7 +153,8 @@ def cmd_attribution(args: argparse.Namespace) -> int:
     return run_study(args, lambda model, label: attribution_study.attribution_study(
         model, label, args.out, images=args.images, captions=args.captions, labels=args.labels, tower=args.tower,
         sae=args.sae, sae_hook=args.sae_hook, sae_latents=args.sae_latents, sae_k=args.sae_k, sae_steps=args.sae_steps,
-        ks=args.ks, concept_template=args.concept_template, limit=args.limit, seed=args.seed, progress=not args.quiet),
+        ks=args.ks, concept_template=args.concept_template, limit=args.limit, seed=args.seed, overwrite=args.overwrite,
+        progress=not args.quiet),
         summary)
 
 
@@ -183,7 +194,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     scenes = export_valse(args.out / "scenes", args.scenes, seed=args.seed)
     tables = negation_study.valse_existence(
         model, f"{tiny.NAME} (a tiny CLIP trained on synthetic shape scenes, shipped with clip_lens)", scenes,
-        args.out / "scenes" / "images", args.out, preface=[line], progress=not args.quiet)
+        args.out / "scenes" / "images", args.out, preface=[line], overwrite=True, progress=not args.quiet)
     loc = tables["causal_tracing_localisation"]
     correct = loc[loc["segment"] == "correct"].groupby("layer")["localisation"].max()
     print(tables["accuracy"].to_string(index=False))
@@ -192,13 +203,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     images, captions = single_shape_set(args.out / "single_shapes" / "images")
     cancel = vision_study.attention_cancellation_study(
         model, f"{tiny.NAME}", args.out / "attention_cancellation", images=images, captions=captions,
-        progress=not args.quiet)
+        overwrite=True, progress=not args.quiet)
     baseline = cancel["summary"].set_index("setting").loc["baseline", "accuracy"]
     print(f"attention cancellation on one-shape scenes: baseline accuracy {baseline:.3f}; "
           f"report {args.out}/attention_cancellation/report.html")
     attr = attribution_study.attribution_study(
         model, f"{tiny.NAME}", args.out / "attribution", images=images, captions=captions,
-        concept_template="There is a {}.", sae_latents=64, sae_k=4, ks=(0, 1, 2, 4, 8), progress=not args.quiet)
+        concept_template="There is a {}.", sae_latents=64, sae_k=4, ks=(0, 1, 2, 4, 8), overwrite=True,
+        progress=not args.quiet)
     areas = attr["deletion_areas"].set_index("method")["area"]
     print("attribution on one-shape scenes, area under the deletion curves (smaller = more faithful): "
           + ", ".join(f"{method} {area:.3f}" for method, area in areas.items())
@@ -294,9 +306,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random init on every build
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded in each study's manifest
     try:
         return args.func(args)
-    except (FileNotFoundError, RuntimeError, ValueError) as err:  # bad input: say what, not where
+    except (FileNotFoundError, FileExistsError, RuntimeError, ValueError) as err:  # bad input: say what, not where
         if args.debug:
             raise
         print(f"clip-lens {args.command}: error: {err}", file=sys.stderr)

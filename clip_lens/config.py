@@ -36,6 +36,8 @@ class TowerConfig:
         proj_bias: whether the final projection has a bias.
         device: device of the weights; kept in step with the module by the tower.
         n_key_value_heads: always None (no grouped-query attention); read by TransformerLens.
+        normalization_type, attn_only, final_rms: what TransformerLens's ActivationCache reads for
+            residual decompositions and `apply_ln` (CLIP: pre-LayerNorm blocks with MLPs).
     """
 
     n_layers: int
@@ -53,6 +55,9 @@ class TowerConfig:
     proj_bias: bool = False
     device: str = "cpu"
     n_key_value_heads: Optional[int] = None
+    normalization_type: str = "LN"
+    attn_only: bool = False
+    final_rms: bool = False
 
     def __post_init__(self) -> None:
         if self.d_head * self.n_heads != self.d_model:

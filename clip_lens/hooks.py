@@ -154,12 +154,40 @@ class HookedModule(HookedRootModule):
             names_filter = list(names_filter)
         return super().get_caching_hooks(names_filter, *args, **kwargs)
 
-    def run_with_cache(self, *model_args: Any, **kwargs: Any):
+    cache_class = ActivationCache  # what `run_with_cache` returns
+
+    def run_with_cache(self, *model_args: Any, metric: Optional[Callable[[Any], Tensor]] = None, **kwargs: Any):
         """Run the model and return `(output, ActivationCache)`; hooks are removed afterwards,
-        also when the run raises."""
+        also when the run raises.
+
+        With `incl_bwd=True`, `metric(output) -> scalar` is backpropagated and the cache also
+        holds each hook's gradient (`<name>_grad`), as in TransformerLens; a CLIP tower's output is
+        an embedding, not a scalar, so the metric is needed."""
+        if kwargs.get("incl_bwd"):
+            return self._run_with_cache_and_grads(model_args, metric, kwargs)
+        if metric is not None:
+            raise ValueError("metric= is for run_with_cache(incl_bwd=True)")
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
         has_batch_dim = not kwargs.get("remove_batch_dim", False)
-        return out, ActivationCache(cache_dict, self, has_batch_dim=has_batch_dim)
+        return out, self.cache_class(cache_dict, self, has_batch_dim=has_batch_dim)
+
+    def _run_with_cache_and_grads(self, model_args: tuple, metric, kwargs: dict):
+        if metric is None:
+            raise ValueError("run_with_cache(incl_bwd=True) needs metric=f(output) -> scalar: the output is an "
+                             "embedding [batch, d_embed], which cannot be backpropagated by itself")
+        options = {name: kwargs.pop(name) for name in ("names_filter", "device", "remove_batch_dim", "incl_bwd",
+                                                       "reset_hooks_end", "clear_contexts", "pos_slice") if name in kwargs}
+        cache_dict, fwd, bwd = self.get_caching_hooks(options.get("names_filter"), True, options.get("device"),
+                                                      remove_batch_dim=options.get("remove_batch_dim", False),
+                                                      pos_slice=options.get("pos_slice"))
+        with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=options.get("reset_hooks_end", True),
+                        clear_contexts=options.get("clear_contexts", False)):
+            out = self(*model_args, **kwargs)
+            value = metric(out)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise ValueError(f"metric must return a scalar tensor; got {getattr(value, 'shape', type(value).__name__)}")
+            value.backward()
+        return out, self.cache_class(cache_dict, self, has_batch_dim=not options.get("remove_batch_dim", False))
 
 
 def stacked_activations(module: HookedRootModule, inputs: Tensor, names: list[str], batch_size: int = 64,

@@ -4,6 +4,7 @@ so the file opens anywhere without a network."""
 from __future__ import annotations
 
 import html
+import json
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -86,12 +87,47 @@ def write_text_atomically(path: Union[str, Path], text: str) -> Path:
     return path
 
 
-def write_study(out: Union[str, Path], tables: Mapping[str, pd.DataFrame], report: Optional[Report] = None) -> Path:
-    """A study's outputs: each table as out/<name>.csv and the report as out/report.html, each
-    written atomically. Returns `out`."""
+MANIFEST = "manifest.json"
+RESULT_FILES = ("*.csv", "report.html", MANIFEST)  # what a study writes into its folder
+
+
+def claim_output(out: Union[str, Path], *, overwrite: bool = False) -> Path:
+    """Make `out` ready for a new run, before any work: a folder that holds another run's results
+    (tables, report, manifest) is refused unless `overwrite`, which removes them first, so that no
+    table of an older run is left beside the new ones."""
+    out = Path(out)
+    previous = sorted({p for pattern in RESULT_FILES for p in out.glob(pattern)}) if out.is_dir() else []
+    if previous and not overwrite:
+        names = ", ".join(p.name for p in previous[:4]) + (f" and {len(previous) - 4} more" if len(previous) > 4 else "")
+        raise FileExistsError(f"{out} holds another run's results ({names}); choose another output folder, or "
+                              "overwrite them (overwrite=True, CLI --overwrite)")
+    for path in previous:
+        path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_study(out: Union[str, Path], tables: Mapping[str, pd.DataFrame], report: Optional[Report] = None,
+                manifest: Optional[dict] = None) -> Path:
+    """A study's outputs: each table as out/<name>.csv, the report as out/report.html and, last,
+    out/manifest.json recording the run (`manifest`, plus the files, the time and the clip_lens
+    version); each file written atomically. Returns `out`."""
+    from clip_lens import __version__
+
     out = Path(out)
     for name, table in tables.items():
         write_text_atomically(out / f"{name}.csv", table.to_csv(index=False))
     if report is not None:
         report.write(out / "report.html")
+    record = {**(manifest or {}), "tables": [f"{name}.csv" for name in tables],
+              "report": "report.html" if report is not None else None,
+              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "clip_lens": __version__}
+    write_text_atomically(out / MANIFEST, json.dumps(record, indent=2, default=str))
     return out
+
+
+def add_to_manifest(out: Union[str, Path], **fields) -> None:
+    """Record more about a finished run (the CLI adds its command line and seed)."""
+    path = Path(out) / MANIFEST
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    write_text_atomically(path, json.dumps({**record, **fields}, indent=2, default=str))

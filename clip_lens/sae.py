@@ -33,13 +33,15 @@ class TopKSAE(nn.Module):
     Attributes:
         W_enc: [d_in, n_latents]; b_enc: [n_latents]; W_dec: [n_latents, d_in] (unit-norm rows);
         b_dec: [d_in].
+        hook: the HookedCLIP hook it was trained on (e.g. "vision.blocks.11.hook_resid_post"), or
+            None when unknown; saved with it, and checked by `patch(sae=...)` and the studies.
     """
 
-    def __init__(self, d_in: int, n_latents: int, k: int, seed: int = 0):
+    def __init__(self, d_in: int, n_latents: int, k: int, seed: int = 0, hook: Optional[str] = None):
         super().__init__()
         if not 0 < k <= n_latents:
             raise ValueError(f"k={k} must lie in 1..n_latents={n_latents}")
-        self.d_in, self.n_latents, self.k = d_in, n_latents, k
+        self.d_in, self.n_latents, self.k, self.hook = d_in, n_latents, k, hook
         gen = torch.Generator().manual_seed(seed)
         decoder = F.normalize(torch.randn(n_latents, d_in, generator=gen), dim=-1)
         self.W_dec = nn.Parameter(decoder)
@@ -69,7 +71,7 @@ class TopKSAE(nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
 
     def config(self) -> dict:
-        return {"d_in": self.d_in, "n_latents": self.n_latents, "k": self.k}
+        return {"d_in": self.d_in, "n_latents": self.n_latents, "k": self.k, "hook": self.hook}
 
     def save(self, path: Union[str, Path]) -> Path:
         """`path.safetensors` (weights) and `path.json` (config); returns the weights path."""
@@ -109,7 +111,8 @@ def _checkpoint(directory: Path, sae: TopKSAE, optimizer, step: int, history: Tr
 
 def train_sae(activations: Float[Tensor, "n d_in"], n_latents: int, k: int, *, steps: int = 2000,
               batch_size: int = 256, lr: float = 1e-3, seed: int = 0, checkpoint_dir: Optional[Union[str, Path]] = None,
-              checkpoint_every: int = 500, resume: bool = True, progress: bool = True) -> tuple[TopKSAE, TrainHistory]:
+              checkpoint_every: int = 500, resume: bool = True, progress: bool = True,
+              hook: Optional[str] = None) -> tuple[TopKSAE, TrainHistory]:
     """Train a TopK SAE on activations [n, d_in] (shuffled minibatches, Adam, unit-norm decoder rows).
 
     With `checkpoint_dir`, the SAE, optimiser and history are saved every `checkpoint_every` steps
@@ -117,7 +120,7 @@ def train_sae(activations: Float[Tensor, "n d_in"], n_latents: int, k: int, *, s
     Loss: ||x - x_hat||^2 / ||x - mean(x)||^2 per batch (normalised MSE).
     """
     activations = activations.detach().float()
-    sae = TopKSAE(activations.shape[1], n_latents, k, seed=seed)
+    sae = TopKSAE(activations.shape[1], n_latents, k, seed=seed, hook=hook)
     with torch.no_grad():
         sae.b_dec.copy_(activations.mean(0))
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)

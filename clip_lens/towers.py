@@ -21,7 +21,9 @@ from typing import Optional, Sequence, Union
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from transformer_lens import ActivationCache
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import Slice
 
 from clip_lens.components import LayerNorm, PatchEmbed, Projection, TokenEmbed, TransformerBlock
 from clip_lens.config import TextConfig, TowerConfig, VisionConfig
@@ -82,6 +84,20 @@ class HookedTower(HookedModule):
         for block in self.blocks[start:stop]:
             resid = block(resid)
         return resid
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, " d_model"]:
+        """The biases the blocks before `layer` add to the residual stream (each attention output's,
+        and each MLP output's with `include_mlp_biases`; with `mlp_input`, block `layer`'s attention
+        too), as TransformerLens's residual decompositions read them."""
+        if self.cfg.layer_scale:
+            raise ValueError("this tower scales its branch outputs (LayerScale), which TransformerLens's per-head "
+                             "decomposition leaves out; decompose with decompose_resid instead")
+        total = torch.zeros(self.cfg.d_model, device=self.W_pos.device, dtype=self.W_pos.dtype)
+        for block in self.blocks[:layer]:
+            total = total + block.attn.b_O + (block.mlp.b_out if include_mlp_biases else 0)
+        if mlp_input and layer < self.cfg.n_layers:
+            total = total + self.blocks[layer].attn.b_O
+        return total
 
     # facts about the tower -------------------------------------------------------------------
     @property
@@ -297,6 +313,47 @@ class HookedTextTower(HookedTower):
         return self.pool(resid, tokens)
 
 
+def _as_slice(value) -> Slice:
+    return value if isinstance(value, Slice) else Slice(value)
+
+
+class VisionActivationCache(ActivationCache):
+    """A vision tower's cache for TransformerLens's residual tools. The vision residual at layer 0
+    is ln_pre's output, not the sum of the embedding hooks, so decompositions start from that
+    residual (labelled "embed"), and the final norm is `ln_post`."""
+
+    def decompose_resid(self, layer: Optional[int] = None, mlp_input: bool = False, mode: str = "all",
+                        apply_ln: bool = False, pos_slice=None, incl_embeds: bool = True, return_labels: bool = False):
+        """As TransformerLens's: the residual at `layer` split into the layer-0 residual and each
+        block's attention and MLP outputs, which sum to it."""
+        layer = self.model.cfg.n_layers if layer is None or layer == -1 else layer
+        parts, labels = [], []
+        if incl_embeds:
+            parts, labels = [_as_slice(pos_slice).apply(self["blocks.0.hook_resid_pre"], dim=-2)], ["embed"]
+        if layer > 0 or (mlp_input and mode != "mlp"):
+            rest, rest_labels = super().decompose_resid(layer, mlp_input, mode, apply_ln=False, pos_slice=pos_slice,
+                                                        incl_embeds=False, return_labels=True)
+            parts, labels = parts + list(rest), labels + rest_labels
+        components = torch.stack(parts)
+        if apply_ln:
+            components = self.apply_ln_to_stack(components, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+        return (components, labels) if return_labels else components
+
+    def get_full_resid_decomposition(self, *args, **kwargs):
+        raise NotImplementedError("get_full_resid_decomposition reads the embedding hooks of a decoder; a vision "
+                                  "tower's layer-0 residual comes after ln_pre: use decompose_resid, "
+                                  "stack_head_results and stack_neuron_results")
+
+    def _get_cached_ln_scale(self, layer, mlp_input, pos_slice, batch_slice=None):
+        if layer is not None and layer != self.model.cfg.n_layers:
+            return super()._get_cached_ln_scale(layer, mlp_input, pos_slice, batch_slice)
+        if self.model.cfg.final_ln_after_pool:
+            raise ValueError("this vision tower applies ln_post to the pooled vector only, so a final norm per "
+                             "position is not defined: apply the norm at an earlier layer, or apply_ln=False")
+        scale = _as_slice(pos_slice).apply(self["ln_post.hook_scale"], dim=-2)
+        return _as_slice(batch_slice).apply(scale) if batch_slice is not None and self.has_batch_dim else scale
+
+
 class HookedVisionTower(HookedTower):
     """CLIP's vision transformer (ViT).
 
@@ -309,6 +366,7 @@ class HookedVisionTower(HookedTower):
 
     cfg: VisionConfig
     modality = "vision"
+    cache_class = VisionActivationCache
 
     def __init__(self, cfg: VisionConfig):
         super().__init__(cfg)
@@ -386,6 +444,11 @@ class HookedVisionTower(HookedTower):
 
     @property
     def final_norm(self) -> LayerNorm:
+        return self.ln_post
+
+    @property
+    def ln_final(self) -> LayerNorm:
+        """TransformerLens's name for the final norm (its residual tools apply it by this name)."""
         return self.ln_post
 
     def pooled_positions(self, inputs: Tensor) -> Int[Tensor, " batch"]:

@@ -18,7 +18,7 @@ from clip_lens.lens import logit_lens
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import hook_name
 from clip_lens.plot import head_heatmap
-from clip_lens.report import Report, write_study
+from clip_lens.report import Report, claim_output, write_study
 from clip_lens.sae import TopKSAE, cache_activations, sae_statistics, train_sae
 from clip_lens.scores import score as clip_score
 from experiments import attention_maps, attribution
@@ -48,7 +48,8 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
                       sae: Optional[PathLike] = None, sae_hook: Optional[str] = None, sae_latents: int = 256,
                       sae_k: int = 16, sae_steps: int = 1500, ks: Sequence[int] = (0, 1, 2, 4, 8, 16, 32),
                       concept_template: str = "a photo of a {}.", top: int = 5, map_images: int = 6,
-                      limit: Optional[int] = None, seed: int = 0, progress: bool = True) -> dict[str, pd.DataFrame]:
+                      limit: Optional[int] = None, seed: int = 0, overwrite: bool = False,
+                      progress: bool = True) -> dict[str, pd.DataFrame]:
     """Run the study on each labelled image and its caption, and write `out/`: the tables as CSV, the
     SAE (out/sae.safetensors + .json, when trained here) and report.html. Returns the tables.
 
@@ -65,8 +66,7 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
     """
     if tower not in ("vision", "text"):
         raise ValueError(f"tower={tower!r}: use 'vision' or 'text'")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(out, overwrite=overwrite)
     frame, source = _image_set(out, images, captions, labels)
     if limit is not None:
         frame = frame.head(limit)
@@ -104,11 +104,13 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
     acts = _activations(blocks, hook, inputs)
     if sae is not None:
         sae_model, trained = TopKSAE.load(Path(sae).with_suffix("")), False
+        if sae_model.hook is not None and sae_model.hook != f"{tower}.{hook}":
+            raise ValueError(f"the SAE in {sae} was trained on {sae_model.hook}, not on {tower}.{hook}")
         if sae_model.d_in != acts.shape[-1]:
             raise ValueError(f"the SAE in {sae} reads {sae_model.d_in}-dimensional activations; {tower}.{hook} has {acts.shape[-1]}")
     else:
         sae_model, _ = train_sae(acts, n_latents=sae_latents, k=min(sae_k, sae_latents), steps=sae_steps, seed=seed,
-                                 progress=progress)
+                                 progress=progress, hook=f"{tower}.{hook}")
         sae_model.save(out / "sae")
         trained = True
     stats = sae_statistics(sae_model, acts)
@@ -122,7 +124,9 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
 
     run = _Run(model, model_label, source, tower, frame, names, pixels, score, lens, positions, faith, hook,
                sae_model, trained, stats)
-    write_study(out, tables, _report(run, tables, map_images))
+    write_study(out, tables, _report(run, tables, map_images),
+                manifest={"study": f"attribution ({tower} tower)", "model": model_label, "seed": seed, "limit": limit,
+                          "data": {"images": source, "captions": captions, "labels": labels, "sae": sae}})
     return tables
 
 

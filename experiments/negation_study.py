@@ -14,7 +14,7 @@ import pandas as pd
 
 from clip_lens.data import load_cannot, no_determiner_pairs
 from clip_lens.model import HookedCLIP
-from clip_lens.report import Report, write_study
+from clip_lens.report import Report, claim_output, write_study
 from experiments import causal_tracing, existence, image_ablation, negator_attention, preliminary
 
 TEXT_STUDIES = ("causal-tracing", "negator-attention", "preliminary")
@@ -35,18 +35,18 @@ def _accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images: PathLike, out: PathLike, *,
                     studies: Sequence[str] = VALSE_STUDIES, missing: str = "raise", limit: Optional[int] = None,
-                    sample: Optional[int] = None, grey: bool = False, preface: Sequence[str] = (),
+                    sample: Optional[int] = None, seed: int = 0, grey: bool = False, preface: Sequence[str] = (),
                     subject_size: Optional[PathLike] = None, query_layers: Optional[Sequence[int]] = None,
-                    progress: bool = True) -> dict[str, pd.DataFrame]:
+                    overwrite: bool = False, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Run the chosen VALSE existence studies and write `out/`: instances.csv, excluded.csv, one CSV
     per result table and report.html (`preface`: extra lines for its setup section). Returns the
     tables by file stem."""
     unknown = set(studies) - set(VALSE_STUDIES)
     if unknown:
         raise ValueError(f"unknown studies {sorted(unknown)}; choose from {VALSE_STUDIES}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    inst = existence.prepare(model, valse, images, missing=missing, limit=limit, sample=sample, progress=progress)
+    out = claim_output(out, overwrite=overwrite)
+    inst = existence.prepare(model, valse, images, missing=missing, limit=limit, sample=sample, seed=seed,
+                             progress=progress)
     tables = {"instances": inst.instances_table(), "excluded": inst.excluded, "accuracy": _accuracy_table(inst.frame)}
     report = Report("Negation in CLIP: VALSE existence")
     report.section("Setup").text(f"Model: {model_label}. Data: {valse} ({len(inst)} instances kept, "
@@ -105,7 +105,9 @@ def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images
 
     if len(inst.excluded):
         report.section("Excluded instances").table(inst.excluded, max_rows=100)
-    write_study(out, tables, report)
+    write_study(out, tables, report, manifest={"study": f"valse-existence ({', '.join(studies)})", "model": model_label,
+                                               "data": {"valse": valse, "images": images}, "sample": sample,
+                                               "seed": seed, "limit": limit})
     return tables
 
 
@@ -120,11 +122,11 @@ def _negator_section(report: Report, na: negator_attention.NegatorAttention, que
 
 def cannot_negator_attention(model: HookedCLIP, model_label: str, cannot: Union[PathLike, Sequence[PathLike]],
                              out: PathLike, *, spacy_model: str = "en_core_web_sm", limit: Optional[int] = None,
-                             query_layers: Optional[Sequence[int]] = None, progress: bool = True) -> dict[str, pd.DataFrame]:
+                             query_layers: Optional[Sequence[int]] = None, overwrite: bool = False,
+                             progress: bool = True) -> dict[str, pd.DataFrame]:
     """Negator-selective attention on CANNOT "no"-determiner sentences and their "some" counterparts;
     writes instances.csv, excluded.csv, negator_heads.csv, negator_query_positions.csv, report.html."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(out, overwrite=overwrite)
     sentences = load_cannot(cannot)
     pairs = no_determiner_pairs(sentences, tokenize=model.to_tokens, spacy_model=spacy_model,
                                 context_length=model.text.cfg.n_ctx, progress=progress)
@@ -141,5 +143,6 @@ def cannot_negator_attention(model: HookedCLIP, model_label: str, cannot: Union[
     report.table(pairs.summary(), caption="Selection of sentences with 'no' as a determiner")
     _negator_section(report, na, query_layers)
     report.section("Dropped sentences").table(pairs.dropped, max_rows=50)
-    write_study(out, tables, report)
+    write_study(out, tables, report, manifest={"study": "cannot negator-attention", "model": model_label,
+                                               "data": {"cannot": cannot, "spacy_model": spacy_model}, "limit": limit})
     return tables

@@ -10,7 +10,7 @@ import pandas as pd
 
 from clip_lens.data.image_sets import open_image_set
 from clip_lens.model import HookedCLIP
-from clip_lens.report import Report, write_study
+from clip_lens.report import Report, claim_output, write_study
 from experiments import attention_cancellation, attention_maps
 
 PathLike = Union[str, Path]
@@ -19,11 +19,10 @@ PathLike = Union[str, Path]
 def attention_cancellation_study(model: HookedCLIP, model_label: str, out: PathLike, *, images: Optional[PathLike] = None,
                                  captions: Optional[PathLike] = None, labels: Optional[PathLike] = None,
                                  settings: Optional[str] = None, map_images: int = 3, map_layer: Optional[int] = None,
-                                 progress: bool = True) -> dict[str, pd.DataFrame]:
+                                 overwrite: bool = False, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Run attention cancellation (and attention maps) and write `out/`: predictions.csv,
     summary.csv, logits.csv, attention_distance.csv and report.html. Returns the tables."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(out, overwrite=overwrite)
     image_set = open_image_set(images, captions, labels, out / "sample_images")
     frame, caption_list, targets, source = image_set.frame, image_set.captions, image_set.targets, image_set.source
     chosen = attention_cancellation.parse_settings(settings, model.vision.cfg.n_layers) if settings else None
@@ -53,5 +52,6 @@ def attention_cancellation_study(model: HookedCLIP, model_label: str, out: PathL
         name = Path(frame["image"][i]).name
         report.figure(attention_maps.attention_map_figure(attention_maps.model_view(model, pixels[i]), maps[i],
                                                           f"Class-token attention, layer {layer} (from 0): {name}"))
-    write_study(out, tables, report)
+    write_study(out, tables, report, manifest={"study": "attention-cancellation", "model": model_label,
+                                               "data": {"images": source, "captions": captions, "labels": labels}})
     return tables

@@ -140,3 +140,77 @@ def test_cannot_selection_checks_the_models_own_context():
                                 context_length=model.text.cfg.n_ctx, progress=False)
     assert list(pairs.pairs["negated"]) == ["There is no circle."]
     assert list(pairs.dropped["reason"]) == ["fills the text context (may be truncated)"]
+
+
+# --- labels that say what was run ----------------------------------------------------------------
+def test_the_shipped_model_is_not_labelled_random(capsys):
+    from clip_lens.cli import load_model
+
+    _, label = load_model(tiny.NAME, None)
+    assert label == f"{tiny.NAME} (the weights shipped with clip_lens)"
+    assert "random weights" not in capsys.readouterr().err
+
+
+def test_sample_follows_the_seed(tmp_path):
+    import pandas as pd
+
+    from clip_lens.cli import main
+    from clip_lens.data.shapes import export_valse
+
+    valse = export_valse(tmp_path / "scenes", 40, seed=3)
+    chosen = {}
+    for seed in (0, 1):
+        out = tmp_path / f"run{seed}"
+        assert main(["valse-existence", "preliminary", "--model", tiny.NAME, "--valse", str(valse), "--images",
+                     str(valse.parent / "images"), "--sample", "8", "--seed", str(seed), "--out", str(out),
+                     "--quiet"]) == 0
+        chosen[seed] = list(pd.read_csv(out / "instances.csv")["id"])
+    assert len(chosen[0]) == len(chosen[1]) == 8 and chosen[0] != chosen[1]
+
+
+def test_an_sae_of_the_other_tower_is_refused(model, image_emb, tmp_path):
+    """The tiny CLIP's towers are equally wide (64), so only the SAE's recorded hook can tell."""
+    from clip_lens.sae import TopKSAE
+
+    sae = TopKSAE(64, 8, 2, hook="vision.blocks.2.hook_resid_post")
+    sae.save(tmp_path / "sae")
+    assert TopKSAE.load(tmp_path / "sae").hook == "vision.blocks.2.hook_resid_post"
+    with pytest.raises(ValueError, match="trained on vision.blocks.2.hook_resid_post, a hook of the other tower"):
+        _patch(model, image_emb, sae=TopKSAE.load(tmp_path / "sae"), layers=[3], intervention="zero")
+
+
+# --- outputs: one run per folder, with a manifest --------------------------------------------
+def test_a_folder_with_another_runs_results_is_refused_without_overwrite(tmp_path, capsys):
+    import json
+
+    from clip_lens.cli import main
+    from clip_lens.data.shapes import export_valse
+
+    valse = export_valse(tmp_path / "scenes", 20, seed=3)
+    out = tmp_path / "run"
+    args = ["valse-existence", "preliminary", "--model", tiny.NAME, "--valse", str(valse), "--images",
+            str(valse.parent / "images"), "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == ["clip-lens", *args] and manifest["seed"] == 0
+    assert manifest["model"] == f"{tiny.NAME} (the weights shipped with clip_lens)"
+    assert manifest["clip_lens"] == clip_lens.__version__ and "instances.csv" in manifest["tables"]
+    (out / "stale_table.csv").write_text("a\n1\n")   # a table no run of this study writes
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "holds another run's results" in capsys.readouterr().err
+    assert (out / "stale_table.csv").exists()         # refused before touching anything
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "stale_table.csv").exists()     # no older table left beside the new ones
+    assert not list(out.glob(".*.tmp"))               # no partial file left behind
+
+
+def test_to_frame_keeps_a_pair_whose_metric_is_nan(model, image_emb):
+    result = _patch(model, image_emb, intervention="zero", layers=[1], positions="all")
+    lengths = [len(model.to_str_tokens(t)) for t in TEXTS]
+    assert result.lengths.tolist() == lengths
+    assert len(result.to_frame()) == sum(lengths)          # every measured cell, none past a pair's EOT
+    result.effects[1, 0, 0] = float("nan")                  # a metric that failed on pair 1 at position 0
+    with pytest.warns(UserWarning, match=r"the metric is NaN in 1 measured cells, of pairs \[1\]"):
+        frame = result.to_frame()
+    assert len(frame) == sum(lengths) and frame["metric"].isna().sum() == 1

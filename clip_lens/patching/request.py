@@ -100,7 +100,7 @@ class Request:
             heads=units if unit_axis == "head" else None, neurons=units if unit_axis == "neuron" else None,
             latents=units if unit_axis == "latent" else None,
             intervention=intervention if isinstance(intervention, str) else getattr(intervention, "__name__", "hook"),
-            method=self.method,
+            method=self.method, lengths=self.tower.sequence_lengths(self.target),
             extra={"resample_pairs": self.resample_pairs} if self.resample_pairs is not None else {})
 
 
@@ -293,6 +293,10 @@ def _sae_latents(tower: HookedTower, kind: HookKind, by_hook_function: bool, sae
         raise ValueError("sae= takes intervention 'zero', 'patch' or 'resample' (a mean latent code is not defined here)")
     if not (hasattr(sae, "encode") and hasattr(sae, "W_dec")):
         raise ValueError("sae= needs an object with encode(x) and W_dec [n_latents, d], e.g. clip_lens.sae.TopKSAE")
+    trained_on = getattr(sae, "hook", None)
+    if isinstance(trained_on, str) and trained_on.partition(".")[0] != tower.modality:
+        raise ValueError(f"the SAE was trained on {trained_on}, a hook of the other tower; this patch is on the "
+                         f"{tower.modality} tower")
     n_latents, d_in = sae.W_dec.shape
     if d_in != tower.cfg.d_model:
         raise ValueError(f"the SAE reads {d_in}-dimensional activations but {kind.name} has d_model={tower.cfg.d_model}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
 import pandas as pd
+import torch
 from torch import Tensor
 
 
@@ -24,6 +26,8 @@ class PatchResult:
         layers, positions, heads, neurons, latents: the labels along those axes (None: no such axis).
         contributions: with method="attribution", the first-order estimates of
             metric(intervened) - metric(clean) themselves, shaped like `effects` (None otherwise).
+        lengths: [pair], each target's own positions (tokens up to EOT; every position of an
+            image): the cells at later positions do not exist and hold NaN.
     """
 
     effects: Tensor
@@ -40,7 +44,19 @@ class PatchResult:
     neurons: Optional[list] = None
     latents: Optional[list] = None
     contributions: Optional[Tensor] = None
+    lengths: Optional[Tensor] = None
 
+    def measured(self) -> Tensor:
+        """[effects' shape, value axes left out], True where a cell exists (its position lies
+        within the pair's own length); the other cells hold NaN by construction."""
+        shape = self.effects.shape[: len(self.dims) - (1 if "embed" in self.dims else 0)]
+        if "position" not in self.dims or self.lengths is None:
+            return torch.ones(shape, dtype=torch.bool)
+        axis = self.dims.index("position")
+        inside = torch.tensor(self.positions)[None] < self.lengths[:, None]           # [pair, position]
+        view = [inside.shape[0]] + [1] * (len(shape) - 1)
+        view[axis] = inside.shape[1]
+        return inside.view(view).expand(shape)
     def changes(self) -> Tensor:
         """metric(intervened) - metric(clean), shaped like `effects`: the attribution estimates
         as computed, or the exact effects less the baseline."""
@@ -51,7 +67,8 @@ class PatchResult:
         return self.effects - self.baseline.view(view)
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per pair x intervention (long format), NaN cells dropped.
+        """One row per pair x intervention (long format); cells past a pair's length left out. A
+        measured cell whose metric is NaN stays in the frame, and a warning names its pairs.
 
         Columns: pair, [hook], layer, [position], [head | neuron | latent], metric, baseline,
         [source_baseline], hook, intervention, method.
@@ -61,8 +78,13 @@ class PatchResult:
         labels = {"pair": list(range(self.effects.shape[0])), "hook": self.hook.split("+"), "layer": self.layers,
                   "position": self.positions, "head": self.heads, "neuron": self.neurons, "latent": self.latents}
         index = pd.MultiIndex.from_product([labels[d] for d in self.dims], names=list(self.dims))
+        measured = self.measured().reshape(-1).numpy()
         frame = pd.DataFrame({"metric": self.effects.detach().cpu().reshape(-1).numpy()}, index=index).reset_index()
-        frame = frame.dropna(subset=["metric"])
+        frame = frame[measured]
+        if frame["metric"].isna().any():
+            pairs = sorted(set(frame.loc[frame["metric"].isna(), "pair"]))
+            warnings.warn(f"the metric is NaN in {int(frame['metric'].isna().sum())} measured cells, of pairs "
+                          f"{pairs[:10]}{' ...' if len(pairs) > 10 else ''}", stacklevel=2)
         pairs = frame["pair"].to_numpy()
         frame["baseline"] = self.baseline.detach().cpu().numpy()[pairs]
         if self.source_baseline is not None:
