@@ -11,6 +11,7 @@ random weights behind.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -455,6 +456,11 @@ def huggingface_parts(model_or_path: Any, tokenizer: Any = None) -> Parts:
         "size": vision_cfg.image_size, "mode": "RGB", "interpolation": "bicubic", "resize_mode": "shortest",
         "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711), "fill_color": 0,
     }
+    if path is not None and (path / "preprocessor_config.json").is_file():  # the folder's own normalisation
+        processor = json.loads((path / "preprocessor_config.json").read_text())
+        for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
+            if theirs in processor:
+                processor_cfg[ours] = tuple(float(v) for v in processor[theirs])
     param = next(hf.parameters())
     return Parts(HookedTextTower(text_cfg, tokenizer=tokenizer), HookedVisionTower(vision_cfg),
                  dict(preprocess_cfg=processor_cfg, name=getattr(hf.config, "_name_or_path", None) or None),

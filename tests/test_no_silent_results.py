@@ -214,3 +214,36 @@ def test_to_frame_keeps_a_pair_whose_metric_is_nan(model, image_emb):
     with pytest.warns(UserWarning, match=r"the metric is NaN in 1 measured cells, of pairs \[1\]"):
         frame = result.to_frame()
     assert len(frame) == sum(lengths) and frame["metric"].isna().sum() == 1
+
+
+def test_a_malformed_valse_pair_joins_the_exclusions(model):
+    """'There are many dogs.' becomes 'There are some many dogs.', one token longer than its
+    negation (every later token shifts), which used to abort the whole run."""
+    import pandas as pd
+
+    from clip_lens.data.valse import prepare_existence
+
+    frame = pd.DataFrame({"id": ["1", "2"], "caption": ["There are many dogs.", "There is a cat."],
+                          "foil": ["There are no dogs.", "There is no cat."], "image_file": ["a.jpg", "b.jpg"]})
+    prepared = prepare_existence(frame, model.to_tokens)
+    assert list(prepared.pairs["id"]) == ["2"]
+    assert list(prepared.excluded["id"]) == ["1"]
+    assert prepared.excluded["reason"][0] == "differs at 5 token positions after rephrasing (one is needed)"
+
+
+def test_a_huggingface_folder_keeps_its_image_normalisation(tmp_path):
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                                  "num_attention_heads": 2, "max_position_embeddings": 16},
+                                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
+                                     projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "crop_size": 32}))
+    model = clip_lens.HookedCLIP.from_huggingface(tmp_path / "hf")
+    assert model.preprocess_cfg["mean"] == (0.5, 0.5, 0.5) and model.preprocess_cfg["std"] == (0.25, 0.25, 0.25)
+    white = torch.ones(3, 40, 40)
+    torch.testing.assert_close(model.to_pixels(white), torch.full((1, 3, 32, 32), 2.0))  # (1 - 0.5) / 0.25

@@ -62,7 +62,8 @@ class ExistencePairs:
 
 def prepare_existence(frame: pd.DataFrame, tokenize: Callable[[list[str]], "object"]) -> ExistencePairs:
     """Apply the existence rephrasing and check every kept pair with `tokenize` (a model's
-    `to_tokens`): equal length, one differing position. Pairs that fail the check raise."""
+    `to_tokens`): equal length, one differing position. A pair that fails the check joins the
+    exclusion table with its reason, as every other excluded pair does."""
     kept, excluded = [], []
     for row in frame.itertuples(index=False):
         negation_in = "caption" if re.search(r"\bno\b", row.caption) else "foil"
@@ -86,13 +87,16 @@ def prepare_existence(frame: pd.DataFrame, tokenize: Callable[[list[str]], "obje
                          negation_in=negation_in, negated=negated, non_negated=non_negated))
     pairs = pd.DataFrame(kept)
     if len(pairs):
-        neg = tokenize(list(pairs["negated"]))
-        non = tokenize(list(pairs["non_negated"]))
+        both = tokenize(list(pairs["negated"]) + list(pairs["non_negated"]))  # one width for both sides
+        neg, non = both[: len(pairs)], both[len(pairs):]
+        aligned = []
         for i, (a, b) in enumerate(zip(neg, non)):
             differ = int((a != b).sum())
-            if differ != 1 or int(a.argmax()) != int(b.argmax()):
-                raise ValueError(f"pair {pairs['id'][i]!r} ({pairs['negated'][i]!r} / {pairs['non_negated'][i]!r}) "
-                                 f"differs at {differ} token positions after rephrasing; expected exactly one")
+            aligned.append(differ == 1 and int(a.argmax()) == int(b.argmax()))
+            if not aligned[-1]:
+                excluded.append(dict(id=pairs["id"][i], caption=pairs["caption"][i], foil=pairs["foil"][i],
+                                     reason=f"differs at {differ} token positions after rephrasing (one is needed)"))
+        pairs = pairs[aligned].reset_index(drop=True)
     return ExistencePairs(pairs, pd.DataFrame(excluded, columns=["id", "caption", "foil", "reason"]))
 
 
