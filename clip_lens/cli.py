@@ -118,7 +118,7 @@ def cmd_valse_existence(args: argparse.Namespace) -> int:
     return run_study(args, lambda model, label: negation_study.valse_existence(
         model, label, args.valse, args.images, args.out, studies=studies, missing=args.missing_images, limit=args.limit,
         sample=args.sample, seed=args.seed, grey=args.grey, subject_size=args.clipseg, query_layers=args.query_layers,
-        overwrite=args.overwrite, progress=not args.quiet),
+        batch_size=args.batch_size, pair_chunk=args.pair_chunk, overwrite=args.overwrite, progress=not args.quiet),
         lambda tables: f"{tables['accuracy'].to_string(index=False)}\n"
                        f"{len(tables['instances'])} instances, {len(tables['excluded'])} excluded")
 
@@ -240,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop with an error on missing images (default), or skip those instances and list them")
     valse.add_argument("--sample", type=int, default=None, help="a random sample of N instances (seeded by --seed)")
     valse.add_argument("--grey", action="store_true", help="image ablation: a grey mean colour instead of per-channel")
+    valse.add_argument("--batch-size", type=int, default=None,
+                       help="interventions per forward pass (memory: batch x positions x d_model floats)")
+    valse.add_argument("--pair-chunk", type=int, default=None,
+                       help="instances whose runs are cached at a time (memory: about 2L+1 residual streams each)")
     valse.add_argument("--clipseg", default=None, help="CLIPSeg checkpoint (local path) for the subject size")
     _add_model_args(valse)
     valse.set_defaults(func=cmd_valse_existence)

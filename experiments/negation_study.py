@@ -37,10 +37,13 @@ def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images
                     studies: Sequence[str] = VALSE_STUDIES, missing: str = "raise", limit: Optional[int] = None,
                     sample: Optional[int] = None, seed: int = 0, grey: bool = False, preface: Sequence[str] = (),
                     subject_size: Optional[PathLike] = None, query_layers: Optional[Sequence[int]] = None,
-                    overwrite: bool = False, progress: bool = True) -> dict[str, pd.DataFrame]:
+                    overwrite: bool = False, batch_size: Optional[int] = None, pair_chunk: Optional[int] = None,
+                    progress: bool = True) -> dict[str, pd.DataFrame]:
     """Run the chosen VALSE existence studies and write `out/`: instances.csv, excluded.csv, one CSV
     per result table and report.html (`preface`: extra lines for its setup section). Returns the
-    tables by file stem."""
+    tables by file stem. `batch_size` / `pair_chunk` go to the patching engine of causal tracing
+    and image ablation (None: each study's default; see docs/patching.md, "Memory")."""
+    engine = {k: v for k, v in dict(batch_size=batch_size, pair_chunk=pair_chunk).items() if v is not None}
     unknown = set(studies) - set(VALSE_STUDIES)
     if unknown:
         raise ValueError(f"unknown studies {sorted(unknown)}; choose from {VALSE_STUDIES}")
@@ -70,7 +73,7 @@ def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images
         report.figure(plot.score_distribution(inst.frame))
 
     if "causal-tracing" in studies:
-        ct = causal_tracing.run(model, inst, progress=progress)
+        ct = causal_tracing.run(model, inst, progress=progress, **engine)
         tables.update(causal_tracing_instances=ct.instance_frame(), causal_tracing_segment_means=ct.segment_means(),
                       causal_tracing_localisation=ct.localisation())
         report.section("Causal tracing in the text encoder")
@@ -92,7 +95,7 @@ def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images
         _negator_section(report, na, query_layers)
 
     if "image-ablation" in studies:
-        ia = image_ablation.run(model, inst, grey=grey, progress=progress)
+        ia = image_ablation.run(model, inst, grey=grey, progress=progress, **engine)
         tables.update(image_ablation=ia.table(), image_ablation_segment_means=ia.segment_means(),
                       image_ablation_outcomes=ia.outcome_counts(), image_ablation_mha_vs_mlp=ia.mha_vs_mlp())
         report.section("Image ablation in the vision encoder")

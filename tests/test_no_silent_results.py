@@ -247,3 +247,29 @@ def test_a_huggingface_folder_keeps_its_image_normalisation(tmp_path):
     assert model.preprocess_cfg["mean"] == (0.5, 0.5, 0.5) and model.preprocess_cfg["std"] == (0.25, 0.25, 0.25)
     white = torch.ones(3, 40, 40)
     torch.testing.assert_close(model.to_pixels(white), torch.full((1, 3, 32, 32), 2.0))  # (1 - 0.5) / 0.25
+
+
+def test_the_engine_memory_knobs_reach_the_studies_and_change_no_result(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from clip_lens.cli import main
+    from clip_lens.data.shapes import export_valse
+    from experiments import causal_tracing
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["batch_size"], kwargs["pair_chunk"]))
+        return clip_lens.patch(*args, **kwargs)
+
+    monkeypatch.setattr(causal_tracing, "patch", spy)
+    valse = export_valse(tmp_path / "scenes", 12, seed=5)
+    frames = []
+    for knobs in ([], ["--batch-size", "3", "--pair-chunk", "2"]):
+        out = tmp_path / f"run{len(knobs)}"
+        assert main(["valse-existence", "causal-tracing", "--model", tiny.NAME, "--valse", str(valse), "--images",
+                     str(valse.parent / "images"), "--out", str(out), "--quiet", *knobs]) == 0
+        frames.append(pd.read_csv(out / "causal_tracing_instances.csv"))
+    assert calls == [(256, 64), (3, 2)]
+    # CTE divides by d, so a float-rounding change in S shows up to ~1e-5 where d is small
+    pd.testing.assert_frame_equal(frames[0], frames[1], atol=1e-4, rtol=1e-4)
