@@ -104,10 +104,10 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
     acts = _activations(blocks, hook, inputs)
     if sae is not None:
         sae_model, trained = TopKSAE.load(Path(sae).with_suffix("")), False
-        if sae_model.hook is not None and sae_model.hook != f"{tower}.{hook}":
-            raise ValueError(f"the SAE in {sae} was trained on {sae_model.hook}, not on {tower}.{hook}")
         if sae_model.d_in != acts.shape[-1]:
             raise ValueError(f"the SAE in {sae} reads {sae_model.d_in}-dimensional activations; {tower}.{hook} has {acts.shape[-1]}")
+        if sae_model.hook is not None and sae_model.hook != f"{tower}.{hook}":
+            raise ValueError(f"the SAE in {sae} was trained on {sae_model.hook}, not on {tower}.{hook}")
     else:
         sae_model, _ = train_sae(acts, n_latents=sae_latents, k=min(sae_k, sae_latents), steps=sae_steps, seed=seed,
                                  progress=progress, hook=f"{tower}.{hook}")

@@ -71,6 +71,17 @@ def sentences():
     return list(SENTENCES)
 
 
+def tiny_hf_config():
+    """A one-block transformers CLIPConfig (32 wide, 32 x 32 images), for loading tests."""
+    import transformers
+
+    return transformers.CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                                "num_attention_heads": 2, "max_position_embeddings": 16},
+                                   vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                                  "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
+                                   projection_dim=16)
+
+
 def random_pixels(n: int, size: int = 224, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 

@@ -5,7 +5,7 @@ it returned a result (or crashed inside torch) instead of the error asserted her
 import numpy as np
 import pytest
 import torch
-from conftest import random_pixels
+from conftest import random_pixels, tiny_hf_config
 
 import clip_lens
 from clip_lens import tiny
@@ -235,11 +235,7 @@ def test_a_huggingface_folder_keeps_its_image_normalisation(tmp_path):
     import json
 
     transformers = pytest.importorskip("transformers")
-    config = transformers.CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                                  "num_attention_heads": 2, "max_position_embeddings": 16},
-                                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
-                                     projection_dim=16)
+    config = tiny_hf_config()
     transformers.CLIPModel(config).save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(
         {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "crop_size": 32}))

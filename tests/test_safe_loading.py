@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_noise_images
+from conftest import tiny_hf_config, write_noise_images
 
 import clip_lens
 from clip_lens import tiny
@@ -55,12 +55,8 @@ def test_a_checkpoint_file_for_open_clip_is_loaded_without_pickle_code(tmp_path)
 
 
 def test_a_huggingface_folder_with_a_planted_bin_runs_no_code(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                                  "num_attention_heads": 2, "max_position_embeddings": 16},
-                                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
-                                     projection_dim=16)
+    pytest.importorskip("transformers")
+    config = tiny_hf_config()
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config.to_dict()))
