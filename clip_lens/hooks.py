@@ -12,6 +12,7 @@ parent and on a tower never remove each other's hooks.
 from __future__ import annotations
 
 import difflib
+from contextlib import contextmanager
 from typing import Any, Callable, Literal, Optional
 
 from torch import Tensor
@@ -107,6 +108,50 @@ class HookedModule(HookedRootModule):
             )
         return hook_point
 
+    # -- clean-up that an interrupt cannot leave half done ---------------------------------------
+    @contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, clear_contexts: bool = False):
+        """As TransformerLens's `hooks()`, with a clean-up that a KeyboardInterrupt cannot leave
+        half done: the clean-up runs to its end, then the interrupt is raised. It also removes
+        hooks torch holds but TransformerLens never recorded (an interrupt between the two steps
+        of adding a hook leaves one)."""
+        self.context_level += 1
+        level = self.context_level
+        finished = set()
+
+        def clean_up() -> None:  # each step runs once, however often clean_up starts again
+            if reset_hooks_end and "hooks" not in finished:
+                self.reset_hooks(clear_contexts, including_permanent=False, level=level)
+                self.remove_untracked_hooks()
+                finished.add("hooks")
+            self.context_level = level - 1
+
+        try:
+            for name, hook in fwd_hooks:
+                self._enable_hook(name=name, hook=hook, dir="fwd")
+            for name, hook in bwd_hooks:
+                self._enable_hook(name=name, hook=hook, dir="bwd")
+            yield self
+        finally:
+            _run_to_the_end(clean_up)
+
+    def reset_hooks(self, clear_contexts: bool = True, direction="both", including_permanent: bool = False,
+                    level: Optional[int] = None) -> None:
+        """As TransformerLens's; a reset of every level also removes untracked hooks."""
+        super().reset_hooks(clear_contexts, direction, including_permanent, level)
+        if level is None:
+            self.remove_untracked_hooks()
+
+    def remove_untracked_hooks(self) -> None:
+        """Remove the torch hooks of every hook point that TransformerLens does not track."""
+        for hook_point in {id(p): p for p in self.hook_dict.values()}.values():
+            tracked = {handle.hook.id for handle in hook_point.fwd_hooks + hook_point.bwd_hooks}
+            for store in (hook_point._forward_hooks, hook_point._backward_hooks):
+                for key in [k for k in store if k not in tracked]:
+                    store.pop(key, None)
+                    hook_point._forward_hooks_with_kwargs.pop(key, None)
+                    hook_point._forward_hooks_always_called.pop(key, None)
+
     # -- registration: every path goes through the name of the hook_dict entry ------------------
     def _enable_hook_with_name(self, name: str, hook: Callable, dir: Literal["fwd", "bwd"]) -> None:
         hook_point = self.check_hook_name(name)
@@ -188,6 +233,20 @@ class HookedModule(HookedRootModule):
                 raise ValueError(f"metric must return a scalar tensor; got {getattr(value, 'shape', type(value).__name__)}")
             value.backward()
         return out, self.cache_class(cache_dict, self, has_batch_dim=not options.get("remove_batch_dim", False))
+
+
+def _run_to_the_end(step: Callable[[], None]) -> None:
+    """Run `step` to its end even when KeyboardInterrupt arrives meanwhile (it starts again), then
+    raise the interrupt. `step` must be safe to start again."""
+    interrupted = None
+    while True:
+        try:
+            step()
+            break
+        except KeyboardInterrupt as err:
+            interrupted = err
+    if interrupted is not None:
+        raise interrupted
 
 
 def stacked_activations(module: HookedRootModule, inputs: Tensor, names: list[str], batch_size: int = 64,
