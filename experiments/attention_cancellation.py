@@ -95,14 +95,15 @@ class AttentionCancellation:
         return pd.DataFrame(rows)
 
     def summary(self) -> pd.DataFrame:
-        """Per setting: layers (1-based), accuracy, mean cosine of the selected caption, and the share
-        of images whose selection changed from the baseline."""
+        """Per setting: its blocks (numbered from 0, as in every table; the setting's name keeps the
+        study's 1-based layers), accuracy, mean cosine of the selected caption, and the share of
+        images whose selection changed from the baseline."""
         pred = self.predictions()
         labelled = pred.dropna(subset=["correct"])
         table = pred.groupby("setting", sort=False).agg(mean_cosine=("cosine", "mean"), changed=("changed", "mean"))
         table["accuracy"] = labelled.groupby("setting", sort=False)["correct"].mean() if len(labelled) else np.nan
-        table.insert(0, "layers", ["" if not l else ",".join(str(b + 1) for b in l) for l in self.layers])
-        return table.reset_index()[["setting", "layers", "accuracy", "mean_cosine", "changed"]]
+        table.insert(0, "blocks", ["" if not l else ",".join(str(b) for b in l) for l in self.layers])
+        return table.reset_index()[["setting", "blocks", "accuracy", "mean_cosine", "changed"]]
 
     def logits_frame(self) -> pd.DataFrame:
         """Long format: setting, image, caption, logit, cosine."""
@@ -117,7 +118,7 @@ class AttentionCancellation:
         accuracy = summary["accuracy"].notna().any()
         y = "accuracy" if accuracy else "changed"
         bars = px.bar(summary, x="setting", y=y, color=np.where(summary["setting"] == "baseline", "baseline", "cancelled"),
-                      color_discrete_map={"baseline": "#264653", "cancelled": "#e76f51"}, hover_data=["layers", "mean_cosine"])
+                      color_discrete_map={"baseline": "#264653", "cancelled": "#e76f51"}, hover_data=["blocks", "mean_cosine"])
         bars.update_layout(showlegend=False)
         bars.update_xaxes(title_text="self-attention cancelled in layers", type="category")
         bars.update_yaxes(title_text="accuracy" if accuracy else "share of images whose caption changed", range=[0, 1])

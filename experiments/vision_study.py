@@ -36,8 +36,8 @@ def attention_cancellation_study(model: HookedCLIP, model_label: str, out: PathL
     report.section("Setup").text(f"Model: {model_label}. Images: {source} ({len(frame)} images, "
                                  f"{int((targets >= 0).sum())} labelled); {len(caption_list)} candidate captions.")
     report.section("Cancelling self-attention").text(
-        "In the layers of a setting (numbered from 1) every position attends only to itself, so the attention block "
-        "outputs out_proj(V).", note=True)
+        "In the layers of a setting (named from 1, as in the study; the tables' blocks column counts from 0) every "
+        "position attends only to itself, so the attention block outputs out_proj(V).", note=True)
     report.table(tables["summary"], max_rows=100, caption="Accuracy, mean cosine of the selected caption, and the share "
                                                           "of images whose selection changed from the baseline")
     for fig in result.figures().values():

@@ -46,7 +46,7 @@ def test_value_only_attention_equals_a_hand_computed_forward(vit_b32):
     best = result.logits.argmax(-1)
     assert (pred["correct"].to_numpy() == (best == np.array([0, 1])[None]).reshape(-1)).all()
     summary = result.summary().set_index("setting")
-    assert summary.loc["1-3", "layers"] == "1,2,3"
+    assert summary.loc["1-3", "blocks"] == "0,1,2"  # setting names keep the study's 1-based layers; tables count from 0
     assert summary.loc["baseline", "accuracy"] == pytest.approx((best[0] == [0, 1]).mean())
 
 
