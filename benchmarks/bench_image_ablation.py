@@ -25,9 +25,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from clip_lens.experiments import existence, image_ablation
 from clip_lens.images import mean_colour_pixels
 from clip_lens.model import random_model_pair
-from experiments import existence, image_ablation
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -29,7 +29,7 @@ SHORT = {"exact": "exact", "attribution": "attr"}  # output names, as recorded s
 def record(out: Path, n_ablation: int, valse: Path) -> None:
     import clip_lens
     from clip_lens.data import load_valse, prepare_existence
-    from experiments import existence, image_ablation
+    from clip_lens.experiments import existence, image_ablation
 
     try:
         from clip_lens.model import random_model_pair

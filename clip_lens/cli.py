@@ -112,7 +112,7 @@ def run_study(args: argparse.Namespace, study: Callable[..., dict], summary: Cal
 
 
 def cmd_valse_existence(args: argparse.Namespace) -> int:
-    from experiments import negation_study
+    from clip_lens.experiments import negation_study
 
     studies = {"all": negation_study.VALSE_STUDIES, "text": negation_study.TEXT_STUDIES}.get(args.study, (args.study,))
     return run_study(args, lambda model, label: negation_study.valse_existence(
@@ -124,7 +124,7 @@ def cmd_valse_existence(args: argparse.Namespace) -> int:
 
 
 def cmd_cannot(args: argparse.Namespace) -> int:
-    from experiments import negation_study
+    from clip_lens.experiments import negation_study
 
     return run_study(args, lambda model, label: negation_study.cannot_negator_attention(
         model, label, args.cannot, args.out, spacy_model=args.spacy_model, limit=args.limit,
@@ -134,7 +134,7 @@ def cmd_cannot(args: argparse.Namespace) -> int:
 
 
 def cmd_attention_cancellation(args: argparse.Namespace) -> int:
-    from experiments import vision_study
+    from clip_lens.experiments import vision_study
 
     return run_study(args, lambda model, label: vision_study.attention_cancellation_study(
         model, label, args.out, images=args.images, captions=args.captions, labels=args.labels,
@@ -143,7 +143,7 @@ def cmd_attention_cancellation(args: argparse.Namespace) -> int:
 
 
 def cmd_attribution(args: argparse.Namespace) -> int:
-    from experiments import attribution_study
+    from clip_lens.experiments import attribution_study
 
     def summary(tables: dict) -> str:
         reliance = tables["reliance"]
@@ -182,7 +182,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import clip_lens
     from clip_lens import tiny
     from clip_lens.data.shapes import export_valse, single_shape_set
-    from experiments import attribution_study, negation_study, vision_study
+    from clip_lens.experiments import attribution_study, negation_study, vision_study
 
     start = time.perf_counter()
     model = clip_lens.HookedCLIP.from_pretrained(tiny.NAME)

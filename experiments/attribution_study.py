@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from clip_lens.data.image_sets import open_image_set
+from clip_lens.experiments import attention_maps, attribution
 from clip_lens.lens import logit_lens
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import hook_name
@@ -21,7 +22,6 @@ from clip_lens.plot import head_heatmap
 from clip_lens.report import Report, claim_output, write_study
 from clip_lens.sae import TopKSAE, cache_activations, sae_statistics, train_sae
 from clip_lens.scores import score as clip_score
-from experiments import attention_maps, attribution
 
 PathLike = Union[str, Path]
 

@@ -18,9 +18,9 @@ from jaxtyping import Float, Int
 from clip_lens import plot
 from clip_lens.data import ALIGNED_SLOTS, align_positions, weighted_slot_mean
 from clip_lens.data.valse import NEGATOR_POSITION
+from clip_lens.experiments.existence import ExistenceInstances
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import patch
-from experiments.existence import ExistenceInstances
 
 GROUPS = ["negation_in", "segment"]
 

@@ -9,9 +9,9 @@ from typing import Optional, Union
 import pandas as pd
 
 from clip_lens.data.image_sets import open_image_set
+from clip_lens.experiments import attention_cancellation, attention_maps
 from clip_lens.model import HookedCLIP
 from clip_lens.report import Report, claim_output, write_study
-from experiments import attention_cancellation, attention_maps
 
 PathLike = Union[str, Path]
 

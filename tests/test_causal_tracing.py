@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from conftest import SHARED_DATA
 
 from clip_lens.data import ALIGNED_SLOTS, align_positions, weighted_slot_mean
-from experiments import causal_tracing, existence
-from experiments.causal_tracing import CausalTracing
+from clip_lens.experiments import causal_tracing, existence
+from clip_lens.experiments.causal_tracing import CausalTracing
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The package's import structure: `import clip_lens` works in a fresh interpreter, no module of
-clip_lens imports another that (through any chain) imports it back, and only the CLI reaches into
-the experiments."""
+clip_lens (the studies included, installed as clip_lens.experiments from the top-level
+experiments/ folder) imports another that imports it back, and only the CLI reaches into the
+studies."""
 
 import ast
 import subprocess
@@ -8,10 +9,14 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "clip_lens"
+STUDIES = PACKAGE.parent / "experiments"  # installed as clip_lens.experiments
 
 
 def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    if STUDIES in path.parents:
+        parts = ("clip_lens", "experiments", *path.relative_to(STUDIES).with_suffix("").parts)
+    else:
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -33,7 +38,7 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    files = {_module_name(p): p for p in [*PACKAGE.rglob("*.py"), *STUDIES.rglob("*.py")]}
     return {name: _imports(path, set(files)) for name, path in files.items()}
 
 
@@ -73,8 +78,13 @@ def test_no_import_cycle_in_clip_lens():
 
 
 def test_only_the_cli_imports_the_experiments():
-    importers = sorted(m for m, deps in import_graph().items() if any(d.split(".")[0] == "experiments" for d in deps))
+    graph = import_graph()
+    assert "clip_lens.experiments.causal_tracing" in graph  # the studies are part of the graph
+    library = [m for m in graph if not m.startswith("clip_lens.experiments")]
+    importers = sorted(m for m in library if any(d.startswith("clip_lens.experiments") or d.split(".")[0] == "experiments"
+                                                 for d in graph[m]))
     assert importers == ["clip_lens.cli"]
+    assert not any(d.split(".")[0] == "experiments" for deps in graph.values() for d in deps)  # no top-level name
 
 
 def test_import_clip_lens_in_a_fresh_interpreter():
@@ -82,3 +92,13 @@ def test_import_clip_lens_in_a_fresh_interpreter():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "clip_lens.patching"
+
+
+def test_a_users_own_experiments_folder_does_not_shadow_the_studies(tmp_path):
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "__init__.py").write_text("raise ImportError('the user experiments package')\n")
+    (tmp_path / "experiments" / "negation_study.py").write_text("raise ImportError('the user study')\n")
+    code = "import clip_lens.experiments.negation_study as m, clip_lens.cli; print(m.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).parent == STUDIES

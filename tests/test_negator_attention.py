@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from clip_lens.config import TextConfig
+from clip_lens.experiments import negator_attention
 from clip_lens.tokenization import Tokenizer
 from clip_lens.towers import HookedTextTower
-from experiments import negator_attention
 
 NEGATED = ["There is no dog.", "There are no people in the picture.", "There is no red car parked here.",
            "There are no animals."]

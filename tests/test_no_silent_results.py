@@ -250,7 +250,7 @@ def test_the_engine_memory_knobs_reach_the_studies_and_change_no_result(tmp_path
 
     from clip_lens.cli import main
     from clip_lens.data.shapes import export_valse
-    from experiments import causal_tracing
+    from clip_lens.experiments import causal_tracing
 
     calls = []
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA, write_noise_images
 
-from experiments import existence, preliminary
+from clip_lens.experiments import existence, preliminary
 
 
 @pytest.mark.parametrize("negated,subject", [
