@@ -49,6 +49,14 @@ def vit_b32():
 
 
 @pytest.fixture(scope="session")
+def tiny_model():
+    """The shipped tiny CLIP (clip_lens/tiny-shapes), loaded once per session; do not modify it."""
+    from clip_lens import tiny
+
+    return clip_lens.HookedCLIP.from_pretrained(tiny.NAME)
+
+
+@pytest.fixture(scope="session")
 def vit_b32_image(vit_b32):
     """(pixels [1, 3, 224, 224], their ViT-B-32 image embedding [1, d_embed]): the other modality
     of text-tower patching tests."""

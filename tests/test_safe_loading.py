@@ -68,15 +68,14 @@ def test_a_huggingface_folder_with_a_planted_bin_runs_no_code(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["../outside.png", "/etc/passwd", "sub/../../outside.png"])
-def test_valse_image_files_stay_in_the_image_folder(tmp_path, name):
+def test_valse_image_files_stay_in_the_image_folder(tmp_path, name, tiny_model):
     images = write_noise_images(["v7w_1.jpg"], tmp_path / "images")
     write_noise_images(["outside.png"], tmp_path)
     valse = tmp_path / "existence.json"
     entry = {"caption": "There is a cat.", "foil": "There is no cat.", "image_file": name,
              "mturk": {"caption": 3}}
     valse.write_text(json.dumps({"7": entry}))
-    model = clip_lens.HookedCLIP.from_pretrained(tiny.NAME)
-    pairs = prepare_existence(load_valse(valse), model.to_tokens).pairs
+    pairs = prepare_existence(load_valse(valse), tiny_model.to_tokens).pairs
     with pytest.raises(ValueError, match=f"VALSE instance 7: image file '{name}' lies outside the image folder"):
         resolve_images(pairs, images)
 
@@ -90,9 +89,8 @@ def test_labels_files_stay_in_the_image_folder(tmp_path):
         load_image_folder(folder, labels)
 
 
-def test_a_corrupt_image_is_named(tmp_path):
+def test_a_corrupt_image_is_named(tmp_path, tiny_model):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image at all")
-    model = clip_lens.HookedCLIP.from_pretrained(tiny.NAME)
     with pytest.raises(ValueError, match="Cannot read .*broken.jpg as an image"):
-        model.to_pixels([bad])
+        tiny_model.to_pixels([bad])

@@ -5,13 +5,10 @@ gradients autograd gives (each crashed on tower caches before)."""
 import pytest
 import torch
 
-import clip_lens
-from clip_lens import tiny
-
 
 @pytest.fixture(scope="module")
-def model():
-    return clip_lens.HookedCLIP.from_pretrained(tiny.NAME)
+def model(tiny_model):
+    return tiny_model
 
 
 def _inputs(model, modality):
