@@ -148,10 +148,6 @@ class HookedCLIP(HookedModule):
         raise ValueError(f"{name}: expected texts, tokens [batch, pos], images or pixels [batch, 3, H, W]; "
                          f"got {type(value).__name__}")
 
-    def other_tower(self, tower: HookedTower) -> HookedTower:
-        """The vision tower for the text tower, and the other way round."""
-        return self.vision if tower is self.text else self.text
-
     # forward ---------------------------------------------------------------------------------
     def encode_text(self, tokens: Int[Tensor, "batch pos"], normalize: bool = False) -> Float[Tensor, "batch d_embed"]:
         emb = self.text(tokens)
