@@ -56,7 +56,7 @@ def plain_loop(oc, pixels, source, caption_emb, foil_emb):
             with torch.no_grad():
                 emb = oc.encode_image(pixels[i:i + 1])
             handle.remove()
-            out[i, c, l] = scale * (F.cosine_similarity(emb, caption_emb[i:i + 1]) - F.cosine_similarity(emb, foil_emb[i:i + 1]))
+            out[i, c, l] = scale * float(F.cosine_similarity(emb, caption_emb[i:i + 1]) - F.cosine_similarity(emb, foil_emb[i:i + 1]))
     return out
 
 

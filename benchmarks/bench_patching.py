@@ -40,7 +40,7 @@ def plain_open_clip_loop(oc, tokenizer, negated, non_negated, image_emb):
     blocks = oc.transformer.resblocks
     out = []
     for neg, pos in zip(negated, non_negated):
-        src, tgt = tokenizer([neg]), tokenizer([pos])
+        src, tgt = tokenizer([neg]).to(image_emb.device), tokenizer([pos]).to(image_emb.device)
         length = int(tgt.argmax()) + 1
         # source residuals: inputs of every block and of ln_final
         saved = {}
@@ -63,7 +63,7 @@ def plain_open_clip_loop(oc, tokenizer, negated, non_negated, image_emb):
                 with torch.no_grad():
                     emb = oc.encode_text(tgt)
                 handle.remove()
-                grid[layer, q] = oc.logit_scale.exp() * F.cosine_similarity(emb, image_emb).item()
+                grid[layer, q] = oc.logit_scale.exp().item() * F.cosine_similarity(emb, image_emb).item()
         out.append(grid)
     return out
 

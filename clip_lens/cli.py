@@ -12,6 +12,13 @@ from typing import Callable, Optional, Sequence
 import torch
 
 CHECK_SENTENCES = ["There are no giraffes.", "There are some giraffes.", "a photo of a cat on a sofa"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _add_device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="precision of the towers (scores are computed in float32 whatever it is)")
+    parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu, cuda, cuda:1")
 
 
 def _load_pair(model_name: str, pretrained: Optional[str], seed: int):
@@ -61,20 +68,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def load_model(model: str, pretrained: Optional[str]):
-    """(HookedCLIP, label) from an open_clip name (+ tag or checkpoint) or a transformers CLIP directory."""
+def load_model(model: str, pretrained: Optional[str], dtype: str = "float32", device: str = "cpu"):
+    """(HookedCLIP, label) from an open_clip name (+ tag or checkpoint) or a transformers CLIP
+    directory, on `device` in `dtype` (a key of DTYPES)."""
     import clip_lens
     from clip_lens import zoo
 
+    precision = "" if dtype == "float32" else f", {dtype}"
     if Path(model).is_dir():
-        return clip_lens.HookedCLIP.from_huggingface(model), f"transformers CLIP from {model}"
-    hooked = clip_lens.HookedCLIP.from_pretrained(model, pretrained=pretrained)
+        hooked = clip_lens.HookedCLIP.from_huggingface(model, device=device, dtype=DTYPES[dtype])
+        return hooked, f"transformers CLIP from {model}{precision}"
+    hooked = clip_lens.HookedCLIP.from_pretrained(model, pretrained=pretrained, device=device, dtype=DTYPES[dtype])
     if model == zoo.NAME and pretrained is None:
-        return hooked, f"{model} (the weights shipped with clip_lens)"
+        return hooked, f"{model} (the weights shipped with clip_lens{precision})"
     if pretrained is None:
         print(f"warning: {model} with random weights (no --pretrained); the results describe an untrained model",
               file=sys.stderr)
-    return hooked, f"{model} ({'pretrained=' + str(pretrained) if pretrained else 'random weights'})"
+    return hooked, f"{model} ({'pretrained=' + str(pretrained) if pretrained else 'random weights'}{precision})"
 
 
 def _add_model_args(parser: argparse.ArgumentParser, instances: bool = True) -> None:
@@ -90,6 +100,7 @@ def _add_model_args(parser: argparse.ArgumentParser, instances: bool = True) -> 
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of an earlier run in --out (refused without it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_device_args(parser)
 
 
 def run_study(args: argparse.Namespace, study: Callable[..., dict], summary: Callable[[dict], str] = lambda t: "") -> int:
@@ -98,10 +109,10 @@ def run_study(args: argparse.Namespace, study: Callable[..., dict], summary: Cal
     from clip_lens.report import add_to_manifest
 
     torch.manual_seed(args.seed)
-    model, label = load_model(args.model, args.pretrained)
+    model, label = load_model(args.model, args.pretrained, args.dtype, args.device)
     start = time.perf_counter()
     tables = study(model, label)
-    add_to_manifest(args.out, command=["clip-lens", *args.argv], seed=args.seed,
+    add_to_manifest(args.out, command=["clip-lens", *args.argv], seed=args.seed, dtype=args.dtype, device=args.device,
                     seconds=round(time.perf_counter() - start, 1))
     lines = summary(tables)
     if lines:
@@ -185,7 +196,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from clip_lens.experiments import attribution_study, negation_study, vision_study
 
     start = time.perf_counter()
-    model = clip_lens.HookedCLIP.from_pretrained(tiny.NAME)
+    model = clip_lens.HookedCLIP.from_pretrained(tiny.NAME, device=args.device, dtype=DTYPES[args.dtype])
     accuracy = tiny.evaluate(model)
     line = (f"Held-out accuracy of {tiny.NAME} ({accuracy['pairs']} synthetic existence pairs, seed {tiny.EVAL_SEED}): "
             f"{accuracy['accuracy']:.1%} overall, {accuracy['negation_in_caption']:.1%} with the negation in the "
@@ -292,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scenes", type=int, default=400, help="held-out scenes to study (default 400)")
     demo.add_argument("--seed", type=int, default=20_000, help="seed of the scenes")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_device_args(demo)
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train-tiny", help="train the tiny CLIP on synthetic shape scenes")

@@ -15,6 +15,7 @@ import difflib
 from contextlib import contextmanager
 from typing import Any, Callable, Literal, Optional
 
+import torch
 from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
@@ -94,6 +95,17 @@ class HookedModule(HookedRootModule):
     def share_context(self, context: HookContext) -> None:
         """Use `context` (a parent's) for hook context levels."""
         object.__setattr__(self, "_hook_context", context)
+
+    # -- where the weights live ----------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """The device of the weights: every tensor a run creates is made there."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights (float32, or bfloat16 / float16 after `to(dtype)`)."""
+        return next(self.parameters()).dtype
 
     # -- name checks ---------------------------------------------------------------------------
     def check_hook_name(self, name: str) -> HookPoint:
@@ -260,8 +272,6 @@ def stacked_activations(module: HookedRootModule, inputs: Tensor, names: list[st
             the tower for one modality's hooks).
         inputs: tokens [n, pos] or pixels [n, 3, H, W].
     """
-    import torch
-
     out = []
     with torch.no_grad():
         for i in range(0, len(inputs), batch_size):

@@ -90,7 +90,8 @@ def to_pixels(images: Union[ImageLike, Sequence[ImageLike]], transform: Callable
         images = [images]
     if len(images) == 0:
         raise ValueError("images is empty: give at least one image")
-    pixels = torch.stack([transform(load_image(img)) for img in images])
+    with torch.device("cpu"):  # decoding and resizing are CPU work, whatever the default device
+        pixels = torch.stack([transform(load_image(img)) for img in images])
     return pixels.to(device) if device is not None else pixels
 
 

@@ -14,6 +14,8 @@ from clip_lens.hooks import TOWER_PREFIXES, HookContext, HookedModule
 from clip_lens.images import ImageLike, build_transform, default_preprocess_cfg, to_pixels
 from clip_lens.towers import HookedTextTower, HookedTower, HookedVisionTower
 
+Device = Optional[Union[str, torch.device]]
+
 
 class HookedCLIP(HookedModule):
     """CLIP with TransformerLens hooks in both towers.
@@ -63,29 +65,50 @@ class HookedCLIP(HookedModule):
             for name, hook_point in tower.hook_dict.items():
                 self.hook_dict[f"{prefix}.{name}"] = hook_point
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The towers' dtype (the logit scale and bias stay in float32, see `_apply`)."""
+        return self.text.dtype
+
+    # The logit scale and bias stay in float32 when the towers move to half precision: in bfloat16,
+    # log(100) = 4.6052 rounds to 4.59375 and every score would be 1.1% too small.
+    def _apply(self, fn, recurse=True):
+        kept = {name: param.data for name, param in self.named_parameters(recurse=False)}
+        out = super()._apply(fn, recurse)
+        for name, before in kept.items():
+            param = getattr(self, name)
+            if param.dtype != before.dtype:
+                param.data = before.to(device=param.device)
+        return out
+
     # loading (the parts come from clip_lens.loading) ---------------------------------------------
     @classmethod
-    def from_parts(cls, parts: loading.Parts) -> "HookedCLIP":
-        """A HookedCLIP from its towers and the source's weights mapped into them."""
+    def from_parts(cls, parts: loading.Parts, device: Device = None, dtype: Optional[torch.dtype] = None) -> "HookedCLIP":
+        """A HookedCLIP from its towers and the source's weights mapped into them, on `device` in
+        `dtype` (default: the source's)."""
         hooked = cls(parts.text, parts.vision, **parts.kwargs)
         loading.apply_table(hooked, parts.state_dict, parts.table)
-        return hooked.to(device=parts.device, dtype=parts.dtype).eval()
+        return hooked.to(device=device or parts.device, dtype=dtype or parts.dtype).eval()
 
     @classmethod
     def from_open_clip(cls, model: nn.Module, tokenizer: Any = None, preprocess_cfg: Optional[dict] = None,
-                       name: Optional[str] = None) -> "HookedCLIP":
+                       name: Optional[str] = None, device: Device = None,
+                       dtype: Optional[torch.dtype] = None) -> "HookedCLIP":
         """From an open_clip `CLIP` / `CustomTextCLIP` object (weights copied; `model` unchanged).
 
         Args:
+            device, dtype: where and in what precision the hooked model lives (default: the
+                source's). Scores (S, d, patching metrics) are computed in float32 whatever `dtype`.
             tokenizer: an open_clip tokenizer or a `clip_lens.Tokenizer`; default: open_clip's BPE
                 tokenizer with the model's context length.
             preprocess_cfg: image preprocessing; default: the model's own (`model.visual.preprocess_cfg`).
         """
-        return cls.from_parts(loading.open_clip_parts(model, tokenizer, preprocess_cfg, name))
+        return cls.from_parts(loading.open_clip_parts(model, tokenizer, preprocess_cfg, name), device, dtype)
 
     @classmethod
     def from_pretrained(cls, name: str, pretrained: Optional[str] = None, cache_dir: Optional[str] = None,
-                        device: Union[str, torch.device] = "cpu", **open_clip_kwargs: Any) -> "HookedCLIP":
+                        device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
+                        **open_clip_kwargs: Any) -> "HookedCLIP":
         """From an open_clip architecture name (e.g. "ViT-B-32") or a model that ships with
         clip_lens ("clip_lens/tiny-shapes", its weights by default).
 
@@ -95,16 +118,20 @@ class HookedCLIP(HookedModule):
                 weights. A tag whose weights are not cached fails at once when the hub is
                 unreachable, with the ways to provide the weights.
             cache_dir: where open_clip / huggingface_hub look for and keep downloaded weights.
+            device, dtype: where the model lives, and its precision (default float32; e.g.
+                torch.bfloat16). The weights are read in float32 and converted once.
             open_clip_kwargs: passed to `open_clip.create_model` (e.g. force_quick_gelu=True).
         """
         oc_model, tokenizer, label = loading.create_open_clip(name, pretrained, cache_dir, device, **open_clip_kwargs)
-        return cls.from_open_clip(oc_model, tokenizer=tokenizer, name=label)
+        return cls.from_open_clip(oc_model, tokenizer=tokenizer, name=label, dtype=dtype)
 
     @classmethod
-    def from_huggingface(cls, model_or_path: Any, tokenizer: Any = None) -> "HookedCLIP":
+    def from_huggingface(cls, model_or_path: Any, tokenizer: Any = None, device: Device = None,
+                         dtype: Optional[torch.dtype] = None) -> "HookedCLIP":
         """From a `transformers` `CLIPModel` or a local directory holding one (as written by
-        `save_pretrained`; its tokenizer is used when the directory has one)."""
-        return cls.from_parts(loading.huggingface_parts(model_or_path, tokenizer))
+        `save_pretrained`; its tokenizer is used when the directory has one), on `device` in
+        `dtype` (default: the source's)."""
+        return cls.from_parts(loading.huggingface_parts(model_or_path, tokenizer), device, dtype)
 
     # inputs ---------------------------------------------------------------------------------
     @property
@@ -123,7 +150,7 @@ class HookedCLIP(HookedModule):
         transform (resize, crop, normalise) into [batch, 3, H, W]."""
         if self._transform is None:
             self._transform = build_transform(self.preprocess_cfg)
-        return to_pixels(images, self._transform, device=self.logit_scale.device)
+        return to_pixels(images, self._transform, device=self.device)
 
     def tower_input(self, value: Any, *, name: str = "input") -> tuple[HookedTower, Tensor]:
         """The tower an input belongs to, and the input ready for it: texts or tokens [batch, pos]
@@ -159,8 +186,9 @@ class HookedCLIP(HookedModule):
 
     def logits_from_embeddings(self, image_emb: Float[Tensor, "n_images d_embed"],
                                text_emb: Float[Tensor, "n_texts d_embed"]) -> Float[Tensor, "n_images n_texts"]:
-        """CLIP's logits: logit_scale.exp() * cos(image, text) (+ logit_bias), as open_clip's `get_logits`."""
-        logits = self.logit_scale.exp() * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+        """CLIP's logits: logit_scale.exp() * cos(image, text) (+ logit_bias), as open_clip's `get_logits`;
+        in float32 whatever the towers' dtype."""
+        logits = self.logit_scale.exp() * F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T
         return logits + self.logit_bias if self.logit_bias is not None else logits
 
     def forward(self, text: Optional[Tensor] = None, image: Optional[Tensor] = None) -> Tensor:

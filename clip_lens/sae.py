@@ -13,6 +13,7 @@ sae-lens's training is built around language-model token pipelines.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,20 +38,21 @@ class TopKSAE(nn.Module):
             None when unknown; saved with it, and checked by `patch(sae=...)` and the studies.
     """
 
-    def __init__(self, d_in: int, n_latents: int, k: int, seed: int = 0, hook: Optional[str] = None):
+    def __init__(self, d_in: int, n_latents: int, k: int, seed: int = 0, hook: Optional[str] = None,
+                 device: Union[str, torch.device] = "cpu"):
         super().__init__()
         if not 0 < k <= n_latents:
             raise ValueError(f"k={k} must lie in 1..n_latents={n_latents}")
         self.d_in, self.n_latents, self.k, self.hook = d_in, n_latents, k, hook
-        gen = torch.Generator().manual_seed(seed)
-        decoder = F.normalize(torch.randn(n_latents, d_in, generator=gen), dim=-1)
+        gen = torch.Generator().manual_seed(seed)  # a CPU generator: the same SAE on every device
+        decoder = F.normalize(torch.randn(n_latents, d_in, generator=gen, device="cpu"), dim=-1).to(device)
         self.W_dec = nn.Parameter(decoder)
         self.W_enc = nn.Parameter(decoder.T.clone())
-        self.b_enc = nn.Parameter(torch.zeros(n_latents))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device))
 
     def pre_activations(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... n_latents"]:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return (x.to(self.b_dec.dtype) - self.b_dec) @ self.W_enc + self.b_enc  # in the SAE's dtype (a half-precision tower's activations are cast)
 
     def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... n_latents"]:
         """Sparse latents: the k largest ReLU'd pre-activations, the rest 0."""
@@ -120,31 +122,34 @@ def train_sae(activations: Float[Tensor, "n d_in"], n_latents: int, k: int, *, s
     Loss: ||x - x_hat||^2 / ||x - mean(x)||^2 per batch (normalised MSE).
     """
     activations = activations.detach().float()
-    sae = TopKSAE(activations.shape[1], n_latents, k, seed=seed, hook=hook)
+    sae = TopKSAE(activations.shape[1], n_latents, k, seed=seed, hook=hook, device=activations.device)
     with torch.no_grad():
         sae.b_dec.copy_(activations.mean(0))
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
     history, start = TrainHistory(), 0
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if directory is not None and resume and (directory / "checkpoint.pt").is_file():
-        state = torch.load(directory / "checkpoint.pt", weights_only=True)  # tensors and plain values only: loading runs no code
+        # tensors and plain values only: loading runs no code
+        state = torch.load(directory / "checkpoint.pt", weights_only=True, map_location=activations.device)
         if state["config"] != sae.config():
             raise ValueError(f"checkpoint in {directory} is for {state['config']}, not {sae.config()}")
         sae.load_state_dict(state["sae"])
         optimizer.load_state_dict(state["optimizer"])
         history, start = TrainHistory(**state["history"]), state["step"]
     gen = torch.Generator().manual_seed(seed)
+    draw = functools.partial(torch.randint, len(activations), (batch_size,), generator=gen, device="cpu")
     for _ in range(start):  # the same batch order as an uninterrupted run
-        torch.randint(len(activations), (batch_size,), generator=gen)
+        draw()
     variance = (activations - activations.mean(0)).pow(2).sum(-1).mean()
     bar = tqdm(range(start, steps), desc="training SAE", disable=not progress, initial=start, total=steps)
     for step in bar:
-        batch = activations[torch.randint(len(activations), (batch_size,), generator=gen)]
+        batch = activations[draw().to(activations.device)]
         recon, _ = sae(batch)
         loss = (batch - recon).pow(2).sum(-1).mean() / variance
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        with torch.device("cpu"):  # torch's Adam keeps its step counters on the default device, meant as the CPU
+            optimizer.step()
         sae.normalize_decoder()
         if step % 50 == 0 or step == steps - 1:
             history.steps.append(step)
@@ -162,7 +167,7 @@ def sae_statistics(sae: TopKSAE, activations: Float[Tensor, "n d_in"], batch_siz
     """Explained variance (1 - residual / total variance), dead latents (never active on these
     activations: count and share) and the mean number of active latents per input."""
     activations = activations.float()
-    fired = torch.zeros(sae.n_latents, dtype=torch.bool)
+    fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=activations.device)
     residual, active = 0.0, 0.0
     for i in range(0, len(activations), batch_size):
         x = activations[i:i + batch_size]

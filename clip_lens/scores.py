@@ -30,15 +30,15 @@ def segment_of(d: Union[float, Sequence[float], np.ndarray, Tensor]) -> np.ndarr
 
 
 def score(model: HookedCLIP, text_emb: Float[Tensor, "n d_embed"], image_emb: Float[Tensor, "n d_embed"]) -> Float[Tensor, " n"]:
-    """S for matched rows of text and image embeddings."""
-    return model.logit_scale.exp() * F.cosine_similarity(text_emb, image_emb, dim=-1)
+    """S for matched rows of text and image embeddings, in float32 whatever the model's dtype."""
+    return model.logit_scale.float().exp() * F.cosine_similarity(text_emb.float(), image_emb.float(), dim=-1)
 
 
 def difference_metric(model: HookedCLIP) -> Callable[[Tensor, Tensor], Tensor]:
     """A `patch` metric for d: with other = normalize(c) - normalize(f) (text embeddings),
     scale * <normalize(i), other> = S(c, i) - S(f, i), in one dot product per image."""
     def d(image_emb: Float[Tensor, "batch d_embed"], other: Float[Tensor, "batch d_embed"]) -> Float[Tensor, " batch"]:
-        return model.logit_scale.exp() * (F.normalize(image_emb, dim=-1) * other).sum(dim=-1)
+        return model.logit_scale.float().exp() * (F.normalize(image_emb.float(), dim=-1) * other.float()).sum(dim=-1)
     return d
 
 
@@ -54,7 +54,7 @@ def encode_images(model: HookedCLIP, images: Sequence, batch_size: int = 32, pro
     for batch in tqdm(batches, desc="encoding images", disable=not progress or len(batches) < 2):
         pixels = batch if isinstance(batch, Tensor) else model.to_pixels(batch)
         out.append(model.encode_image(pixels))
-    return torch.cat(out) if out else torch.empty(0, model.vision.cfg.d_embed)
+    return torch.cat(out) if out else torch.empty(0, model.vision.cfg.d_embed, device=model.device, dtype=model.dtype)
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def encode_texts(model: HookedCLIP, texts: Sequence[str], batch_size: int = 256)
     """Text embeddings, in batches (each trimmed to its own longest EOT)."""
     texts = list(texts)
     out = [model.encode_text(model.to_tokens(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
-    return torch.cat(out) if out else torch.empty(0, model.text.cfg.d_embed)
+    return torch.cat(out) if out else torch.empty(0, model.text.cfg.d_embed, device=model.device, dtype=model.dtype)
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import torch
 from jaxtyping import Int
 from torch import Tensor
 
@@ -28,7 +29,8 @@ class Tokenizer:
         bad = [t for t in texts if not isinstance(t, str)]
         if bad:
             raise ValueError(f"texts must be strings; got {bad[0]!r}")
-        return self._encode(list(texts)).long()
+        with torch.device("cpu"):  # tokenizing is CPU work, whatever the default device; callers move the ids
+            return self._encode(list(texts)).long()
 
     def decode_token(self, token_id: int) -> str:
         return self._decode_token(token_id)

@@ -252,7 +252,7 @@ class HookedTextTower(HookedTower):
     def sequence_lengths(self, inputs: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
         if self.can_trim:
             return self.pooled_positions(inputs) + 1
-        return torch.full((inputs.shape[0],), inputs.shape[1])
+        return torch.full((inputs.shape[0],), inputs.shape[1], device=inputs.device)
 
     def check_input(self, inputs: Tensor) -> Int[Tensor, "batch pos"]:
         return self.trim(self.check_tokens(inputs))
@@ -413,7 +413,7 @@ class HookedVisionTower(HookedTower):
         return self.cfg.n_ctx
 
     def sequence_lengths(self, inputs: Tensor) -> Int[Tensor, " batch"]:
-        return torch.full((inputs.shape[0],), self.cfg.n_ctx)
+        return torch.full((inputs.shape[0],), self.cfg.n_ctx, device=inputs.device)
 
     def check_input(self, inputs: Tensor) -> Float[Tensor, "batch 3 height width"]:
         return self.check_pixels(inputs)

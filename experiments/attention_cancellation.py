@@ -160,9 +160,9 @@ def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, tar
     result = patch(model, target=pixels, hook="pattern", intervention="value_only", layers=list(settings.values()),
                    metric="embedding", pair_chunk=pair_chunk, progress=progress)
     embeddings = torch.cat([result.baseline[None], result.effects.permute(1, 0, 2)])  # [setting, image, d_embed]
-    text = encode_texts(model, captions)
+    embeddings, text = embeddings.to(model.device), encode_texts(model, captions).float()
     with torch.no_grad():
         cosine = F.normalize(embeddings, dim=-1) @ F.normalize(text, dim=-1).T
         logits = model.logits_from_embeddings(embeddings, text)
     return AttentionCancellation(images, list(captions), ["baseline", *settings], [(), *settings.values()],
-                                 logits.numpy(), cosine.numpy())
+                                 logits.cpu().numpy(), cosine.cpu().numpy())

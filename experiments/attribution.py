@@ -97,7 +97,7 @@ def latent_attributions(model: HookedCLIP, sae, hook_name: str, inputs: Tensor, 
         eot = tower.pooled_positions(inputs)
         per_position = _zero_attribution(model, inputs, other, hook=kind, layers=[layer], positions="all", sae=sae,
                                          progress=progress)[:, 0]                          # [n, pos, latent]
-        return per_position[torch.arange(len(inputs)), eot]
+        return per_position[torch.arange(len(inputs), device="cpu"), eot.cpu()]  # results live on the CPU
     positions = [0] if position == "pooled" else position
     attr = _zero_attribution(model, inputs, other, hook=kind, layers=[layer], positions=positions, sae=sae,
                              progress=progress)
@@ -181,7 +181,7 @@ def logit_lens_scores(model: HookedCLIP, inputs: Tensor, other: Tensor) -> Float
     L = tower.cfg.n_layers
     names = [hook_name("z", l, L) for l in range(L)] + [hook_name("resid", L, L)]
     _, cache = tower.run_with_cache(inputs, names_filter=names)
-    rows = torch.arange(len(inputs))
+    rows = torch.arange(len(inputs), device=tower.device)
     pooled = tower.pooled_positions(inputs)
     final = cache[names[-1]][rows, pooled]                                   # [n, d_model]
 
@@ -190,7 +190,7 @@ def logit_lens_scores(model: HookedCLIP, inputs: Tensor, other: Tensor) -> Float
         return clip_score(model, emb, other.expand_as(emb))
 
     clean = score(final)
-    out = torch.zeros(len(inputs), L, tower.cfg.n_heads)
+    out = torch.zeros(len(inputs), L, tower.cfg.n_heads, device=tower.device)  # float32, as `clip_score`
     for l, block in enumerate(tower.blocks):
         z = cache[names[l]][rows, pooled]                                    # [n, head, d_head]
         per_head = torch.einsum("nhe,hed->nhd", z, block.attn.W_O)           # [n, head, d_model]
@@ -198,7 +198,7 @@ def logit_lens_scores(model: HookedCLIP, inputs: Tensor, other: Tensor) -> Float
             per_head = per_head * block.ls1
         for h in range(tower.cfg.n_heads):
             out[:, l, h] = clean - score(final - per_head[:, h])
-    return out
+    return out.cpu()
 
 
 def _zero_heads(heads: dict[int, list[int]]):
@@ -259,7 +259,7 @@ def faithfulness(model: HookedCLIP, inputs: Tensor, other: Tensor, ks: Sequence[
     scores = {"attribution patching": attribution_scores(model, inputs, other),
               "logit lens": logit_lens_scores(model, inputs, other),
               "random": torch.rand(len(inputs), tower.cfg.n_layers, tower.cfg.n_heads,
-                                   generator=torch.Generator().manual_seed(seed))}
+                                   generator=torch.Generator().manual_seed(seed), device="cpu")}
     rows, areas = [], []
     for method, ranking in scores.items():
         curve = deletion_curve(model, inputs, other, ranking, ks)          # [n, k]

@@ -82,7 +82,7 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
 
     # Logit Lens per layer; the last layer is the model's own score
     lens = logit_lens(model, inputs, other)
-    tables = {"instances": frame.assign(image=[Path(p).name for p in frame["image"]], score=score.numpy())}
+    tables = {"instances": frame.assign(image=[Path(p).name for p in frame["image"]], score=score.cpu().numpy())}
     tables["logit_lens"] = pd.DataFrame([dict(instance=names[i], layer=l, score=float(lens[i, l]))
                                          for i in range(len(names)) for l in range(n_layers + 1)])
 

@@ -107,6 +107,6 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, batch_size: int = 2
     s_n = result.source_baseline.numpy()[:, None, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         cte_positions = (s_p - s_star) / (s_p - s_n)
-    eot = model.text.pooled_positions(negated).numpy()
+    eot = model.text.pooled_positions(negated).cpu().numpy()
     aligned, counts = align_positions(cte_positions, eot)
     return CausalTracing(instances.instances_table(), aligned, counts, cte_positions)

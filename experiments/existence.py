@@ -93,7 +93,7 @@ def prepare(model: HookedCLIP, valse_path: Union[str, Path], image_dir: Optional
     else:
         if len(images) != len(prepared.pairs):
             raise ValueError(f"{len(images)} images for {len(prepared.pairs)} kept pairs")
-        images = images[torch.tensor(pairs["_row"].to_numpy())]
+        images = images[torch.tensor(pairs["_row"].to_numpy(), device=images.device)]
         image_emb = images if images.ndim == 2 else encode_images(model, images, batch_size=batch_size, progress=progress)
     caption_emb, foil_emb = encode_texts(model, pairs["caption"]), encode_texts(model, pairs["foil"])
     scores = pair_scores(model, caption_emb, foil_emb, image_emb)

@@ -100,7 +100,7 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Te
         pixels = model.to_pixels(list(frame["image_path"]))
     source = mean_colour_pixels(pixels, model.preprocess_cfg["mean"], model.preprocess_cfg["std"], grey=grey)
     caption_emb, foil_emb = instances.text_embeddings(model)
-    difference = F.normalize(caption_emb, dim=-1) - F.normalize(foil_emb, dim=-1)
+    difference = F.normalize(caption_emb.float(), dim=-1) - F.normalize(foil_emb.float(), dim=-1)  # float32 always
     # Both components in one call: the target and mean-colour runs are cached once for both.
     result = patch(model, target=pixels, source=source, text=difference, hook=list(COMPONENTS.values()), layers=layers,
                    positions="sequence", metric=difference_metric(model), batch_size=batch_size,

@@ -145,9 +145,11 @@ def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequenc
         neg, non = _common_width(neg, non)
         k = negator_positions(neg, non)
         eot = tower.pooled_positions(neg)
-        column = torch.arange(len(k))
+        column = torch.arange(len(k), device=k.device)
         diff = (_patterns(tower, neg, layers) - _patterns(tower, non, layers))[column, :, :, :, k]  # [b, L, H, q]
-        q = torch.arange(diff.shape[-1])
+        # the rest is bookkeeping on small tensors: on the CPU, in float32 whatever the model's dtype
+        diff, k, eot = diff.float().cpu(), k.cpu(), eot.cpu()
+        q = torch.arange(diff.shape[-1], device="cpu")
         valid = (q[None] >= k[:, None]) & (q[None] <= eot[:, None])  # [b, q]
         scores[start:stop] = diff.masked_fill(~valid[:, None, None], float("-inf")).amax(dim=-1).numpy()
         if layout == "existence":

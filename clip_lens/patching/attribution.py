@@ -54,7 +54,7 @@ def _clean_run_with_gradients(request: Request, result: PatchResult, lo: int, hi
         emb = request.tower.run_with_hooks(request.target[lo:hi], fwd_hooks=[(name, keep) for name in names])
         values = request.score(emb, request.other[lo:hi])
         values.sum().backward()
-    result.baseline[lo:hi] = values.detach()
+    result.baseline[lo:hi] = values.detach().cpu()
     return acts
 
 
@@ -67,17 +67,19 @@ def _source_cache(request: Request, result: PatchResult, lo: int, hi: int, names
         return cache_s
     emb_s, cache_s = run_cached(request.tower, request.source[lo:hi], set(names))
     with torch.no_grad():
-        result.source_baseline[lo:hi] = request.score(emb_s, request.other[lo:hi])
+        result.source_baseline[lo:hi] = request.score(emb_s, request.other[lo:hi]).cpu()
     return cache_s
 
 
 def _write(result: PatchResult, plan: Plan, contrib: Tensor, lengths: Tensor, lo: int, li: int) -> None:
     """Store one layer's contributions [batch, pos, (unit)] of pairs lo.. and baseline + them,
     summed over the pair's own positions ("sequence") or per position (NaN past its length)."""
+    # results live on the CPU in float32 (`Request.empty_result`)
+    contrib, lengths = contrib.float().cpu(), lengths.cpu()
     n = contrib.shape[0]
     unit_dims = [1] * (contrib.ndim - 2)
     baseline = result.baseline[lo : lo + n].view(-1, *unit_dims)                   # shape = [batch, (1)]
-    valid = torch.arange(contrib.shape[1])[None] < lengths[:, None]                 # [batch, pos]
+    valid = torch.arange(contrib.shape[1], device=contrib.device)[None] < lengths[:, None]                 # [batch, pos]
     contrib = contrib * valid.view(n, -1, *unit_dims)                              # shape = [batch, pos, (unit)]
     if plan.positions is None:
         result.effects[lo : lo + n, li] = baseline + contrib.sum(1)
@@ -101,7 +103,7 @@ def first_order_contributions(plan: Plan, act: Tensor, grad: Tensor, act_s: Opti
         with torch.no_grad():
             codes = plan.sae.encode(act)
             codes_rep = torch.zeros_like(codes) if plan.intervention == "zero" else plan.sae.encode(act_s)
-            along = grad @ plan.sae.W_dec.detach().T                          # [batch, pos, n_latents]
+            along = grad.float() @ plan.sae.W_dec.detach().float().T          # [batch, pos, n_latents]
         return ((codes_rep - codes) * along)[..., plan.units]
     contrib = (replacement(plan, act, act_s, mean) - act) * grad
     if plan.kind.unit_axis == "neuron":

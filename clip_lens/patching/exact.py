@@ -90,7 +90,7 @@ def _latent_replacements(plan: Plan, act_t: Tensor, act_s: Optional[Tensor]) -> 
 
 
 def _with_latent(sae, act_t: Tensor, delta: Tensor, latent: int) -> Tensor:
-    return act_t + delta[..., latent, None] * sae.W_dec[latent].detach()
+    return (act_t + delta[..., latent, None] * sae.W_dec[latent].detach()).to(act_t.dtype)  # the SAE may be float32
 
 
 def build_interventions(plan: Plan, tower: HookedTower, pair: int, length: int, cache_t: dict,
@@ -191,14 +191,14 @@ def _cached_chunk(request: Request, result: PatchResult, lo: int, hi: int, names
     tower, score, other = request.tower, request.score, request.other[lo:hi]
     emb_t, cache_t = run_cached(tower, request.target[lo:hi], names_t, embedding_only=True)
     with torch.no_grad():
-        result.baseline[lo:hi] = score(emb_t, other)
+        result.baseline[lo:hi] = score(emb_t, other).cpu()
     if request.intervention == "resample":
         _, cache_s = run_cached(tower, request.source[request.resample_pairs[lo:hi]], names_s, embedding_only=True)
-        return cache_t, cache_s, torch.arange(hi - lo)
+        return cache_t, cache_s, torch.arange(hi - lo, device=tower.device)
     if request.intervention == "patch":
         emb_s, cache_s = run_cached(tower, request.source[lo:hi], names_s, embedding_only=True)
         with torch.no_grad():
-            result.source_baseline[lo:hi] = score(emb_s, other)
+            result.source_baseline[lo:hi] = score(emb_s, other).cpu()
         return cache_t, cache_s, None
     return cache_t, None, None
 
@@ -214,16 +214,16 @@ def run_items(request: Request, items: list[Intervention], cache_t: dict, offset
         group.sort(key=lambda it: it.start)
         for b in range(0, len(group), request.batch_size):
             batch = group[b : b + request.batch_size]
-            pairs = torch.tensor([it.pair for it in batch])
+            pairs = torch.tensor([it.pair for it in batch], device=tower.device)
             kv = None
             if causal and suffix > 0:  # the unchanged prefix enters as cached keys and values
                 kv = [(cache_t[f"blocks.{blk}.attn.hook_k"][pairs, :suffix], cache_t[f"blocks.{blk}.attn.hook_v"][pairs, :suffix])
                       for blk in range(n_layers)]
             states = torch.stack([it.make_state() for it in batch])          # [N, suffix length, d_model]
-            rows = torch.tensor([it.row for it in batch]) if causal else None
+            rows = torch.tensor([it.row for it in batch], device=tower.device) if causal else None
             with torch.no_grad():
                 emb = resume(tower, states, [it.start for it in batch], kv, rows)
-                values = request.score(emb, request.other[offset + pairs])
+                values = request.score(emb, request.other[offset + pairs]).cpu()  # one copy per batch
             for it, value in zip(batch, values):
                 effects[(offset + it.pair, *it.key)] = value
 
@@ -233,7 +233,7 @@ def plan_means(plan: Plan, tower: HookedTower, inputs: Tensor, mean: Optional[Te
     length), or `mean` as given (one for all layers, or one per layer)."""
     n_layers = tower.cfg.n_layers
     if mean is not None:
-        mean = torch.as_tensor(mean)
+        mean = torch.as_tensor(mean, device=tower.device, dtype=tower.dtype)
         per_layer = mean.ndim > 1 and mean.shape[0] == len(plan.layers)
         return {layer: mean[i] if per_layer else mean for i, layer in enumerate(plan.layers)}
     names = {plan.kind.hook_name(layer, n_layers) for layer in plan.layers}
@@ -243,8 +243,8 @@ def plan_means(plan: Plan, tower: HookedTower, inputs: Tensor, mean: Optional[Te
         _, cache = run_cached(tower, inputs[lo : lo + pair_chunk], names)
         # a chunk of texts runs trimmed to its own longest text: count its own positions
         n_positions = next(iter(cache.values())).shape[1]
-        valid = torch.arange(n_positions)[None] < lengths[lo : lo + pair_chunk, None]  # [chunk, pos]
-        for name, act in cache.items():
-            sums[name] = sums.get(name, 0) + act[valid].sum(0)
+        valid = torch.arange(n_positions, device=tower.device)[None] < lengths[lo : lo + pair_chunk, None]  # [chunk, pos]
+        for name, act in cache.items():  # summed in float32, whatever the model's dtype
+            sums[name] = sums.get(name, 0) + act[valid].float().sum(0)
         count += int(valid.sum())
-    return {layer: sums[plan.kind.hook_name(layer, n_layers)] / count for layer in plan.layers}
+    return {layer: (sums[plan.kind.hook_name(layer, n_layers)] / count).to(tower.dtype) for layer in plan.layers}

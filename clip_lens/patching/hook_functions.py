@@ -36,7 +36,7 @@ def run_hook_functions(request: Request, result: PatchResult) -> None:
         other = request.other[lo : lo + len(chunk)]
         emb, cache = run_cached(tower, chunk, resid_names)
         with torch.no_grad():
-            result.baseline[lo : lo + len(chunk)] = request.score(emb, other)
+            result.baseline[lo : lo + len(chunk)] = request.score(emb, other).cpu()
         for li, group in enumerate(groups):
             start = min(group)
             hooks = [(plan.kind.hook_name(layer, n_layers), hook_fn) for layer in group]
@@ -46,6 +46,6 @@ def run_hook_functions(request: Request, result: PatchResult) -> None:
                 else:
                     resid = cache[hook_name("resid", start, n_layers)]
                     out = tower.run_with_hooks(chunk, residual=resid, start_at_layer=start, fwd_hooks=hooks)
-                result.effects[lo : lo + len(chunk), li] = request.score(out, other)
+                result.effects[lo : lo + len(chunk), li] = request.score(out, other).cpu()
             bar.update(len(chunk))
     bar.close()

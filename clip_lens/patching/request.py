@@ -91,7 +91,8 @@ class Request:
         value_shape = list(self.shape[-1:]) if "embed" in self.dims else []  # metric="embedding"
         unit_axis, units = self.plan.unit_axis, self.plan.units
         intervention = self.intervention
-        nan = functools.partial(torch.full, fill_value=float("nan"))
+        # results live on the CPU in float32, whatever the model's device and dtype (they are small)
+        nan = functools.partial(torch.full, fill_value=float("nan"), dtype=torch.float32, device="cpu")
         return PatchResult(
             effects=nan(list(self.shape)), baseline=nan([self.n_pairs] + value_shape),
             source_baseline=nan([self.n_pairs] + value_shape) if intervention == "patch" else None,
@@ -100,7 +101,7 @@ class Request:
             heads=units if unit_axis == "head" else None, neurons=units if unit_axis == "neuron" else None,
             latents=units if unit_axis == "latent" else None,
             intervention=intervention if isinstance(intervention, str) else getattr(intervention, "__name__", "hook"),
-            method=self.method, lengths=self.tower.sequence_lengths(self.target),
+            method=self.method, lengths=self.tower.sequence_lengths(self.target).cpu(),
             extra={"resample_pairs": self.resample_pairs} if self.resample_pairs is not None else {})
 
 
@@ -117,10 +118,10 @@ def build_request(model: HookedCLIP, *, target, source, image, text, hook, layer
     embedding_metric = isinstance(metric, str) and metric == "embedding"
     other_input = image if tower.modality == "text" else text
     if embedding_metric and other_input is None:
-        other = torch.zeros(target.shape[0], 0)
+        other = torch.zeros(target.shape[0], 0, device=tower.device)
     else:
         other = _other_embeddings(model, tower, other_input, target.shape[0])
-    score = _score(model, metric)
+    score = functools.partial(_in_float32, _score(model, metric))
     plans = _plans(tower, kinds, target, source, layers, positions, heads, neurons, sae, latents, intervention)
     dims, shape = _dims_and_shape(plans, tower, target.shape[0], embedding_metric)
     _warn_if_large(plans, shape, method, embedding_metric)
@@ -192,7 +193,7 @@ def _other_embeddings(model: HookedCLIP, tower: HookedTower, other: Any, n: int)
         emb = emb.expand(n, -1)
     if emb.shape[0] != n:
         raise ValueError(f"{emb.shape[0]} embeddings of the other modality for {n} pairs (give 1 or {n})")
-    return emb.detach()
+    return emb.detach().to(tower.device)
 
 
 def _score(model: HookedCLIP, metric: Metric) -> Score:
@@ -203,6 +204,12 @@ def _score(model: HookedCLIP, metric: Metric) -> Score:
     if callable(metric):
         return functools.partial(_checked_metric, metric)
     raise ValueError(f"metric={metric!r}: use 'score', 'embedding' or a callable(embedding, other_embedding) -> [batch]")
+
+
+def _in_float32(score: Score, emb: Tensor, other: Tensor) -> Tensor:
+    """A score of embeddings cast to float32: in a half-precision model only the towers run in
+    half precision; S, d and every difference of them are computed and kept in float32."""
+    return score(emb.float(), other.float())
 
 
 def _checked_metric(metric: Callable[[Tensor, Tensor], Tensor], emb: Tensor, other: Tensor) -> Tensor:
@@ -340,7 +347,8 @@ def _warn_if_large(plans: list[Plan], shape: tuple[int, ...], method: str, embed
 
 def _resample_pairs(tower: HookedTower, target: Tensor, source: Tensor, seed: int) -> Tensor:
     """The source index of each pair for intervention="resample", drawn with `seed`."""
-    perm = torch.randperm(source.shape[0], generator=torch.Generator().manual_seed(seed))[: target.shape[0]]
+    perm = torch.randperm(source.shape[0], generator=torch.Generator().manual_seed(seed), device="cpu")[: target.shape[0]]
+    perm = perm.to(tower.device)
     if tower.modality == "text" and not torch.equal(tower.sequence_lengths(source[perm]), tower.sequence_lengths(target)):
         raise ValueError("intervention='resample' needs all texts to have the same token length")
     return perm

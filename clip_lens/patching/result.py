@@ -51,9 +51,9 @@ class PatchResult:
         within the pair's own length); the other cells hold NaN by construction."""
         shape = self.effects.shape[: len(self.dims) - (1 if "embed" in self.dims else 0)]
         if "position" not in self.dims or self.lengths is None:
-            return torch.ones(shape, dtype=torch.bool)
+            return torch.ones(shape, dtype=torch.bool, device=self.effects.device)
         axis = self.dims.index("position")
-        inside = torch.tensor(self.positions)[None] < self.lengths[:, None]           # [pair, position]
+        inside = torch.tensor(self.positions, device=self.lengths.device)[None] < self.lengths[:, None]           # [pair, position]
         view = [inside.shape[0]] + [1] * (len(shape) - 1)
         view[axis] = inside.shape[1]
         return inside.view(view).expand(shape)

@@ -99,7 +99,7 @@ def resume(tower: HookedTower, states: Float[Tensor, "N S d_model"], starts: lis
         return tower.pool(last_block_at_class_token(tower, x, starts))
     if rows is None:
         return tower.pool(x)
-    return tower.pool_rows(x[torch.arange(x.shape[0]), rows])
+    return tower.pool_rows(x[torch.arange(x.shape[0], device=x.device), rows])
 
 
 def last_block_at_class_token(tower: HookedTower, x: Float[Tensor, "N pos d_model"],

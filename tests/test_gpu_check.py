@@ -1,0 +1,37 @@
+"""The GPU check script (benchmarks/gpu_check.py): its small CPU version runs in the suite, so the
+script stays ready for a GPU; the same checks run under pytest where CUDA is present (marker
+`gpu`), and are skipped with the reason otherwise."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "figures.json"
+    status = gpu_check.main([*args, "--json", str(out)])
+    return status, json.loads(out.read_text())
+
+
+def test_the_small_check_runs_on_the_cpu_and_passes(tmp_path):
+    status, figures = _run(tmp_path, "--device", "cpu", "--small")
+    assert status == 0, figures["failures"]
+    assert figures["parity"]["float32"] < 1e-4
+    assert len(figures["hook_loops"]) >= 8 and max(figures["hook_loops"].values()) < 1e-4
+    # bfloat16 is close to float32, but not equal: the comparison measured something
+    assert 0 < figures["parity"]["bfloat16_vs_float32"] < 0.1 * figures["parity"]["embedding_scale"]
+    assert figures["image_ablation"]["iae_max_abs_error_bf16"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU check needs one")
+def test_the_gpu_check_passes_on_cuda(tmp_path):
+    status, figures = _run(tmp_path, "--device", "cuda", "--small")
+    assert status == 0, figures["failures"]
+    assert torch.backends.cuda.matmul.allow_tf32 is False
