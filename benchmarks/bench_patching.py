@@ -82,6 +82,39 @@ def transformer_lens_loop(model, negated, non_negated, image_emb):
     return out
 
 
+def floor_flops(model, negated, non_negated) -> float:
+    """FLOPs the causal-tracing grid cannot avoid: for each intervention that changes something
+    (layer l, position q of a pair whose source and target differ at or before q), blocks l.. at
+    the positions q..EOT (the earlier positions keep their cached keys and values), then the final
+    norm and projection of the EOT row. A block costs 24 d^2 per position in its linear layers
+    (QKV 6 d^2, output 2 d^2, MLP 16 d^2) and 4 d (p + 1) in attention for a query at position p."""
+    cfg = model.text.cfg
+    d, n_layers, d_embed = cfg.d_model, cfg.n_layers, cfg.d_embed
+    src, tgt = model.to_tokens(list(negated)), model.to_tokens(list(non_negated))
+    total = 0.0
+    for s, t in zip(src, tgt):
+        length = int(model.text.pooled_positions(t[None])[0]) + 1
+        first_difference = int((s[:length] != t[:length]).int().argmax())
+        for q in range(first_difference, length):
+            per_block = sum(24 * d * d + 4 * d * (p + 1) for p in range(q, length))
+            for layer in range(n_layers + 1):
+                if layer == n_layers and q != length - 1:
+                    continue  # after the last block only the EOT row reaches the embedding
+                total += (n_layers - layer) * per_block + 2 * d * d_embed
+    return total
+
+
+def gemm_rate(d: int, rows: int = 2048, seconds: float = 1.0) -> float:
+    """float32 FLOP/s of [rows, d] x [d, 4d] on this machine (the MLP's shape at the tower's width)."""
+    a, b = torch.randn(rows, d), torch.randn(d, 4 * d)
+    a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    return 2 * rows * d * 4 * d * reps / (time.perf_counter() - start)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=4, help="pairs timed three ways (default 4)")
@@ -109,6 +142,11 @@ def main(argv=None) -> int:
         cells = int((~torch.isnan(full.effects)).sum())
         print(f"(c) clip_lens.patch, all {len(pairs)} pairs x 13 layers x every position ({cells} interventions): "
               f"{t_all:.1f}s, peak RSS {peak_gb:.2f} GB (process, model included)")
+        flops, rate = floor_flops(model, pairs["negated"], pairs["non_negated"]), gemm_rate(model.text.cfg.d_model)
+        floor = flops / rate
+        print(f"    floor: {flops / 1e12:.2f} TFLOP that the grid cannot avoid; float32 GEMM at the tower's width "
+              f"{rate / 1e9:.0f} GFLOP/s -> {floor:.1f}s; achieved {flops / t_all / 1e9:.0f} GFLOP/s, "
+              f"{t_all / floor:.2f}x the floor")
 
     sub = pairs.head(args.pairs)
     neg, pos = list(sub["negated"]), list(sub["non_negated"])

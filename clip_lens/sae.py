@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -107,8 +108,10 @@ class TrainHistory:
 
 def _checkpoint(directory: Path, sae: TopKSAE, optimizer, step: int, history: TrainHistory) -> None:
     directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / ".checkpoint.pt.tmp"  # written whole, then renamed: a kill never leaves half a checkpoint
     torch.save({"step": step, "sae": sae.state_dict(), "config": sae.config(), "optimizer": optimizer.state_dict(),
-                "history": history.__dict__}, directory / "checkpoint.pt")
+                "history": history.__dict__}, tmp)
+    os.replace(tmp, directory / "checkpoint.pt")
 
 
 def train_sae(activations: Float[Tensor, "n d_in"], n_latents: int, k: int, *, steps: int = 2000,

@@ -32,6 +32,7 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from clip_lens.checkpoints import Checkpoints, concatenate
 from clip_lens.hooks import split_tower_prefix
 from clip_lens.lens import joint_space_directions
 from clip_lens.model import HookedCLIP
@@ -252,8 +253,10 @@ class Faithfulness:
 
 
 def faithfulness(model: HookedCLIP, inputs: Tensor, other: Tensor, ks: Sequence[int] = (0, 1, 2, 4, 8, 16, 32),
-                 seed: int = 0) -> Faithfulness:
-    """Deletion curves of attribution patching, Logit Lens and a random ranking, and their areas."""
+                 seed: int = 0, checkpoints: Optional[Checkpoints] = None, chunk: int = 8) -> Faithfulness:
+    """Deletion curves of attribution patching, Logit Lens and a random ranking, and their areas;
+    the curves `chunk` instances at a time, each chunk saved to `checkpoints` as it finishes (and
+    read from there by a resumed run)."""
     tower = _tower(model, inputs)
     other = other.detach()
     scores = {"attribution patching": attribution_scores(model, inputs, other),
@@ -262,7 +265,10 @@ def faithfulness(model: HookedCLIP, inputs: Tensor, other: Tensor, ks: Sequence[
                                    generator=torch.Generator().manual_seed(seed), device="cpu")}
     rows, areas = [], []
     for method, ranking in scores.items():
-        curve = deletion_curve(model, inputs, other, ranking, ks)          # [n, k]
+        curve = concatenate((checkpoints or Checkpoints(None)).chunks(
+            f"deletion_curve_{method.replace(' ', '_')}", len(inputs), chunk, progress=False,
+            compute=lambda lo, hi: {"curve": deletion_curve(model, inputs[lo:hi], other[lo:hi], ranking[lo:hi], ks)}),  # noqa: B023
+            "curve")                                                        # [n, k]
         mean = curve.mean(0)
         for j, k in enumerate(ks):
             rows.append(dict(method=method, k=k, score=mean[j], change=mean[j] - mean[0]))

@@ -13,13 +13,14 @@ from typing import Optional, Sequence, Union
 import pandas as pd
 import torch
 
+from clip_lens.checkpoints import claim_resumable_output
 from clip_lens.data.image_sets import open_image_set
 from clip_lens.experiments import attention_maps, attribution
 from clip_lens.lens import logit_lens
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import hook_name
 from clip_lens.plot import head_heatmap
-from clip_lens.report import Report, claim_output, write_study
+from clip_lens.report import Report, write_study
 from clip_lens.sae import TopKSAE, cache_activations, sae_statistics, train_sae
 from clip_lens.scores import score as clip_score
 
@@ -39,7 +40,7 @@ def _image_set(out: Path, images: Optional[PathLike], captions: Optional[PathLik
 def _activations(tower, hook: str, inputs) -> torch.Tensor:
     """Activations of `hook` at every position of every input (text: up to EOT), [n_vectors, d]."""
     acts = cache_activations(tower, hook, inputs)                                  # [n, pos, d]
-    own = torch.arange(acts.shape[1])[None] < tower.sequence_lengths(inputs)[:, None]  # [n, pos]
+    own = torch.arange(acts.shape[1], device=acts.device)[None] < tower.sequence_lengths(inputs)[:, None]  # [n, pos]
     return acts[own]
 
 
@@ -66,7 +67,11 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
     """
     if tower not in ("vision", "text"):
         raise ValueError(f"tower={tower!r}: use 'vision' or 'text'")
-    out = claim_output(out, overwrite=overwrite)
+    identity = dict(study="attribution", tower=tower, model=model_label, dtype=str(model.dtype), images=images,
+                    captions=captions, labels=labels, sae=sae, sae_hook=sae_hook, sae_latents=sae_latents, sae_k=sae_k,
+                    sae_steps=sae_steps, ks=list(ks), limit=limit, seed=seed)
+    checkpoints = claim_resumable_output(out, identity, overwrite=overwrite)
+    out = Path(out)
     frame, source = _image_set(out, images, captions, labels)
     if limit is not None:
         frame = frame.head(limit)
@@ -78,6 +83,14 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
     blocks = model.vision if tower == "vision" else model.text
     n_layers = blocks.cfg.n_layers
     names = [Path(p).stem for p in frame["image"]]
+    hook = sae_hook or hook_name("resid", n_layers, n_layers)
+    if sae is not None:  # checked before any work, so that a wrong SAE costs nothing
+        sae_model, trained = TopKSAE.load(Path(sae).with_suffix("")), False
+        if sae_model.d_in != blocks.cfg.d_model:
+            raise ValueError(f"the SAE in {sae} reads {sae_model.d_in}-dimensional activations; {tower}.{hook} has "
+                             f"{blocks.cfg.d_model}")
+        if sae_model.hook is not None and sae_model.hook != f"{tower}.{hook}":
+            raise ValueError(f"the SAE in {sae} was trained on {sae_model.hook}, not on {tower}.{hook}")
     score = clip_score(model, text_emb, image_emb).detach()
 
     # Logit Lens per layer; the last layer is the model's own score
@@ -96,21 +109,14 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
         tables["position_attributions"] = _token_table(model, tokens, names, positions)
 
     # faithfulness of the head rankings
-    faith = attribution.faithfulness(model, inputs, other, ks=ks, seed=seed)
+    faith = attribution.faithfulness(model, inputs, other, ks=ks, seed=seed, checkpoints=checkpoints)
     tables["deletion_curves"], tables["deletion_areas"] = faith.curves, faith.areas
 
     # SAE latents: attribution, alignment with the class names, unexpected reliance
-    hook = sae_hook or hook_name("resid", n_layers, n_layers)
     acts = _activations(blocks, hook, inputs)
-    if sae is not None:
-        sae_model, trained = TopKSAE.load(Path(sae).with_suffix("")), False
-        if sae_model.d_in != acts.shape[-1]:
-            raise ValueError(f"the SAE in {sae} reads {sae_model.d_in}-dimensional activations; {tower}.{hook} has {acts.shape[-1]}")
-        if sae_model.hook is not None and sae_model.hook != f"{tower}.{hook}":
-            raise ValueError(f"the SAE in {sae} was trained on {sae_model.hook}, not on {tower}.{hook}")
-    else:
+    if sae is None:
         sae_model, _ = train_sae(acts, n_latents=sae_latents, k=min(sae_k, sae_latents), steps=sae_steps, seed=seed,
-                                 progress=progress, hook=f"{tower}.{hook}")
+                                 progress=progress, hook=f"{tower}.{hook}", checkpoint_dir=checkpoints.folder / "sae")
         sae_model.save(out / "sae")
         trained = True
     stats = sae_statistics(sae_model, acts)
@@ -126,7 +132,9 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
                sae_model, trained, stats)
     write_study(out, tables, _report(run, tables, map_images),
                 manifest={"study": f"attribution ({tower} tower)", "model": model_label, "seed": seed, "limit": limit,
-                          "data": {"images": source, "captions": captions, "labels": labels, "sae": sae}})
+                          "data": {"images": source, "captions": captions, "labels": labels, "sae": sae},
+                          "instances": checkpoints.summary()})
+    checkpoints.finish()
     return tables
 
 

@@ -9,6 +9,7 @@ each from the cached residual of its layer and computes only positions q..EOT.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ import plotly.graph_objects as go
 from jaxtyping import Float, Int
 
 from clip_lens import plot
+from clip_lens.checkpoints import Checkpoints, concatenate
 from clip_lens.data import ALIGNED_SLOTS, align_positions, weighted_slot_mean
 from clip_lens.data.valse import NEGATOR_POSITION
 from clip_lens.experiments.existence import ExistenceInstances
@@ -91,22 +93,28 @@ class CausalTracing:
 
 
 def run(model: HookedCLIP, instances: ExistenceInstances, *, batch_size: int = 256, pair_chunk: int = 64,
-        progress: bool = True) -> CausalTracing:
-    """Causal tracing over every instance, every layer 0..L and every position."""
+        checkpoints: Optional[Checkpoints] = None, progress: bool = True) -> CausalTracing:
+    """Causal tracing over every instance, every layer 0..L and every position, `pair_chunk`
+    instances at a time (each chunk saved to `checkpoints` as it finishes, and read from there by a
+    resumed run)."""
     frame = instances.frame
-    negated = model.to_tokens(list(frame["negated"]))
-    non_negated = model.to_tokens(list(frame["non_negated"]))
-    result = patch(model, target=non_negated, source=negated, image=instances.image_emb, hook="resid",
-                   positions="all", batch_size=batch_size, pair_chunk=pair_chunk, progress=progress)
+
+    def chunk(lo: int, hi: int) -> dict:
+        negated = model.to_tokens(list(frame["negated"][lo:hi]))
+        result = patch(model, target=list(frame["non_negated"][lo:hi]), source=negated,
+                       image=instances.image_emb[lo:hi], hook="resid", positions="all", batch_size=batch_size,
+                       pair_chunk=pair_chunk, progress=False)
+        return {"s_star": result.effects.numpy(), "s_p": result.baseline.numpy(),  # [n, layers, pos], [n]
+                "s_n": result.source_baseline.numpy(), "eot": model.text.pooled_positions(negated).cpu().numpy()}
+
+    chunks = (checkpoints or Checkpoints(None)).chunks("causal_tracing", len(frame), pair_chunk, chunk, progress)
+    s_star = concatenate(chunks, "s_star")  # positions past a chunk's longest text: NaN, as past each text's EOT
+    s_p, s_n = (concatenate(chunks, name)[:, None, None] for name in ("s_p", "s_n"))
     # With p the patched (non-negated) and n the negated sentence, both placements reduce to one
     # ratio: in the foil (p = c), d* / d = (S(p) - S*(p)) / (S(p) - S(n)); in the caption (p = f),
     # d* / d = (S*(p) - S(p)) / (S(n) - S(p)), the same. S(p) and S(n) are taken from the engine's
     # own clean runs, so that a no-op patch gives exactly 0.
-    s_star = result.effects.numpy()  # [n, layers, pos]
-    s_p = result.baseline.numpy()[:, None, None]
-    s_n = result.source_baseline.numpy()[:, None, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         cte_positions = (s_p - s_star) / (s_p - s_n)
-    eot = model.text.pooled_positions(negated).cpu().numpy()
-    aligned, counts = align_positions(cte_positions, eot)
+    aligned, counts = align_positions(cte_positions, concatenate(chunks, "eot"))
     return CausalTracing(instances.instances_table(), aligned, counts, cte_positions)

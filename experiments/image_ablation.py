@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from clip_lens import plot
+from clip_lens.checkpoints import Checkpoints, concatenate
 from clip_lens.experiments.existence import ExistenceInstances
 from clip_lens.images import mean_colour_pixels
 from clip_lens.model import HookedCLIP
@@ -84,25 +85,31 @@ class ImageAblation:
 
 
 def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Tensor] = None, grey: bool = False,
-        layers="all", batch_size: int = 64, pair_chunk: int = 32, progress: bool = True) -> ImageAblation:
-    """IAE of MHA and MLP in every layer for every instance.
+        layers="all", batch_size: int = 64, pair_chunk: int = 32, checkpoints: Optional[Checkpoints] = None,
+        progress: bool = True) -> ImageAblation:
+    """IAE of MHA and MLP in every layer for every instance, `pair_chunk` instances at a time (each
+    chunk saved to `checkpoints` as it finishes, and read from there by a resumed run).
 
     Args:
         pixels: [n, 3, H, W] model inputs row-aligned with the instances (default: read from the
-            instances' image paths).
+            instances' image paths, a chunk at a time).
         grey: a grey mean colour (channels averaged) instead of the per-channel mean colour.
         layers: "all" or a list of block indices.
     """
     frame = instances.frame
-    if pixels is None:
-        if "image_path" not in frame:
-            raise ValueError("give pixels, or instances prepared from an image folder")
-        pixels = model.to_pixels(list(frame["image_path"]))
-    source = mean_colour_pixels(pixels, model.preprocess_cfg["mean"], model.preprocess_cfg["std"], grey=grey)
+    if pixels is None and "image_path" not in frame:
+        raise ValueError("give pixels, or instances prepared from an image folder")
     caption_emb, foil_emb = instances.text_embeddings(model)
     difference = F.normalize(caption_emb.float(), dim=-1) - F.normalize(foil_emb.float(), dim=-1)  # float32 always
-    # Both components in one call: the target and mean-colour runs are cached once for both.
-    result = patch(model, target=pixels, source=source, text=difference, hook=list(COMPONENTS.values()), layers=layers,
-                   positions="sequence", metric=difference_metric(model), batch_size=batch_size,
-                   pair_chunk=pair_chunk, progress=progress)
-    return ImageAblation(instances.instances_table(), result.effects.numpy(), list(result.layers))
+
+    def chunk(lo: int, hi: int) -> dict:
+        target = pixels[lo:hi] if pixels is not None else model.to_pixels(list(frame["image_path"][lo:hi]))
+        source = mean_colour_pixels(target, model.preprocess_cfg["mean"], model.preprocess_cfg["std"], grey=grey)
+        # Both components in one call: the target and mean-colour runs are cached once for both.
+        result = patch(model, target=target, source=source, text=difference[lo:hi], hook=list(COMPONENTS.values()),
+                       layers=layers, positions="sequence", metric=difference_metric(model), batch_size=batch_size,
+                       pair_chunk=pair_chunk, progress=False)
+        return {"d_star": result.effects.numpy(), "layers": np.asarray(result.layers)}
+
+    chunks = (checkpoints or Checkpoints(None)).chunks("image_ablation", len(frame), pair_chunk, chunk, progress)
+    return ImageAblation(instances.instances_table(), concatenate(chunks, "d_star"), chunks[0]["layers"].tolist())

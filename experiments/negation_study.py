@@ -12,10 +12,11 @@ from typing import Optional, Sequence, Union
 
 import pandas as pd
 
+from clip_lens.checkpoints import claim_resumable_output
 from clip_lens.data import load_cannot, no_determiner_pairs
 from clip_lens.experiments import causal_tracing, existence, image_ablation, negator_attention, preliminary
 from clip_lens.model import HookedCLIP
-from clip_lens.report import Report, claim_output, write_study
+from clip_lens.report import Report, write_study
 
 TEXT_STUDIES = ("causal-tracing", "negator-attention", "preliminary")
 VALSE_STUDIES = TEXT_STUDIES + ("image-ablation",)
@@ -42,12 +43,20 @@ def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images
     """Run the chosen VALSE existence studies and write `out/`: instances.csv, excluded.csv, one CSV
     per result table and report.html (`preface`: extra lines for its setup section). Returns the
     tables by file stem. `batch_size` / `pair_chunk` go to the patching engine of causal tracing
-    and image ablation (None: each study's default; see docs/patching.md, "Memory")."""
+    and image ablation (None: each study's default; see docs/patching.md, "Memory").
+
+    Causal tracing, negator attention and image ablation save each finished chunk of instances
+    under out/.partial/; run again into the same `out` with the same settings, a killed run resumes
+    from them (clip_lens.checkpoints)."""
     engine = {k: v for k, v in dict(batch_size=batch_size, pair_chunk=pair_chunk).items() if v is not None}
     unknown = set(studies) - set(VALSE_STUDIES)
     if unknown:
         raise ValueError(f"unknown studies {sorted(unknown)}; choose from {VALSE_STUDIES}")
-    out = claim_output(out, overwrite=overwrite)
+    identity = dict(study="valse-existence", studies=list(studies), model=model_label, dtype=str(model.dtype),
+                    valse=valse, images=images, missing=missing, limit=limit, sample=sample, seed=seed, grey=grey,
+                    batch_size=batch_size, pair_chunk=pair_chunk)
+    checkpoints = claim_resumable_output(out, identity, overwrite=overwrite)
+    out = Path(out)
     inst = existence.prepare(model, valse, images, missing=missing, limit=limit, sample=sample, seed=seed,
                              progress=progress)
     tables = {"instances": inst.instances_table(), "excluded": inst.excluded, "accuracy": _accuracy_table(inst.frame)}
@@ -73,7 +82,7 @@ def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images
         report.figure(plot.score_distribution(inst.frame))
 
     if "causal-tracing" in studies:
-        ct = causal_tracing.run(model, inst, progress=progress, **engine)
+        ct = causal_tracing.run(model, inst, checkpoints=checkpoints, progress=progress, **engine)
         tables.update(causal_tracing_instances=ct.instance_frame(), causal_tracing_segment_means=ct.segment_means(),
                       causal_tracing_localisation=ct.localisation())
         report.section("Causal tracing in the text encoder")
@@ -89,13 +98,14 @@ def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images
 
     if "negator-attention" in studies:
         na = negator_attention.run(model, inst.frame["negated"], inst.frame["non_negated"],
-                                   instances=inst.instances_table(), layout="existence", progress=progress)
+                                   instances=inst.instances_table(), layout="existence", checkpoints=checkpoints,
+                                   progress=progress)
         tables.update(negator_heads=na.head_table(), negator_heads_by_segment=na.head_table(by=["negation_in", "segment"]),
                       negator_query_positions=na.query_table())
         _negator_section(report, na, query_layers)
 
     if "image-ablation" in studies:
-        ia = image_ablation.run(model, inst, grey=grey, progress=progress, **engine)
+        ia = image_ablation.run(model, inst, grey=grey, checkpoints=checkpoints, progress=progress, **engine)
         tables.update(image_ablation=ia.table(), image_ablation_segment_means=ia.segment_means(),
                       image_ablation_outcomes=ia.outcome_counts(), image_ablation_mha_vs_mlp=ia.mha_vs_mlp())
         report.section("Image ablation in the vision encoder")
@@ -110,7 +120,8 @@ def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images
         report.section("Excluded instances").table(inst.excluded, max_rows=100)
     write_study(out, tables, report, manifest={"study": f"valse-existence ({', '.join(studies)})", "model": model_label,
                                                "data": {"valse": valse, "images": images}, "sample": sample,
-                                               "seed": seed, "limit": limit})
+                                               "seed": seed, "limit": limit, "instances": checkpoints.summary()})
+    checkpoints.finish()
     return tables
 
 
@@ -128,8 +139,13 @@ def cannot_negator_attention(model: HookedCLIP, model_label: str, cannot: Union[
                              query_layers: Optional[Sequence[int]] = None, overwrite: bool = False,
                              progress: bool = True) -> dict[str, pd.DataFrame]:
     """Negator-selective attention on CANNOT "no"-determiner sentences and their "some" counterparts;
-    writes instances.csv, excluded.csv, negator_heads.csv, negator_query_positions.csv, report.html."""
-    out = claim_output(out, overwrite=overwrite)
+    writes instances.csv, excluded.csv, negator_heads.csv, negator_query_positions.csv, report.html.
+    Negator attention saves each finished batch under out/.partial/, and a killed run resumes from
+    them (clip_lens.checkpoints)."""
+    identity = dict(study="cannot negator-attention", model=model_label, dtype=str(model.dtype), cannot=cannot,
+                    spacy_model=spacy_model, limit=limit)
+    checkpoints = claim_resumable_output(out, identity, overwrite=overwrite)
+    out = Path(out)
     sentences = load_cannot(cannot)
     pairs = no_determiner_pairs(sentences, tokenize=model.to_tokens, spacy_model=spacy_model,
                                 context_length=model.text.cfg.n_ctx, progress=progress)
@@ -137,7 +153,7 @@ def cannot_negator_attention(model: HookedCLIP, model_label: str, cannot: Union[
     if not len(kept):
         raise ValueError(f"no 'no'-determiner sentences found in {cannot}")
     na = negator_attention.run(model, kept["negated"], kept["non_negated"], instances=kept, layout="relative",
-                               progress=progress)
+                               checkpoints=checkpoints, progress=progress)
     tables = {"instances": kept, "excluded": pairs.dropped, "selection": pairs.summary(),
               "negator_heads": na.head_table(), "negator_query_positions": na.query_table()}
     report = Report("Negation in CLIP: negator-selective attention on CANNOT")
@@ -147,5 +163,7 @@ def cannot_negator_attention(model: HookedCLIP, model_label: str, cannot: Union[
     _negator_section(report, na, query_layers)
     report.section("Dropped sentences").table(pairs.dropped, max_rows=50)
     write_study(out, tables, report, manifest={"study": "cannot negator-attention", "model": model_label,
-                                               "data": {"cannot": cannot, "spacy_model": spacy_model}, "limit": limit})
+                                               "data": {"cannot": cannot, "spacy_model": spacy_model}, "limit": limit,
+                                               "instances": checkpoints.summary()})
+    checkpoints.finish()
     return tables

@@ -17,9 +17,9 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from clip_lens import plot
+from clip_lens.checkpoints import Checkpoints
 from clip_lens.data import ALIGNED_SLOTS, align_positions
 from clip_lens.data.valse import FURTHER_SLOT, NEGATOR_POSITION
 from clip_lens.hooks import stacked_activations
@@ -115,7 +115,7 @@ def _patterns(tower, tokens: Tensor, layers: range) -> Float[Tensor, "batch laye
 
 def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequence[str], Tensor], *,
         instances: Optional[pd.DataFrame] = None, layout: str = "existence", batch_size: int = 64,
-        progress: bool = True) -> NegatorAttention:
+        checkpoints: Optional[Checkpoints] = None, progress: bool = True) -> NegatorAttention:
     """Negator-selective attention of every text-tower head over sentence pairs.
 
     Args:
@@ -124,6 +124,8 @@ def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequenc
         instances: per-pair information kept with the result (default: the two sentences).
         layout: "existence" (query slots: negator, subject, further subject, '.', EOT; the negator must
             be at position 3) or "relative" (offsets 0..5 from the negator, and EOT).
+        checkpoints: where each batch of `batch_size` pairs is saved as it finishes (and read from
+            by a resumed run).
     """
     tower = model.text if hasattr(model, "text") else model
     if layout not in ("existence", "relative"):
@@ -136,11 +138,11 @@ def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequenc
     n = len(negated)
     layers = range(tower.cfg.n_layers)
     n_slots = len(EXISTENCE_QUERY_SLOTS) if layout == "existence" else RELATIVE_OFFSETS + 1
-    scores = np.zeros((n, tower.cfg.n_layers, tower.cfg.n_heads))
-    by_query = np.full((n, tower.cfg.n_layers, tower.cfg.n_heads, n_slots), np.nan)
-    weights = np.zeros((n, n_slots))
-    for start in tqdm(range(0, n, batch_size), desc="negator attention", disable=not progress):
-        stop = min(start + batch_size, n)
+
+    def batch(start: int, stop: int) -> dict:
+        scores = np.zeros((stop - start, tower.cfg.n_layers, tower.cfg.n_heads))
+        by_query = np.full((stop - start, tower.cfg.n_layers, tower.cfg.n_heads, n_slots), np.nan)
+        weights = np.zeros((stop - start, n_slots))
         neg, non = (_tokens(tower, x[start:stop]) for x in (negated, non_negated))
         neg, non = _common_width(neg, non)
         k = negator_positions(neg, non)
@@ -151,23 +153,29 @@ def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequenc
         diff, k, eot = diff.float().cpu(), k.cpu(), eot.cpu()
         q = torch.arange(diff.shape[-1], device="cpu")
         valid = (q[None] >= k[:, None]) & (q[None] <= eot[:, None])  # [b, q]
-        scores[start:stop] = diff.masked_fill(~valid[:, None, None], float("-inf")).amax(dim=-1).numpy()
+        scores[:] = diff.masked_fill(~valid[:, None, None], float("-inf")).amax(dim=-1).numpy()
         if layout == "existence":
             if (k != NEGATOR_POSITION).any():
                 raise ValueError("layout='existence' needs the negator at position 3 ('There is/are no ...'); use layout='relative'")
             aligned, counts = align_positions(diff.numpy(), eot.numpy())
-            by_query[start:stop] = aligned[..., NEGATOR_POSITION:]
-            weights[start:stop] = 1.0
-            weights[start:stop, FURTHER_SLOT - NEGATOR_POSITION] = counts
+            by_query[:] = aligned[..., NEGATOR_POSITION:]
+            weights[:] = 1.0
+            weights[:, FURTHER_SLOT - NEGATOR_POSITION] = counts
         else:
             for i in range(len(k)):
                 ki, ei = int(k[i]), int(eot[i])
                 for off in range(RELATIVE_OFFSETS):
                     if ki + off < ei:
-                        by_query[start + i, :, :, off] = diff[i, :, :, ki + off].numpy()
-                        weights[start + i, off] = 1.0
-                by_query[start + i, :, :, -1] = diff[i, :, :, ei].numpy()
-                weights[start + i, -1] = 1.0
+                        by_query[i, :, :, off] = diff[i, :, :, ki + off].numpy()
+                        weights[i, off] = 1.0
+                by_query[i, :, :, -1] = diff[i, :, :, ei].numpy()
+                weights[i, -1] = 1.0
+        return {"scores": scores, "by_query": by_query, "weights": weights}
+
+    if n == 0:
+        raise ValueError("no sentence pairs: negated and non_negated are empty")
+    chunks = (checkpoints or Checkpoints(None)).chunks("negator_attention", n, batch_size, batch, progress)
+    scores, by_query, weights = (np.concatenate([c[name] for c in chunks]) for name in ("scores", "by_query", "weights"))
     slots = EXISTENCE_QUERY_SLOTS if layout == "existence" else relative_slots()
     return NegatorAttention(scores, by_query, weights, slots, instances.reset_index(drop=True))
 

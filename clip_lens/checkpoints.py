@@ -1,0 +1,142 @@
+"""Checkpoints of long studies: each finished chunk of instances is saved as it finishes, so that a
+killed run, started again into the same output folder, resumes where it stopped.
+
+A run's checkpoints live in `out/.partial/`, beside the run's identity (`run.json`: the study, the
+model, the data and every option that changes a number). The folder goes once the run's tables
+are written. Chunks are NumPy `.npz` files of plain arrays, written under a temporary name and
+renamed into place (a kill never leaves a partial chunk under its final name) and read back with
+`allow_pickle=False` (loading runs no code).
+
+Every run, interrupted or not, computes the same chunks from the same inputs, so a resumed run's
+tables equal an uninterrupted run's exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from clip_lens.report import claim_output, write_text_atomically
+
+PARTIAL = ".partial"
+RUN = "run.json"
+Arrays = dict[str, np.ndarray]
+
+
+class Checkpoints:
+    """The finished chunks of one run, in `folder` (None: nothing is saved, every chunk computed).
+
+    Attributes:
+        loaded, computed: instances per study read from checkpoints / computed in this process.
+    """
+
+    def __init__(self, folder: Optional[Union[str, Path]]):
+        self.folder = Path(folder) if folder is not None else None
+        self.loaded: dict[str, int] = {}
+        self.computed: dict[str, int] = {}
+
+    def summary(self) -> dict:
+        """{study: {"loaded": instances read from checkpoints, "computed": instances computed}}."""
+        return {study: {"loaded": self.loaded[study], "computed": self.computed[study]} for study in self.loaded}
+
+    def finish(self) -> None:
+        """The run's tables are written: its checkpoints go."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def chunks(self, study: str, n: int, size: int, compute: Callable[[int, int], Arrays],
+               progress: bool = True) -> list[Arrays]:
+        """compute(lo, hi) -> {name: array} for instances lo..hi - 1, for every chunk of `size`
+        instances out of `n`; chunks saved by an earlier run of the same study are read instead."""
+        if size < 1:
+            raise ValueError(f"chunk size {size} must be at least 1")
+        self.loaded.setdefault(study, 0)
+        self.computed.setdefault(study, 0)
+        done = {lo: self._path(study, lo, min(lo + size, n)) for lo in range(0, n, size)}
+        done = {lo: path for lo, path in done.items() if path is not None and path.is_file()}
+        bar = tqdm(total=n, desc=study, unit="instance", disable=not progress)
+        out = []
+        for lo in range(0, n, size):
+            hi = min(lo + size, n)
+            if lo in done:
+                arrays = self._load(done[lo])
+                self.loaded[study] += hi - lo
+            else:
+                arrays = compute(lo, hi)
+                self._save(study, lo, hi, arrays)
+                self.computed[study] += hi - lo
+            out.append(arrays)
+            bar.update(hi - lo)
+        bar.close()
+        return out
+
+    def _path(self, study: str, lo: int, hi: int) -> Optional[Path]:
+        return self.folder / study / f"{lo:07d}-{hi:07d}.npz" if self.folder is not None else None
+
+    def _save(self, study: str, lo: int, hi: int, arrays: Arrays) -> None:
+        path = self._path(study, lo, hi)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(handle, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def _load(path: Path) -> Arrays:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+
+
+def concatenate(chunks: list[Arrays], name: str, fill: float = np.nan) -> np.ndarray:
+    """Array `name` of every chunk joined along the first axis; chunks whose later axes are shorter
+    (texts trimmed to each chunk's own longest) are padded with `fill`."""
+    parts = [chunk[name] for chunk in chunks]
+    shape = np.max([part.shape for part in parts], axis=0)
+    padded = []
+    for part in parts:
+        pad = [(0, 0)] + [(0, int(target - have)) for target, have in zip(shape[1:], part.shape[1:])]
+        padded.append(np.pad(part, pad, constant_values=fill) if any(p[1] for p in pad) else part)
+    return np.concatenate(padded)
+
+
+def claim_resumable_output(out: Union[str, Path], identity: dict, *, overwrite: bool = False) -> Checkpoints:
+    """`claim_output` for a study that checkpoints: `out` may also hold an unfinished run with the
+    same `identity` (the study, model, data and every option that changes a number), which is then
+    resumed from its checkpoints. An unfinished run with another identity is refused, naming what
+    differs, unless `overwrite` (which discards it) or unless it saved nothing yet. Call `Checkpoints.finish` once the tables are
+    written."""
+    out = Path(out)
+    partial, plain = out / PARTIAL, _plain(identity)
+    record = partial / RUN
+    if overwrite:
+        shutil.rmtree(partial, ignore_errors=True)
+    if record.is_file() and not any(path.is_file() and path != record for path in partial.rglob("*")):
+        shutil.rmtree(partial)  # an unfinished run that saved nothing (it stopped early, e.g. on bad input)
+    if record.is_file():
+        found = json.loads(record.read_text())
+        if found != plain:
+            changed = sorted(k for k in set(found) | set(plain) if found.get(k) != plain.get(k))
+            raise FileExistsError(f"{out} holds an unfinished run with other settings ({', '.join(changed)}); rerun "
+                                  "with the same settings to finish it, or overwrite it (CLI --overwrite)")
+        return Checkpoints(partial)
+    claim_output(out, overwrite=overwrite)
+    write_text_atomically(record, json.dumps(plain, indent=2))
+    return Checkpoints(partial)
+
+
+def _plain(identity: dict) -> dict:
+    """`identity` as JSON would give it back (paths and tuples as strings and lists)."""
+    return json.loads(json.dumps(identity, default=str))
