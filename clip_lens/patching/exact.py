@@ -224,8 +224,9 @@ def run_items(request: Request, items: list[Intervention], cache_t: dict, offset
             with torch.no_grad():
                 emb = resume(tower, states, [it.start for it in batch], kv, rows)
                 values = request.score(emb, request.other[offset + pairs]).cpu()  # one copy per batch
-            for it, value in zip(batch, values):
-                effects[(offset + it.pair, *it.key)] = value
+            # every key of a call has one length: write the batch's cells with one indexed assignment
+            cells = torch.tensor([(offset + it.pair, *it.key) for it in batch], device="cpu")  # [N, index dims]
+            effects[tuple(cells.T)] = values
 
 
 def plan_means(plan: Plan, tower: HookedTower, inputs: Tensor, mean: Optional[Tensor], pair_chunk: int) -> dict:
