@@ -1,6 +1,6 @@
 """The GPU check: parity, the engine against hook loops, timings and memory, in one run.
 
-    python benchmarks/gpu_check.py                          # on CUDA: about 3-8 minutes on one GPU
+    python benchmarks/gpu_check.py                          # on CUDA: about a minute on an H100
     python benchmarks/gpu_check.py --json out.json          # and keep the figures
     python benchmarks/gpu_check.py --device cpu --small     # the same checks, small, on the CPU (the suite runs this)
 
@@ -145,29 +145,38 @@ def engine_against_hook_loops(model, device: torch.device) -> dict:
             targets, sources = targets[:1].repeat(2, 1), torch.cat([sources[:1], targets[:1]])
         layers = [0, n // 2, n] if kind == "resid" else [0, n - 1]
         units = {"z": dict(heads=[0, tower.cfg.n_heads - 1]), "mlp_post": dict(neurons=[0, 7])}.get(kind, {})
-        result = clip_lens.patch(model, target=targets, source=sources, hook=kind, layers=layers, positions=positions,
+        result = clip_lens.patch(model, target=targets, source=None if iv == "zero" else sources, hook=kind,
+                                 layers=layers, positions=positions,
                                  intervention=iv, progress=False, **units,
                                  **({"image": other} if tower_name == "text" else {"text": other}))
         with torch.no_grad():
             _, cache_s = tower.run_with_cache(sources)
             _, cache_t = tower.run_with_cache(targets)
-        lengths = result.lengths.tolist()
+        # the reference's own facts, not the result's: lengths up to EOT, the positions asked for, and
+        # the resample partners as documented (randperm seeded with seed=0, the default)
+        if tower_name == "text":
+            lengths = [int(row.argmax()) + 1 for row in targets]
+        else:
+            lengths = [tower.cfg.n_ctx] * targets.shape[0]
+        pos_list = list(range(targets.shape[1])) if positions == "all" else positions
+        partners = torch.randperm(sources.shape[0], generator=torch.Generator().manual_seed(0))[: targets.shape[0]]
         worst = 0.0
         for i in range(targets.shape[0]):
             for li, layer in enumerate(layers):
                 name = hook_name(kind, layer, n)
                 if iv == "mean":  # the engine's mean: over every pair and each pair's own positions
                     acts = cache_s[name]
-                    valid = torch.arange(acts.shape[1], device=device)[None] < result.lengths.to(device)[:, None]
+                    source_lengths = torch.tensor([int(r.argmax()) + 1 for r in sources] if tower_name == "text"
+                                                  else [tower.cfg.n_ctx] * sources.shape[0], device=device)
+                    valid = torch.arange(acts.shape[1], device=device)[None] < source_lengths[:, None]
                     mean = acts[valid].mean(0)
-                pos_list = result.positions
                 for pi, q in enumerate(pos_list):
                     if q >= lengths[i]:
                         continue
                     unit_list = list(units.values())[0] if units else [None]
                     for ui, unit in enumerate(unit_list):
                         index = (0, q) if unit is None else (0, q, unit)
-                        src_row = int(result.extra["resample_pairs"][i]) if iv == "resample" else i
+                        src_row = int(partners[i]) if iv == "resample" else i
                         value = {"patch": lambda: cache_s[name][(src_row,) + index[1:]],
                                  "resample": lambda: cache_s[name][(src_row,) + index[1:]],
                                  "zero": lambda: torch.zeros_like(cache_t[name][(i,) + index[1:]]),
@@ -232,7 +241,8 @@ def causal_tracing_half_precision(oc, model, device: torch.device, pairs_path: P
         out[f"{str(dtype).split('.')[-1]}_s"] = t.seconds
         out[f"{str(dtype).split('.')[-1]}_peak_gpu_gb"] = peak_gb(device)
     a, b = cte[torch.float32], cte[torch.bfloat16]
-    keep = np.isfinite(a) & np.isfinite(b)
+    # as bench_half_precision.errors: cells no run moves (exactly 0 in every dtype) are left out
+    keep = np.isfinite(a) & np.isfinite(b) & ((a != 0) | (b != 0))
     out["cte_max_abs_error_bf16"] = float(np.abs(a - b)[keep].max())
     out["cte_median_abs_error_bf16"] = float(np.median(np.abs(a - b)[keep]))
     out["cte_p99_abs_error_bf16"] = float(np.quantile(np.abs(a - b)[keep], 0.99))
@@ -285,9 +295,17 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run with --device cpu --small for the CPU version", file=sys.stderr)
         return 2
-    # TF32 off, whatever this process's defaults: float32 parity means float32 arithmetic
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    # TF32 off for the check, whatever this process's settings (restored at the end): float32
+    # parity means float32 arithmetic
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _checks(args, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _checks(args: argparse.Namespace, device: torch.device) -> int:
     arch = zoo.register() if args.small else "ViT-B-32"
     figures = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "architecture": arch, "tf32": False}

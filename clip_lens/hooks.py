@@ -125,16 +125,18 @@ class HookedModule(HookedRootModule):
     def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, clear_contexts: bool = False):
         """As TransformerLens's `hooks()`, with a clean-up that a KeyboardInterrupt cannot leave
         half done: the clean-up runs to its end, then the interrupt is raised. It also removes
-        hooks torch holds but TransformerLens never recorded (an interrupt between the two steps
-        of adding a hook leaves one)."""
+        hooks torch holds but TransformerLens never recorded that were added inside the block (an
+        interrupt between the two steps of adding a hook leaves one); a torch hook the user
+        registered before the block stays."""
         self.context_level += 1
         level = self.context_level
         finished = set()
+        before = self._torch_hook_keys()
 
         def clean_up() -> None:  # each step runs once, however often clean_up starts again
             if reset_hooks_end and "hooks" not in finished:
                 self.reset_hooks(clear_contexts, including_permanent=False, level=level)
-                self.remove_untracked_hooks()
+                self.remove_untracked_hooks(keep=before)
                 finished.add("hooks")
             self.context_level = level - 1
 
@@ -154,12 +156,21 @@ class HookedModule(HookedRootModule):
         if level is None:
             self.remove_untracked_hooks()
 
-    def remove_untracked_hooks(self) -> None:
-        """Remove the torch hooks of every hook point that TransformerLens does not track."""
-        for hook_point in {id(p): p for p in self.hook_dict.values()}.values():
+    def _hook_points(self) -> list[HookPoint]:
+        return list({id(p): p for p in self.hook_dict.values()}.values())
+
+    def _torch_hook_keys(self) -> set[tuple[int, int]]:
+        """(hook point, torch handle id) of every torch hook held now."""
+        return {(id(p), key) for p in self._hook_points() for store in (p._forward_hooks, p._backward_hooks)
+                for key in store}
+
+    def remove_untracked_hooks(self, keep: frozenset = frozenset()) -> None:
+        """Remove the torch hooks of every hook point that TransformerLens does not track, except
+        those in `keep` ((hook point id, handle id) pairs, e.g. a user's own hooks)."""
+        for hook_point in self._hook_points():
             tracked = {handle.hook.id for handle in hook_point.fwd_hooks + hook_point.bwd_hooks}
             for store in (hook_point._forward_hooks, hook_point._backward_hooks):
-                for key in [k for k in store if k not in tracked]:
+                for key in [k for k in store if k not in tracked and (id(hook_point), k) not in keep]:
                     store.pop(key, None)
                     hook_point._forward_hooks_with_kwargs.pop(key, None)
                     hook_point._forward_hooks_always_called.pop(key, None)

@@ -49,8 +49,10 @@ def joint_space_directions(tower, directions: Float[Tensor, "n d_model"]) -> Flo
     """Residual-stream directions carried into the joint embedding space by the linear part of the
     tower's final norm (centring and gain; the input-dependent scale and the bias left out) and its
     projection: W_proj^T (gamma * (d - mean(d))). Used to read what a direction (an SAE decoder row,
-    a neuron's output weights) means in terms of the other modality's embeddings."""
+    a neuron's output weights) means in terms of the other modality's embeddings. In float32, on
+    the tower's device, whatever the directions' and the tower's dtypes."""
     norm = tower.final_norm
+    directions = directions.to(device=norm.w.device, dtype=torch.float32)
     centred = directions - directions.mean(-1, keepdim=True)
-    carried = centred * norm.w
-    return carried @ tower.proj.W if tower.proj is not None else carried
+    carried = centred * norm.w.float()
+    return carried @ tower.proj.W.float() if tower.proj is not None else carried

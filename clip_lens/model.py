@@ -167,9 +167,9 @@ class HookedCLIP(HookedModule):
         if isinstance(value, str):
             return self.text, self.to_tokens(value)
         if isinstance(value, Tensor) and value.dtype in (torch.long, torch.int):
-            return self.text, self.text.check_input(value)
+            return self.text, self.text.check_input(value.to(self.device))
         if isinstance(value, Tensor) and value.ndim == 4:
-            return self.vision, self.vision.check_input(value)
+            return self.vision, self.vision.check_input(value.to(self.device))
         if isinstance(value, (list, tuple)):
             return self.vision, self.to_pixels(value)
         raise ValueError(f"{name}: expected texts, tokens [batch, pos], images or pixels [batch, 3, H, W]; "

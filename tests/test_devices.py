@@ -60,10 +60,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 
 
 @pytest.fixture(scope="module", params=DEVICES)
-def setup(request, tmp_path_factory):
+def setup(request, tiny_model, tmp_path_factory):
     """(model, instances, guard): the tiny CLIP on the CPU with the default device elsewhere, or
     on a real GPU (where a stray CPU tensor fails by itself)."""
-    model = clip_lens.HookedCLIP.from_pretrained(zoo.NAME, device=request.param)
+    model = tiny_model if request.param == "cpu" else clip_lens.HookedCLIP.from_pretrained(zoo.NAME, device="cuda")
     guard = default_device_is_not_the_models if request.param == "cpu" else contextlib.nullcontext
     folder = tmp_path_factory.mktemp("scenes")
     scenes = export_valse(folder, 6, seed=3)
@@ -98,8 +98,8 @@ def test_patch_of_each_kind(setup, tower, intervention):
     with guard():
         for hook in hooks:
             units = {"z": dict(heads="all"), "mlp_post": dict(neurons=[0, 3])}.get(hook, {})
-            result = clip_lens.patch(model, target=target, source=source, hook=hook, intervention=intervention,
-                                     progress=False, **units, **other)
+            result = clip_lens.patch(model, target=target, source=None if intervention == "zero" else source,
+                                     hook=hook, intervention=intervention, progress=False, **units, **other)
             assert result.effects.device.type == "cpu" and result.effects.dtype == torch.float32
         if intervention == "patch":  # the hook-function runner, and attribution patching
             clip_lens.patch(model, target=target, hook="pattern", intervention="value_only", progress=False, **other)

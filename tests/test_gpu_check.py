@@ -19,8 +19,11 @@ def _run(tmp_path, *args):
     return status, json.loads(out.read_text())
 
 
-def test_the_small_check_runs_on_the_cpu_and_passes(tmp_path):
+def test_the_small_check_runs_on_the_cpu_and_passes(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # a user's setting ...
     status, figures = _run(tmp_path, "--device", "cpu", "--small")
+    assert torch.backends.cuda.matmul.allow_tf32 is True  # ... is theirs again after the check
+    assert figures["tf32"] is False
     assert status == 0, figures["failures"]
     assert figures["parity"]["float32"] < 1e-4
     assert len(figures["hook_loops"]) >= 8 and max(figures["hook_loops"].values()) < 1e-4
@@ -32,6 +35,7 @@ def test_the_small_check_runs_on_the_cpu_and_passes(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU check needs one")
 def test_the_gpu_check_passes_on_cuda(tmp_path):
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     status, figures = _run(tmp_path, "--device", "cuda", "--small")
     assert status == 0, figures["failures"]
-    assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

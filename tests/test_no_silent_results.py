@@ -53,7 +53,56 @@ def test_a_scalar_metric_is_refused(model, image_emb):
     with pytest.raises(ValueError, match=r"metric 'mean_of_all' returned \(\); it must return one value per run"):
         def mean_of_all(emb, other):
             return emb.mean()
-        _patch(model, image_emb, source=TEXTS[::-1], layers=[1], positions=[0], intervention="zero", metric=mean_of_all)
+        _patch(model, image_emb, layers=[1], positions=[0], intervention="zero", metric=mean_of_all)
+
+
+def test_arguments_the_intervention_would_not_read_are_refused(model, image_emb):
+    with pytest.raises(ValueError, match=r"mean= is read only by intervention='mean', not by intervention='patch'"):
+        _patch(model, image_emb, source=TEXTS[::-1], layers=[1], mean=torch.zeros(64))
+    with pytest.raises(ValueError, match=r"source= is not read by intervention='zero'"):
+        _patch(model, image_emb, source=TEXTS[::-1], layers=[1], intervention="zero")
+    with pytest.raises(ValueError, match=r"source= is not read by intervention='value_only'"):
+        _patch(model, image_emb, source=TEXTS[::-1], hook="pattern", intervention="value_only")
+    with pytest.raises(ValueError, match=r"1 sources for 2 targets"):
+        _patch(model, image_emb, target=TEXTS[:2], source=TEXTS[:1], layers=[1], intervention="resample")
+
+
+def test_a_mean_is_read_per_layer_by_its_rank_alone(vit_b32, vit_b32_image):
+    """ViT-B-32's text tower has 8 heads: a [head, d_head] mean over 8 layers is one mean for all
+    of them, never 8 per-layer means of [d_head] (which would broadcast silently)."""
+    _, model = vit_b32
+    one = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(target=["There are some giraffes."], image=vit_b32_image[1], hook="z", layers=list(range(8)),
+                  positions=[2], heads=[0, 5], intervention="mean", progress=False)
+    shared = clip_lens.patch(model, mean=one, **kwargs)
+    per_layer = clip_lens.patch(model, mean=one[None].expand(8, 8, 64), **kwargs)
+    torch.testing.assert_close(shared.effects, per_layer.effects, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"mean= has shape \(3, 8, 64\)"):
+        clip_lens.patch(model, mean=one[None].expand(3, 8, 64), **kwargs)
+
+
+def test_a_torch_hook_of_the_user_survives_a_run(model, image_emb):
+    seen = []
+    handle = model.text.blocks[0].hook_resid_pre.register_forward_hook(lambda m, a, o: seen.append(1))
+    try:
+        _patch(model, image_emb, layers=[1], positions=[0], intervention="zero")
+        with model.hooks(fwd_hooks=[("text.blocks.1.hook_resid_pre", lambda act, hook: act)]):
+            pass
+        assert model.text.blocks[0].hook_resid_pre._forward_hooks  # still there
+        model.text.run_with_hooks(model.to_tokens(TEXTS[:1]), fwd_hooks=[])
+        assert seen
+    finally:
+        handle.remove()
+
+
+def test_an_sae_elsewhere_is_refused_and_an_unprefixed_hook_accepted(model, image_emb):
+    from clip_lens.sae import TopKSAE
+
+    sae = TopKSAE(64, 8, 2, hook="blocks.1.hook_resid_post")  # a tower's own name: no tower to object to
+    _patch(model, image_emb, layers=[1], positions=[0], intervention="zero", hook="resid", sae=sae, latents=[0])
+    with pytest.raises(ValueError, match=r"the SAE is on meta and the text tower on cpu"):
+        _patch(model, image_emb, layers=[1], positions=[0], intervention="zero", hook="resid", sae=sae.to("meta"),
+               latents=[0])
 
 
 @pytest.mark.parametrize("layers,error,message", [

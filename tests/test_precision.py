@@ -42,13 +42,23 @@ def test_a_half_precision_model_scores_in_float32_close_to_float32(tiny_model, i
     torch.testing.assert_close(logits, reference, atol=tolerance, rtol=0)
     scores = pair_scores(half, captions, foils, image_emb)
     assert scores["d"].dtype == "float32" and scores["S_caption"].dtype == "float32"
-    result = clip_lens.patch(half, target=captions[:2], source=foils[:2], image=image_emb[:2], hook="attn_out",
-                             intervention="zero", progress=False)
-    exact = clip_lens.patch(tiny_model, target=captions[:2], source=foils[:2], image=pixels[:2], hook="attn_out",
-                            intervention="zero", progress=False)
+    result = clip_lens.patch(half, target=captions[:2], image=image_emb[:2], hook="attn_out", intervention="zero",
+                             progress=False)
+    exact = clip_lens.patch(tiny_model, target=captions[:2], image=pixels[:2], hook="attn_out", intervention="zero",
+                            progress=False)
     assert result.effects.dtype == torch.float32 and result.baseline.dtype == torch.float32
     torch.testing.assert_close(result.effects, exact.effects, atol=tolerance, rtol=0, equal_nan=True)
     assert not torch.equal(result.effects, exact.effects)  # it did run in half precision
+
+
+def test_joint_space_directions_of_a_half_precision_tower_are_float32(tiny_model):
+    from clip_lens.lens import joint_space_directions
+
+    half = clip_lens.HookedCLIP.from_pretrained(zoo.NAME, dtype=torch.bfloat16)
+    directions = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))  # float32, as an SAE's decoder
+    got = joint_space_directions(half.vision, directions)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, joint_space_directions(tiny_model.vision, directions), atol=0.05, rtol=0.05)
 
 
 def test_to_dtype_converts_the_towers_and_keeps_the_logit_scale():

@@ -79,7 +79,7 @@ def _write(result: PatchResult, plan: Plan, contrib: Tensor, lengths: Tensor, lo
     n = contrib.shape[0]
     unit_dims = [1] * (contrib.ndim - 2)
     baseline = result.baseline[lo : lo + n].view(-1, *unit_dims)                   # shape = [batch, (1)]
-    valid = torch.arange(contrib.shape[1], device=contrib.device)[None] < lengths[:, None]                 # [batch, pos]
+    valid = torch.arange(contrib.shape[1], device=contrib.device)[None] < lengths[:, None]  # [batch, pos]
     contrib = contrib * valid.view(n, -1, *unit_dims)                              # shape = [batch, pos, (unit)]
     if plan.positions is None:
         result.effects[lo : lo + n, li] = baseline + contrib.sum(1)
@@ -105,7 +105,7 @@ def first_order_contributions(plan: Plan, act: Tensor, grad: Tensor, act_s: Opti
             codes_rep = torch.zeros_like(codes) if plan.intervention == "zero" else plan.sae.encode(act_s)
             along = grad.float() @ plan.sae.W_dec.detach().float().T          # [batch, pos, n_latents]
         return ((codes_rep - codes) * along)[..., plan.units]
-    contrib = (replacement(plan, act, act_s, mean) - act) * grad
+    contrib = (replacement(plan, act, act_s, mean).float() - act.float()) * grad.float()  # float32, as the metric
     if plan.kind.unit_axis == "neuron":
         return contrib[..., plan.units] if plan.units is not None else contrib.sum(-1)
     contrib = contrib.sum(-1)

@@ -235,7 +235,11 @@ def plan_means(plan: Plan, tower: HookedTower, inputs: Tensor, mean: Optional[Te
     n_layers = tower.cfg.n_layers
     if mean is not None:
         mean = torch.as_tensor(mean, device=tower.device, dtype=tower.dtype)
-        per_layer = mean.ndim > 1 and mean.shape[0] == len(plan.layers)
+        site_ndim = 2 if plan.kind.unit_axis == "head" else 1  # one position's activation: [head, d_head] or [d]
+        per_layer = mean.ndim == site_ndim + 1  # decided by rank alone: a [head, d_head] mean is never read per layer
+        if mean.ndim not in (site_ndim, site_ndim + 1) or (per_layer and mean.shape[0] != len(plan.layers)):
+            raise ValueError(f"mean= has shape {tuple(mean.shape)}; {plan.hook} takes one position's activation "
+                             f"({site_ndim} axes) or one per layer ([{len(plan.layers)}, ...])")
         return {layer: mean[i] if per_layer else mean for i, layer in enumerate(plan.layers)}
     names = {plan.kind.hook_name(layer, n_layers) for layer in plan.layers}
     lengths = tower.sequence_lengths(inputs)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clip_lens.hooks import split_tower_prefix
 from clip_lens.model import HookedCLIP
 from clip_lens.patching.result import PatchResult
 from clip_lens.patching.sites import SAE_HOOKS, HookKind, kind_of
@@ -102,7 +103,7 @@ class Request:
             latents=units if unit_axis == "latent" else None,
             intervention=intervention if isinstance(intervention, str) else getattr(intervention, "__name__", "hook"),
             method=self.method, lengths=self.tower.sequence_lengths(self.target).cpu(),
-            extra={"resample_pairs": self.resample_pairs} if self.resample_pairs is not None else {})
+            extra={"resample_pairs": self.resample_pairs.cpu()} if self.resample_pairs is not None else {})
 
 
 def is_hook_function(intervention: Any) -> bool:
@@ -114,6 +115,7 @@ def build_request(model: HookedCLIP, *, target, source, image, text, hook, layer
                   progress) -> Request:
     """The checked request of one `patch` call (see `patch` for the arguments)."""
     kinds = _check_kinds(hook, intervention, method, metric, sae)
+    _check_unused(intervention, source, mean)
     tower, target, source = _tower_inputs(model, target, source, intervention)
     embedding_metric = isinstance(metric, str) and metric == "embedding"
     other_input = image if tower.modality == "text" else text
@@ -156,6 +158,15 @@ def _check_kinds(hook, intervention, method: str, metric: Metric, sae) -> list[H
     if method == "attribution" and by_hook_function:
         raise ValueError("attribution patching needs a patch, zero, mean or resample intervention")
     return kinds
+
+
+def _check_unused(intervention, source, mean) -> None:
+    """`source=` and `mean=` are refused where the intervention would not read them."""
+    name = intervention if isinstance(intervention, str) else getattr(intervention, "__name__", "hook function")
+    if mean is not None and intervention != "mean":
+        raise ValueError(f"mean= is read only by intervention='mean', not by intervention={name!r}")
+    if source is not None and (is_hook_function(intervention) or intervention == "zero"):
+        raise ValueError(f"source= is not read by intervention={name!r}; leave it out")
 
 
 def _tower_inputs(model: HookedCLIP, target, source, intervention) -> tuple[HookedTower, Tensor, Optional[Tensor]]:
@@ -301,9 +312,13 @@ def _sae_latents(tower: HookedTower, kind: HookKind, by_hook_function: bool, sae
     if not (hasattr(sae, "encode") and hasattr(sae, "W_dec")):
         raise ValueError("sae= needs an object with encode(x) and W_dec [n_latents, d], e.g. clip_lens.sae.TopKSAE")
     trained_on = getattr(sae, "hook", None)
-    if isinstance(trained_on, str) and trained_on.partition(".")[0] != tower.modality:
+    trained_tower = split_tower_prefix(trained_on)[0] if isinstance(trained_on, str) else None
+    if trained_tower is not None and trained_tower != tower.modality:
         raise ValueError(f"the SAE was trained on {trained_on}, a hook of the other tower; this patch is on the "
                          f"{tower.modality} tower")
+    if sae.W_dec.device != tower.device:
+        raise ValueError(f"the SAE is on {sae.W_dec.device} and the {tower.modality} tower on {tower.device}; "
+                         f"move it with sae.to({str(tower.device)!r})")
     n_latents, d_in = sae.W_dec.shape
     if d_in != tower.cfg.d_model:
         raise ValueError(f"the SAE reads {d_in}-dimensional activations but {kind.name} has d_model={tower.cfg.d_model}")
@@ -347,6 +362,9 @@ def _warn_if_large(plans: list[Plan], shape: tuple[int, ...], method: str, embed
 
 def _resample_pairs(tower: HookedTower, target: Tensor, source: Tensor, seed: int) -> Tensor:
     """The source index of each pair for intervention="resample", drawn with `seed`."""
+    if source.shape[0] < target.shape[0]:
+        raise ValueError(f"intervention='resample' draws a distinct source for each target: {source.shape[0]} sources "
+                         f"for {target.shape[0]} targets")
     perm = torch.randperm(source.shape[0], generator=torch.Generator().manual_seed(seed), device="cpu")[: target.shape[0]]
     perm = perm.to(tower.device)
     if tower.modality == "text" and not torch.equal(tower.sequence_lengths(source[perm]), tower.sequence_lengths(target)):
