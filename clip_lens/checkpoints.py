@@ -13,17 +13,16 @@ tables equal an uninterrupted run's exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from clip_lens.report import claim_output, write_text_atomically
+from clip_lens.report import claim_output, write_atomically, write_text_atomically
 
 PARTIAL = ".partial"
 RUN = "run.json"
@@ -52,47 +51,47 @@ class Checkpoints:
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def chunks(self, study: str, n: int, size: int, compute: Callable[[int, int], Arrays],
-               progress: bool = True) -> list[Arrays]:
+               progress: bool = True, ids: Optional[Sequence] = None) -> list[Arrays]:
         """compute(lo, hi) -> {name: array} for instances lo..hi - 1, for every chunk of `size`
-        instances out of `n`; chunks saved by an earlier run of the same study are read instead."""
+        instances out of `n`; chunks saved by an earlier run of the same study (and, with `ids`,
+        of the same instances) are read instead."""
         if size < 1:
-            raise ValueError(f"chunk size {size} must be at least 1")
+            raise ValueError(f"{study}: chunk size {size} must be at least 1")
+        if n < 1:
+            raise ValueError(f"{study}: no instances to run")
+        if ids is not None and len(ids) != n:
+            raise ValueError(f"{study}: {len(ids)} ids for {n} instances")
+        ids = list(ids) if ids is not None else None
         self.loaded.setdefault(study, 0)
         self.computed.setdefault(study, 0)
-        done = {lo: self._path(study, lo, min(lo + size, n)) for lo in range(0, n, size)}
-        done = {lo: path for lo, path in done.items() if path is not None and path.is_file()}
         bar = tqdm(total=n, desc=study, unit="instance", disable=not progress)
         out = []
         for lo in range(0, n, size):
             hi = min(lo + size, n)
-            if lo in done:
-                arrays = self._load(done[lo])
+            path = self._path(study, lo, hi, ids)
+            if path is not None and path.is_file():
+                arrays = self._load(path)
                 self.loaded[study] += hi - lo
             else:
                 arrays = compute(lo, hi)
-                self._save(study, lo, hi, arrays)
+                self._save(path, arrays)
                 self.computed[study] += hi - lo
             out.append(arrays)
             bar.update(hi - lo)
         bar.close()
         return out
 
-    def _path(self, study: str, lo: int, hi: int) -> Optional[Path]:
-        return self.folder / study / f"{lo:07d}-{hi:07d}.npz" if self.folder is not None else None
+    def _path(self, study: str, lo: int, hi: int, ids: Optional[Sequence]) -> Optional[Path]:
+        """The chunk's file: named by its rows and, with `ids`, by a digest of its instances' ids, so
+        that a changed instance list never reuses another list's chunk."""
+        if self.folder is None:
+            return None
+        digest = "" if ids is None else "-" + hashlib.sha1("\n".join(map(str, ids[lo:hi])).encode()).hexdigest()[:12]
+        return self.folder / study / f"{lo:07d}-{hi:07d}{digest}.npz"
 
-    def _save(self, study: str, lo: int, hi: int, arrays: Arrays) -> None:
-        path = self._path(study, lo, hi)
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    def _save(self, path: Optional[Path], arrays: Arrays) -> None:
+        if path is not None:
+            write_atomically(path, lambda handle: np.savez(handle, **arrays), binary=True)
 
     @staticmethod
     def _load(path: Path) -> Arrays:
@@ -123,7 +122,8 @@ def claim_resumable_output(out: Union[str, Path], identity: dict, *, overwrite: 
     record = partial / RUN
     if overwrite:
         shutil.rmtree(partial, ignore_errors=True)
-    if record.is_file() and not any(path.is_file() and path != record for path in partial.rglob("*")):
+    saved = [path for path in partial.rglob("*") if path.is_file() and path != record and not path.name.startswith(".")]
+    if record.is_file() and not saved:
         shutil.rmtree(partial)  # an unfinished run that saved nothing (it stopped early, e.g. on bad input)
     if record.is_file():
         found = json.loads(record.read_text())
@@ -135,6 +135,12 @@ def claim_resumable_output(out: Union[str, Path], identity: dict, *, overwrite: 
     claim_output(out, overwrite=overwrite)
     write_text_atomically(record, json.dumps(plain, indent=2))
     return Checkpoints(partial)
+
+
+def weights_fingerprint(module) -> float:
+    """The sum of every weight of `module` in float64: part of a run's identity, since a label
+    ("ViT-B-32, random weights") does not tell two sets of weights apart."""
+    return float(sum(param.detach().double().sum() for param in module.parameters()))
 
 
 def _plain(identity: dict) -> dict:

@@ -9,7 +9,7 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import IO, Callable, Mapping, Optional, Union
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -71,15 +71,15 @@ class Report:
         return write_text_atomically(path, self.to_html())
 
 
-def write_text_atomically(path: Union[str, Path], text: str) -> Path:
-    """Write `text` to a temporary file beside `path`, then rename it into place: a reader (or a
-    killed run) never sees a partial file under the final name."""
+def write_atomically(path: Union[str, Path], write: Callable[[IO], None], binary: bool = False) -> Path:
+    """Call `write(handle)` on a temporary file beside `path` (named ".<name>.*.tmp"), then rename
+    it into place: a reader (or a killed run) never sees a partial file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
+            write(handle)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -87,8 +87,13 @@ def write_text_atomically(path: Union[str, Path], text: str) -> Path:
     return path
 
 
+def write_text_atomically(path: Union[str, Path], text: str) -> Path:
+    """`text` written to `path` atomically (`write_atomically`)."""
+    return write_atomically(path, lambda handle: handle.write(text))
+
+
 MANIFEST = "manifest.json"
-RESULT_FILES = ("*.csv", "report.html", MANIFEST)  # what a study writes into its folder
+RESULT_FILES = ("*.csv", "report.html", MANIFEST, "sae.safetensors", "sae.json")  # what a study writes into its folder
 
 
 def claim_output(out: Union[str, Path], *, overwrite: bool = False) -> Path:

@@ -82,9 +82,13 @@ class TopKSAE(nn.Module):
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path.with_suffix(".safetensors")))
-        path.with_suffix(".json").write_text(json.dumps(self.config()))
-        return path.with_suffix(".safetensors")
+        weights, config = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        # each file written whole under a temporary name, then renamed: no partial SAE under its final name
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(weights) + ".tmp")
+        config.with_suffix(".json.tmp").write_text(json.dumps(self.config()))
+        os.replace(str(weights) + ".tmp", weights)
+        os.replace(config.with_suffix(".json.tmp"), config)
+        return weights
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "TopKSAE":

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import pandas as pd
 import torch
 
-from clip_lens.checkpoints import claim_resumable_output
+from clip_lens.checkpoints import claim_resumable_output, weights_fingerprint
 from clip_lens.data.image_sets import open_image_set
 from clip_lens.experiments import attention_maps, attribution
 from clip_lens.lens import logit_lens
@@ -67,7 +67,8 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
     """
     if tower not in ("vision", "text"):
         raise ValueError(f"tower={tower!r}: use 'vision' or 'text'")
-    identity = dict(study="attribution", tower=tower, model=model_label, dtype=str(model.dtype), images=images,
+    identity = dict(study="attribution", tower=tower, model=model_label, dtype=str(model.dtype), device=str(model.device),
+                    weights=weights_fingerprint(model), images=images,
                     captions=captions, labels=labels, sae=sae, sae_hook=sae_hook, sae_latents=sae_latents, sae_k=sae_k,
                     sae_steps=sae_steps, ks=list(ks), limit=limit, seed=seed)
     checkpoints = claim_resumable_output(out, identity, overwrite=overwrite)
@@ -85,7 +86,7 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
     names = [Path(p).stem for p in frame["image"]]
     hook = sae_hook or hook_name("resid", n_layers, n_layers)
     if sae is not None:  # checked before any work, so that a wrong SAE costs nothing
-        sae_model, trained = TopKSAE.load(Path(sae).with_suffix("")), False
+        sae_model, trained = TopKSAE.load(Path(sae).with_suffix("")).to(model.device), False
         if sae_model.d_in != blocks.cfg.d_model:
             raise ValueError(f"the SAE in {sae} reads {sae_model.d_in}-dimensional activations; {tower}.{hook} has "
                              f"{blocks.cfg.d_model}")

@@ -107,7 +107,8 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, batch_size: int = 2
         return {"s_star": result.effects.numpy(), "s_p": result.baseline.numpy(),  # [n, layers, pos], [n]
                 "s_n": result.source_baseline.numpy(), "eot": model.text.pooled_positions(negated).cpu().numpy()}
 
-    chunks = (checkpoints or Checkpoints(None)).chunks("causal_tracing", len(frame), pair_chunk, chunk, progress)
+    chunks = (checkpoints or Checkpoints(None)).chunks("causal_tracing", len(frame), pair_chunk, chunk, progress,
+                                                        ids=list(frame["id"]))
     s_star = concatenate(chunks, "s_star")  # positions past a chunk's longest text: NaN, as past each text's EOT
     s_p, s_n = (concatenate(chunks, name)[:, None, None] for name in ("s_p", "s_n"))
     # With p the patched (non-negated) and n the negated sentence, both placements reduce to one

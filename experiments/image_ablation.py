@@ -111,5 +111,6 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Te
                        pair_chunk=pair_chunk, progress=False)
         return {"d_star": result.effects.numpy(), "layers": np.asarray(result.layers)}
 
-    chunks = (checkpoints or Checkpoints(None)).chunks("image_ablation", len(frame), pair_chunk, chunk, progress)
+    chunks = (checkpoints or Checkpoints(None)).chunks("image_ablation", len(frame), pair_chunk, chunk, progress,
+                                                        ids=list(frame["id"]))
     return ImageAblation(instances.instances_table(), concatenate(chunks, "d_star"), chunks[0]["layers"].tolist())

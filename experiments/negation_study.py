@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import pandas as pd
 
-from clip_lens.checkpoints import claim_resumable_output
+from clip_lens.checkpoints import claim_resumable_output, weights_fingerprint
 from clip_lens.data import load_cannot, no_determiner_pairs
 from clip_lens.experiments import causal_tracing, existence, image_ablation, negator_attention, preliminary
 from clip_lens.model import HookedCLIP
@@ -53,8 +53,9 @@ def valse_existence(model: HookedCLIP, model_label: str, valse: PathLike, images
     if unknown:
         raise ValueError(f"unknown studies {sorted(unknown)}; choose from {VALSE_STUDIES}")
     identity = dict(study="valse-existence", studies=list(studies), model=model_label, dtype=str(model.dtype),
-                    valse=valse, images=images, missing=missing, limit=limit, sample=sample, seed=seed, grey=grey,
-                    batch_size=batch_size, pair_chunk=pair_chunk)
+                    device=str(model.device), weights=weights_fingerprint(model), valse=valse, images=images,
+                    missing=missing, limit=limit, sample=sample, seed=seed, grey=grey, batch_size=batch_size,
+                    pair_chunk=pair_chunk)
     checkpoints = claim_resumable_output(out, identity, overwrite=overwrite)
     out = Path(out)
     inst = existence.prepare(model, valse, images, missing=missing, limit=limit, sample=sample, seed=seed,
@@ -142,7 +143,8 @@ def cannot_negator_attention(model: HookedCLIP, model_label: str, cannot: Union[
     writes instances.csv, excluded.csv, negator_heads.csv, negator_query_positions.csv, report.html.
     Negator attention saves each finished batch under out/.partial/, and a killed run resumes from
     them (clip_lens.checkpoints)."""
-    identity = dict(study="cannot negator-attention", model=model_label, dtype=str(model.dtype), cannot=cannot,
+    identity = dict(study="cannot negator-attention", model=model_label, dtype=str(model.dtype),
+                    device=str(model.device), weights=weights_fingerprint(model), cannot=cannot,
                     spacy_model=spacy_model, limit=limit)
     checkpoints = claim_resumable_output(out, identity, overwrite=overwrite)
     out = Path(out)

@@ -148,9 +148,10 @@ def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequenc
         k = negator_positions(neg, non)
         eot = tower.pooled_positions(neg)
         column = torch.arange(len(k), device=k.device)
-        diff = (_patterns(tower, neg, layers) - _patterns(tower, non, layers))[column, :, :, :, k]  # [b, L, H, q]
+        # the difference taken in float32: in a half-precision tower each pattern is cast first
+        diff = (_patterns(tower, neg, layers).float() - _patterns(tower, non, layers).float())[column, :, :, :, k]  # [b, L, H, q]
         # the rest is bookkeeping on small tensors: on the CPU, in float32 whatever the model's dtype
-        diff, k, eot = diff.float().cpu(), k.cpu(), eot.cpu()
+        diff, k, eot = diff.cpu(), k.cpu(), eot.cpu()
         q = torch.arange(diff.shape[-1], device="cpu")
         valid = (q[None] >= k[:, None]) & (q[None] <= eot[:, None])  # [b, q]
         scores[:] = diff.masked_fill(~valid[:, None, None], float("-inf")).amax(dim=-1).numpy()
@@ -172,9 +173,8 @@ def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequenc
                 weights[i, -1] = 1.0
         return {"scores": scores, "by_query": by_query, "weights": weights}
 
-    if n == 0:
-        raise ValueError("no sentence pairs: negated and non_negated are empty")
-    chunks = (checkpoints or Checkpoints(None)).chunks("negator_attention", n, batch_size, batch, progress)
+    ids = [str(x) for x in instances["id"]] if "id" in instances else None  # a changed pair list reuses no chunk
+    chunks = (checkpoints or Checkpoints(None)).chunks("negator_attention", n, batch_size, batch, progress, ids=ids)
     scores, by_query, weights = (np.concatenate([c[name] for c in chunks]) for name in ("scores", "by_query", "weights"))
     slots = EXISTENCE_QUERY_SLOTS if layout == "existence" else relative_slots()
     return NegatorAttention(scores, by_query, weights, slots, instances.reset_index(drop=True))

@@ -21,7 +21,7 @@ from clip_lens.cli import main
 from clip_lens.experiments.existence import load_valse
 
 VALSE = SHARED_DATA / "valse" / "existence.json"
-LIMIT, CHUNK = 150, 32  # 5 chunks per study: 4 of 32 instances and one of 22 (fewer once excluded)
+LIMIT, CHUNK = 150, 32  # causal tracing and image ablation in 5 chunks, negator attention (batches of 64) in 3
 STUDIES = ("causal_tracing", "negator_attention", "image_ablation")
 
 
@@ -85,7 +85,7 @@ def _chunk_instances(out) -> dict:
     """Instances held by the chunk files of each study in out/.partial."""
     held = {}
     for path in (out / PARTIAL).glob("*/*.npz"):
-        lo, hi = (int(x) for x in path.stem.split("-"))
+        lo, hi = (int(x) for x in path.stem.split("-")[:2])  # "<lo>-<hi>-<digest of the ids>"
         held[path.parent.name] = held.get(path.parent.name, 0) + hi - lo
     return held
 
