@@ -187,3 +187,31 @@ def test_a_killed_process_resumes(images, tmp_path, uninterrupted):
     _assert_same_tables(out, expected)
     counts = json.loads((out / "manifest.json").read_text())["instances"]
     assert {study: counts[study]["loaded"] for study in held} == held
+
+
+def test_a_changed_instance_list_reuses_no_chunk(tmp_path):
+    calls = []
+
+    def compute(lo, hi):
+        calls.append((lo, hi))
+        return {"x": np.arange(lo, hi)}
+
+    Checkpoints(tmp_path).chunks("s", 4, 2, compute, progress=False, ids=["a", "b", "c", "d"])
+    again = Checkpoints(tmp_path)
+    again.chunks("s", 4, 2, compute, progress=False, ids=["a", "b", "x", "d"])  # the second chunk's instances changed
+    assert calls == [(0, 2), (2, 4), (2, 4)] and again.summary() == {"s": {"loaded": 2, "computed": 2}}
+    with pytest.raises(ValueError, match="s: no instances to run"):
+        again.chunks("s", 0, 2, compute, progress=False)
+
+
+def test_a_run_that_left_only_temporary_files_saved_nothing(tmp_path):
+    from clip_lens.checkpoints import claim_resumable_output
+
+    out = tmp_path / "out"
+    checkpoints = claim_resumable_output(out, {"limit": 1})
+    (checkpoints.folder / "s").mkdir()
+    (checkpoints.folder / "s" / ".0000000-0000002.npz.abc.tmp").write_bytes(b"half")  # killed mid-write
+    claim_resumable_output(out, {"limit": 2})  # other settings may take the folder
+    np.savez(out / PARTIAL / "chunk.npz", x=np.zeros(1))
+    with pytest.raises(FileExistsError, match=r"other settings \(limit\)"):
+        claim_resumable_output(out, {"limit": 3})
