@@ -122,8 +122,8 @@ def build_request(model: HookedCLIP, *, target, source, image, text, hook, layer
     if embedding_metric and other_input is None:
         other = torch.zeros(target.shape[0], 0, device=tower.device)
     else:
-        other = _other_embeddings(model, tower, other_input, target.shape[0])
-    score = functools.partial(_in_float32, _score(model, metric))
+        other = other_embeddings(model, tower, other_input, target.shape[0])
+    score = functools.partial(in_float32, score_function(model, metric))
     plans = _plans(tower, kinds, target, source, layers, positions, heads, neurons, sae, latents, intervention)
     dims, shape = _dims_and_shape(plans, tower, target.shape[0], embedding_metric)
     _warn_if_large(plans, shape, method, embedding_metric)
@@ -185,7 +185,7 @@ def _tower_inputs(model: HookedCLIP, target, source, intervention) -> tuple[Hook
     return tower, target, source
 
 
-def _other_embeddings(model: HookedCLIP, tower: HookedTower, other: Any, n: int) -> Tensor:
+def other_embeddings(model: HookedCLIP, tower: HookedTower, other: Any, n: int) -> Tensor:
     """The other modality's embeddings [n, d_embed], computed once."""
     argument = "image" if tower.modality == "text" else "text"
     if other is None:
@@ -207,7 +207,7 @@ def _other_embeddings(model: HookedCLIP, tower: HookedTower, other: Any, n: int)
     return emb.detach().to(tower.device)
 
 
-def _score(model: HookedCLIP, metric: Metric) -> Score:
+def score_function(model: HookedCLIP, metric: Metric) -> Score:
     if isinstance(metric, str) and metric == "embedding":
         return lambda emb, other: emb
     if isinstance(metric, str) and metric == "score":
@@ -217,7 +217,7 @@ def _score(model: HookedCLIP, metric: Metric) -> Score:
     raise ValueError(f"metric={metric!r}: use 'score', 'embedding' or a callable(embedding, other_embedding) -> [batch]")
 
 
-def _in_float32(score: Score, emb: Tensor, other: Tensor) -> Tensor:
+def in_float32(score: Score, emb: Tensor, other: Tensor) -> Tensor:
     """A score of embeddings cast to float32: in a half-precision model only the towers run in
     half precision; S, d and every difference of them are computed and kept in float32."""
     return score(emb.float(), other.float())
