@@ -56,6 +56,7 @@ def patch(
     batch_size: int = 256,
     pair_chunk: int = 64,
     seed: int = 0,
+    steps: int = 5,
     progress: bool = True,
 ) -> PatchResult:
     """Intervene on the target runs over a grid of layers x positions (x units) and measure a metric.
@@ -94,7 +95,10 @@ def patch(
             callable `(embedding [batch, d_embed], other [batch, d_embed]) -> [batch]`.
         method: "exact", or "attribution" for attribution patching (one forward and one backward
             pass per chunk: baseline + (a_new - a_target) . grad; the estimates themselves are in
-            `result.contributions`).
+            `result.contributions`), or "integrated_gradients": the same with the gradient averaged
+            over `steps` points on the straight line from each layer's activation to its
+            replacement (all positions and units of the layer at once; docs/methods.md#integrated-gradients).
+        steps: m, the points of method="integrated_gradients" (midpoints (k - 1/2) / m); m >= 1.
         batch_size: interventions per forward pass. pair_chunk: pairs cached at a time.
 
     Returns:
@@ -103,11 +107,12 @@ def patch(
     request = build_request(model, target=target, source=source, image=image, text=text, hook=hook, layers=layers,
                             positions=positions, heads=heads, neurons=neurons, sae=sae, latents=latents,
                             intervention=intervention, mean=mean, metric=metric, method=method,
-                            batch_size=batch_size, pair_chunk=pair_chunk, seed=seed, progress=progress)
+                            batch_size=batch_size, pair_chunk=pair_chunk, seed=seed, progress=progress,
+                            steps=steps)
     result = request.empty_result()
     if request.by_hook_function:
         run_hook_functions(request, result)
-    elif request.method == "attribution":
+    elif request.method in ("attribution", "integrated_gradients"):
         run_attribution(request, result)
     else:
         run_exact(request, result)

@@ -23,7 +23,8 @@ from clip_lens.scores import score as clip_score
 from clip_lens.towers import HookedTower
 
 EXACT_INTERVENTIONS = ("patch", "zero", "mean", "resample")
-METHODS = ("exact", "attribution")
+METHODS = ("exact", "attribution", "integrated_gradients")
+GRADIENT_METHODS = ("attribution", "integrated_gradients")
 LARGE_GRID = 50_000  # exact interventions per pair above which `patch` suggests attribution patching
 Metric = Union[str, Callable[[Tensor, Tensor], Tensor]]
 Score = Callable[[Tensor, Tensor], Tensor]  # (embeddings [batch, d_embed], other [batch, d_embed]) -> [batch]
@@ -70,6 +71,7 @@ class Request:
     batch_size: int
     pair_chunk: int
     progress: bool
+    steps: int = 1                # points of the integrated-gradients path (method="integrated_gradients")
 
     @property
     def n_pairs(self) -> int:
@@ -112,9 +114,15 @@ def is_hook_function(intervention: Any) -> bool:
 
 def build_request(model: HookedCLIP, *, target, source, image, text, hook, layers, positions, heads, neurons,
                   sae, latents, intervention, mean, metric, method, batch_size, pair_chunk, seed,
-                  progress) -> Request:
+                  progress, steps: int = 1) -> Request:
     """The checked request of one `patch` call (see `patch` for the arguments)."""
     kinds = _check_kinds(hook, intervention, method, metric, sae)
+    if method == "integrated_gradients":
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps={steps!r}: integrated gradients need m >= 1 interpolation steps")
+        if sae is not None:
+            raise ValueError("method='integrated_gradients' does not split activations into SAE latents; use "
+                             "method='attribution' or 'exact' with sae=")
     _check_unused(intervention, source, mean)
     tower, target, source = _tower_inputs(model, target, source, intervention)
     embedding_metric = isinstance(metric, str) and metric == "embedding"
@@ -130,7 +138,7 @@ def build_request(model: HookedCLIP, *, target, source, image, text, hook, layer
     perm = _resample_pairs(tower, target, source, seed) if intervention == "resample" else None
     return Request(tower=tower, target=target, source=source, other=other, score=score, plans=tuple(plans),
                    mean=mean, method=method, resample_pairs=perm, dims=dims, shape=shape, batch_size=batch_size,
-                   pair_chunk=pair_chunk, progress=progress)
+                   pair_chunk=pair_chunk, progress=progress, steps=steps)
 
 
 def _check_kinds(hook, intervention, method: str, metric: Metric, sae) -> list[HookKind]:
@@ -148,14 +156,14 @@ def _check_kinds(hook, intervention, method: str, metric: Metric, sae) -> list[H
         raise ValueError(f"intervention='value_only' replaces attention patterns: use it with hook='pattern', "
                          f"not hook={kinds[0].name!r}")
     if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; use 'exact' or 'attribution'")
-    if method == "attribution" and isinstance(metric, str) and metric == "embedding":
+        raise ValueError(f"Unknown method {method!r}; use one of {METHODS}")
+    if method in GRADIENT_METHODS and isinstance(metric, str) and metric == "embedding":
         raise ValueError("attribution patching needs a scalar metric, not metric='embedding'")
-    if len(kinds) > 1 and (by_hook_function or method == "attribution" or sae is not None
+    if len(kinds) > 1 and (by_hook_function or method in GRADIENT_METHODS or sae is not None
                            or any(kind.unit_axis for kind in kinds)):
         raise ValueError("several hook kinds at once are for exact patch/zero/mean/resample interventions "
                          "on resid, attn_out or mlp_out")
-    if method == "attribution" and by_hook_function:
+    if method in GRADIENT_METHODS and by_hook_function:
         raise ValueError("attribution patching needs a patch, zero, mean or resample intervention")
     return kinds
 
