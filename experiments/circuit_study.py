@@ -66,7 +66,8 @@ def images_against_mean_colour(model: HookedCLIP, images: Sequence, captions: Se
     """Each image (clean) against its mean-colour image (corrupted), S against its caption."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images for {len(captions)} captions; give one caption per image")
-    task = C.make_task(model, clean=list(images), text=model.to_tokens(list(captions)))
+    # pixels, not paths: a list of strings would be read as texts
+    task = C.make_task(model, clean=model.to_pixels(list(images)), text=model.to_tokens(list(captions)))
     pairs = pd.DataFrame({"clean": [str(i) for i in images], "corrupt": "mean colour", "caption": list(captions)})
     return CircuitTask(task, pairs, f"{len(images)} images (clean) against their mean-colour images (corrupted), S "
                                     "against each image's caption")

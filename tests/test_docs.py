@@ -25,3 +25,16 @@ def test_attribution_docs_examples_run():
     assert namespace["res"].effects.shape == (3, 2, 3)
     assert namespace["exact"].effects.shape == (3, 1, 1, 64)
     assert set(namespace["faith"].areas["method"]) == {"attribution patching", "logit lens", "random"}
+
+
+def test_circuits_docs_examples_run():
+    doc = Path(__file__).resolve().parents[1] / "docs" / "circuits.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) == 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), namespace)  # noqa: S102 - the examples are ours
+    assert len(namespace["exact"].table()) == 10
+    assert set(namespace["curve"]["kind"]) == {"circuit", "random"}
+    assert namespace["circuit"].n_edges <= 50
+    assert namespace["vision_scores"].graph.n_edges == 262
