@@ -112,9 +112,15 @@ def circuit_study(model: HookedCLIP, model_label: str, out: Union[str, Path], ci
     agreement = pd.DataFrame([_agreement(check_table, method) for method in scores])
 
     best = scores["eap-ig"]
-    curve = C.faithfulness_curve(task, best, sizes or default_sizes(graph.n_edges), n_random=n_random,
-                                 selection=selection, signed=signed, seed=seed, pair_chunk=pair_chunk, progress=progress)
-    found = curve[curve["kind"] == "circuit"].sort_values("size")
+    curves = []
+    for i, (method, result) in enumerate(scores.items()):  # random circuits once: they do not depend on the scores
+        part = C.faithfulness_curve(task, result, sizes or default_sizes(graph.n_edges), n_random=n_random if i else 0,
+                                    selection=selection, signed=signed, seed=seed, pair_chunk=pair_chunk,
+                                    progress=progress)
+        curves.append(part.assign(method=np.where(part["kind"] == "circuit", method, "random")))
+    curve = pd.concat(curves, ignore_index=True)
+    curve.attrs.update(curves[0].attrs)
+    found = curve[curve["method"] == "eap-ig"].sort_values("size")
     faithful = found[found["faithfulness"] >= FAITHFUL]
     size = int(faithful["size"].iloc[0]) if len(faithful) else int(found["size"].iloc[-1])
     chosen = {"paths": C.path_edges, "greedy": C.greedy_edges, "top": C.top_edges}[selection](best, size, signed).pruned()
@@ -126,6 +132,7 @@ def circuit_study(model: HookedCLIP, model_label: str, out: Union[str, Path], ci
         "clean_metric": clean, "corrupt_metric": corrupt, "steps": steps, "path": path, "selection": selection,
         "circuit_size": size, "circuit_edges": chosen.n_edges,
         "circuit_faithfulness": float(found[found["size"] == size]["faithfulness"].iloc[0]),
+        "eap_faithfulness": float(curve[(curve["method"] == "eap") & (curve["size"] == size)]["faithfulness"].iloc[0]),
         "random_faithfulness": float(curve[(curve["kind"] == "random") & (curve["size"] == size)]["faithfulness"].mean()),
     }])
     tables = {"summary": summary, "edges": edges, "exact_check": check_table, "agreement": agreement,
@@ -158,7 +165,10 @@ def _report(model_label: str, circuit_task: CircuitTask, summary: pd.DataFrame, 
         "circuit carry the corrupted run's values (docs/methods.md#faithfulness).")
     report.figure(circuit_figure(circuit, scores, title="Circuit found by EAP-IG"))
     report.table(circuit.table(scores), caption="The circuit's edges by |EAP-IG score|")
-    report.section("Faithfulness").figure(faithfulness_figure(curve))
+    report.section("Faithfulness").text(
+        f"Circuits chosen from EAP's scores and from EAP-IG's, by size, next to random circuits. At {row['circuit_size']} "
+        f"edges: EAP-IG {row['circuit_faithfulness']:.3f}, EAP {row['eap_faithfulness']:.3f}.")
+    report.figure(faithfulness_figure(curve))
     report.section("EAP and EAP-IG against exact edge patching").text(
         "The top edges of each method, each corrupted alone and measured exactly (docs/methods.md#path-patching).")
     report.table(agreement, caption="Agreement with exact edge patching on the checked edges")

@@ -20,9 +20,10 @@ def test_text_circuit_on_synthetic_scenes(tmp_path, capsys):
     check = pd.read_csv(out / "exact_check.csv")
     assert 10 <= len(check) <= 20 and check["exact"].abs().max() > 0
     curve = pd.read_csv(out / "faithfulness.csv")
-    assert set(curve["kind"]) == {"circuit", "random"} and len(curve) == 3 * (1 + 2)
-    full = curve[(curve["kind"] == "circuit") & (curve["size"] == 262)]["faithfulness"].iloc[0]
-    assert full == pytest.approx(1.0, abs=1e-4)  # every edge kept: the clean model
+    assert set(curve["kind"]) == {"circuit", "random"} and len(curve) == 3 * (2 + 2)  # EAP, EAP-IG, 2 random
+    assert set(curve["method"]) == {"eap", "eap-ig", "random"}
+    full = curve[(curve["kind"] == "circuit") & (curve["size"] == 262)]["faithfulness"]
+    np.testing.assert_allclose(full, 1.0, atol=1e-4)  # every edge kept: the clean model
     summary = pd.read_csv(out / "summary.csv").iloc[0]
     circuit = pd.read_csv(out / "circuit.csv")
     assert len(circuit) == summary["circuit_edges"] <= summary["circuit_size"]

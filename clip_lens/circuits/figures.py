@@ -74,8 +74,9 @@ def circuit_figure(circuit: Circuit, scores: Optional[EdgeScores] = None, title:
 
 
 def faithfulness_figure(curve: pd.DataFrame, title: str = "Faithfulness by circuit size") -> go.Figure:
-    """Faithfulness of the circuit of each size (line) against random circuits of the same size
-    (their mean, and each as a dot). `curve`: size, kind ("circuit" / "random"), faithfulness."""
+    """Faithfulness of the circuit of each size (a line per `method`, if the column is there) against
+    random circuits of the same size (their mean, and each as a dot). `curve`: size, kind ("circuit" /
+    "random"), faithfulness, edges (after pruning), optionally method."""
     fig = go.Figure()
     found = curve[curve["kind"] == "circuit"].sort_values("size")
     random = curve[curve["kind"] == "random"]
@@ -85,8 +86,11 @@ def faithfulness_figure(curve: pd.DataFrame, title: str = "Faithfulness by circu
                                  marker=dict(color="#bbbbbb", size=6)))
         fig.add_trace(go.Scatter(x=mean["size"], y=mean["faithfulness"], mode="lines", name="random (mean)",
                                  line=dict(color="#888888", dash="dot")))
-    fig.add_trace(go.Scatter(x=found["size"], y=found["faithfulness"], mode="lines+markers", name="circuit",
-                             line=dict(color="#d62828", width=3), hovertext=[f"{e} edges after pruning" for e in found["edges"]]))
+    methods = found["method"] if "method" in found else pd.Series("circuit", index=found.index)
+    for (method, part), colour in zip(found.groupby(methods, sort=False), ["#d62828", "#3a86ff", "#2a9d8f"]):
+        fig.add_trace(go.Scatter(x=part["size"], y=part["faithfulness"], mode="lines+markers", name=f"{method}",
+                                 line=dict(color=colour, width=3),
+                                 hovertext=[f"{e} edges after pruning" for e in part["edges"]]))
     fig.add_hline(y=1.0, line=dict(color="#2a9d8f", dash="dash"), annotation_text="clean model")
     fig.add_hline(y=0.0, line=dict(color="#555555", dash="dash"), annotation_text="corrupted model")
     fig.update_xaxes(title_text="edges in the circuit", type="log")
