@@ -39,14 +39,20 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def build_task(n: int, seed: int):
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build_task(n: int, seed: int, device: str = "cpu"):
     logging.getLogger().setLevel(logging.ERROR)
     _, model = random_model_pair("ViT-B-32", seed)
+    model = model.to(device)
     pairs = prepare_existence(load_valse(SHARED / "valse" / "existence.json"), model.to_tokens).pairs
     pairs = pairs.head(n) if n else pairs
     images = torch.randn(len(pairs), 3, 224, 224, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        image_emb = model.encode_image(images)
+        image_emb = torch.cat([model.encode_image(chunk.to(device)) for chunk in images.split(64)])
     task = C.make_task(model, clean=list(pairs["negated"]), corrupt=list(pairs["non_negated"]), image=image_emb)
     return model, task
 
@@ -87,16 +93,19 @@ def main(argv=None) -> int:
     parser.add_argument("--agreement", type=int, default=0, help="pairs for the agreement table (0: skip)")
     parser.add_argument("--steps", type=int, default=5, help="EAP-IG's m in the agreement table")
     parser.add_argument("--batch-size", type=int, default=512, help="exact runs per forward pass")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    _, task = build_task(args.pairs, args.seed)
+    _, task = build_task(args.pairs, args.seed, args.device)
     graph = C.Graph.of(task.tower)
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"ViT-B-32 text tower (random weights), {graph.describe()}; {task.n_pairs} VALSE existence pairs; "
-          f"{torch.get_num_threads()} threads; before the runs: peak RSS {peak_gb():.2f} GB")
+          f"{where}; before the runs: peak RSS {peak_gb():.2f} GB")
 
     t0 = time.perf_counter()
     C.edge_attribution(task, method="eap", progress=False)
+    synchronize()
     eap_seconds = time.perf_counter() - t0
     print(f"EAP, every edge, all {task.n_pairs} pairs: {eap_seconds:.1f}s ({eap_seconds / task.n_pairs * 1e3:.1f} ms a pair); "
           f"peak RSS {peak_gb():.2f} GB")

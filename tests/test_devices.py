@@ -136,3 +136,26 @@ def test_attribution_and_saes(setup):
         attribution.latent_attributions(model, sae, "blocks.1.hook_resid_post", pixels, text)
         clip_lens.patch(model, target=pixels, source=pixels.flip(0), hook="resid", layers=[2], sae=sae,
                         latents=[0, 1], text=text, progress=False)
+
+
+def test_circuits(setup):
+    from clip_lens import circuits
+
+    model, instances, guard = setup
+    frame = instances.frame
+    with guard():
+        task = circuits.make_task(model, clean=list(frame["negated"][:4]), corrupt=list(frame["non_negated"][:4]),
+                                  image=instances.image_emb[:4])
+        eap = circuits.edge_attribution(task, method="eap", pair_chunk=3, progress=False)
+        ig = circuits.edge_attribution(task, method="eap-ig", steps=2, per_pair=True, progress=False)
+        circuits.edge_attribution(task, method="eap-ig", steps=1, path="activations", progress=False)
+        exact = circuits.path_patch(task, eap.top(6) + ["m2->output", "a0.h0->m0"], batch_size=5, progress=False)
+        curve = circuits.faithfulness_curve(task, ig, [3, 50], n_random=1, progress=False)
+        pixels = model.to_pixels([str(p) for p in frame["image_path"][:2]])
+        vision = circuits.make_task(model, clean=pixels, text=model.to_tokens(["There is a red circle."]))
+        circuits.edge_attribution(vision, method="eap", progress=False)
+        node_ig = clip_lens.patch(model, target=list(frame["non_negated"][:3]), source=list(frame["negated"][:3]),
+                                  image=instances.image_emb[:3], hook="z", layers=[1], method="integrated_gradients",
+                                  steps=2, progress=False)
+    assert eap.scores.device.type == exact.effects.device.type == node_ig.effects.device.type == "cpu"
+    assert torch.isfinite(exact.effects).all() and len(curve) == 4

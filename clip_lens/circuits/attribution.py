@@ -78,7 +78,7 @@ class EdgeScores:
             value = (self.scores * direction).clamp(min=0.0)
         else:
             value = self.scores.abs()
-        return torch.where(self.graph.valid, value.nan_to_num(0.0), torch.tensor(-1.0))
+        return torch.where(self.graph.valid, value.nan_to_num(0.0), torch.tensor(-1.0, device="cpu"))
 
     def top(self, n: int, signed: bool = False) -> list[tuple[int, int]]:
         """The n most important edges (see `importance`), as (sender, receiver) indices, first first."""
@@ -107,9 +107,10 @@ def edge_attribution(task: Task, *, method: str = "eap", steps: int = 5, path: s
     if path not in IG_PATHS:
         raise ValueError(f"path={path!r}: use one of {IG_PATHS}")
     graph = Graph.of(task.tower)
-    total = torch.zeros(graph.n_senders, graph.n_receivers)
-    pairs = torch.zeros(task.n_pairs, graph.n_senders, graph.n_receivers) if per_pair else None
-    baseline, corrupted = torch.empty(task.n_pairs), torch.empty(task.n_pairs)
+    # results live on the CPU in float32, whatever the model's device
+    total = torch.zeros(graph.n_senders, graph.n_receivers, device="cpu")
+    pairs = torch.zeros(task.n_pairs, graph.n_senders, graph.n_receivers, device="cpu") if per_pair else None
+    baseline, corrupted = torch.empty(task.n_pairs, device="cpu"), torch.empty(task.n_pairs, device="cpu")
     for lo in tqdm(range(0, task.n_pairs, pair_chunk), desc=method, disable=not progress):
         hi = min(lo + pair_chunk, task.n_pairs)
         chunk = task.rows(lo, hi)
@@ -162,7 +163,7 @@ def _ig_over_activations(task: Task, graph: Graph, diff: Tensor, clean: CachedRu
         group = 0
         for alpha in _midpoints(steps):
             group = group + _gradient_scores(task, graph, diff, per_pair, (name, start + alpha * (end - start)))
-        keep = torch.zeros(graph.n_senders, 1, dtype=torch.bool)
+        keep = torch.zeros(graph.n_senders, 1, dtype=torch.bool, device="cpu")
         keep[senders] = True
         scores = scores + torch.where(keep, group / steps, 0.0)
     return scores
@@ -219,7 +220,7 @@ def _scores_from_gradients(tower, graph: Graph, acts: dict, diff: Tensor, per_pa
     final = f"blocks.{graph.n_layers - 1}.hook_resid_post"
     spec = "bspd,bprd->bsr" if per_pair else "bspd,bprd->sr"
     diff = diff.float()
-    out = torch.zeros((diff.shape[0],) * per_pair + (graph.n_senders, graph.n_receivers))
+    out = torch.zeros((diff.shape[0],) * per_pair + (graph.n_senders, graph.n_receivers), device="cpu")
     for layer, block in enumerate(tower.blocks):
         upstream = graph.senders_before(layer)
         grads = _attention_input_gradients(block, acts, layer)               # [batch, pos, 3 * head, d_model]

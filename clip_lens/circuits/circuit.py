@@ -110,11 +110,11 @@ def greedy_edges(scores: EdgeScores, n: int, signed: bool = False) -> Circuit:
     so that every edge chosen has a path to the output."""
     graph = scores.graph
     _check_size(n, graph)
-    no = torch.tensor(-1.0)
+    no = torch.tensor(-1.0, device="cpu")
     magnitude = scores.importance(signed)
     receiver_nodes = [graph.node_of_receiver(r) for r in range(graph.n_receivers)]
     edges = torch.zeros_like(graph.valid)
-    reached = torch.tensor([name == "output" for name in receiver_nodes])  # [receiver]
+    reached = torch.tensor([name == "output" for name in receiver_nodes], device="cpu")  # [receiver]
     for _ in range(n):
         candidates = torch.where(reached[None] & ~edges, magnitude, no)
         s, r = divmod(int(candidates.flatten().argmax()), graph.n_receivers)
@@ -122,7 +122,7 @@ def greedy_edges(scores: EdgeScores, n: int, signed: bool = False) -> Circuit:
             break
         edges[s, r] = True
         # the sender's own receivers now lead to the output
-        reached |= torch.tensor([name == graph.senders[s] for name in receiver_nodes])
+        reached |= torch.tensor([name == graph.senders[s] for name in receiver_nodes], device="cpu")
     return Circuit(graph, edges)
 
 
@@ -153,7 +153,7 @@ def _strongest_new_path(graph: Graph, magnitude: Tensor, edges: Tensor) -> Optio
     State 0 of a node: reached from the input through circuit edges only (value +inf, or -inf if
     not); state 1: through at least one new edge, valued by the weakest new edge on the way."""
     inf = float("inf")
-    best = torch.full((graph.n_senders + 1, 2), -inf)   # the output is node n_senders
+    best = torch.full((graph.n_senders + 1, 2), -inf, device="cpu")   # the output is node n_senders
     back: dict[tuple[int, int], tuple[int, int, int]] = {}  # (node, state) -> (sender, receiver, sender state)
     best[0, 0] = inf
     receivers_of: dict[int, list[int]] = {}
@@ -190,7 +190,7 @@ def random_circuit(graph: Graph, n: int, seed: int) -> Circuit:
     """n edges drawn uniformly from the graph's edges (the control for a circuit of that size)."""
     _check_size(n, graph)
     valid = graph.valid.nonzero()
-    pick = torch.randperm(len(valid), generator=torch.Generator().manual_seed(seed))[:n]
+    pick = torch.randperm(len(valid), generator=torch.Generator().manual_seed(seed), device="cpu")[:n]
     return _circuit(graph, [(int(s), int(r)) for s, r in valid[pick]])
 
 
@@ -233,7 +233,7 @@ def evaluate(task: Task, circuits: Sequence[Circuit], *, pair_chunk: int = 32, p
                              f"({graph.describe()})")
     masks = [removed_edges(graph, None), removed_edges(graph, torch.zeros_like(graph.valid))]
     masks += [removed_edges(graph, c.edges) for c in circuits]
-    metrics = torch.empty(len(masks), task.n_pairs)
+    metrics = torch.empty(len(masks), task.n_pairs, device="cpu")
     chunks = range(0, task.n_pairs, pair_chunk)
     with tqdm(total=len(chunks) * len(masks), desc="circuits", disable=not progress) as bar:
         for lo in chunks:

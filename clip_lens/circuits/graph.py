@@ -139,7 +139,7 @@ class Graph:
         steps = [0]
         for layer in range(self.n_layers):
             steps += [2 * layer + 1] * self.n_heads + [2 * layer + 2]
-        return torch.tensor(steps)
+        return torch.tensor(steps, device="cpu")  # the graph's masks live on the CPU
 
     @cached_property
     def read_step(self) -> Tensor:
@@ -148,7 +148,7 @@ class Graph:
         steps = []
         for layer in range(self.n_layers):
             steps += [2 * layer] * (3 * self.n_heads) + [2 * layer + 1]
-        return torch.tensor(steps + [2 * self.n_layers])
+        return torch.tensor(steps + [2 * self.n_layers], device="cpu")
 
     @cached_property
     def valid(self) -> Tensor:

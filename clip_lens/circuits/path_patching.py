@@ -85,8 +85,8 @@ def path_patch(task: Task, edges: Sequence[Edge], *, batch_size: int = 256, pair
     by_receiver: dict[int, list[int]] = defaultdict(list)
     for i, (_, r) in enumerate(pairs):
         by_receiver[r].append(i)
-    effects = torch.full((task.n_pairs, len(pairs)), float("nan"))
-    baseline = torch.empty(task.n_pairs)
+    effects = torch.full((task.n_pairs, len(pairs)), float("nan"), device="cpu")
+    baseline = torch.empty(task.n_pairs, device="cpu")
     chunks = range(0, task.n_pairs, pair_chunk)
     bar = tqdm(total=len(chunks) * len(by_receiver), desc="path patching", disable=not progress)
     with bar:
