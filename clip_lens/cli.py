@@ -175,6 +175,9 @@ def cmd_circuit(args: argparse.Namespace) -> int:
 
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: EAP-IG needs m >= 1 interpolation steps")
+    for option in ("check", "pair_chunk", "random"):
+        if getattr(args, option) < (0 if option == "random" else 1):
+            raise ValueError(f"--{option.replace('_', '-')} {getattr(args, option)}: give a positive number")
 
     def study(model, label: str) -> dict:
         if args.tower == "text" and args.valse is not None:
@@ -226,11 +229,11 @@ def cmd_train_tiny(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The shipped tiny CLIP on held-out synthetic scenes: every negation study and image ablation
     (out/report.html), attention cancellation (out/attention_cancellation/) and attribution
-    (out/attribution/) on one-shape scenes."""
+    (out/attribution/) on one-shape scenes, and the negation circuit of the text tower (out/circuit/)."""
     import clip_lens
     from clip_lens import tiny
     from clip_lens.data.shapes import export_valse, single_shape_set
-    from clip_lens.experiments import attribution_study, negation_study, vision_study
+    from clip_lens.experiments import attribution_study, circuit_study, negation_study, vision_study
 
     start = time.perf_counter()
     model = clip_lens.HookedCLIP.from_pretrained(tiny.NAME, device=args.device, dtype=DTYPES[args.dtype])
@@ -263,6 +266,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("attribution on one-shape scenes, area under the deletion curves (smaller = more faithful): "
           + ", ".join(f"{method} {area:.3f}" for method, area in areas.items())
           + f"; report {args.out}/attribution/report.html")
+    circuit = circuit_study.circuit_study(
+        model, f"{tiny.NAME}", args.out / "circuit", circuit_study.negation_scenes(model, n=64, seed=args.seed),
+        overwrite=True, progress=not args.quiet)["summary"].iloc[0]
+    print(f"negation circuit in the text tower: {circuit['circuit_edges']} of {circuit['edges']} edges carry "
+          f"{circuit['circuit_faithfulness']:.0%} of the negated-vs-plain difference (random circuits of that size "
+          f"{circuit['random_faithfulness']:.0%}); report {args.out}/circuit/report.html")
     print(f"wrote {args.out}/report.html in {time.perf_counter() - start:.1f}s")
     return 0
 

@@ -94,6 +94,8 @@ def circuit_study(model: HookedCLIP, model_label: str, out: Union[str, Path], ci
         sizes: circuit sizes of the faithfulness curve (default: 1, 2, 5, 10, ... every edge).
         n_random: random circuits per size. selection, signed: see `clip_lens.circuits.faithfulness_curve`.
     """
+    if not isinstance(check, int) or check < 1:
+        raise ValueError(f"check={check!r}: give the number of top edges (>= 1) to check by exact edge patching")
     out = claim_output(out, overwrite=overwrite)
     task = circuit_task.task
     graph = C.Graph.of(task.tower)
@@ -103,7 +105,7 @@ def circuit_study(model: HookedCLIP, model_label: str, out: Union[str, Path], ci
     for method, result in scores.items():
         edges = edges.merge(result.table()[["edge", "score", "rank"]].rename(
             columns={"score": method, "rank": f"rank_{method}"}), on="edge")
-    checked = sorted({edge for result in scores.values() for edge in result.top(min(check, graph.n_edges))})
+    checked = sorted({edge for result in scores.values() for edge in result.top(min(check, graph.n_edges), signed)})
     exact = C.path_patch(task, checked, pair_chunk=pair_chunk, progress=progress)
     check_table = exact.table().rename(columns={"effect": "exact"})
     for method, result in scores.items():
@@ -122,7 +124,8 @@ def circuit_study(model: HookedCLIP, model_label: str, out: Union[str, Path], ci
     curve.attrs.update(curves[0].attrs)
     found = curve[curve["method"] == "eap-ig"].sort_values("size")
     faithful = found[found["faithfulness"] >= FAITHFUL]
-    size = int(faithful["size"].iloc[0]) if len(faithful) else int(found["size"].iloc[-1])
+    reached = len(faithful) > 0  # otherwise the largest circuit of the curve is the one drawn
+    size = int(faithful["size"].iloc[0]) if reached else int(found["size"].iloc[-1])
     chosen = {"paths": C.path_edges, "greedy": C.greedy_edges, "top": C.top_edges}[selection](best, size, signed).pruned()
     circuit_table = chosen.table(best)
 
@@ -130,7 +133,7 @@ def circuit_study(model: HookedCLIP, model_label: str, out: Union[str, Path], ci
     summary = pd.DataFrame([{
         "model": model_label, "tower": task.tower.modality, "pairs": task.n_pairs, "edges": graph.n_edges,
         "clean_metric": clean, "corrupt_metric": corrupt, "steps": steps, "path": path, "selection": selection,
-        "circuit_size": size, "circuit_edges": chosen.n_edges,
+        "circuit_size": size, "circuit_edges": chosen.n_edges, "reached_threshold": reached,
         "circuit_faithfulness": float(found[found["size"] == size]["faithfulness"].iloc[0]),
         "eap_faithfulness": float(curve[(curve["method"] == "eap") & (curve["size"] == size)]["faithfulness"].iloc[0]),
         "random_faithfulness": float(curve[(curve["kind"] == "random") & (curve["size"] == size)]["faithfulness"].mean()),
@@ -158,9 +161,12 @@ def _report(model_label: str, circuit_task: CircuitTask, summary: pd.DataFrame, 
     report = Report(f"Circuits in the {row['tower']} tower of {model_label}")
     report.section("Task").text(circuit_task.description + f". Mean metric: clean {row['clean_metric']:.4f}, "
                                 f"corrupted {row['corrupt_metric']:.4f}. The graph has {row['edges']:,} edges.")
+    which = (f"The smallest circuit (by EAP-IG, m = {row['steps']}, {row['selection']} selection) whose faithfulness "
+             f"reaches {FAITHFUL}" if row["reached_threshold"] else
+             f"No circuit of the curve reaches faithfulness {FAITHFUL}; drawn is the largest (by EAP-IG, m = "
+             f"{row['steps']}, {row['selection']} selection)")
     report.section("The circuit").text(
-        f"The smallest circuit (by EAP-IG, m = {row['steps']}, {row['selection']} selection) whose faithfulness reaches "
-        f"{FAITHFUL}: {row['circuit_edges']} edges after pruning, faithfulness {row['circuit_faithfulness']:.3f}; random "
+        f"{which}: {row['circuit_edges']} edges after pruning, faithfulness {row['circuit_faithfulness']:.3f}; random "
         f"circuits of {row['circuit_size']} edges reach {row['random_faithfulness']:.3f} on average. Edges outside the "
         "circuit carry the corrupted run's values (docs/methods.md#faithfulness).")
     report.figure(circuit_figure(circuit, scores, title="Circuit found by EAP-IG"))

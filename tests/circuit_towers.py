@@ -18,6 +18,20 @@ TWO_HEAD_EDGE = "a0.h0->a2.h1<v>"
 GAIN = 0.7  # small enough that the final norm stays close to linear
 
 
+def small_random_weights_(tower: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.Generator:
+    """Every weight N(0, scale) and every layer norm the identity: the blank a hand-built tower's
+    planted weights are written on. Returns the generator, to draw more from it."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in tower.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * scale)
+        for module in tower.modules():
+            if type(module).__name__ == "LayerNorm":
+                module.w.fill_(1.0)
+                module.b.zero_()
+    return gen
+
+
 def linear_metric(emb: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """The planted output feature: dims 6 - 7 of the embedding (the projection is the identity)."""
     return emb[:, 6] - emb[:, 7]
@@ -42,15 +56,9 @@ def two_head_path_tower(mlp_share: float = 0.2) -> HookedTextTower:
                      d_vocab=49408, eot_token_id=49407)
     tokenizer = Tokenizer.default()
     tower = HookedTextTower(cfg, tokenizer)
-    gen = torch.Generator().manual_seed(0)
+    gen = small_random_weights_(tower, seed=0)
     d, dh = cfg.d_model, cfg.d_head
     with torch.no_grad():
-        for param in tower.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-        for module in tower.modules():
-            if type(module).__name__ == "LayerNorm":
-                module.w.fill_(1.0)
-                module.b.zero_()
         tower.embed.W_E.zero_()
         tower.embed.W_E[:, 8:] = torch.randn(cfg.d_vocab, d - 8, generator=gen)
         tower.embed.W_E[:, 0], tower.embed.W_E[:, 1] = 3.0, -3.0

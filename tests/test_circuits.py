@@ -102,8 +102,11 @@ def test_keeping_every_edge_is_the_clean_run_and_none_the_corrupted_run(tiny_mod
 def test_exact_edge_patching_equals_the_circuit_forward_with_one_edge_removed(tiny_task):
     task = tiny_task
     graph = C.Graph.of(task.tower)
+    # several edges into one receiver, in batches smaller than a chunk: runs of shorter texts than
+    # the chunk's longest share a forward pass
     edges = ["input->a0.h1<q>", "input->a0.h2<k>", "a0.h3->a1.h0<v>", "a0.h0->m0", "m0->a2.h3<k>", "a1.h2->m2",
-             "m2->output", "input->output", "a2.h0->output"]
+             "m2->output", "input->output", "a2.h0->output", "input->a1.h0<q>", "a0.h1->a1.h0<q>", "m0->a1.h0<q>",
+             "input->m1", "a1.h3->m1", "a0.h2->m1"]
     result = C.path_patch(task, edges, batch_size=7, pair_chunk=5, progress=False)
     corrupt = C.sender_outputs(task.tower, task.corrupt)[1]
     with torch.no_grad():
@@ -202,6 +205,18 @@ def test_pruning_keeps_faithfulness_and_empties_a_disconnected_circuit(tiny_task
     assert set(C.Circuit.from_edges(graph, ["input->m0", "m0->output"]).pruned().edge_names()) == {"input->m0", "m0->output"}
 
 
+def test_strongest_paths_are_nested_and_the_curve_cuts_one_sequence(tiny_task):
+    scores = C.edge_attribution(tiny_task, method="eap", progress=False)
+    small, large = C.path_edges(scores, 20), C.path_edges(scores, 60)
+    assert 0 < small.n_edges <= 20 and small.n_edges < large.n_edges <= 60
+    assert bool((small.edges <= large.edges).all())                       # nested
+    assert small.pruned().n_edges == small.n_edges                         # every edge on an input-output path
+    curve = C.faithfulness_curve(tiny_task, scores, [20, 60], n_random=0, prune=False, progress=False)
+    assert curve["edges"].tolist() == [small.n_edges, large.n_edges]
+    signed = scores.top(scores.graph.n_edges, signed=True)
+    assert 0 < len(signed) < scores.graph.n_edges and all(float(scores.importance(True)[e]) > 0 for e in signed)
+
+
 def test_selections_and_random_controls(planted):
     scores = C.edge_attribution(planted, method="eap", progress=False)
     graph = scores.graph
@@ -216,6 +231,13 @@ def test_selections_and_random_controls(planted):
     assert torch.equal(a.edges, b.edges) and not torch.equal(a.edges, C.random_circuit(graph, 10, seed=2).edges)
     with pytest.raises(ValueError, match="a circuit of -1 edges"):
         C.top_edges(scores, -1)
+    with pytest.raises(ValueError, match="n=-3: give an integer >= 0"):
+        scores.top(-3)
+    with pytest.raises(ValueError, match="pair_chunk=0"):
+        C.edge_attribution(planted, pair_chunk=0, progress=False)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        C.path_patch(planted, ["m2->output"], batch_size=0, progress=False)
+    assert C.Circuit.from_edges(graph, []).n_edges == 0
     with pytest.raises(ValueError, match="selection='best'"):
         C.faithfulness_curve(planted, scores, [2], selection="best", progress=False)
 

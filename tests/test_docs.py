@@ -3,37 +3,34 @@
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def run_python_blocks(doc: Path, at_least: int) -> dict:
+    """Execute a Markdown file's ```python blocks in order in one namespace; return the namespace."""
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) >= at_least
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), namespace)  # noqa: S102 - the examples are ours
+    return namespace
 
 
 def test_readme_python_examples_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) >= 2
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the examples are ours
+    namespace = run_python_blocks(README, 2)
     assert namespace["result"].effects.shape[1] == namespace["model"].text.cfg.n_layers + 1
 
 
 def test_attribution_docs_examples_run():
-    doc = Path(__file__).resolve().parents[1] / "docs" / "attribution.md"
-    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
-    assert len(blocks) == 2
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, str(doc), "exec"), namespace)  # noqa: S102 - the examples are ours
+    namespace = run_python_blocks(ROOT / "docs" / "attribution.md", 2)
     assert namespace["res"].effects.shape == (3, 2, 3)
     assert namespace["exact"].effects.shape == (3, 1, 1, 64)
     assert set(namespace["faith"].areas["method"]) == {"attribution patching", "logit lens", "random"}
 
 
 def test_circuits_docs_examples_run():
-    doc = Path(__file__).resolve().parents[1] / "docs" / "circuits.md"
-    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
-    assert len(blocks) == 2
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, str(doc), "exec"), namespace)  # noqa: S102 - the examples are ours
+    namespace = run_python_blocks(ROOT / "docs" / "circuits.md", 2)
     assert len(namespace["exact"].table()) == 10
     assert set(namespace["curve"]["kind"]) == {"circuit", "random"}
     assert namespace["circuit"].n_edges <= 50

@@ -4,6 +4,7 @@ scores equal a computation by hand from cached patterns."""
 import numpy as np
 import pytest
 import torch
+from circuit_towers import small_random_weights_
 
 from clip_lens.config import TextConfig
 from clip_lens.experiments import negator_attention
@@ -26,14 +27,8 @@ def planted_tower() -> HookedTextTower:
                      d_vocab=49408, eot_token_id=49407)
     tokenizer = Tokenizer.default()
     tower = HookedTextTower(cfg, tokenizer)
-    gen = torch.Generator().manual_seed(0)
+    gen = small_random_weights_(tower, seed=0)
     with torch.no_grad():
-        for param in tower.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-        for module in tower.modules():
-            if type(module).__name__ == "LayerNorm":
-                module.w.fill_(1.0)
-                module.b.zero_()
         tower.embed.W_E[:, 4:] = torch.randn(cfg.d_vocab, 28, generator=gen)
         tower.embed.W_E[:, 0], tower.embed.W_E[:, 1] = 3.0, -3.0
         tower.embed.W_E[:, 2:4] = 0.0

@@ -66,6 +66,11 @@ def test_demo_runs_offline_and_shows_structure(tmp_path, capsys):
     top = reliance[reliance["rank"] == 1]
     assert len(top) == 12
     assert (top["class"].str.split().str[0] == top["best_concept"].str.split().str[0]).mean() >= 0.9
+    # the negation circuit of the text tower: a small circuit carries the difference, random ones do not
+    circuit = pd.read_csv(tmp_path / "circuit" / "summary.csv").iloc[0]
+    assert circuit["reached_threshold"] and circuit["circuit_edges"] <= 60
+    assert circuit["circuit_faithfulness"] >= 0.8 and circuit["random_faithfulness"] < 0.3
+    assert "negation circuit in the text tower" in out
 
 
 @pytest.mark.slow

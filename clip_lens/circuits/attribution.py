@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from clip_lens.circuits.forward import CachedRun, cached_run, head_outputs
+from clip_lens.circuits.forward import CachedRun, cached_run, check_count, head_outputs
 from clip_lens.circuits.graph import QKV, Graph
 from clip_lens.circuits.task import Task
 from clip_lens.components import LayerNorm
@@ -81,8 +81,13 @@ class EdgeScores:
         return torch.where(self.graph.valid, value.nan_to_num(0.0), torch.tensor(-1.0, device="cpu"))
 
     def top(self, n: int, signed: bool = False) -> list[tuple[int, int]]:
-        """The n most important edges (see `importance`), as (sender, receiver) indices, first first."""
-        flat = self.importance(signed).flatten()
+        """The n most important edges (see `importance`), as (sender, receiver) indices, first first;
+        with `signed`, only edges of positive importance (so possibly fewer than n)."""
+        check_count(n, "n")
+        importance = self.importance(signed)
+        if signed:
+            n = min(n, int((importance > 0).sum()))
+        flat = importance.flatten()
         order = flat.argsort(descending=True, stable=True)[:n]
         return [(int(i) // self.graph.n_receivers, int(i) % self.graph.n_receivers) for i in order]
 
@@ -102,8 +107,10 @@ def edge_attribution(task: Task, *, method: str = "eap", steps: int = 5, path: s
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: use one of {METHODS}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps={steps!r}: EAP-IG needs m >= 1 interpolation steps")
+    steps = int(steps)
+    check_count(pair_chunk, "pair_chunk", minimum=1)
     if path not in IG_PATHS:
         raise ValueError(f"path={path!r}: use one of {IG_PATHS}")
     graph = Graph.of(task.tower)

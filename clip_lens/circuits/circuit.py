@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clip_lens.circuits.attribution import EdgeScores
-from clip_lens.circuits.forward import cached_run, removed_edges, run_circuit
+from clip_lens.circuits.forward import cached_run, check_count, removed_edges, run_circuit
 from clip_lens.circuits.graph import Graph
 from clip_lens.circuits.path_patching import Edge, resolve_edges
 from clip_lens.circuits.task import Task
@@ -35,10 +35,8 @@ class Circuit:
 
     @classmethod
     def from_edges(cls, graph: Graph, edges: Sequence[Edge]) -> "Circuit":
-        mask = torch.zeros_like(graph.valid)
-        for s, r in resolve_edges(graph, edges):
-            mask[s, r] = True
-        return cls(graph, mask)
+        """A circuit of the named (or indexed) edges; no edges is the empty circuit."""
+        return _circuit(graph, resolve_edges(graph, edges) if len(edges) else [])
 
     @property
     def n_edges(self) -> int:
@@ -105,7 +103,8 @@ def threshold_edges(scores: EdgeScores, threshold: float, signed: bool = False) 
 
 
 def greedy_edges(scores: EdgeScores, n: int, signed: bool = False) -> Circuit:
-    """Grow a circuit from the output: at each step add the edge with the largest |score| among
+    """Grow a circuit from the output: at each step add the most important edge
+    (`EdgeScores.importance`) among
     those whose receiver belongs to the output or to a node that already sends into the circuit,
     so that every edge chosen has a path to the output."""
     graph = scores.graph
@@ -128,53 +127,68 @@ def greedy_edges(scores: EdgeScores, n: int, signed: bool = False) -> Circuit:
 
 def path_edges(scores: EdgeScores, n: int, signed: bool = False) -> Circuit:
     """Grow a circuit path by path: repeatedly add the input-to-output path whose weakest new edge
-    is strongest (largest min |score| over the edges it adds; edges already in the circuit cost
-    nothing), as long as the circuit stays within n edges.
+    is strongest (largest min importance over the edges it adds; edges already in the circuit cost
+    nothing), stopping at the first path that would take the circuit past n edges.
 
     Every edge chosen lies on a path from the input to the output. A set of top-scoring edges may
     not: an edge out of a node that no kept edge feeds carries the corrupted value anyway (see
-    `Circuit.pruned`), so it adds nothing to faithfulness."""
+    `Circuit.pruned`), so it adds nothing to faithfulness. The circuits of growing n are nested."""
+    _check_size(n, scores.graph)
+    return _circuit(scores.graph, [edge for path in path_sequence(scores, n, signed) for edge in path])
+
+
+def path_sequence(scores: EdgeScores, n: int, signed: bool = False) -> list[list[tuple[int, int]]]:
+    """The new edges of each path `path_edges` adds, in order, while they fit in n edges in all."""
     graph = scores.graph
-    _check_size(n, graph)
-    magnitude = scores.importance(signed)
-    edges = torch.zeros_like(graph.valid)
+    magnitude = scores.importance(signed).numpy().astype(np.float64)
+    edges = np.zeros(tuple(graph.valid.shape), dtype=bool)
+    paths, total = [], 0
     while True:
         path = _strongest_new_path(graph, magnitude, edges)
-        if path is None or int(edges.sum()) + len(path) > n:
-            return Circuit(graph, edges)
+        if path is None or total + len(path) > n:
+            return paths
         for s, r in path:
             edges[s, r] = True
+        paths.append(path)
+        total += len(path)
 
 
-def _strongest_new_path(graph: Graph, magnitude: Tensor, edges: Tensor) -> Optional[list[tuple[int, int]]]:
+def _receivers_by_node(graph: Graph) -> list[tuple[int, np.ndarray]]:
+    """(upstream senders, receiver indices) of every node after the input, in graph order: all
+    receivers of one node read the same senders 0..upstream-1. The output is node n_senders."""
+    nodes = []
+    for layer in range(graph.n_layers):
+        upstream = graph.senders_before(layer)
+        for head in range(graph.n_heads):
+            nodes.append((upstream, np.array([graph.head_receiver(layer, head, x) for x in "qkv"])))
+        nodes.append((upstream + graph.n_heads, np.array([graph.mlp_receiver(layer)])))
+    return nodes + [(graph.n_senders, np.array([graph.output_receiver]))]
+
+
+def _strongest_new_path(graph: Graph, magnitude: np.ndarray, edges: np.ndarray) -> Optional[list[tuple[int, int]]]:
     """The new edges of the input-to-output path with at least one edge outside `edges` whose
     weakest such edge is strongest (dynamic programming over the nodes in order), or None.
 
-    State 0 of a node: reached from the input through circuit edges only (value +inf, or -inf if
-    not); state 1: through at least one new edge, valued by the weakest new edge on the way."""
-    inf = float("inf")
-    best = torch.full((graph.n_senders + 1, 2), -inf, device="cpu")   # the output is node n_senders
+    Per node, state 0: reached from the input through circuit edges only (+inf, or -inf if not);
+    state 1: through at least one new edge, valued by the weakest new edge on the way."""
+    inf = np.inf
+    best = np.full((graph.n_senders + 1, 2), -inf)
     back: dict[tuple[int, int], tuple[int, int, int]] = {}  # (node, state) -> (sender, receiver, sender state)
     best[0, 0] = inf
-    receivers_of: dict[int, list[int]] = {}
-    for r in range(graph.n_receivers):
-        name = graph.node_of_receiver(r)
-        node = graph.n_senders if name == "output" else graph.sender(name)
-        receivers_of.setdefault(node, []).append(r)
-    for node in range(1, graph.n_senders + 1):
-        for r in receivers_of.get(node, []):
-            for s in graph.valid[:, r].nonzero().flatten().tolist():
-                if best[s].max() == -inf:
-                    continue
-                if edges[s, r]:
-                    for state in (0, 1):
-                        if best[s, state] > best[node, state]:
-                            best[node, state], back[(node, state)] = best[s, state], (s, r, state)
-                elif magnitude[s, r] > 0:
-                    from_state = int(best[s, 1] > best[s, 0])
-                    value = min(float(best[s, from_state]), float(magnitude[s, r]))
-                    if value > best[node, 1]:
-                        best[node, 1], back[(node, 1)] = value, (s, r, from_state)
+    for node, (upstream, receivers) in enumerate(_receivers_by_node(graph), start=1):
+        old = edges[:upstream, receivers]                                     # [sender, receiver]
+        reach = best[:upstream]                                               # [sender, state]
+        for state in (0, 1):  # through circuit edges only, keeping the sender's state
+            values = np.where(old, reach[:, state, None], -inf)
+            if values.max() > best[node, state]:
+                s, i = np.unravel_index(values.argmax(), values.shape)
+                best[node, state], back[(node, state)] = values[s, i], (int(s), int(receivers[i]), state)
+        from_state = (reach[:, 1] > reach[:, 0]).astype(int)                  # [sender]
+        via = np.minimum(reach[np.arange(upstream), from_state][:, None], magnitude[:upstream, receivers])
+        values = np.where(~old & (magnitude[:upstream, receivers] > 0), via, -inf)
+        if values.max() > best[node, 1]:
+            s, i = np.unravel_index(values.argmax(), values.shape)
+            best[node, 1], back[(node, 1)] = values[s, i], (int(s), int(receivers[i]), int(from_state[s]))
     if best[graph.n_senders, 1] == -inf:
         return None
     path, node, state = [], graph.n_senders, 1
@@ -233,6 +247,7 @@ def evaluate(task: Task, circuits: Sequence[Circuit], *, pair_chunk: int = 32, p
                              f"({graph.describe()})")
     masks = [removed_edges(graph, None), removed_edges(graph, torch.zeros_like(graph.valid))]
     masks += [removed_edges(graph, c.edges) for c in circuits]
+    check_count(pair_chunk, "pair_chunk", minimum=1)
     metrics = torch.empty(len(masks), task.n_pairs, device="cpu")
     chunks = range(0, task.n_pairs, pair_chunk)
     with tqdm(total=len(chunks) * len(masks), desc="circuits", disable=not progress) as bar:
@@ -263,7 +278,19 @@ def faithfulness_curve(task: Task, scores: EdgeScores, sizes: Sequence[int], *, 
         raise ValueError(f"selection={selection!r}: use one of {tuple(SELECTIONS)}")
     circuits, rows = [], []
     for size in sizes:
-        chosen = select(scores, int(size), signed)
+        _check_size(size, scores.graph)
+    if selection == "paths":  # nested: one sequence of paths, cut at each size
+        paths = path_sequence(scores, max(int(size) for size in sizes), signed)
+    for size in sizes:
+        if selection == "paths":
+            kept, total = [], 0
+            for path in paths:
+                if total + len(path) > size:
+                    break
+                kept, total = kept + path, total + len(path)
+            chosen = _circuit(scores.graph, kept)
+        else:
+            chosen = select(scores, int(size), signed)
         circuits.append(chosen.pruned() if prune else chosen)
         rows.append((int(size), "circuit", -1))
         for k in range(n_random):

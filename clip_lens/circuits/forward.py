@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import einops
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float
@@ -25,6 +26,13 @@ from torch import Tensor
 from clip_lens.circuits.graph import Graph
 from clip_lens.components import TransformerBlock
 from clip_lens.towers import HookedTower
+
+
+def check_count(value, name: str, minimum: int = 0) -> int:
+    """`value` as an int >= `minimum`, or a ValueError naming it."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r}: give an integer >= {minimum}")
+    return int(value)
 
 
 def head_outputs(block: TransformerBlock, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos head d_model"]:
@@ -87,7 +95,7 @@ def run_circuit(tower: HookedTower, inputs: Tensor, corrupt_out: Float[Tensor, "
             off the graph (receiver upstream of sender) are ignored.
     """
     graph = Graph.of(tower)
-    removed = (removed & graph.valid).to(device=corrupt_out.device, dtype=corrupt_out.dtype)
+    removed = (removed.cpu() & graph.valid).to(device=corrupt_out.device, dtype=corrupt_out.dtype)
     with torch.no_grad():
         resid = tower(inputs, stop_at_layer=0)                               # [batch, pos, d_model]
         outs = torch.empty_like(corrupt_out)

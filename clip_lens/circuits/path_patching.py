@@ -21,7 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from clip_lens.circuits.forward import cached_run
+from clip_lens.circuits.forward import cached_run, check_count
 from clip_lens.circuits.graph import QKV, Graph
 from clip_lens.circuits.task import Task
 
@@ -80,6 +80,8 @@ def path_patch(task: Task, edges: Sequence[Edge], *, batch_size: int = 256, pair
             receiver) index pairs of `Graph`.
         batch_size: runs per forward pass (edges x pairs).
     """
+    check_count(batch_size, "batch_size", minimum=1)
+    check_count(pair_chunk, "pair_chunk", minimum=1)
     graph = Graph.of(task.tower)
     pairs = resolve_edges(graph, edges)
     by_receiver: dict[int, list[int]] = defaultdict(list)
@@ -134,14 +136,20 @@ def _run_shifted(task: Task, graph: Graph, receiver: int, resid: dict, shift: Te
     """Metric of runs (pairs `rows`) whose one receiver reads resid + `shift`."""
     tower, n_layers = task.tower, graph.n_layers
     inputs = task.clean[rows]
+    if tower.modality == "text":
+        # these rows may be shorter than the chunk: the tower trims them to their own longest text,
+        # so every residual and shift is cut to that width too
+        inputs = tower.trim(inputs)
+        shift = shift[:, : inputs.shape[1]]
+    width = shift.shape[1]
     with torch.no_grad():
         if receiver == graph.output_receiver:
-            final = resid[f"blocks.{n_layers - 1}.hook_resid_post"][rows]
+            final = resid[f"blocks.{n_layers - 1}.hook_resid_post"][rows, :width]
             return task.metric(tower.pool_residual(final + shift, inputs), rows)
         layer = graph.layer_of_receiver(receiver)
-        block, start = tower.blocks[layer], resid[f"blocks.{layer}.hook_resid_pre"][rows]
+        block, start = tower.blocks[layer], resid[f"blocks.{layer}.hook_resid_pre"][rows, :width]
         if receiver == graph.mlp_receiver(layer):
-            shifted = block.ln2(resid[f"blocks.{layer}.hook_resid_mid"][rows] + shift)
+            shifted = block.ln2(resid[f"blocks.{layer}.hook_resid_mid"][rows, :width] + shift)
             pre = F.linear(shifted, block.mlp.in_weight, block.mlp.in_bias)         # [batch, pos, d_mlp]
             hook = (f"blocks.{layer}.mlp.hook_pre", lambda act, hook: pre)
         else:

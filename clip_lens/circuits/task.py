@@ -49,7 +49,9 @@ class Task:
     def metric(self, emb: Float[Tensor, "batch d_embed"], rows: Optional[Tensor] = None) -> Float[Tensor, " batch"]:
         """The metric of embeddings whose pair i is `rows[i]` (default: 0..batch-1), in float32."""
         other = self.other if rows is None else self.other[rows]
-        return self.score(emb, other[: emb.shape[0]])
+        if other.shape[0] != emb.shape[0]:
+            raise ValueError(f"{emb.shape[0]} embeddings for {other.shape[0]} pairs of this task")
+        return self.score(emb, other)
 
 
 def make_task(model: Union[HookedCLIP, HookedTower], *, clean: Any, corrupt: Any = None, image: Any = None, text: Any = None,

@@ -1,4 +1,5 @@
-"""`clip_lens.patch`: one engine for activation patching, ablation and attribution patching.
+"""`clip_lens.patch`: one engine for activation patching, ablation, attribution patching and
+integrated gradients.
 
 An intervention replaces one activation of a *target* run (at a hook kind x layer x position x
 unit) and measures a metric of the target's embedding against the other modality, S by default.
@@ -9,7 +10,8 @@ The package, one job a file:
 - `sites`: the table of hook kinds (hook names, layers, units, where a replacement re-enters);
 - `resume`: cached runs, and runs resumed from a cached half-layer;
 - `exact`: exact interventions, built, de-duplicated, batched and run;
-- `attribution`: first-order estimates from one forward and one backward pass;
+- `attribution`: first-order estimates from one forward and one backward pass, and integrated
+  gradients (the gradient averaged along the line from each layer's activation to its replacement);
 - `hook_functions`: user hooks and value-only attention;
 - `result`: `PatchResult`.
 

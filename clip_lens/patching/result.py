@@ -24,7 +24,7 @@ class PatchResult:
         dims: names of the axes of `effects`.
         hook: the hook kind ("attn_out+mlp_out" for several, along the "hook" axis).
         layers, positions, heads, neurons, latents: the labels along those axes (None: no such axis).
-        contributions: with method="attribution", the first-order estimates of
+        contributions: with method="attribution" or "integrated_gradients", the estimates of
             metric(intervened) - metric(clean) themselves, shaped like `effects` (None otherwise).
         lengths: [pair], each target's own positions (tokens up to EOT; every position of an
             image): the cells at later positions do not exist and hold NaN.
