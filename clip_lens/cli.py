@@ -180,7 +180,9 @@ def cmd_circuit(args: argparse.Namespace) -> int:
             raise ValueError(f"--{option.replace('_', '-')} {getattr(args, option)}: give a positive number")
 
     def study(model, label: str) -> dict:
-        if args.tower == "text" and args.valse is not None:
+        if args.tower == "text" and args.pairs is not None:
+            task = circuit_study.text_pairs_from_file(model, args.pairs, args.images, limit=args.limit)
+        elif args.tower == "text" and args.valse is not None:
             if args.images is None:
                 raise ValueError("--valse needs --images (the folder with the instances' image files)")
             task = circuit_study.negation_valse(model, args.valse, args.images, limit=args.limit, progress=not args.quiet)
@@ -193,7 +195,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
                 raise ValueError(f"no image in {images.source} has a label naming one of the captions")
             frame = images.frame[labelled].head(args.limit) if args.limit else images.frame[labelled]
             captions = [images.captions[t] for t in images.targets[labelled][: len(frame)]]
-            task = circuit_study.images_against_mean_colour(model, list(frame["image"]), captions)
+            task = circuit_study.images_against_mean_colour(model, list(frame["image"]), captions, args.corrupt)
         return circuit_study.circuit_study(
             model, label, args.out, task, steps=args.steps, path=args.path, check=args.check, sizes=args.sizes,
             n_random=args.random, selection=args.selection, signed=args.signed, pair_chunk=args.pair_chunk,
@@ -358,8 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="text: negated against non-negated sentences; vision: images against their mean colour")
     circuit.add_argument("--valse", type=Path, default=None,
                          help="text: VALSE existence.json (default: held-out synthetic scenes)")
+    circuit.add_argument("--pairs", type=Path, default=None,
+                         help="text: your own pairs, a CSV or JSONL file with columns clean, corrupt, image")
+    circuit.add_argument("--corrupt", type=Path, default=None,
+                         help="vision: a folder with a corrupted image of the same file name for each image "
+                              "(default: each image's mean colour)")
     circuit.add_argument("--images", type=Path, default=None,
-                         help="text with --valse: the instances' image folder; vision: an image folder "
+                         help="text with --valse or --pairs: the image folder; vision: an image folder "
                               "(default: scikit-image's sample photos)")
     circuit.add_argument("--captions", type=Path, default=None, help="vision: one 'label<TAB>caption' per line")
     circuit.add_argument("--labels", type=Path, default=None, help="vision: CSV with columns image, label")

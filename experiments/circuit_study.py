@@ -10,6 +10,7 @@ Tasks:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -62,15 +63,62 @@ def negation_valse(model: HookedCLIP, valse: Union[str, Path], images: Union[str
                                     "(clean) against the non-negated one (corrupted), S against the image")
 
 
-def images_against_mean_colour(model: HookedCLIP, images: Sequence, captions: Sequence[str]) -> CircuitTask:
-    """Each image (clean) against its mean-colour image (corrupted), S against its caption."""
+def text_pairs_from_file(model: HookedCLIP, path: Union[str, Path], images: Optional[Union[str, Path]] = None,
+                         limit: Optional[int] = None) -> CircuitTask:
+    """A user's text pairs: a CSV or JSONL file with columns `clean`, `corrupt` (texts of equal
+    token length) and `image` (a path, relative to `images` or else to the file's folder), S
+    against the image."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file {path} does not exist")
+    frame = pd.read_json(path, lines=True) if path.suffix in (".jsonl", ".json") else pd.read_csv(path)
+    missing = [column for column in ("clean", "corrupt", "image") if column not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} has no column {missing[0]!r} (columns: {', '.join(map(str, frame.columns))}); "
+                         "a pairs file needs clean, corrupt and image")
+    frame = frame.head(limit) if limit else frame
+    if frame.empty:
+        raise ValueError(f"{path} holds no pairs")
+    folder = Path(images) if images is not None else path.parent
+    for row, (clean, corrupt, image) in enumerate(frame[["clean", "corrupt", "image"]].itertuples(index=False)):
+        where = f"{path}, row {row + 1}"
+        if not isinstance(clean, str) or not isinstance(corrupt, str) or not clean.strip() or not corrupt.strip():
+            raise ValueError(f"{where}: clean and corrupt must both be texts (got {clean!r}, {corrupt!r})")
+        if clean == corrupt:
+            raise ValueError(f"{where}: the clean and corrupted texts are equal ({clean!r}); a pair must differ")
+        if not (folder / str(image)).is_file():
+            raise FileNotFoundError(f"{where}: image {image!r} not found in {folder}")
+    pixels = model.to_pixels([str(folder / str(image)) for image in frame["image"]])
+    try:
+        task = C.make_task(model, clean=list(frame["clean"]), corrupt=list(frame["corrupt"]), image=pixels)
+    except ValueError as err:  # name the file's row (from 1) rather than the pair's index (from 0)
+        message = re.sub(r"^pair (\d+):", lambda m: f"row {int(m.group(1)) + 1}:", str(err))
+        raise ValueError(f"{path}, {message}") from err
+    return CircuitTask(task, frame[["clean", "corrupt", "image"]].reset_index(drop=True),
+                       f"{len(frame)} text pairs from {path}: the clean text against the corrupted one, S against "
+                       "the image")
+
+
+def images_against_mean_colour(model: HookedCLIP, images: Sequence, captions: Sequence[str],
+                               corrupt_folder: Optional[Union[str, Path]] = None) -> CircuitTask:
+    """Each image (clean) against its mean-colour image (corrupted), or against the image of the
+    same file name in `corrupt_folder`; S against its caption."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images for {len(captions)} captions; give one caption per image")
+    corrupt, label = None, "mean colour"
+    if corrupt_folder is not None:
+        corrupt_paths = [Path(corrupt_folder) / Path(str(image)).name for image in images]
+        absent = [p for p in corrupt_paths if not p.is_file()]
+        if absent:
+            raise FileNotFoundError(f"no corrupted image {absent[0].name!r} in {corrupt_folder} (one is needed for each "
+                                    f"clean image, by file name; {len(absent)} missing)")
+        corrupt, label = model.to_pixels([str(p) for p in corrupt_paths]), [str(p) for p in corrupt_paths]
     # pixels, not paths: a list of strings would be read as texts
-    task = C.make_task(model, clean=model.to_pixels(list(images)), text=model.to_tokens(list(captions)))
-    pairs = pd.DataFrame({"clean": [str(i) for i in images], "corrupt": "mean colour", "caption": list(captions)})
-    return CircuitTask(task, pairs, f"{len(images)} images (clean) against their mean-colour images (corrupted), S "
-                                    "against each image's caption")
+    task = C.make_task(model, clean=model.to_pixels(list(images)), corrupt=corrupt, text=model.to_tokens(list(captions)))
+    pairs = pd.DataFrame({"clean": [str(i) for i in images], "corrupt": label, "caption": list(captions)})
+    against = "their mean-colour images" if corrupt_folder is None else f"the images of the same names in {corrupt_folder}"
+    return CircuitTask(task, pairs, f"{len(images)} images (clean) against {against} (corrupted), S against each "
+                                    "image's caption")
 
 
 def default_sizes(n_edges: int) -> list[int]:

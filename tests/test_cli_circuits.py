@@ -53,3 +53,71 @@ def test_vision_circuit_on_sample_photos(tmp_path):
 def test_bad_options_are_named(tmp_path, capsys, args, message):
     assert main(["circuit", "text", "--model", "clip_lens/tiny-shapes", "--out", str(tmp_path / "x"), *args]) != 0
     assert message in capsys.readouterr().err
+
+
+def _pairs_file(folder, rows, name="pairs.csv"):
+    from clip_lens.data import shapes
+
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for i, example in enumerate(shapes.examples(3, seed=5)):
+        shapes.image_of(example).save(images / f"{i}.png")
+    path = folder / name
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_text_circuit_on_a_users_pairs_file(tmp_path):
+    rows = {"clean": ["There is no red circle.", "There are no squares.", "There is no blue triangle."],
+            "corrupt": ["There is a red circle.", "There are some squares.", "There is a blue triangle."],
+            "image": ["images/0.png", "images/1.png", "images/2.png"]}
+    path = _pairs_file(tmp_path, rows)
+    out = tmp_path / "out"
+    assert main(["circuit", "text", "--model", "clip_lens/tiny-shapes", "--pairs", str(path), "--sizes", "5", "262",
+                 "--random", "1", "--check", "5", "--steps", "1", "--out", str(out), "--quiet"]) == 0
+    assert pd.read_csv(out / "pairs.csv")["clean"].tolist() == rows["clean"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"drop": "corrupt"}, "has no column 'corrupt'"),
+    ({"set": (1, "corrupt", "There are no squares.")}, "row 2: the clean and corrupted texts are equal"),
+    ({"set": (2, "image", "images/absent.png")}, "row 3: image 'images/absent.png' not found"),
+    ({"set": (0, "corrupt", "There is a big red circle.")}, "pairs.csv, row 1: the clean text has 8 tokens and the corrupted one 9"),
+])
+def test_a_bad_pairs_file_is_named(tmp_path, capsys, change, message):
+    rows = {"clean": ["There is no red circle.", "There are no squares.", "There is no blue triangle."],
+            "corrupt": ["There is a red circle.", "There are some squares.", "There is a blue triangle."],
+            "image": ["images/0.png", "images/1.png", "images/2.png"]}
+    if "drop" in change:
+        rows.pop(change["drop"])
+    else:
+        row, column, value = change["set"]
+        rows[column][row] = value
+    path = _pairs_file(tmp_path, rows)
+    assert main(["circuit", "text", "--model", "clip_lens/tiny-shapes", "--pairs", str(path),
+                 "--out", str(tmp_path / "out")]) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_vision_circuit_against_a_users_corrupted_images(tmp_path, capsys):
+    from clip_lens.data import shapes
+
+    clean, corrupt = tmp_path / "clean", tmp_path / "corrupt"
+    for folder in (clean, corrupt):
+        folder.mkdir()
+    examples = list(shapes.examples(4, seed=6))
+    for i, example in enumerate(examples):
+        shapes.image_of(example).save(clean / f"{i}.png")
+        shapes.image_of(examples[(i + 1) % 4]).save(corrupt / f"{i}.png")
+    captions = tmp_path / "captions.txt"
+    captions.write_text("".join(f"{i}\t{e.caption}\n" for i, e in enumerate(examples)))
+    pd.DataFrame({"image": [f"{i}.png" for i in range(4)], "label": [str(i) for i in range(4)]}).to_csv(
+        clean / "labels.csv", index=False)
+    out = tmp_path / "out"
+    args = ["circuit", "vision", "--model", "clip_lens/tiny-shapes", "--images", str(clean), "--captions", str(captions),
+            "--sizes", "5", "--random", "1", "--check", "3", "--steps", "1", "--quiet"]
+    assert main([*args, "--corrupt", str(corrupt), "--out", str(out)]) == 0
+    assert pd.read_csv(out / "pairs.csv")["corrupt"].str.endswith(".png").all()
+    (corrupt / "3.png").unlink()
+    assert main([*args, "--corrupt", str(corrupt), "--out", str(tmp_path / "out2")]) != 0
+    assert "no corrupted image '3.png'" in capsys.readouterr().err
