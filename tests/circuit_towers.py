@@ -13,9 +13,10 @@ NEGATED = ["There is no dog.", "There are no people in the picture.", "There is 
 NON_NEGATED = ["There is a dog.", "There are some people in the picture.", "There is some red car parked here.",
                "There are some animals.", "a cat.", "There is a tree on the hill."]
 COPY_HEAD, READ_HEAD = (0, 0), (2, 1)   # (layer, head)
-PATH_EDGES = ["input->a0.h0<v>", "a0.h0->a2.h1<v>", "a2.h1->output", "a2.h1->m2", "m2->output"]
+PATH_EDGES = ["input->a0.h0<k>", "input->a0.h0<v>", "a0.h0->a2.h1<v>", "a2.h1->output", "a2.h1->m2", "m2->output"]
 TWO_HEAD_EDGE = "a0.h0->a2.h1<v>"
-GAIN = 0.7  # small enough that the final norm stays close to linear
+GAIN = 0.7  # small enough that the norms stay close to linear
+KEY = 5.0   # the copy head's query-key product on "no": a saturated softmax
 
 
 def small_random_weights_(tower: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.Generator:
@@ -37,21 +38,24 @@ def linear_metric(emb: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return emb[:, 6] - emb[:, 7]
 
 
-def two_head_path_tower(mlp_share: float = 0.2) -> HookedTextTower:
+def two_head_path_tower(mlp_share: float = 0.05) -> HookedTextTower:
     """A 3-layer text tower with small random weights and one planted path for "no":
 
-    - every token carries constant features (+3 / -3 on dims 0 / 1) and random ones (dims 8..);
-      only "no" carries the negation feature (+6 / -6 on dims 2 / 3), which "a" and "some", its
-      replacements, hold along the other diagonal (+6 / +6: the same norm, no negation);
-    - head a0.h0 attends uniformly (zero query and key weights) and its value copies the
-      negation feature forward into dims 4 / 5 of every later position, EOT included;
+    - every token carries constant features (+3 / -3 on dims 0 / 1) and random ones (dims 9..);
+      "no" carries the negation feature (+6 / -6 on dims 2 / 3), which its replacements "a" and
+      "some" hold along the other diagonal (+6 / +6: the same norm, no negation); every other token
+      carries an "ordinary word" feature (dim 8);
+    - head a0.h0 finds "no" through its key (a constant query against the negation feature: a
+      saturated softmax) and copies it forward through its value into dims 4 / 5 of every later
+      position; ordinary words' values write the opposite sign, so with the key corrupted the head
+      averages them in, and with the value corrupted it copies nothing: the two input edges of the
+      head each carry part of the change, and its edge to a2.h1 carries all of it;
     - head a2.h1 attends uniformly and its value reads dims 4 / 5 into the output feature dims 6 / 7;
-    - MLP m2 reads dims 6 / 7 and writes them again (`mlp_share` of the head's write), a second
-      route from a2.h1 to the output;
+    - MLP m2 repeats `mlp_share` of a2.h1's write, a second, small route to the output;
     - the projection is the identity, and `linear_metric` reads dims 6 - 7.
 
-    So the path input -> a0.h0<v> -> a2.h1<v> -> (output, and m2 -> output) carries the
-    difference between "no" and its replacement, and nothing else does."""
+    Corrupting a0.h0 -> a2.h1<v> alone removes more of the metric than corrupting any other single
+    edge, and nothing off the path carries the difference."""
     cfg = TextConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=77, d_embed=32,
                      d_vocab=49408, eot_token_id=49407)
     tokenizer = Tokenizer.default()
@@ -59,31 +63,34 @@ def two_head_path_tower(mlp_share: float = 0.2) -> HookedTextTower:
     gen = small_random_weights_(tower, seed=0)
     d, dh = cfg.d_model, cfg.d_head
     with torch.no_grad():
-        tower.embed.W_E.zero_()
-        tower.embed.W_E[:, 8:] = torch.randn(cfg.d_vocab, d - 8, generator=gen)
-        tower.embed.W_E[:, 0], tower.embed.W_E[:, 1] = 3.0, -3.0
-        no = int(tokenizer(["no"])[0, 1])
-        tower.embed.W_E[no, 2], tower.embed.W_E[no, 3] = 6.0, -6.0
-        for word in ("a", "some"):  # the replacements: as large on dims 2 / 3, along the other diagonal
+        embed = tower.embed.W_E
+        embed.zero_()
+        embed[:, 9:] = torch.randn(cfg.d_vocab, d - 9, generator=gen)
+        embed[:, 0], embed[:, 1], embed[:, 8] = 3.0, -3.0, 3.0
+        for word, (x2, x3) in (("no", (6.0, -6.0)), ("a", (6.0, 6.0)), ("some", (6.0, 6.0))):
             token = int(tokenizer([word])[0, 1])
-            tower.embed.W_E[token, 2], tower.embed.W_E[token, 3] = 6.0, 6.0
+            embed[token, 2], embed[token, 3], embed[token, 8] = x2, x3, 0.0
         tower.W_pos.mul_(0.1)
-        for block in tower.blocks:
-            # nothing else writes into the planted feature dims 2..7
-            block.attn.out_weight[2:8] = 0.0
-            block.mlp.out_weight[2:8] = 0.0
-            block.attn.out_bias[2:8] = 0.0
-            block.mlp.out_bias[2:8] = 0.0
-        for (layer, head), (read, write) in ((COPY_HEAD, (2, 4)), (READ_HEAD, (4, 6))):
+        for block in tower.blocks:  # nothing else writes into the planted feature dims 2..8
+            for weight in (block.attn.out_weight, block.mlp.out_weight, block.attn.out_bias, block.mlp.out_bias):
+                weight[2:9] = 0.0
+        # (layer, head), the dims its value reads, the dims it writes, value gain, output gain: the
+        # copy head writes small (so the norms downstream stay close to linear), the reader reads large
+        for (layer, head), read, write, value_gain, out_gain in (((0, 0), 2, 4, GAIN, GAIN / 4),
+                                                                 ((2, 1), 4, 6, GAIN * 4, GAIN)):
             attn = tower.blocks[layer].attn
-            q_rows, k_rows = slice(head * dh, (head + 1) * dh), slice(d + head * dh, d + (head + 1) * dh)
-            v_rows = slice(2 * d + head * dh, 2 * d + (head + 1) * dh)
+            q_rows, k_rows, v_rows = (slice(i * d + head * dh, i * d + (head + 1) * dh) for i in range(3))
             for rows in (q_rows, k_rows, v_rows):
                 attn.qkv_weight[rows] = 0.0
                 attn.qkv_bias[rows] = 0.0
-            attn.qkv_weight[v_rows.start, read], attn.qkv_weight[v_rows.start, read + 1] = GAIN, -GAIN
+            attn.qkv_weight[v_rows.start, read], attn.qkv_weight[v_rows.start, read + 1] = value_gain, -value_gain
             attn.out_weight[:, head * dh : (head + 1) * dh] = 0.0
-            attn.out_weight[write, head * dh], attn.out_weight[write + 1, head * dh] = GAIN, -GAIN
+            attn.out_weight[write, head * dh], attn.out_weight[write + 1, head * dh] = out_gain, -out_gain
+        copy = tower.blocks[0].attn
+        copy.qkv_weight[0, 0], copy.qkv_weight[0, 1] = KEY / 2, -KEY / 2            # a constant query
+        copy.qkv_weight[d, 2], copy.qkv_weight[d, 3] = KEY / 2, -KEY / 2            # "no" as the key
+        copy.qkv_weight[2 * d + 1, 8] = -GAIN                                        # ordinary words' value
+        copy.out_weight[4, 1], copy.out_weight[5, 1] = GAIN / 4, -GAIN / 4
         mlp = tower.blocks[2].mlp
         mlp.in_weight[0] = 0.0
         mlp.in_weight[0, 6], mlp.in_weight[0, 7], mlp.in_bias[0] = 1.0, -1.0, 3.0
