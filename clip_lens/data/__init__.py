@@ -1,6 +1,16 @@
-"""Datasets for the studies: VALSE (existence rephrasing, images, aligned positions) and CANNOT."""
+"""Datasets for the studies: VALSE (existence rephrasing, images, aligned positions), CANNOT, and
+minimal pairs from any VALSE piece or a user's file."""
 
 from clip_lens.data.cannot import NegatorPairs, load_cannot, load_spacy, no_determiner_pairs
+from clip_lens.data.pairs import (
+    VALSE_PIECES,
+    MinimalPairs,
+    check_pairs,
+    load_valse_pieces,
+    read_pairs_file,
+    valse_existence_pairs,
+    valse_pairs,
+)
 from clip_lens.data.valse import (
     ALIGNED_SLOTS,
     ExistencePairs,
@@ -15,6 +25,13 @@ from clip_lens.data.valse import (
 
 __all__ = [
     "ALIGNED_SLOTS",
+    "MinimalPairs",
+    "VALSE_PIECES",
+    "check_pairs",
+    "load_valse_pieces",
+    "read_pairs_file",
+    "valse_existence_pairs",
+    "valse_pairs",
     "ExistencePairs",
     "NegatorPairs",
     "ResolvedImages",

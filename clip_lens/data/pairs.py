@@ -1,0 +1,180 @@
+"""Minimal pairs from any dataset: two texts that differ in one span of tokens, an optional image,
+and which text is correct (docs/methods.md#minimal-pairs).
+
+Every loader returns `MinimalPairs`: the kept pairs with their differing token span, checked with
+the model's tokenizer, and an exclusion table with a reason for every pair left out, so that no
+pair is dropped silently. Loaders: every VALSE piece (`valse_pairs`), VALSE existence through its
+rephrasing (`valse_existence_pairs`), and a user's CSV or JSONL file (`read_pairs_file`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+from torch import Tensor
+
+from clip_lens.data.valse import load_valse, prepare_existence
+
+Tokenize = Callable[[list[str]], Tensor]  # texts -> [n, context_length] token ids, padded, EOT the largest id
+PAIR_COLUMNS = ["id", "a", "b", "correct", "image", "span_start", "span_end", "length"]
+EXCLUDED_COLUMNS = ["id", "a", "b", "reason"]
+
+
+@dataclass
+class MinimalPairs:
+    """Minimal pairs of one task, checked with one tokenizer.
+
+    Attributes:
+        name: the task's name (e.g. "valse/foil-it").
+        pairs: one row per kept pair: id, a, b (the two texts), correct ("a" or "b": the text that
+            describes the image; VALSE's caption is a), image (a file name or path, or None),
+            span_start, span_end (the token positions [start, end) where a and b differ; position
+            0 is the start token), length (tokens up to and including EOT, the same for a and b).
+        excluded: one row per pair left out: id, a, b, reason.
+    """
+
+    name: str
+    pairs: pd.DataFrame
+    excluded: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def summary(self) -> pd.DataFrame:
+        """Counts of kept pairs and of exclusions by reason: outcome, pairs."""
+        kept = pd.DataFrame({"outcome": ["kept"], "pairs": [len(self.pairs)]})
+        reasons = self.excluded["reason"].value_counts().rename_axis("outcome").reset_index(name="pairs")
+        return pd.concat([kept, reasons], ignore_index=True)
+
+
+def check_pairs(name: str, rows: pd.DataFrame, tokenize: Tokenize) -> MinimalPairs:
+    """Keep the rows (id, a, b, correct, image) whose texts are different, fit the context, have
+    the same token length and differ in one contiguous span of tokens; the others join the
+    exclusion table with the reason."""
+    rows = rows.reset_index(drop=True)
+    if rows.empty:
+        return MinimalPairs(name, pd.DataFrame(columns=PAIR_COLUMNS), pd.DataFrame(columns=EXCLUDED_COLUMNS))
+    tokens = tokenize(list(rows["a"]) + list(rows["b"])).cpu().numpy()      # [2n, context]
+    n, context = len(rows), tokens.shape[1]
+    ends = tokens.argmax(axis=1)                                            # EOT, the largest id
+    kept, excluded = [], []
+    for i, row in enumerate(rows.itertuples(index=False)):
+        a_tokens, b_tokens, a_end, b_end = tokens[i], tokens[n + i], int(ends[i]), int(ends[n + i])
+        reason = None
+        if row.a == row.b:
+            reason = "the two texts are equal"
+        elif max(a_end, b_end) >= context - 1:
+            reason = f"fills all {context} token slots (may be cut to fit)"
+        elif a_end != b_end:
+            reason = "unequal token lengths"
+        else:
+            spans = _spans(a_tokens[: a_end + 1] != b_tokens[: b_end + 1])
+            if len(spans) == 0:
+                reason = "the two texts have the same tokens"
+            elif len(spans) > 1:
+                reason = "differs in more than one span of tokens"
+        if reason is not None:
+            excluded.append(dict(id=row.id, a=row.a, b=row.b, reason=reason))
+            continue
+        (start, end), = spans
+        kept.append(dict(id=row.id, a=row.a, b=row.b, correct=row.correct, image=row.image, span_start=start,
+                         span_end=end, length=a_end + 1))
+    return MinimalPairs(name, pd.DataFrame(kept, columns=PAIR_COLUMNS), pd.DataFrame(excluded, columns=EXCLUDED_COLUMNS))
+
+
+def _spans(differs: np.ndarray) -> list[tuple[int, int]]:
+    """The contiguous runs [start, end) of True in a 1-d bool array."""
+    edges = np.diff(np.concatenate([[0], differs.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+
+
+# loaders -------------------------------------------------------------------------------------------
+VALSE_PIECES = ("existence", "plurals", "counting-hard", "counting-small-quant", "counting-adversarial", "relations",
+                "action-replacement", "actant-swap", "coreference-standard", "coreference-hard", "foil-it")
+
+
+def valse_pairs(path: Union[str, Path], tokenize: Tokenize, min_caption_votes: int = 2,
+                name: Optional[str] = None) -> MinimalPairs:
+    """One VALSE piece as minimal pairs: a = caption (correct), b = foil, the instance's image file.
+    Invalid instances (`mturk.caption < min_caption_votes`, VALSE's validity filter) are excluded with
+    that reason. For existence the pairs are the raw caption and foil; `valse_existence_pairs`
+    gives the rephrased ones the negation studies use."""
+    path = Path(path)
+    name = name or f"valse/{path.stem}"
+    frame = load_valse(path, min_caption_votes=0)
+    bad = [i for i, (c, f) in enumerate(zip(frame["caption"], frame["foil"])) if not (isinstance(c, str) and isinstance(f, str))]
+    if bad:
+        raise ValueError(f"{path}: instance {frame['id'][bad[0]]!r} has a caption or foil that is not one text")
+    frame = frame.assign(a=frame["caption"], b=frame["foil"], correct="a", image=frame["image_file"])
+    invalid = frame["caption_votes"] < min_caption_votes
+    checked = check_pairs(name, frame[~invalid], tokenize)
+    votes = pd.DataFrame({"id": frame["id"][invalid], "a": frame["a"][invalid], "b": frame["b"][invalid],
+                          "reason": f"invalid in VALSE (fewer than {min_caption_votes} annotators chose the caption)"})
+    excluded = pd.concat([votes, checked.excluded], ignore_index=True) if len(votes) else checked.excluded
+    return MinimalPairs(name, checked.pairs, excluded)
+
+
+def valse_existence_pairs(path: Union[str, Path], tokenize: Tokenize, min_caption_votes: int = 2) -> MinimalPairs:
+    """VALSE existence through the negation studies' rephrasing (docs/methods.md#valse-existence-pairs):
+    a = the caption, b = the foil, after "some" is inserted in the non-negated sentence."""
+    prepared = prepare_existence(load_valse(path, min_caption_votes), tokenize)
+    rows = prepared.pairs.assign(a=prepared.pairs["caption"], b=prepared.pairs["foil"], correct="a",
+                                 image=prepared.pairs["image_file"])
+    checked = check_pairs("valse/existence (rephrased)", rows, tokenize)
+    excluded = prepared.excluded.rename(columns={"caption": "a", "foil": "b"})[EXCLUDED_COLUMNS]
+    return MinimalPairs(checked.name, checked.pairs, pd.concat([excluded, checked.excluded], ignore_index=True))
+
+
+def read_pairs_file(path: Union[str, Path], tokenize: Tokenize, images: Optional[Union[str, Path]] = None,
+                    name: Optional[str] = None) -> MinimalPairs:
+    """A user's pairs: a CSV or JSONL file with columns `caption` (the correct text), `foil`, and
+    optionally `image` (a path, relative to `images` or else to the file's folder), and `id`.
+
+    A missing column, an empty text, a pair whose texts are equal or an image that does not exist
+    is an error naming the file and row (rows count from 1, after the CSV header); pairs that the
+    tokenizer finds unequal in length or differing in more than one span are excluded with the
+    reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file {path} does not exist")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        frame = pd.read_json(path, lines=True)
+    elif path.suffix.lower() == ".csv":
+        frame = pd.read_csv(path, keep_default_na=False)
+    else:
+        raise ValueError(f"{path}: pairs files are .csv or .jsonl")
+    for column in ("caption", "foil"):
+        if column not in frame.columns:
+            raise ValueError(f"{path} has no column {column!r} (columns: {', '.join(map(str, frame.columns))}); a "
+                             "pairs file needs caption and foil, and may have image and id")
+    if frame.empty:
+        raise ValueError(f"{path} holds no pairs")
+    folder = Path(images) if images is not None else path.parent
+    has_image = "image" in frame.columns
+    for row, record in enumerate(frame.to_dict("records"), start=1):
+        caption, foil = record["caption"], record["foil"]
+        for column, text in (("caption", caption), ("foil", foil)):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{path}, row {row}: {column} is empty or not a text ({text!r})")
+        if caption == foil:
+            raise ValueError(f"{path}, row {row}: caption and foil are the same text ({caption!r})")
+        if has_image and not (folder / str(record["image"])).is_file():
+            raise FileNotFoundError(f"{path}, row {row}: image {record['image']!r} not found in {folder}")
+    ids = frame["id"].astype(str) if "id" in frame.columns else pd.Series([str(i) for i in range(1, len(frame) + 1)])
+    rows = pd.DataFrame({"id": ids, "a": frame["caption"], "b": frame["foil"], "correct": "a",
+                         "image": [str(folder / str(i)) for i in frame["image"]] if has_image else None})
+    return check_pairs(name or path.stem, rows, tokenize)
+
+
+def load_valse_pieces(folder: Union[str, Path], tokenize: Tokenize,
+                      pieces: Sequence[str] = VALSE_PIECES) -> dict[str, MinimalPairs]:
+    """Every VALSE piece in `folder` (each `<piece>.json`) as minimal pairs, by piece name."""
+    folder = Path(folder)
+    missing = [piece for piece in pieces if not (folder / f"{piece}.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"no VALSE piece {missing[0]!r} in {folder} ({folder / (missing[0] + '.json')})")
+    return {piece: valse_pairs(folder / f"{piece}.json", tokenize) for piece in pieces}
