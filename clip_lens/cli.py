@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     circuit.add_argument("--valse", type=Path, default=None,
                          help="text: VALSE existence.json (default: held-out synthetic scenes)")
     circuit.add_argument("--pairs", type=Path, default=None,
-                         help="text: your own pairs, a CSV or JSONL file with columns clean, corrupt, image")
+                         help="text: your own minimal pairs, a CSV or JSONL file with columns caption, foil, image "
+                              "(the caption is the clean run)")
     circuit.add_argument("--corrupt", type=Path, default=None,
                          help="vision: a folder with a corrupted image of the same file name for each image "
                               "(default: each image's mean colour)")

@@ -10,7 +10,6 @@ Tasks:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -20,7 +19,7 @@ import pandas as pd
 
 from clip_lens import circuits as C
 from clip_lens.circuits.figures import circuit_figure, estimate_figure, faithfulness_figure
-from clip_lens.data import shapes
+from clip_lens.data import read_pairs_file, shapes
 from clip_lens.model import HookedCLIP
 from clip_lens.report import Report, claim_output, write_study
 
@@ -34,6 +33,7 @@ class CircuitTask:
     task: C.Task
     pairs: pd.DataFrame   # one row per pair: what is clean and what corrupted
     description: str
+    excluded: Optional[pd.DataFrame] = None  # pairs left out, with the reason
 
 
 def negation_scenes(model: HookedCLIP, n: int = 64, seed: int = 20_000) -> CircuitTask:
@@ -65,38 +65,20 @@ def negation_valse(model: HookedCLIP, valse: Union[str, Path], images: Union[str
 
 def text_pairs_from_file(model: HookedCLIP, path: Union[str, Path], images: Optional[Union[str, Path]] = None,
                          limit: Optional[int] = None) -> CircuitTask:
-    """A user's text pairs: a CSV or JSONL file with columns `clean`, `corrupt` (texts of equal
-    token length) and `image` (a path, relative to `images` or else to the file's folder), S
-    against the image."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pairs file {path} does not exist")
-    frame = pd.read_json(path, lines=True) if path.suffix in (".jsonl", ".json") else pd.read_csv(path)
-    missing = [column for column in ("clean", "corrupt", "image") if column not in frame.columns]
-    if missing:
-        raise ValueError(f"{path} has no column {missing[0]!r} (columns: {', '.join(map(str, frame.columns))}); "
-                         "a pairs file needs clean, corrupt and image")
-    frame = frame.head(limit) if limit else frame
-    if frame.empty:
-        raise ValueError(f"{path} holds no pairs")
-    folder = Path(images) if images is not None else path.parent
-    for row, (clean, corrupt, image) in enumerate(frame[["clean", "corrupt", "image"]].itertuples(index=False)):
-        where = f"{path}, row {row + 1}"
-        if not isinstance(clean, str) or not isinstance(corrupt, str) or not clean.strip() or not corrupt.strip():
-            raise ValueError(f"{where}: clean and corrupt must both be texts (got {clean!r}, {corrupt!r})")
-        if clean == corrupt:
-            raise ValueError(f"{where}: the clean and corrupted texts are equal ({clean!r}); a pair must differ")
-        if not (folder / str(image)).is_file():
-            raise FileNotFoundError(f"{where}: image {image!r} not found in {folder}")
-    pixels = model.to_pixels([str(folder / str(image)) for image in frame["image"]])
-    try:
-        task = C.make_task(model, clean=list(frame["clean"]), corrupt=list(frame["corrupt"]), image=pixels)
-    except ValueError as err:  # name the file's row (from 1) rather than the pair's index (from 0)
-        message = re.sub(r"^pair (\d+):", lambda m: f"row {int(m.group(1)) + 1}:", str(err))
-        raise ValueError(f"{path}, {message}") from err
-    return CircuitTask(task, frame[["clean", "corrupt", "image"]].reset_index(drop=True),
-                       f"{len(frame)} text pairs from {path}: the clean text against the corrupted one, S against "
-                       "the image")
+    """A user's minimal pairs (`clip_lens.data.read_pairs_file`: columns caption, foil, image): the
+    caption is the clean run, the foil the corrupted one, S against the image. Pairs the tokenizer
+    excludes (unequal lengths, more than one differing span) are listed in the task's `excluded`."""
+    pairs = read_pairs_file(path, lambda texts: model.to_tokens(texts, trim=False), images=images)
+    if pairs.pairs["image"].isna().any():
+        raise ValueError(f"{path} has no image column: a circuit's metric is S against each pair's image")
+    kept = pairs.pairs.head(limit) if limit else pairs.pairs
+    if kept.empty:
+        raise ValueError(f"no pair of {path} is usable: {pairs.summary().to_dict('records')}")
+    task = C.make_task(model, clean=list(kept["a"]), corrupt=list(kept["b"]),
+                       image=model.to_pixels(list(kept["image"])))
+    table = kept.rename(columns={"a": "clean", "b": "corrupt"})[["id", "clean", "corrupt", "image"]]
+    return CircuitTask(task, table, f"{len(kept)} minimal pairs from {path}: the caption (clean) against the foil "
+                                    "(corrupted), S against the image", excluded=pairs.excluded)
 
 
 def images_against_mean_colour(model: HookedCLIP, images: Sequence, captions: Sequence[str],
@@ -188,6 +170,8 @@ def circuit_study(model: HookedCLIP, model_label: str, out: Union[str, Path], ci
     }])
     tables = {"summary": summary, "edges": edges, "exact_check": check_table, "agreement": agreement,
               "faithfulness": curve, "circuit": circuit_table, "pairs": circuit_task.pairs}
+    if circuit_task.excluded is not None:
+        tables["excluded"] = circuit_task.excluded
     report = _report(model_label, circuit_task, summary, agreement, chosen, best, curve, check_table)
     write_study(out, tables, report, manifest={"study": f"circuits ({task.tower.modality} tower)", "model": model_label,
                                                "task": circuit_task.description, "seed": seed})

@@ -68,25 +68,29 @@ def _pairs_file(folder, rows, name="pairs.csv"):
 
 
 def test_text_circuit_on_a_users_pairs_file(tmp_path):
-    rows = {"clean": ["There is no red circle.", "There are no squares.", "There is no blue triangle."],
-            "corrupt": ["There is a red circle.", "There are some squares.", "There is a blue triangle."],
-            "image": ["images/0.png", "images/1.png", "images/2.png"]}
+    rows = {"caption": ["There is no red circle.", "There are no squares.", "There is no blue triangle.",
+                        "There is no big circle."],
+            "foil": ["There is a red circle.", "There are some squares.", "There is a blue triangle.",
+                     "There is a circle."],
+            "image": ["images/0.png", "images/1.png", "images/2.png", "images/0.png"]}
     path = _pairs_file(tmp_path, rows)
     out = tmp_path / "out"
     assert main(["circuit", "text", "--model", "clip_lens/tiny-shapes", "--pairs", str(path), "--sizes", "5", "262",
                  "--random", "1", "--check", "5", "--steps", "1", "--out", str(out), "--quiet"]) == 0
-    assert pd.read_csv(out / "pairs.csv")["clean"].tolist() == rows["clean"]
+    assert pd.read_csv(out / "pairs.csv")["clean"].tolist() == rows["caption"][:3]
+    excluded = pd.read_csv(out / "excluded.csv")  # the fourth pair's texts differ in length: listed, not dropped
+    assert excluded["id"].tolist() == [4] and excluded["reason"].tolist() == ["unequal token lengths"]
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"drop": "corrupt"}, "has no column 'corrupt'"),
-    ({"set": (1, "corrupt", "There are no squares.")}, "row 2: the clean and corrupted texts are equal"),
+    ({"drop": "foil"}, "has no column 'foil'"),
+    ({"drop": "image"}, "has no image column: a circuit's metric is S against each pair's image"),
+    ({"set": (1, "foil", "There are no squares.")}, "row 2: caption and foil are the same text"),
     ({"set": (2, "image", "images/absent.png")}, "row 3: image 'images/absent.png' not found"),
-    ({"set": (0, "corrupt", "There is a big red circle.")}, "pairs.csv, row 1: the clean text has 8 tokens and the corrupted one 9"),
 ])
 def test_a_bad_pairs_file_is_named(tmp_path, capsys, change, message):
-    rows = {"clean": ["There is no red circle.", "There are no squares.", "There is no blue triangle."],
-            "corrupt": ["There is a red circle.", "There are some squares.", "There is a blue triangle."],
+    rows = {"caption": ["There is no red circle.", "There are no squares.", "There is no blue triangle."],
+            "foil": ["There is a red circle.", "There are some squares.", "There is a blue triangle."],
             "image": ["images/0.png", "images/1.png", "images/2.png"]}
     if "drop" in change:
         rows.pop(change["drop"])
