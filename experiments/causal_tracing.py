@@ -98,17 +98,28 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, batch_size: int = 2
     instances at a time (each chunk saved to `checkpoints` as it finishes, and read from there by a
     resumed run)."""
     frame = instances.frame
+    cte_positions, eot = trace(model, list(frame["negated"]), list(frame["non_negated"]), instances.image_emb,
+                               list(frame["id"]), batch_size=batch_size, pair_chunk=pair_chunk, checkpoints=checkpoints,
+                               progress=progress)
+    aligned, counts = align_positions(cte_positions, eot)
+    return CausalTracing(instances.instances_table(), aligned, counts, cte_positions)
 
+
+def trace(model: HookedCLIP, sources: list, targets: list, image_emb, ids: list, *, batch_size: int = 256,
+          pair_chunk: int = 64, checkpoints: Optional[Checkpoints] = None,
+          progress: bool = True) -> tuple[Float[np.ndarray, "n layer pos"], Int[np.ndarray, " n"]]:
+    """CTE at every layer 0..L and position of each pair: the target text (the non-negated one in
+    the negation study) patched from its source (the negated one), S against `image_emb`
+    [n, d_embed]. Returns (cte_positions [n, layers, pos], NaN past a text's EOT; eot [n])."""
     def chunk(lo: int, hi: int) -> dict:
-        negated = model.to_tokens(list(frame["negated"][lo:hi]))
-        result = patch(model, target=list(frame["non_negated"][lo:hi]), source=negated,
-                       image=instances.image_emb[lo:hi], hook="resid", positions="all", batch_size=batch_size,
-                       pair_chunk=pair_chunk, progress=False)
+        source = model.to_tokens(sources[lo:hi])
+        result = patch(model, target=targets[lo:hi], source=source, image=image_emb[lo:hi], hook="resid",
+                       positions="all", batch_size=batch_size, pair_chunk=pair_chunk, progress=False)
         return {"s_star": result.effects.numpy(), "s_p": result.baseline.numpy(),  # [n, layers, pos], [n]
-                "s_n": result.source_baseline.numpy(), "eot": model.text.pooled_positions(negated).cpu().numpy()}
+                "s_n": result.source_baseline.numpy(), "eot": model.text.pooled_positions(source).cpu().numpy()}
 
-    chunks = (checkpoints or Checkpoints(None)).chunks("causal_tracing", len(frame), pair_chunk, chunk, progress,
-                                                        ids=list(frame["id"]))
+    chunks = (checkpoints or Checkpoints(None)).chunks("causal_tracing", len(sources), pair_chunk, chunk, progress,
+                                                        ids=ids)
     s_star = concatenate(chunks, "s_star")  # positions past a chunk's longest text: NaN, as past each text's EOT
     s_p, s_n = (concatenate(chunks, name)[:, None, None] for name in ("s_p", "s_n"))
     # With p the patched (non-negated) and n the negated sentence, both placements reduce to one
@@ -117,5 +128,4 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, batch_size: int = 2
     # own clean runs, so that a no-op patch gives exactly 0.
     with np.errstate(divide="ignore", invalid="ignore"):
         cte_positions = (s_p - s_star) / (s_p - s_n)
-    aligned, counts = align_positions(cte_positions, concatenate(chunks, "eot"))
-    return CausalTracing(instances.instances_table(), aligned, counts, cte_positions)
+    return cte_positions, concatenate(chunks, "eot")

@@ -115,7 +115,8 @@ def _patterns(tower, tokens: Tensor, layers: range) -> Float[Tensor, "batch laye
 
 def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequence[str], Tensor], *,
         instances: Optional[pd.DataFrame] = None, layout: str = "existence", batch_size: int = 64,
-        checkpoints: Optional[Checkpoints] = None, progress: bool = True) -> NegatorAttention:
+        key_positions: Optional[Sequence[int]] = None, checkpoints: Optional[Checkpoints] = None,
+        progress: bool = True) -> NegatorAttention:
     """Negator-selective attention of every text-tower head over sentence pairs.
 
     Args:
@@ -124,6 +125,8 @@ def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequenc
         instances: per-pair information kept with the result (default: the two sentences).
         layout: "existence" (query slots: negator, subject, further subject, '.', EOT; the negator must
             be at position 3) or "relative" (offsets 0..5 from the negator, and EOT).
+        key_positions: the key position k of each pair (e.g. the first token of a minimal pair's
+            differing span); by default the one position where the pair's tokens differ.
         checkpoints: where each batch of `batch_size` pairs is saved as it finishes (and read from
             by a resumed run).
     """
@@ -136,6 +139,10 @@ def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequenc
     negated = negated if isinstance(negated, Tensor) else list(negated)
     non_negated = non_negated if isinstance(non_negated, Tensor) else list(non_negated)
     n = len(negated)
+    if key_positions is not None:
+        key_positions = np.array(key_positions, dtype=np.int64)
+        if key_positions.shape != (n,):
+            raise ValueError(f"key_positions: {key_positions.shape[0] if key_positions.ndim else 0} positions for {n} pairs")
     layers = range(tower.cfg.n_layers)
     n_slots = len(EXISTENCE_QUERY_SLOTS) if layout == "existence" else RELATIVE_OFFSETS + 1
 
@@ -145,7 +152,10 @@ def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequenc
         weights = np.zeros((stop - start, n_slots))
         neg, non = (_tokens(tower, x[start:stop]) for x in (negated, non_negated))
         neg, non = _common_width(neg, non)
-        k = negator_positions(neg, non)
+        if key_positions is None:
+            k = negator_positions(neg, non)
+        else:
+            k = torch.tensor(key_positions[start:stop], dtype=torch.long, device=neg.device)
         eot = tower.pooled_positions(neg)
         column = torch.arange(len(k), device=k.device)
         # the difference taken in float32: in a half-precision tower each pattern is cast first
