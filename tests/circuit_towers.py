@@ -99,3 +99,64 @@ def two_head_path_tower(mlp_share: float = 0.05) -> HookedTextTower:
         mlp.out_bias[6], mlp.out_bias[7] = -3.0 * mlp_share, 3.0 * mlp_share
         tower.proj.W.copy_(torch.eye(d))
     return tower.eval()
+
+
+COUNT_HEAD = (1, 2)  # (layer, head)
+COUNTS_CORRECT, COUNTS_CHANGED = ("two", "four", "six"), ("three", "five", "seven")
+
+
+def count_pairs(n_nouns: int = 8) -> tuple[list[str], list[str]]:
+    """Caption / foil pairs that differ in one count word: "There are two dogs." / "There are three dogs."."""
+    nouns = ["dogs", "cats", "cars", "birds", "chairs", "boats", "apples", "trees"][:n_nouns]
+    captions, foils = [], []
+    for noun in nouns:
+        for right, changed in zip(COUNTS_CORRECT, COUNTS_CHANGED):
+            captions.append(f"There are {right} {noun}.")
+            foils.append(f"There are {changed} {noun}.")
+    return captions, foils
+
+
+def count_head_tower() -> HookedTextTower:
+    """A 3-layer text tower with small random weights in which head a1.h2 attends to a count word
+    only in the foils ("three", "five", "seven" carry its key feature, +6 / -6 on dims 2 / 3;
+    "two", "four", "six" hold +6 / +6 there, the same norm) and writes it into the output dims
+    6 / 7 through its value. So the captions and foils differ in the embedding only through that
+    head; `count_image` points away from what it writes."""
+    cfg = TextConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=77, d_embed=32,
+                     d_vocab=49408, eot_token_id=49407)
+    tokenizer = Tokenizer.default()
+    tower = HookedTextTower(cfg, tokenizer)
+    gen = small_random_weights_(tower, seed=1)
+    d, dh = cfg.d_model, cfg.d_head
+    with torch.no_grad():
+        embed = tower.embed.W_E
+        embed.zero_()
+        embed[:, 9:] = torch.randn(cfg.d_vocab, d - 9, generator=gen)
+        embed[:, 0], embed[:, 1] = 3.0, -3.0
+        for words, (x2, x3) in ((COUNTS_CORRECT, (6.0, 6.0)), (COUNTS_CHANGED, (6.0, -6.0))):
+            for word in words:
+                embed[int(tokenizer([word])[0, 1]), 2], embed[int(tokenizer([word])[0, 1]), 3] = x2, x3
+        tower.W_pos.mul_(0.1)
+        for block in tower.blocks:
+            for weight in (block.attn.out_weight, block.mlp.out_weight, block.attn.out_bias, block.mlp.out_bias):
+                weight[2:9] = 0.0
+        layer, head = COUNT_HEAD
+        attn = tower.blocks[layer].attn
+        q_rows, k_rows, v_rows = (slice(i * d + head * dh, i * d + (head + 1) * dh) for i in range(3))
+        for rows in (q_rows, k_rows, v_rows):
+            attn.qkv_weight[rows] = 0.0
+            attn.qkv_bias[rows] = 0.0
+        attn.qkv_weight[q_rows.start, 0], attn.qkv_weight[q_rows.start, 1] = KEY / 2, -KEY / 2
+        attn.qkv_weight[k_rows.start, 2], attn.qkv_weight[k_rows.start, 3] = KEY / 2, -KEY / 2
+        attn.qkv_weight[v_rows.start, 2], attn.qkv_weight[v_rows.start, 3] = GAIN, -GAIN
+        attn.out_weight[:, head * dh : (head + 1) * dh] = 0.0
+        attn.out_weight[6, head * dh], attn.out_weight[7, head * dh] = GAIN, -GAIN
+        tower.proj.W.copy_(torch.eye(d))
+    return tower.eval()
+
+
+def count_image(n: int) -> torch.Tensor:
+    """[n, 32]: image embeddings that the foils' extra output (dims 6 - 7) points away from."""
+    image = torch.zeros(n, 32)
+    image[:, 0], image[:, 1], image[:, 6], image[:, 7] = 1.0, -1.0, -1.0, 1.0
+    return image

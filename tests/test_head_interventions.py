@@ -1,0 +1,87 @@
+"""Head interventions with accuracy as the outcome (clip_lens.experiments.head_interventions): a
+hand-built tower whose one head attends to a count word only where it changed; its selectivity
+finds it, and ablating it (zero, mean, resample) sends accuracy to chance while random heads
+leave it; scaling it sweeps the accuracy."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from circuit_towers import COUNT_HEAD, count_head_tower, count_image, count_pairs
+
+from clip_lens.data import check_pairs
+from clip_lens.experiments import head_interventions as H
+from clip_lens.experiments import minimal_pairs
+
+
+@pytest.fixture(scope="module")
+def counting():
+    tower = count_head_tower()
+    captions, foils = count_pairs()
+    rows = pd.DataFrame({"id": range(len(captions)), "a": captions, "b": foils, "correct": "a", "image": None})
+    pairs = check_pairs("counts", rows, lambda texts: tower.to_tokens(texts, trim=False))
+    assert len(pairs) == 24 and pairs.excluded.empty
+    return tower, pairs, count_image(len(pairs))
+
+
+def test_selectivity_finds_the_count_head(counting):
+    tower, pairs, _ = counting
+    selective = minimal_pairs.selective_heads(tower, pairs, progress=False)  # attention to the span, b minus a
+    a_n = selective.a_n
+    assert np.unravel_index(a_n.argmax(), a_n.shape) == COUNT_HEAD
+    assert a_n[COUNT_HEAD] > 0.5 and np.delete(a_n.ravel(), COUNT_HEAD[0] * 4 + COUNT_HEAD[1]).max() < 0.05
+
+
+@pytest.mark.parametrize("intervention", ["zero", "mean", "resample"])
+def test_ablating_the_head_sends_accuracy_to_chance_and_random_heads_do_not(counting, intervention):
+    tower, pairs, image = counting
+    head = "a{}.h{}".format(*COUNT_HEAD)
+    table = H.intervention_study(tower, pairs, image, [head], intervention=intervention, random_seeds=range(5))
+    none = table[table["condition"] == "none"].iloc[0]
+    chosen = table[table["condition"] == "chosen"].iloc[0]
+    random = table[table["condition"] == "random"]
+    assert none["accuracy"] == 1.0 and none["mean_d"] > 0.3
+    assert abs(chosen["mean_d"]) < 0.2 * none["mean_d"] and 0.25 <= chosen["accuracy"] <= 0.75
+    assert (random["accuracy"] == 1.0).all() and (random["mean_d"] > 0.9 * none["mean_d"]).all()
+    assert head not in set(random["heads"])
+
+
+def test_scaling_the_head_sweeps_accuracy(counting):
+    tower, pairs, image = counting
+    table = H.intervention_study(tower, pairs, image, [COUNT_HEAD], intervention="scale", alphas=[1.0, 0.5, 0.0, -1.0],
+                                 random_seeds=[0])
+    chosen = table[table["condition"] == "chosen"].set_index("alpha")
+    assert chosen.loc[1.0, "mean_d"] == pytest.approx(table.iloc[0]["mean_d"], abs=1e-6)   # alpha 1 is no change
+    assert chosen.loc[0.5, "mean_d"] == pytest.approx(0.5 * chosen.loc[1.0, "mean_d"], rel=0.05)
+    assert chosen.loc[-1.0, "accuracy"] == 0.0                                            # the head reversed
+
+
+def test_bad_heads_are_named():
+    with pytest.raises(ValueError, match="head 'a9.h0' is outside the tower"):
+        H.parse_heads(["a9.h0"], 3, 4)
+    with pytest.raises(ValueError, match="head 'L1H2': write a head as 'a<layer>.h<head>'"):
+        H.parse_heads(["L1H2"], 3, 4)
+    with pytest.raises(ValueError, match="intervention='ablate'"):
+        H.head_hooks(count_head_tower(), [(0, 0)], "ablate")
+
+
+def test_ablating_the_tiny_clips_negator_heads_lowers_held_out_negation_accuracy(tiny_model):
+    import torch
+
+    from clip_lens.data import shapes
+
+    model = tiny_model
+    scenes = list(shapes.examples(200, seed=20_000))
+    rows = pd.DataFrame({"id": range(len(scenes)), "a": [e.caption for e in scenes], "b": [e.foil for e in scenes],
+                         "correct": "a", "image": None})
+    pairs = check_pairs("scenes", rows, lambda texts: model.to_tokens(texts, trim=False))
+    assert len(pairs) == 200
+    with torch.no_grad():
+        image = model.encode_image(model.to_pixels([shapes.image_of(e) for e in scenes]))
+    negated_is_a = np.array([e.negation_in == "caption" for e in scenes])
+    heads = minimal_pairs.selective_heads(model, pairs, negated_is_a, progress=False).head_table()
+    top = [(int(r.layer), int(r.head)) for r in heads.head(2).itertuples()]
+    assert set(top) == {(0, 0), (0, 1)}                      # the negator heads: block 0, heads 0 and 1
+    table = H.intervention_study(model, pairs, image, top, intervention="zero", random_seeds=range(5))
+    none, chosen = table.iloc[0], table[table["condition"] == "chosen"].iloc[0]
+    random = table[table["condition"] == "random"]
+    assert chosen["accuracy"] < random["accuracy"].min() - 0.1 and chosen["accuracy"] < none["accuracy"] - 0.1
