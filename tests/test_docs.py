@@ -35,3 +35,10 @@ def test_circuits_docs_examples_run():
     assert set(namespace["curve"]["kind"]) == {"circuit", "random"}
     assert namespace["circuit"].n_edges <= 50
     assert namespace["vision_scores"].graph.n_edges == 262
+
+
+def test_pairs_docs_example_runs(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the example reads ../shared/data, beside the repository
+    namespace = run_python_blocks(ROOT / "docs" / "pairs.md", 1)
+    assert len(namespace["pieces"]) == 11 and len(namespace["existence"]) == 490
+    assert set(namespace["foil_it"].summary()["outcome"]) >= {"kept"}
