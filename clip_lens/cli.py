@@ -211,6 +211,27 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     return run_study(args, study, summary)
 
 
+def cmd_compare_tasks(args: argparse.Namespace) -> int:
+    from clip_lens.experiments import compare_tasks
+
+    def study(model, label: str) -> dict:
+        tasks = compare_tasks.build_tasks(
+            model, valse=args.valse, pieces=args.pieces, cannot=args.cannot, pairs_files=args.pairs or (),
+            images=args.images, generated_images=args.generated_images, limit=args.limit,
+            spacy_model=args.spacy_model, seed=args.seed, progress=not args.quiet)
+        images = "generated noise images" if args.generated_images else f"images from {args.images}"
+        description = (f"{len(tasks)} tasks: " + ", ".join(f"{t.name} ({len(t.pairs)} pairs)" for t in tasks)
+                       + f"; VALSE scored against {images}" * (args.valse is not None))
+        return compare_tasks.compare_tasks(model, label, args.out, tasks, top_k=args.top_k, description=description,
+                                           overwrite=args.overwrite, progress=not args.quiet)
+
+    def summary(tables: dict) -> str:
+        top = tables["selectivity"].sort_values("a_N", ascending=False).groupby("task", sort=False).head(1)
+        return "most selective head per task:\n" + top[["task", "layer", "head", "a_N"]].to_string(index=False)
+
+    return run_study(args, study, summary)
+
+
 def cmd_train_tiny(args: argparse.Namespace) -> int:
     from clip_lens import tiny
 
@@ -389,6 +410,22 @@ def build_parser() -> argparse.ArgumentParser:
     circuit.add_argument("--pair-chunk", type=int, default=32, help="pairs per forward pass (default 32)")
     _add_model_args(circuit, instances=False)
     circuit.set_defaults(func=cmd_circuit)
+
+    compare = sub.add_parser("compare-tasks", help="minimal-pair tasks side by side: selective heads, causal-tracing "
+                                                   "localisation, head ablation")
+    compare.add_argument("--valse", type=Path, default=None, help="the folder with VALSE's pieces (<piece>.json)")
+    compare.add_argument("--pieces", nargs="+", default=None, help="VALSE pieces to use (default: all eleven)")
+    compare.add_argument("--cannot", nargs="+", type=Path, default=None, help="CANNOT .tsv files or folders")
+    compare.add_argument("--pairs", nargs="+", type=Path, default=None,
+                         help="your own minimal pairs: CSV or JSONL files with columns caption, foil (and image)")
+    compare.add_argument("--images", type=Path, default=None, help="the folder with VALSE's image files")
+    compare.add_argument("--generated-images", action="store_true",
+                         help="score VALSE against generated noise images (to run without the image set)")
+    compare.add_argument("--limit", type=int, default=None, help="use the first N pairs of each task")
+    compare.add_argument("--top-k", type=int, default=3, help="each task's most selective heads to ablate (default 3)")
+    compare.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy pipeline for CANNOT's parse")
+    _add_model_args(compare, instances=False)
+    compare.set_defaults(func=cmd_compare_tasks)
 
     train = sub.add_parser("train-tiny", help="train the tiny CLIP on synthetic shape scenes")
     train.add_argument("--steps", type=int, default=2400)

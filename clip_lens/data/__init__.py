@@ -5,6 +5,7 @@ from clip_lens.data.cannot import NegatorPairs, load_cannot, load_spacy, no_dete
 from clip_lens.data.pairs import (
     VALSE_PIECES,
     MinimalPairs,
+    cannot_pairs,
     check_pairs,
     load_valse_pieces,
     read_pairs_file,
@@ -27,6 +28,7 @@ __all__ = [
     "ALIGNED_SLOTS",
     "MinimalPairs",
     "VALSE_PIECES",
+    "cannot_pairs",
     "check_pairs",
     "load_valse_pieces",
     "read_pairs_file",

@@ -170,6 +170,23 @@ def read_pairs_file(path: Union[str, Path], tokenize: Tokenize, images: Optional
     return check_pairs(name or path.stem, rows, tokenize)
 
 
+def cannot_pairs(paths, tokenize: Tokenize, spacy_model: str = "en_core_web_sm", nlp=None,
+                 progress: bool = True) -> MinimalPairs:
+    """CANNOT's sentences in which "no" is a determiner (docs/methods.md#cannot-pairs) as minimal
+    pairs: a = the negated sentence, b = its "some" counterpart, no image (so no correct text).
+    Sentences the parse or the tokenizer leaves out are in `excluded` with the reason."""
+    from clip_lens.data.cannot import load_cannot, no_determiner_pairs
+
+    found = no_determiner_pairs(load_cannot(paths), tokenize=tokenize, spacy_model=spacy_model, nlp=nlp,
+                                progress=progress)
+    rows = pd.DataFrame({"id": [f"cannot-{i}" for i in range(len(found.pairs))], "a": found.pairs["negated"],
+                         "b": found.pairs["non_negated"], "correct": "", "image": None})
+    checked = check_pairs("cannot", rows, tokenize)
+    dropped = pd.DataFrame({"id": [f"cannot-dropped-{i}" for i in range(len(found.dropped))],
+                            "a": found.dropped["sentence"], "b": "", "reason": found.dropped["reason"]})
+    return MinimalPairs("cannot", checked.pairs, pd.concat([dropped, checked.excluded], ignore_index=True))
+
+
 def load_valse_pieces(folder: Union[str, Path], tokenize: Tokenize,
                       pieces: Sequence[str] = VALSE_PIECES) -> dict[str, MinimalPairs]:
     """Every VALSE piece in `folder` (each `<piece>.json`) as minimal pairs, by piece name."""

