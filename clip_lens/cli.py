@@ -232,6 +232,17 @@ def cmd_compare_tasks(args: argparse.Namespace) -> int:
     return run_study(args, study, summary)
 
 
+def cmd_covariates(args: argparse.Namespace) -> int:
+    from clip_lens.experiments import covariates
+
+    def summary(tables: dict) -> str:
+        return (tables["grid"].to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n"
+                + tables["effects"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+    return run_study(args, lambda model, label: covariates.covariate_study(
+        model, label, args.out, n_per_cell=args.scenes, seed=args.seed, overwrite=args.overwrite), summary)
+
+
 def cmd_train_tiny(args: argparse.Namespace) -> int:
     from clip_lens import tiny
 
@@ -426,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy pipeline for CANNOT's parse")
     _add_model_args(compare, instances=False)
     compare.set_defaults(func=cmd_compare_tasks)
+
+    covariates = sub.add_parser("covariates", help="negation accuracy by subject size x caption length on synthetic scenes")
+    covariates.add_argument("--scenes", type=int, default=100, help="scenes per subject size (default 100)")
+    _add_model_args(covariates, instances=False)
+    covariates.set_defaults(func=cmd_covariates)
 
     train = sub.add_parser("train-tiny", help="train the tiny CLIP on synthetic shape scenes")
     train.add_argument("--steps", type=int, default=2400)
