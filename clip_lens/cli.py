@@ -232,6 +232,28 @@ def cmd_compare_tasks(args: argparse.Namespace) -> int:
     return run_study(args, study, summary)
 
 
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from clip_lens.experiments import pairs_study
+
+    def study(model, label: str) -> dict:
+        return pairs_study.pairs_study(model, label, args.out, args.pairs, studies=args.study, images=args.images,
+                                       top_k=args.top_k, alphas=args.alphas, limit=args.limit,
+                                       overwrite=args.overwrite, progress=not args.quiet)
+
+    def summary(tables: dict) -> str:
+        lines = []
+        if "heads" in tables:
+            top = tables["heads"].groupby("task", sort=False).head(1)
+            lines.append("most selective head per file:\n" + top[["task", "layer", "head", "a_N"]].to_string(index=False))
+        if "ablation" in tables:
+            ablation = tables["ablation"]
+            lines.append(ablation[ablation["alpha"] == 0.0].groupby(["task", "condition"], sort=False)["accuracy"]
+                         .mean().reset_index().to_string(index=False))
+        return "\n".join(lines)
+
+    return run_study(args, study, summary)
+
+
 def cmd_covariates(args: argparse.Namespace) -> int:
     from clip_lens.experiments import covariates
 
@@ -437,6 +459,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy pipeline for CANNOT's parse")
     _add_model_args(compare, instances=False)
     compare.set_defaults(func=cmd_compare_tasks)
+
+    pairs = sub.add_parser("pairs", help="the text studies on your minimal pairs: causal tracing, selective heads, "
+                                         "head ablation")
+    pairs.add_argument("study", choices=["causal-tracing", "heads", "ablate-heads", "all"])
+    pairs.add_argument("--pairs", required=True, nargs="+", type=Path,
+                       help="CSV or JSONL files with columns caption, foil, image (and id)")
+    pairs.add_argument("--images", type=Path, default=None, help="the folder the image paths are relative to")
+    pairs.add_argument("--top-k", type=int, default=3, help="most selective heads to ablate (default 3)")
+    pairs.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.5, 0.0, -1.0],
+                       help="factors the chosen heads' output is scaled by (default 1 0.5 0 -1)")
+    pairs.add_argument("--limit", type=int, default=None, help="use the first N pairs of each file")
+    _add_model_args(pairs, instances=False)
+    pairs.set_defaults(func=cmd_pairs)
 
     covariates = sub.add_parser("covariates", help="negation accuracy by subject size x caption length on synthetic scenes")
     covariates.add_argument("--scenes", type=int, default=100, help="scenes per subject size (default 100)")

@@ -1,0 +1,34 @@
+"""`clip-lens pairs` end to end on a user's pairs file with the tiny CLIP."""
+
+import pandas as pd
+
+from clip_lens.cli import main
+from clip_lens.data import shapes
+
+
+def test_pairs_all_studies(tmp_path, capsys):
+    scenes = list(shapes.examples(8, seed=7))
+    (tmp_path / "images").mkdir()
+    for i, scene in enumerate(scenes):
+        shapes.image_of(scene).save(tmp_path / "images" / f"{i}.png")
+    pd.DataFrame({"caption": [s.caption for s in scenes], "foil": [s.foil for s in scenes],
+                  "image": [f"images/{i}.png" for i in range(8)]}).to_csv(tmp_path / "scenes.csv", index=False)
+    out = tmp_path / "out"
+    assert main(["pairs", "all", "--model", "clip_lens/tiny-shapes", "--pairs", str(tmp_path / "scenes.csv"),
+                 "--top-k", "2", "--out", str(out), "--quiet"]) == 0
+    assert "most selective head per file" in capsys.readouterr().out
+    assert len(pd.read_csv(out / "heads.csv")) == 3 * 4
+    assert set(pd.read_csv(out / "causal_tracing.csv")["layer"]) == set(range(4))
+    ablation = pd.read_csv(out / "ablation.csv")
+    assert set(ablation["intervention"]) == {"zero", "scale"} and set(ablation["alpha"]) >= {1.0, 0.5, 0.0, -1.0}
+    assert (out / "report.html").read_text().count('class="plotly-graph-div"') == 3
+
+
+def test_pairs_without_images_cannot_be_traced(tmp_path, capsys):
+    pd.DataFrame({"caption": ["There is a red circle."], "foil": ["There is no red circle."]}).to_csv(
+        tmp_path / "p.csv", index=False)
+    assert main(["pairs", "causal-tracing", "--model", "clip_lens/tiny-shapes", "--pairs", str(tmp_path / "p.csv"),
+                 "--out", str(tmp_path / "o")]) != 0
+    assert "has no image column: causal-tracing" in capsys.readouterr().err
+    assert main(["pairs", "heads", "--model", "clip_lens/tiny-shapes", "--pairs", str(tmp_path / "p.csv"),
+                 "--out", str(tmp_path / "o2"), "--quiet"]) == 0
