@@ -237,7 +237,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
     def study(model, label: str) -> dict:
         return pairs_study.pairs_study(model, label, args.out, args.pairs, studies=args.study, images=args.images,
-                                       top_k=args.top_k, alphas=args.alphas, limit=args.limit,
+                                       top_k=args.top_k, choose=args.choose, alphas=args.alphas, limit=args.limit,
                                        overwrite=args.overwrite, progress=not args.quiet)
 
     def summary(tables: dict) -> str:
@@ -466,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--pairs", required=True, nargs="+", type=Path,
                        help="CSV or JSONL files with columns caption, foil, image (and id)")
     pairs.add_argument("--images", type=Path, default=None, help="the folder the image paths are relative to")
-    pairs.add_argument("--top-k", type=int, default=3, help="most selective heads to ablate (default 3)")
+    pairs.add_argument("--top-k", type=int, default=3, help="heads to ablate (default 3)")
+    pairs.add_argument("--choose", choices=["selectivity", "attribution"], default="selectivity",
+                       help="choose the heads by selectivity or by attribution patching (default selectivity)")
     pairs.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.5, 0.0, -1.0],
                        help="factors the chosen heads' output is scaled by (default 1 0.5 0 -1)")
     pairs.add_argument("--limit", type=int, default=None, help="use the first N pairs of each file")

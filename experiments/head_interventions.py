@@ -173,3 +173,22 @@ def intervention_study(model: Union[HookedCLIP, HookedTextTower], pairs: Minimal
         for seed in random_seeds:
             measure("random", random_heads(len(chosen), tower.cfg.n_layers, tower.cfg.n_heads, seed, chosen), alpha, seed)
     return pd.DataFrame(rows)
+
+
+def top_heads_by_attribution(model: HookedCLIP, pairs: MinimalPairs, image_emb: Tensor, k: int,
+                             marked: Union[str, np.ndarray] = "b") -> list[Head]:
+    """The k heads with the largest mean |attribution-patching estimate| of patching the unmarked
+    text's head output (all positions) from the marked text's, S against the image
+    (docs/methods.md#attribution-patching)."""
+    from clip_lens.experiments.minimal_pairs import orient
+    from clip_lens.patching import patch
+
+    if not isinstance(model, HookedCLIP):
+        raise ValueError("heads by attribution need the CLIP model (S against the image), not a tower alone")
+    marked_texts, unmarked = orient(pairs, marked)
+    result = patch(model, target=unmarked, source=marked_texts, image=image_emb, hook="z", positions="sequence",
+                   method="attribution", progress=False)
+    importance = result.contributions.abs().mean(0)                      # [layer, head]
+    order = importance.flatten().argsort(descending=True)[:k].tolist()
+    n_heads = importance.shape[1]
+    return [(i // n_heads, i % n_heads) for i in order]

@@ -22,10 +22,13 @@ STUDIES = ("causal-tracing", "heads", "ablate-heads")
 
 def pairs_study(model: HookedCLIP, model_label: str, out: Union[str, Path], files: Sequence[Union[str, Path]], *,
                 studies: str = "all", images: Optional[Union[str, Path]] = None, top_k: int = 3,
+                choose: str = "selectivity",
                 alphas: Sequence[float] = (1.0, 0.5, 0.0, -1.0), limit: Optional[int] = None,
                 overwrite: bool = False, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Run `studies` ("causal-tracing", "heads", "ablate-heads" or "all") on each pairs file (the
     foil marked); causal tracing and ablation need every pair's image."""
+    if choose not in ("selectivity", "attribution"):
+        raise ValueError(f"choose={choose!r}: heads are chosen by 'selectivity' or 'attribution'")
     chosen = STUDIES if studies == "all" else (studies,)
     if any(study not in STUDIES for study in chosen):
         raise ValueError(f"study {studies!r}: use one of {STUDIES} or 'all'")
@@ -61,7 +64,10 @@ def pairs_study(model: HookedCLIP, model_label: str, out: Union[str, Path], file
                             labels=dict(x="position (from the differing span)", y="layer", color="CTE"))
             report.figure(style(fig, f"{name}: causal tracing around the differing span", height=460))
         if "ablate-heads" in chosen:
-            top = [(int(r.layer), int(r.head)) for r in table.head(top_k).itertuples()]
+            if choose == "attribution":
+                top = head_interventions.top_heads_by_attribution(model, pairs, image_emb, top_k)
+            else:
+                top = [(int(r.layer), int(r.head)) for r in table.head(top_k).itertuples()]
             zero = head_interventions.intervention_study(model, pairs, image_emb, top, intervention="zero")
             scaled = head_interventions.intervention_study(model, pairs, image_emb, top, intervention="scale",
                                                            alphas=alphas, random_seeds=(0,))
@@ -71,7 +77,7 @@ def pairs_study(model: HookedCLIP, model_label: str, out: Union[str, Path], file
             sweep = scaled[scaled["condition"] != "none"]
             fig = px.line(sweep, x="alpha", y="accuracy", color="condition", markers=True,
                           labels=dict(alpha="alpha (the heads' output times alpha)"))
-            report.figure(style(fig, f"{name}: accuracy as the top {top_k} selective heads are scaled", height=400))
+            report.figure(style(fig, f"{name}: accuracy as the top {top_k} heads by {choose} are scaled", height=400))
             report.table(zero, caption="Zero ablation of the chosen heads and of random heads")
     tables = {key: pd.concat(value, ignore_index=True) for key, value in parts.items() if value}
     write_study(out, tables, report, manifest={"study": f"pairs ({studies})", "model": model_label,

@@ -32,3 +32,17 @@ def test_pairs_without_images_cannot_be_traced(tmp_path, capsys):
     assert "has no image column: causal-tracing" in capsys.readouterr().err
     assert main(["pairs", "heads", "--model", "clip_lens/tiny-shapes", "--pairs", str(tmp_path / "p.csv"),
                  "--out", str(tmp_path / "o2"), "--quiet"]) == 0
+
+
+def test_pairs_heads_chosen_by_attribution(tmp_path):
+    scenes = list(shapes.examples(6, seed=8))
+    (tmp_path / "images").mkdir()
+    for i, scene in enumerate(scenes):
+        shapes.image_of(scene).save(tmp_path / "images" / f"{i}.png")
+    pd.DataFrame({"caption": [s.caption for s in scenes], "foil": [s.foil for s in scenes],
+                  "image": [f"images/{i}.png" for i in range(6)]}).to_csv(tmp_path / "s.csv", index=False)
+    out = tmp_path / "out"
+    assert main(["pairs", "ablate-heads", "--model", "clip_lens/tiny-shapes", "--pairs", str(tmp_path / "s.csv"),
+                 "--choose", "attribution", "--top-k", "2", "--out", str(out), "--quiet"]) == 0
+    chosen = pd.read_csv(out / "ablation.csv")
+    assert chosen[chosen["condition"] == "chosen"]["heads"].str.split().str.len().eq(2).all()

@@ -85,3 +85,22 @@ def test_ablating_the_tiny_clips_negator_heads_lowers_held_out_negation_accuracy
     none, chosen = table.iloc[0], table[table["condition"] == "chosen"].iloc[0]
     random = table[table["condition"] == "random"]
     assert chosen["accuracy"] < random["accuracy"].min() - 0.1 and chosen["accuracy"] < none["accuracy"] - 0.1
+
+
+def test_heads_by_attribution_on_the_tiny_clip(tiny_model):
+    import torch
+
+    from clip_lens.data import shapes
+
+    scenes = list(shapes.examples(60, seed=20_000))
+    rows = pd.DataFrame({"id": range(60), "a": [e.caption for e in scenes], "b": [e.foil for e in scenes],
+                         "correct": "a", "image": None})
+    pairs = check_pairs("scenes", rows, lambda texts: tiny_model.to_tokens(texts, trim=False))
+    with torch.no_grad():
+        image = tiny_model.encode_image(tiny_model.to_pixels([shapes.image_of(e) for e in scenes]))
+    negated_is_a = np.array([e.negation_in == "caption" for e in scenes])
+    top = H.top_heads_by_attribution(tiny_model, pairs, image, 3, negated_is_a)
+    assert len(set(top)) == 3 and all(0 <= layer < 3 and 0 <= head < 4 for layer, head in top)
+    assert (0, 1) in top  # the strongest negator head matters by attribution too
+    with pytest.raises(ValueError, match="need the CLIP model"):
+        H.top_heads_by_attribution(count_head_tower(), pairs, image, 2)
