@@ -25,6 +25,7 @@ from clip_lens.experiments import head_interventions, minimal_pairs
 from clip_lens.model import HookedCLIP
 from clip_lens.plot import DIVERGING, style
 from clip_lens.report import Report, claim_output, write_study
+from clip_lens.scores import encode_images
 
 TAIL = ("span", "+1", "+2", "+3", "EOT")  # positions whose spread is the localisation
 
@@ -110,9 +111,9 @@ def build_tasks(model: HookedCLIP, *, valse: Optional[Union[str, Path]] = None, 
             if generated_images:
                 gen = torch.Generator().manual_seed(seed)
                 pixels = torch.randn(len(found), 3, *model.vision.cfg.image_size, generator=gen).clamp(-2.5, 2.5)
-                emb = _encode(model, pixels)
+                emb = encode_images(model, pixels.to(model.vision.device), progress=False)
             else:
-                emb = _encode(model, model.to_pixels(list(found.pairs["image"]))) if len(found) else None
+                emb = encode_images(model, list(found.pairs["image"]), progress=False) if len(found) else None
             marked = minimal_pairs.existence_marked(found) if piece == "existence" else "b"
             tasks.append(TaskInput(f"valse/{piece}", found, marked, emb))
     if cannot:
@@ -123,7 +124,7 @@ def build_tasks(model: HookedCLIP, *, valse: Optional[Union[str, Path]] = None, 
         if found.pairs["image"].isna().any():
             tasks.append(TaskInput(found.name, found, "b", None))
         else:
-            tasks.append(TaskInput(found.name, found, "b", _encode(model, model.to_pixels(list(found.pairs["image"])))))
+            tasks.append(TaskInput(found.name, found, "b", encode_images(model, list(found.pairs["image"]), progress=False)))
     if not tasks:
         raise ValueError("no task: give --valse, --cannot or --pairs")
     return tasks
@@ -142,14 +143,6 @@ def _with_images(pairs: MinimalPairs, folder: Union[str, Path]) -> MinimalPairs:
     excluded = pd.DataFrame({"id": missing["id"], "a": missing["a"], "b": missing["b"],
                              "reason": [f"image {name} not in {folder}" for name in missing["image"]]})
     return MinimalPairs(pairs.name, kept, pd.concat([pairs.excluded, excluded], ignore_index=True))
-
-
-def _encode(model: HookedCLIP, pixels: Tensor) -> Tensor:
-    import torch
-
-    with torch.no_grad():
-        return torch.cat([model.encode_image(pixels[lo : lo + 64].to(model.vision.device))
-                          for lo in range(0, len(pixels), 64)])
 
 
 def _correlations(selectivity: pd.DataFrame) -> pd.DataFrame:

@@ -12,10 +12,10 @@ import plotly.express as px
 
 from clip_lens.data import read_pairs_file
 from clip_lens.experiments import head_interventions, minimal_pairs
-from clip_lens.experiments.compare_tasks import _encode
 from clip_lens.model import HookedCLIP
 from clip_lens.plot import DIVERGING, head_heatmap, style
 from clip_lens.report import Report, claim_output, write_study
+from clip_lens.scores import encode_images
 
 STUDIES = ("causal-tracing", "heads", "ablate-heads")
 
@@ -50,7 +50,7 @@ def pairs_study(model: HookedCLIP, model_label: str, out: Union[str, Path], file
         if needs_images and pairs.pairs["image"].isna().any():
             raise ValueError(f"{path} has no image column: {', '.join(sorted(needs_images))} score each pair "
                              "against its image")
-        image_emb = _encode(model, model.to_pixels(list(pairs.pairs["image"]))) if needs_images else None
+        image_emb = encode_images(model, list(pairs.pairs["image"]), progress=False) if needs_images else None
         heads = minimal_pairs.selective_heads(model, pairs, progress=False)
         table = heads.head_table()
         if "heads" in chosen:
