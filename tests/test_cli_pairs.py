@@ -6,13 +6,19 @@ from clip_lens.cli import main
 from clip_lens.data import shapes
 
 
-def test_pairs_all_studies(tmp_path, capsys):
-    scenes = list(shapes.examples(8, seed=7))
-    (tmp_path / "images").mkdir()
+def scenes_file(folder, n: int, seed: int, name: str):
+    """A pairs file of n synthetic scenes (caption, foil, image) with its images under folder/images."""
+    scenes = list(shapes.examples(n, seed=seed))
+    (folder / "images").mkdir()
     for i, scene in enumerate(scenes):
-        shapes.image_of(scene).save(tmp_path / "images" / f"{i}.png")
+        shapes.image_of(scene).save(folder / "images" / f"{i}.png")
     pd.DataFrame({"caption": [s.caption for s in scenes], "foil": [s.foil for s in scenes],
-                  "image": [f"images/{i}.png" for i in range(8)]}).to_csv(tmp_path / "scenes.csv", index=False)
+                  "image": [f"images/{i}.png" for i in range(n)]}).to_csv(folder / name, index=False)
+    return folder / name
+
+
+def test_pairs_all_studies(tmp_path, capsys):
+    scenes_file(tmp_path, 8, seed=7, name="scenes.csv")
     out = tmp_path / "out"
     assert main(["pairs", "all", "--model", "clip_lens/tiny-shapes", "--pairs", str(tmp_path / "scenes.csv"),
                  "--top-k", "2", "--out", str(out), "--quiet"]) == 0
@@ -35,12 +41,7 @@ def test_pairs_without_images_cannot_be_traced(tmp_path, capsys):
 
 
 def test_pairs_heads_chosen_by_attribution(tmp_path):
-    scenes = list(shapes.examples(6, seed=8))
-    (tmp_path / "images").mkdir()
-    for i, scene in enumerate(scenes):
-        shapes.image_of(scene).save(tmp_path / "images" / f"{i}.png")
-    pd.DataFrame({"caption": [s.caption for s in scenes], "foil": [s.foil for s in scenes],
-                  "image": [f"images/{i}.png" for i in range(6)]}).to_csv(tmp_path / "s.csv", index=False)
+    scenes_file(tmp_path, 6, seed=8, name="s.csv")
     out = tmp_path / "out"
     assert main(["pairs", "ablate-heads", "--model", "clip_lens/tiny-shapes", "--pairs", str(tmp_path / "s.csv"),
                  "--choose", "attribution", "--top-k", "2", "--out", str(out), "--quiet"]) == 0
