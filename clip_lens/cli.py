@@ -147,10 +147,31 @@ def cmd_cannot(args: argparse.Namespace) -> int:
 def cmd_attention_cancellation(args: argparse.Namespace) -> int:
     from clip_lens.experiments import vision_study
 
-    return run_study(args, lambda model, label: vision_study.attention_cancellation_study(
-        model, label, args.out, images=args.images, captions=args.captions, labels=args.labels,
-        settings=args.settings, map_images=args.map_images, overwrite=args.overwrite, progress=not args.quiet),
-        lambda tables: tables["summary"].to_string(index=False))
+    def study(model, label: str) -> dict:
+        captioner = None if args.captioner is None else load_captioner(args.captioner, model, args.seed)
+        return vision_study.attention_cancellation_study(
+            model, label, args.out, images=args.images, captions=args.captions, labels=args.labels,
+            settings=args.settings, map_images=args.map_images, captioner=captioner, caption_image=args.caption_image,
+            beams=args.beams, overwrite=args.overwrite, progress=not args.quiet)
+
+    def summary(tables: dict) -> str:
+        text = tables["summary"].to_string(index=False)
+        if "captions_by_setting" in tables:
+            text += "\n" + tables["captions_by_setting"].to_string(index=False)
+        return text
+
+    return run_study(args, study, summary)
+
+
+def load_captioner(source: str, model, seed: int = 0):
+    """--captioner: "random" (an untrained prefix captioner for this CLIP), the shipped
+    clip_lens/tiny-shapes-captioner, a prefix captioner's file or a Hugging Face directory."""
+    from clip_lens.captioning import load_captioner as load
+    from clip_lens.captioning.train import random_captioner
+
+    if source == "random":
+        return random_captioner(model.vision.cfg.d_embed, seed).to(model.device)
+    return load(source, device=model.device)
 
 
 def cmd_attribution(args: argparse.Namespace) -> int:
@@ -282,12 +303,31 @@ def cmd_train_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_captioner(args: argparse.Namespace) -> int:
+    import clip_lens
+    from clip_lens import tiny
+    from clip_lens.captioning import PrefixCaptioner, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = clip_lens.HookedCLIP.from_pretrained(tiny.NAME)
+    _, report = train.train(model, steps=args.steps, seed=args.seed, n_scenes=args.scenes, lr=args.lr,
+                            progress=not args.quiet, out=args.out)
+    result = train.evaluate(PrefixCaptioner.load(args.out), model)
+    print(f"trained {report.steps} steps in {report.seconds / 60:.1f} min (final loss {report.final_loss:.4f}); "
+          f"wrote {args.out}")
+    print(f"held-out one-shape scenes ({result['scenes']}, seed {train.EVAL_SEED}): {result['accuracy']:.1%} name the "
+          f"shape with its colour (colour {result['colour']:.1%}, shape {result['shape']:.1%}; "
+          f"{result['exact']:.1%} word for word)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The shipped tiny CLIP on held-out synthetic scenes: every negation study and image ablation
     (out/report.html), attention cancellation (out/attention_cancellation/) and attribution
     (out/attribution/) on one-shape scenes, and the negation circuit of the text tower (out/circuit/)."""
     import clip_lens
-    from clip_lens import tiny
+    from clip_lens import tiny, zoo
     from clip_lens.data.shapes import export_valse, single_shape_set
     from clip_lens.experiments import attribution_study, circuit_study, negation_study, vision_study
 
@@ -310,10 +350,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     images, captions = single_shape_set(args.out / "single_shapes" / "images")
     cancel = vision_study.attention_cancellation_study(
         model, f"{tiny.NAME}", args.out / "attention_cancellation", images=images, captions=captions,
-        overwrite=True, progress=not args.quiet)
-    baseline = cancel["summary"].set_index("setting").loc["baseline", "accuracy"]
-    print(f"attention cancellation on one-shape scenes: baseline accuracy {baseline:.3f}; "
-          f"report {args.out}/attention_cancellation/report.html")
+        captioner=load_captioner(zoo.CAPTIONER_NAME, model), overwrite=True, progress=not args.quiet)
+    table = cancel["summary"].set_index("setting")
+    print(f"attention cancellation on one-shape scenes: baseline accuracy {table.loc['baseline', 'accuracy']:.3f}; "
+          f"generated captions' mean cosine {table.loc['baseline', 'mean_generated_cosine']:.3f} at baseline, "
+          + ", ".join(f"{setting} {value:.3f}" for setting, value in table["mean_generated_cosine"].iloc[1:].items())
+          + f" with attention cancelled; report {args.out}/attention_cancellation/report.html")
     attr = attribution_study.attribution_study(
         model, f"{tiny.NAME}", args.out / "attribution", images=images, captions=captions,
         concept_template="There is a {}.", sae_latents=64, sae_k=4, ks=(0, 1, 2, 4, 8), overwrite=True,
@@ -377,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--settings", default=None,
                         help="layers to cancel, 1-based, e.g. '1 2 1-3 4-6 1,5,9' (default: each layer and the study's ranges)")
     cancel.add_argument("--map-images", type=int, default=3, help="images to draw class-token attention maps for")
+    cancel.add_argument("--captioner", default=None,
+                        help="also generate captions from the cancelled tower: clip_lens/tiny-shapes-captioner, a prefix "
+                             "captioner's .safetensors file, a Hugging Face vision-encoder-decoder directory, or 'random'")
+    cancel.add_argument("--beams", type=int, default=1, help="beam search with this many beams (default 1: greedy)")
+    cancel.add_argument("--caption-image", type=int, default=0,
+                        help="the image (index in the set) whose captions per setting the report tabulates")
     _add_model_args(cancel, instances=False)
     cancel.set_defaults(func=cmd_attention_cancellation)
 
@@ -479,6 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
     covariates.add_argument("--scenes", type=int, default=100, help="scenes per subject size (default 100)")
     _add_model_args(covariates, instances=False)
     covariates.set_defaults(func=cmd_covariates)
+
+    train_cap = sub.add_parser("train-captioner", help="train the prefix captioner of the tiny CLIP on shape scenes")
+    train_cap.add_argument("--steps", type=int, default=2000)
+    train_cap.add_argument("--seed", type=int, default=0)
+    train_cap.add_argument("--scenes", type=int, default=20_000, help="training scenes (embedded once)")
+    train_cap.add_argument("--lr", type=float, default=1e-3)
+    train_cap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    train_cap.add_argument("--out", type=Path, default=Path("tiny-shapes-captioner.safetensors"))
+    train_cap.add_argument("--quiet", action="store_true", help="no progress bar")
+    train_cap.set_defaults(func=cmd_train_captioner)
 
     train = sub.add_parser("train-tiny", help="train the tiny CLIP on synthetic shape scenes")
     train.add_argument("--steps", type=int, default=2400)

@@ -146,6 +146,25 @@ def open_clip_table(text: TextConfig, vision: VisionConfig, text_prefix: str, te
     return rows
 
 
+def huggingface_vision_rows(vision: VisionConfig, dst: str = "vision", src: str = "vision_model",
+                            projection: Optional[str] = "visual_projection.weight") -> list[Row]:
+    """transformers `CLIPVisionTransformer` keys under `src` -> the vision tower's parameters under
+    `dst` ("" for a bare tower); `projection` is the key of the joint-space projection, if any."""
+    at, frm = (f"{dst}." if dst else ""), (f"{src}." if src else "")
+    rows: list[Row] = [
+        (f"{at}patch_embed.weight", [f"{frm}embeddings.patch_embedding.weight"], _same),
+        (f"{at}class_embedding", [f"{frm}embeddings.class_embedding"], _same),
+        (f"{at}W_pos", [f"{frm}embeddings.position_embedding.weight"], _same),
+        *_ln_rows(f"{at}ln_pre", f"{frm}pre_layrnorm"),
+        *_ln_rows(f"{at}ln_post", f"{frm}post_layernorm"),
+    ]
+    if projection is not None:
+        rows.append((f"{at}proj.W", [projection], _transpose))
+    for layer in range(vision.n_layers):
+        rows += _block_rows(f"{at}blocks.{layer}", f"{frm}encoder.layers.{layer}", False, "hf")
+    return rows
+
+
 def huggingface_table(text: TextConfig, vision: VisionConfig) -> list[Row]:
     """transformers `CLIPModel` state-dict keys -> HookedCLIP parameters."""
     rows: list[Row] = [
@@ -153,18 +172,11 @@ def huggingface_table(text: TextConfig, vision: VisionConfig) -> list[Row]:
         ("text.W_pos", ["text_model.embeddings.position_embedding.weight"], _same),
         *_ln_rows("text.ln_final", "text_model.final_layer_norm"),
         ("text.proj.W", ["text_projection.weight"], _transpose),
-        ("vision.patch_embed.weight", ["vision_model.embeddings.patch_embedding.weight"], _same),
-        ("vision.class_embedding", ["vision_model.embeddings.class_embedding"], _same),
-        ("vision.W_pos", ["vision_model.embeddings.position_embedding.weight"], _same),
-        *_ln_rows("vision.ln_pre", "vision_model.pre_layrnorm"),
-        *_ln_rows("vision.ln_post", "vision_model.post_layernorm"),
-        ("vision.proj.W", ["visual_projection.weight"], _transpose),
         ("logit_scale", ["logit_scale"], _scalar),
+        *huggingface_vision_rows(vision),
     ]
     for layer in range(text.n_layers):
         rows += _block_rows(f"text.blocks.{layer}", f"text_model.encoder.layers.{layer}", False, "hf")
-    for layer in range(vision.n_layers):
-        rows += _block_rows(f"vision.blocks.{layer}", f"vision_model.encoder.layers.{layer}", False, "hf")
     return rows
 
 
@@ -406,6 +418,34 @@ def _hf_act(name: str) -> str:
     return table[name]
 
 
+def huggingface_vision_config(v: Any, projection_dim: Optional[int]) -> VisionConfig:
+    """The vision tower's config from a transformers `CLIPVisionConfig`; `projection_dim` None (or 0)
+    for an encoder without the joint-space projection (e.g. a vision-encoder-decoder's encoder)."""
+    image, patch = v.image_size, v.patch_size
+    return VisionConfig(
+        n_layers=v.num_hidden_layers, d_model=v.hidden_size, n_heads=v.num_attention_heads,
+        d_head=v.hidden_size // v.num_attention_heads, d_mlp=v.intermediate_size,
+        n_ctx=(image // patch) ** 2 + 1, d_embed=projection_dim or None, act_fn=_hf_act(v.hidden_act),
+        eps=v.layer_norm_eps, causal=False, pooling="tok", image_size=(image, image),
+        patch_size=(patch, patch), ln_pre=True, final_ln_after_pool=True,
+    )
+
+
+def huggingface_preprocess_cfg(image_size: tuple[int, int], folder: Optional[Path] = None) -> dict:
+    """Image preprocessing of a transformers CLIP vision model: CLIP's normalisation, or the one in
+    `folder`'s preprocessor_config.json when there is one."""
+    cfg = {
+        "size": image_size, "mode": "RGB", "interpolation": "bicubic", "resize_mode": "shortest",
+        "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711), "fill_color": 0,
+    }
+    if folder is not None and (folder / "preprocessor_config.json").is_file():
+        processor = json.loads((folder / "preprocessor_config.json").read_text())
+        for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
+            if theirs in processor:
+                cfg[ours] = tuple(float(v) for v in processor[theirs])
+    return cfg
+
+
 def huggingface_configs(config: Any) -> tuple[TextConfig, VisionConfig]:
     """Tower configs from a transformers `CLIPConfig`."""
     t, v = config.text_config, config.vision_config
@@ -419,15 +459,7 @@ def huggingface_configs(config: Any) -> tuple[TextConfig, VisionConfig]:
         # first occurrence of eos_token_id.
         pooling="argmax" if eos == 2 else "eos", d_vocab=t.vocab_size, eot_token_id=eos,
     )
-    image, patch = v.image_size, v.patch_size
-    vision_cfg = VisionConfig(
-        n_layers=v.num_hidden_layers, d_model=v.hidden_size, n_heads=v.num_attention_heads,
-        d_head=v.hidden_size // v.num_attention_heads, d_mlp=v.intermediate_size,
-        n_ctx=(image // patch) ** 2 + 1, d_embed=config.projection_dim, act_fn=_hf_act(v.hidden_act),
-        eps=v.layer_norm_eps, causal=False, pooling="tok", image_size=(image, image),
-        patch_size=(patch, patch), ln_pre=True, final_ln_after_pool=True,
-    )
-    return text_cfg, vision_cfg
+    return text_cfg, huggingface_vision_config(v, config.projection_dim)
 
 
 def huggingface_parts(model_or_path: Any, tokenizer: Any = None) -> Parts:
@@ -452,15 +484,7 @@ def huggingface_parts(model_or_path: Any, tokenizer: Any = None) -> Parts:
         tokenizer = Tokenizer.from_huggingface(AutoTokenizer.from_pretrained(path, local_files_only=True), text_cfg.n_ctx)
     elif tokenizer is not None and not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.from_huggingface(tokenizer, text_cfg.n_ctx)
-    processor_cfg = {
-        "size": vision_cfg.image_size, "mode": "RGB", "interpolation": "bicubic", "resize_mode": "shortest",
-        "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711), "fill_color": 0,
-    }
-    if path is not None and (path / "preprocessor_config.json").is_file():  # the folder's own normalisation
-        processor = json.loads((path / "preprocessor_config.json").read_text())
-        for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
-            if theirs in processor:
-                processor_cfg[ours] = tuple(float(v) for v in processor[theirs])
+    processor_cfg = huggingface_preprocess_cfg(vision_cfg.image_size, path)
     param = next(hf.parameters())
     return Parts(HookedTextTower(text_cfg, tokenizer=tokenizer), HookedVisionTower(vision_cfg),
                  dict(preprocess_cfg=processor_cfg, name=getattr(hf.config, "_name_or_path", None) or None),

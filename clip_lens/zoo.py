@@ -23,3 +23,7 @@ def register() -> str:
     if ARCHITECTURE not in factory._MODEL_CONFIGS:  # open_clip keeps its registry in this dict
         factory._MODEL_CONFIGS[ARCHITECTURE] = json.loads(CONFIG.read_text())
     return ARCHITECTURE
+
+# the prefix captioner trained against the tiny CLIP (`clip_lens.captioning.train`, docs/captioning.md)
+CAPTIONER_NAME = "clip_lens/tiny-shapes-captioner"
+CAPTIONER_WEIGHTS = MODELS / "tiny-shapes-captioner.safetensors"

@@ -5,6 +5,10 @@ identity), so the attention block outputs out_proj(V). For each image and a list
 captions: the caption CLIP selects, its cosine similarity, every caption's logit and the accuracy
 against a label, for the baseline and every setting. Runs through `clip_lens.patch`
 (`intervention="value_only"`, `metric="embedding"`).
+
+With a captioner (`clip_lens.captioning`), each setting also generates a caption per image from the
+cancelled tower, scored against the image by CLIP: under the same setting (as the selected caption
+is) and against the unmodified image embedding (docs/methods.md#generated-captions).
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from clip_lens.model import HookedCLIP
-from clip_lens.patching import patch
+from clip_lens.patching import hook_name, patch, value_only_attention
 from clip_lens.plot import style
 from clip_lens.scores import encode_texts
 
@@ -72,6 +77,9 @@ class AttentionCancellation:
         captions: the candidate captions.
         settings: "baseline" then each setting's name; layers: their 0-based blocks.
         logits: [setting, image, caption]; cosine: the same as cosine similarities.
+        generated: with a captioner, the caption generated per [setting][image]; None without.
+        generated_cosine: [setting, image], cosine of the generated caption with the image
+            embedding under the same setting; generated_cosine_clean: with the unmodified one.
     """
 
     images: pd.DataFrame
@@ -80,9 +88,13 @@ class AttentionCancellation:
     layers: list
     logits: Float[np.ndarray, "setting image caption"]
     cosine: Float[np.ndarray, "setting image caption"]
+    generated: Optional[list] = None
+    generated_cosine: Optional[Float[np.ndarray, "setting image"]] = None
+    generated_cosine_clean: Optional[Float[np.ndarray, "setting image"]] = None
 
     def predictions(self) -> pd.DataFrame:
-        """One row per setting x image: selected caption, its cosine and logit, correct."""
+        """One row per setting x image: selected caption, its cosine and logit, correct; with a
+        captioner also the generated caption, its two cosines and whether it changed."""
         selected = self.logits.argmax(axis=-1)
         rows = []
         for s, setting in enumerate(self.settings):
@@ -92,18 +104,39 @@ class AttentionCancellation:
                                  cosine=float(self.cosine[s, i, k]), logit=float(self.logits[s, i, k]),
                                  correct=bool(k == row.target) if row.target >= 0 else None,
                                  changed=bool(k != selected[0, i])))
+                if self.generated is not None:
+                    rows[-1].update(generated=self.generated[s][i], generated_cosine=float(self.generated_cosine[s, i]),
+                                    generated_cosine_clean=float(self.generated_cosine_clean[s, i]),
+                                    generated_changed=self.generated[s][i] != self.generated[0][i])
         return pd.DataFrame(rows)
 
     def summary(self) -> pd.DataFrame:
         """Per setting: its blocks (numbered from 0, as in every table; the setting's name keeps the
         study's 1-based layers), accuracy, mean cosine of the selected caption, and the share of
-        images whose selection changed from the baseline."""
+        images whose selection changed from the baseline. With a captioner (the study's Table 1):
+        the mean cosine of the generated captions, under the setting and against the unmodified
+        image, and the share of images whose generated caption changed."""
         pred = self.predictions()
         labelled = pred.dropna(subset=["correct"])
-        table = pred.groupby("setting", sort=False).agg(mean_cosine=("cosine", "mean"), changed=("changed", "mean"))
+        columns = dict(mean_cosine=("cosine", "mean"), changed=("changed", "mean"))
+        if self.generated is not None:
+            columns.update(mean_generated_cosine=("generated_cosine", "mean"),
+                           mean_generated_cosine_clean=("generated_cosine_clean", "mean"),
+                           generated_changed=("generated_changed", "mean"))
+        table = pred.groupby("setting", sort=False).agg(**columns)
         table["accuracy"] = labelled.groupby("setting", sort=False)["correct"].mean() if len(labelled) else np.nan
         table.insert(0, "blocks", ["" if not l else ",".join(str(b) for b in l) for l in self.layers])
-        return table.reset_index()[["setting", "blocks", "accuracy", "mean_cosine", "changed"]]
+        return table.reset_index()[["setting", "blocks", "accuracy", *columns]]
+
+    def caption_table(self, image: int = 0) -> pd.DataFrame:
+        """For one image, per setting (the study's Figure 5): the selected caption and, with a
+        captioner, the generated one, each with its cosine under the setting."""
+        if not 0 <= image < len(self.images):
+            raise ValueError(f"image {image} is out of range: the study has {len(self.images)} images")
+        pred = self.predictions()
+        pred = pred.iloc[image :: len(self.images)]
+        keep = ["setting", "selected", "cosine"] + (["generated", "generated_cosine"] if self.generated is not None else [])
+        return pred[keep].reset_index(drop=True)
 
     def logits_frame(self) -> pd.DataFrame:
         """Long format: setting, image, caption, logit, cosine."""
@@ -128,19 +161,67 @@ class AttentionCancellation:
                                     colorbar=dict(title="cosine"),
                                     hovertemplate="%{y}<br>%{x}<br>cosine %{z:.4f}<extra></extra>"))
         heat.update_xaxes(type="category", title_text="setting")
-        return {"cancellation_accuracy": style(bars, "Accuracy with self-attention cancelled" if accuracy else
+        figures = {"cancellation_accuracy": style(bars, "Accuracy with self-attention cancelled" if accuracy else
                                                 "Selections changed by cancelling self-attention", height=420),
                 "cancellation_cosine": style(heat, "Cosine similarity with the " + ("correct" if accuracy else "selected")
                                               + " caption", height=max(360, 24 * len(self.images) + 160))}
+        if self.generated is not None:
+            figures["cancellation_generated"] = self.generated_figure(summary)
+        return figures
+
+    def generated_figure(self, summary: Optional[pd.DataFrame] = None) -> go.Figure:
+        """Mean cosine per setting of the selected and of the generated captions (Table 1 drawn)."""
+        summary = self.summary() if summary is None else summary
+        fig = go.Figure()
+        for column, name, colour in (("mean_cosine", "selected caption", "#264653"),
+                                     ("mean_generated_cosine", "generated caption", "#e76f51"),
+                                     ("mean_generated_cosine_clean", "generated caption, unmodified image", "#f4a261")):
+            fig.add_bar(x=summary["setting"], y=summary[column], name=name, marker_color=colour,
+                        hovertemplate="%{x}<br>" + name + ": %{y:.4f}<extra></extra>")
+        fig.update_layout(barmode="group")
+        fig.update_xaxes(type="category", title_text="self-attention cancelled in layers")
+        fig.update_yaxes(title_text="mean cosine with the image")
+        return style(fig, "CLIP similarity of selected and generated captions", height=420)
 
 
 def _file_name(path) -> str:
     return str(path).replace("\\", "/").rsplit("/", 1)[-1]
 
 
+def generate_captions(model: HookedCLIP, captioner, settings: dict[str, tuple[int, ...]], *, images: Sequence = (),
+                      pixels: Optional[Tensor] = None, beams: int = 1, max_new_tokens: Optional[int] = None,
+                      progress: bool = True) -> list[list[str]]:
+    """Captions per [setting][image] from `captioner` with self-attention cancelled in each
+    setting's blocks of the tower it reads (an empty setting: the baseline).
+
+    `pixels` are used when the captioner reads `model.vision`; a captioner with its own tower
+    (a Hugging Face vision-encoder-decoder) preprocesses `images` itself.
+    """
+    tower = captioner.vision_tower(model)
+    n_layers = tower.cfg.n_layers
+    for name, layers in settings.items():
+        if layers and max(layers) >= n_layers:
+            raise ValueError(f"setting {name!r} cancels block {max(layers)}, but the captioner's vision tower has "
+                             f"{n_layers} blocks")
+    if tower is model.vision and pixels is not None:
+        inputs = pixels
+    elif len(images):
+        inputs = captioner.to_pixels(list(images), model)
+    else:
+        raise ValueError("the captioner reads its own vision tower and needs the images (paths or PIL images), not "
+                         "the CLIP's pixels")
+    out = []
+    for layers in tqdm(settings.values(), desc="generating captions", disable=not progress):
+        hooks = [(hook_name("pattern", layer, n_layers), value_only_attention) for layer in layers]
+        with tower.hooks(fwd_hooks=hooks):
+            out.append(captioner.caption(inputs, model, beams=beams, max_new_tokens=max_new_tokens))
+    return out
+
+
 def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, targets: Optional[Sequence[int]] = None,
         settings: Optional[dict[str, tuple[int, ...]]] = None, pixels: Optional[Tensor] = None,
-        pair_chunk: int = 32, progress: bool = True) -> AttentionCancellation:
+        pair_chunk: int = 32, captioner=None, beams: int = 1, max_new_tokens: Optional[int] = None,
+        progress: bool = True) -> AttentionCancellation:
     """Cancel self-attention in each setting and score every image against every caption.
 
     Args:
@@ -149,6 +230,8 @@ def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, tar
         targets: each image's correct caption index (-1: unknown); default all unknown.
         settings: name -> 0-based blocks (default `default_settings`).
         pixels: [n, 3, H, W] instead of reading `images["image"]`.
+        captioner: a `clip_lens.captioning.Captioner`: also generate a caption per image and
+            setting (greedy, or beam search with `beams` > 1) and score it with CLIP.
     """
     images = images.reset_index(drop=True).copy()
     if "label" not in images:
@@ -164,5 +247,24 @@ def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, tar
     with torch.no_grad():
         cosine = F.normalize(embeddings, dim=-1) @ F.normalize(text, dim=-1).T
         logits = model.logits_from_embeddings(embeddings, text)
-    return AttentionCancellation(images, list(captions), ["baseline", *settings], [(), *settings.values()],
-                                 logits.cpu().numpy(), cosine.cpu().numpy())
+    result = AttentionCancellation(images, list(captions), ["baseline", *settings], [(), *settings.values()],
+                                   logits.cpu().numpy(), cosine.cpu().numpy())
+    if captioner is not None:
+        generated = generate_captions(model, captioner, {"baseline": (), **settings}, images=list(images["image"]),
+                                      pixels=pixels, beams=beams, max_new_tokens=max_new_tokens, progress=progress)
+        result.generated = generated
+        result.generated_cosine, result.generated_cosine_clean = _generated_cosines(model, generated, embeddings)
+    return result
+
+
+def _generated_cosines(model: HookedCLIP, generated: list[list[str]], embeddings: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine of each generated caption's text embedding with the image embedding under its setting
+    ([setting, image]) and with the unmodified (baseline) image embedding."""
+    unique = sorted({c for per_setting in generated for c in per_setting})
+    text = F.normalize(encode_texts(model, unique).float(), dim=-1)
+    index = {c: i for i, c in enumerate(unique)}
+    rows = torch.tensor([[index[c] for c in per_setting] for per_setting in generated], device=text.device)
+    caption = text[rows]                                     # [setting, image, d_embed]
+    images = F.normalize(embeddings.float(), dim=-1)          # [setting, image, d_embed]
+    with torch.no_grad():
+        return ((caption * images).sum(-1).cpu().numpy(), (caption * images[:1]).sum(-1).cpu().numpy())

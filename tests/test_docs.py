@@ -42,3 +42,12 @@ def test_pairs_docs_example_runs(monkeypatch):
     namespace = run_python_blocks(ROOT / "docs" / "pairs.md", 1)
     assert len(namespace["pieces"]) == 11 and len(namespace["existence"]) == 490
     assert set(namespace["foil_it"].summary()["outcome"]) >= {"kept"}
+
+
+def test_captioning_docs_examples_run(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the example writes its scenes into the working directory
+    namespace = run_python_blocks(ROOT / "docs" / "captioning.md", 3)
+    assert namespace["features"].shape == (4, 17, 64) and namespace["ids"].shape[0] == 4
+    summary = namespace["result"].summary()
+    assert summary["setting"].tolist()[0] == "baseline" and summary["mean_generated_cosine"].notna().all()
+    assert namespace["result"].caption_table(0)["generated"].nunique() >= 2

@@ -66,6 +66,14 @@ def test_demo_runs_offline_and_shows_structure(tmp_path, capsys):
     top = reliance[reliance["rank"] == 1]
     assert len(top) == 12
     assert (top["class"].str.split().str[0] == top["best_concept"].str.split().str[0]).mean() >= 0.9
+    # attention cancellation with the shipped captioner: the generated captions are mostly right at
+    # baseline, and cancelling every block leaves every image one caption
+    cancel = pd.read_csv(tmp_path / "attention_cancellation" / "predictions.csv")
+    baseline = cancel[cancel["setting"] == "baseline"]
+    assert (baseline["generated"] == "There is a " + baseline["label"] + ".").mean() >= 0.75
+    assert cancel.loc[cancel["setting"] == "1-3", "generated"].nunique() == 1
+    assert len(pd.read_csv(tmp_path / "attention_cancellation" / "captions_by_setting.csv")) == 5
+    assert "generated captions' mean cosine" in out
     # the negation circuit of the text tower: a small circuit carries the difference, random ones do not
     circuit = pd.read_csv(tmp_path / "circuit" / "summary.csv").iloc[0]
     assert circuit["reached_threshold"] and circuit["circuit_edges"] <= 60

@@ -79,6 +79,24 @@ def render(scene: Scene, rng: Optional[random.Random] = None) -> Image.Image:
     return image
 
 
+def describe(scene: Scene) -> str:
+    """The scene in one sentence, shapes from left to right: "There is a red circle.",
+    "There is a red circle and a blue square.", "There is a red circle, a blue square and a
+    green triangle.", "There are no shapes." (what the shipped captioner learns to say)."""
+    names = [f"a {s.colour} {s.kind}" for s in sorted(scene.shapes, key=lambda s: (s.x, s.y))]
+    if not names:
+        return "There are no shapes."
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"There is {listed}."
+
+
+def one_shape_scene(rng: random.Random) -> Scene:
+    """A scene with exactly one shape, sized and placed as in `single_shape_set`."""
+    r = rng.randint(8, 14)
+    return Scene((Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.randint(r + 1, SIZE - r - 2),
+                        rng.randint(r + 1, SIZE - r - 2), r),))
+
+
 def _subject(rng: random.Random, scene: Scene, present: bool) -> Optional[tuple[str, str]]:
     """(singular phrase, plural phrase) of a subject present in / absent from the scene."""
     for _ in range(30):
