@@ -39,7 +39,7 @@ def attention_distance(pattern: Float[Tensor, "... query key"], grid: tuple[int,
     """Mean over query patches of the attention-weighted Euclidean distance (in patches) to the key
     patches; the class token (position 0) excluded as query and key, weights renormalised."""
     gh, gw = grid
-    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(gh, device=pattern.device), torch.arange(gw, device=pattern.device), indexing="ij")
     coords = torch.stack([rows.flatten(), cols.flatten()], dim=-1).to(pattern.dtype)
     distance = torch.cdist(coords, coords)  # [patches, patches]
     weights = pattern[..., 1:, 1:]
@@ -81,7 +81,7 @@ def attention_map_figure(image: np.ndarray, maps: Float[Tensor, "head gh gw"], t
     for h in range(heads):
         r, c = h // cols + 1, h % cols + 1
         fig.add_trace(go.Image(z=image), row=r, col=c)
-        fig.add_trace(go.Heatmap(z=maps[h].numpy(), x0=w_px / gw / 2, dx=w_px / gw, y0=h_px / gh / 2, dy=h_px / gh,
+        fig.add_trace(go.Heatmap(z=maps[h].detach().float().cpu().numpy(), x0=w_px / gw / 2, dx=w_px / gw, y0=h_px / gh / 2, dy=h_px / gh,
                                  colorscale="Inferno", opacity=0.55, showscale=False,
                                  hovertemplate="attention %{z:.3f}<extra></extra>"), row=r, col=c)
     fig.update_xaxes(visible=False)
@@ -91,6 +91,7 @@ def attention_map_figure(image: np.ndarray, maps: Float[Tensor, "head gh gw"], t
 
 def model_view(model: HookedCLIP, pixels: Float[Tensor, "3 H W"]) -> np.ndarray:
     """The preprocessed image [H, W, 3] uint8, normalisation undone, for drawing maps on."""
-    mean = torch.tensor(model.preprocess_cfg["mean"]).view(3, 1, 1)
-    std = torch.tensor(model.preprocess_cfg["std"]).view(3, 1, 1)
+    pixels = pixels.detach().float().cpu()  # drawn on the host, whatever the model's device and dtype
+    mean = torch.tensor(model.preprocess_cfg["mean"], device="cpu").view(3, 1, 1)
+    std = torch.tensor(model.preprocess_cfg["std"], device="cpu").view(3, 1, 1)
     return ((pixels * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()

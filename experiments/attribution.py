@@ -118,7 +118,7 @@ def components_frame(values: Float[Tensor, "n layer unit"], unit: str, instances
         return pd.DataFrame(rows)
     index = pd.MultiIndex.from_product([list(instances) if instances is not None else range(n), range(n_layers),
                                         range(n_units)], names=["instance", "layer", unit])
-    return pd.DataFrame({"attribution": values.detach().reshape(-1).numpy()}, index=index).reset_index()
+    return pd.DataFrame({"attribution": values.detach().reshape(-1).float().cpu().numpy()}, index=index).reset_index()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +310,7 @@ def position_map_figure(images: Sequence[np.ndarray], maps: Float[Tensor, "n gh 
         h_px, w_px = image.shape[:2]
         gh, gw = maps.shape[1:]
         fig.add_trace(go.Image(z=image), row=r, col=c)
-        fig.add_trace(go.Heatmap(z=maps[i].numpy(), x0=w_px / gw / 2, dx=w_px / gw, y0=h_px / gh / 2, dy=h_px / gh,
+        fig.add_trace(go.Heatmap(z=maps[i].detach().float().cpu().numpy(), x0=w_px / gw / 2, dx=w_px / gw, y0=h_px / gh / 2, dy=h_px / gh,
                                  zmin=-bound, zmax=bound, colorscale="RdBu_r", opacity=0.6, showscale=i == 0,
                                  colorbar=dict(title="attribution"), hovertemplate="%{z:.4f}<extra></extra>"), row=r, col=c)
     fig.update_xaxes(visible=False)

@@ -125,7 +125,7 @@ def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, ima
     concepts = list(dict.fromkeys(frame["label"]))
     alignment = attribution.latent_alignment(model, sae_model, tower, concepts, template=concept_template)
     tables["reliance"] = attribution.unexpected_reliance(latents, frame["label"], alignment, concepts, top=top)
-    tables["latent_attributions"] = pd.DataFrame(latents.numpy()).assign(instance=names, label=list(frame["label"])) \
+    tables["latent_attributions"] = pd.DataFrame(latents.float().cpu().numpy()).assign(instance=names, label=list(frame["label"])) \
         .melt(id_vars=["instance", "label"], var_name="latent", value_name="attribution")
     tables["latent_attributions"] = tables["latent_attributions"][tables["latent_attributions"]["attribution"] != 0]
 

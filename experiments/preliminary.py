@@ -137,9 +137,9 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, subject_size: Optio
     """
     frame = instances.instances_table()
     tokens = model.to_tokens(list(frame["caption"]))
-    frame["n_tokens"] = (model.text.pooled_positions(tokens) - 1).numpy()  # between SOT and EOT
+    frame["n_tokens"] = (model.text.pooled_positions(tokens) - 1).cpu().numpy()  # between SOT and EOT
     captions, foils = instances.text_embeddings(model)
-    frame["caption_foil_cosine"] = F.cosine_similarity(captions, foils, dim=-1).numpy()
+    frame["caption_foil_cosine"] = F.cosine_similarity(captions.float(), foils.float(), dim=-1).cpu().numpy()
     frame["subject"] = [subject_of(s) for s in instances.frame["negated"]]
     frame["subject_size"] = np.nan
     if subject_size is not None:

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 import clip_lens
 from clip_lens import zoo
 from clip_lens.data.shapes import export_valse
-from clip_lens.experiments import attribution, causal_tracing, existence, image_ablation, negator_attention
+from clip_lens.experiments import attribution, causal_tracing, existence, image_ablation, negator_attention, preliminary
 from clip_lens.patching import KINDS
 from clip_lens.sae import TopKSAE, cache_activations, train_sae
 
@@ -120,6 +120,8 @@ def test_studies(setup):
         heads = negator_attention.run(model, instances.frame["negated"], instances.frame["non_negated"],
                                       instances=instances.instances_table(), layout="existence", progress=False)
         heads.head_table()
+        measures = preliminary.run(model, instances, progress=False)
+    assert measures.frame["n_tokens"].min() > 0 and measures.frame["caption_foil_cosine"].notna().all()
 
 
 def test_attribution_and_saes(setup):
@@ -159,3 +161,43 @@ def test_circuits(setup):
                                   steps=2, progress=False)
     assert eap.scores.device.type == exact.effects.device.type == node_ig.effects.device.type == "cpu"
     assert torch.isfinite(exact.effects).all() and len(curve) == 4
+
+
+def test_captioning(setup, tiny_model):
+    """The shipped captioner and generated captions in attention cancellation, on the model's
+    device: the same captions as on the CPU."""
+    from clip_lens.captioning import load_captioner
+    from clip_lens.experiments import attention_cancellation
+
+    model, instances, guard = setup
+    captioner = load_captioner(zoo.CAPTIONER_NAME, device=model.device)
+    paths = [str(p) for p in instances.frame["image_path"][:4]]
+    pixels = model.to_pixels(paths)
+    with guard():
+        greedy = captioner.caption(pixels, model)
+        beam = captioner.caption(pixels, model, beams=3)
+        result = attention_cancellation.run(model, instances.frame.rename(columns={"image_path": "image"})[:4],
+                                            ["There is a red circle.", "There are no shapes."], settings={"2": (1,)},
+                                            pixels=pixels, captioner=captioner, progress=False)
+    on_cpu = load_captioner(zoo.CAPTIONER_NAME)
+    cpu_pixels = tiny_model.to_pixels(paths)
+    assert greedy == on_cpu.caption(cpu_pixels, tiny_model)
+    assert beam == on_cpu.caption(cpu_pixels, tiny_model, beams=3)
+    assert result.generated[0] == greedy and result.generated_cosine.shape == (2, 4)
+
+
+def test_vision_study_with_captions(setup, tmp_path):
+    """Attention cancellation with generated captions, attention distance and maps, and the report,
+    all on the model's device (the demo's vision step)."""
+    from clip_lens.captioning import load_captioner
+    from clip_lens.data.shapes import single_shape_set
+    from clip_lens.experiments import vision_study
+
+    model, _, guard = setup
+    images, captions = single_shape_set(tmp_path / "images", per_class=1)
+    captioner = load_captioner(zoo.CAPTIONER_NAME, device=model.device)
+    with guard():
+        tables = vision_study.attention_cancellation_study(model, "tiny", tmp_path / "out", images=images, captions=captions,
+                                                           settings="1 1-3", captioner=captioner, map_images=1,
+                                                           progress=False)
+    assert len(tables["captions_by_setting"]) == 3 and len(tables["attention_distance"]) == 3 * 4
