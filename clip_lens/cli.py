@@ -303,6 +303,18 @@ def cmd_train_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run a sweep spec; exit 1 when a task failed (the summary names each one)."""
+    from clip_lens import sweep
+
+    executor = "ray" if args.ray or args.ray_address else "local"
+    result = sweep.run(args.spec, executor, ray_address=args.ray_address, workers=args.workers, progress=not args.quiet)
+    print(result.summary())
+    if result.report is not None:
+        print(f"report: {result.report}")
+    return 0 if result.ok else 1
+
+
 def cmd_train_captioner(args: argparse.Namespace) -> int:
     import clip_lens
     from clip_lens import tiny
@@ -527,6 +539,14 @@ def build_parser() -> argparse.ArgumentParser:
     covariates.add_argument("--scenes", type=int, default=100, help="scenes per subject size (default 100)")
     _add_model_args(covariates, instances=False)
     covariates.set_defaults(func=cmd_covariates)
+
+    sweep = sub.add_parser("sweep", help="models x datasets x studies from a TOML spec; resumes; --ray for Ray")
+    sweep.add_argument("spec", type=Path, help="the sweep spec (docs/sweeps.md)")
+    sweep.add_argument("--ray", action="store_true", help="run the tasks on a local Ray instance started for the sweep")
+    sweep.add_argument("--ray-address", default=None, help="join an existing Ray cluster ('auto' or host:port)")
+    sweep.add_argument("--workers", type=int, default=None, help="with Ray: at most this many workers")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.set_defaults(func=cmd_sweep)
 
     train_cap = sub.add_parser("train-captioner", help="train the prefix captioner of the tiny CLIP on shape scenes")
     train_cap.add_argument("--steps", type=int, default=2000)

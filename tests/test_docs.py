@@ -51,3 +51,19 @@ def test_captioning_docs_examples_run(monkeypatch, tmp_path):
     summary = namespace["result"].summary()
     assert summary["setting"].tolist()[0] == "baseline" and summary["mean_generated_cosine"].notna().all()
     assert namespace["result"].caption_table(0)["generated"].nunique() >= 2
+
+
+def test_sweeps_docs_spec_reads_and_python_example_runs(monkeypatch, tmp_path):
+    from clip_lens import sweep
+
+    spec_text = re.findall(r"```toml\n(.*?)```", (ROOT / "docs" / "sweeps.md").read_text(), flags=re.S)[0]
+    spec = sweep.read_spec(spec_text, base=tmp_path)
+    assert [m.name for m in spec.models] == ["tiny", "b32-openai", "l14-random", "hf-b16"]
+    assert len(spec.datasets) == 4 and len(spec.studies) == 4
+    monkeypatch.chdir(tmp_path)  # the example loads runs/sweep: a small sweep of the tiny model writes it
+    small = ('out = "runs/sweep"\n[[models]]\nname = "tiny"\narchitecture = "clip_lens/tiny-shapes"\n'
+             '[[datasets]]\nname = "scenes"\nkind = "shapes"\nscenes = 4\n'
+             + "".join(f'[[studies]]\nname = "{s}"\n' for s in ("accuracy", "causal-tracing", "selective-heads", "image-ablation")))
+    assert sweep.run(sweep.read_spec(small, base=tmp_path), progress=False).ok
+    namespace = run_python_blocks(ROOT / "docs" / "sweeps.md", 1)
+    assert set(namespace["tables"]) >= {"accuracy", "localisation", "heads", "image_ablation", "manifest"}

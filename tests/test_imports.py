@@ -77,13 +77,13 @@ def test_no_import_cycle_in_clip_lens():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
-def test_only_the_cli_imports_the_experiments():
+def test_only_the_cli_and_the_sweep_import_the_experiments():
     graph = import_graph()
     assert "clip_lens.experiments.causal_tracing" in graph  # the studies are part of the graph
     library = [m for m in graph if not m.startswith("clip_lens.experiments")]
     importers = sorted(m for m in library if any(d.startswith("clip_lens.experiments") or d.split(".")[0] == "experiments"
                                                  for d in graph[m]))
-    assert importers == ["clip_lens.cli"]
+    assert importers == ["clip_lens.cli", "clip_lens.sweep.studies"]  # the two drivers of the studies
     assert not any(d.split(".")[0] == "experiments" for deps in graph.values() for d in deps)  # no top-level name
 
 

@@ -1,0 +1,82 @@
+"""The cross-model report of a sweep (out/report.html): accuracy per model x dataset, causal-tracing
+localisation per layer by model, the top selective heads per model with their layer, and image
+ablation's MHA against MLP by model. A figure whose study the sweep did not run is replaced by a
+line saying so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+from clip_lens.plot import style
+from clip_lens.report import Report
+from clip_lens.sweep.storage import load
+
+TOP_HEADS = 5
+
+
+def accuracy_figure(accuracy: pd.DataFrame) -> go.Figure:
+    grid = accuracy.pivot_table(index="model", columns="dataset", values="accuracy", aggfunc="mean")
+    fig = px.imshow(grid, text_auto=".2f", color_continuous_scale="Viridis", zmin=0, zmax=1, aspect="auto",
+                    labels=dict(color="accuracy"))
+    return style(fig, "Accuracy per model and dataset (the correct text preferred)", height=140 + 40 * len(grid))
+
+
+def localisation_figure(localisation: pd.DataFrame) -> go.Figure:
+    fig = px.line(localisation, x="layer", y="localisation", color="model", facet_col="dataset", markers=True,
+                  labels=dict(layer="layer (residual stream before block)", localisation="localisation (CTE spread)"))
+    return style(fig, "Causal-tracing localisation per layer", height=420)
+
+
+def top_heads(heads: pd.DataFrame, k: int = TOP_HEADS) -> pd.DataFrame:
+    """The k most selective heads per model and dataset."""
+    return (heads.sort_values("a_N", ascending=False).groupby(["model", "dataset"], sort=True).head(k)
+            .sort_values(["model", "dataset", "a_N"], ascending=[True, True, False])
+            [["model", "dataset", "layer", "head", "a_N"]].reset_index(drop=True))
+
+
+def heads_figure(top: pd.DataFrame) -> go.Figure:
+    named = top.assign(name="a" + top["layer"].astype(str) + ".h" + top["head"].astype(str))
+    fig = px.scatter(named, x="layer", y="a_N", color="model", symbol="dataset", text="name",
+                     labels=dict(a_N="selectivity a_N", layer="layer"))
+    fig.update_traces(textposition="top center", marker_size=11)
+    return style(fig, f"Top {TOP_HEADS} selective heads per model, by layer", height=460)
+
+
+def ablation_figure(ablation: pd.DataFrame) -> go.Figure:
+    average = ablation[ablation["layer"] == "average"].melt(id_vars=["model", "dataset"], value_vars=["MHA", "MLP"],
+                                                            var_name="component", value_name="mean IAE")
+    fig = px.bar(average, x="model", y="mean IAE", color="component", barmode="group", facet_col="dataset",
+                 color_discrete_map={"MHA": "#264653", "MLP": "#e76f51"})
+    return style(fig, "Image ablation: mean IAE over layers, MHA against MLP", height=420)
+
+
+def build_report(tables: dict[str, pd.DataFrame], title: str = "Sweep across models") -> Report:
+    report = Report(title)
+    manifest = tables["manifest"]
+    report.section("Tasks").text(f"{len(manifest)} tasks over {manifest['model'].nunique()} models, "
+                                 f"{manifest['dataset'].nunique()} datasets and {manifest['study'].nunique()} studies.")
+    report.table(manifest[["model", "dataset", "study", "status", "seconds", "peak_rss_mb", "host", "error"]],
+                 max_rows=200, caption="The manifest (out/manifest.sqlite)")
+    sections = (("Accuracy", "accuracy", accuracy_figure),
+                ("Causal-tracing localisation", "localisation", localisation_figure),
+                ("Selective heads", "heads", lambda t: heads_figure(top_heads(t))),
+                ("Image ablation", "image_ablation", ablation_figure))
+    for heading, table, figure in sections:
+        report.section(heading)
+        if table in tables and len(tables[table]):
+            report.figure(figure(tables[table]))
+            if table == "heads":
+                report.table(top_heads(tables[table]), max_rows=200, caption="Top selective heads per model and dataset")
+        else:
+            report.text(f"No {table.replace('_', ' ')} table: the sweep ran no task of that study.", note=True)
+    return report
+
+
+def write_report(out: Union[str, Path], task_ids: Optional[Iterable[str]] = None) -> Path:
+    """out/report.html over the finished tasks (only `task_ids` if given)."""
+    return build_report(load(out, task_ids)).write(Path(out) / "report.html")

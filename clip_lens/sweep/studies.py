@@ -1,0 +1,205 @@
+"""What one sweep task runs: load a model, prepare a dataset for it, run a study, return its tables.
+
+This module and the CLI are the only library code that reaches into the studies
+(`clip_lens.experiments`): both drive them, nothing below imports them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import pandas as pd
+import torch
+
+from clip_lens.sweep.spec import Entry
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --- models --------------------------------------------------------------------------------------
+def load_model(entry: Entry):
+    """The HookedCLIP a model entry names: clip_lens/tiny-shapes, an open_clip architecture with a
+    tag or checkpoint (random weights, seeded by `seed`, without one), or a transformers directory."""
+    import clip_lens
+    from clip_lens import zoo
+    from clip_lens.model import random_model_pair
+
+    device, dtype = entry.get("device", "cpu"), DTYPES[entry.get("dtype", "float32")]
+    if entry.get("huggingface"):
+        path = Path(entry.get("huggingface"))
+        if not path.is_dir():
+            raise FileNotFoundError(f"model {entry.name!r}: no Hugging Face directory at {path}")
+        return clip_lens.HookedCLIP.from_huggingface(path, device=device, dtype=dtype)
+    name, pretrained = entry.get("architecture"), entry.get("pretrained")
+    if name == zoo.NAME or pretrained is not None:
+        if pretrained is not None and ("/" in str(pretrained) or "\\" in str(pretrained)) and not Path(pretrained).is_file():
+            raise FileNotFoundError(f"model {entry.name!r}: no checkpoint file at {pretrained}")
+        return clip_lens.HookedCLIP.from_pretrained(name, pretrained=pretrained, device=device, dtype=dtype)
+    _, model = random_model_pair(name, seed=entry.get("seed", 0))
+    return model.to(device=device, dtype=dtype)
+
+
+def weights_digest(entry: Entry) -> str:
+    """What identifies a model's weights in a task's hash: the file's SHA-256 where there is a file,
+    else the tag or the random seed."""
+    from clip_lens import zoo
+
+    def digest(path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    if entry.get("huggingface"):
+        folder = Path(entry.get("huggingface"))
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
+        return "hf:" + ",".join(digest(f) for f in files) if files else f"hf-missing:{folder}"
+    name, pretrained = entry.get("architecture"), entry.get("pretrained")
+    if name == zoo.NAME and pretrained is None:
+        return "file:" + digest(zoo.WEIGHTS)
+    if pretrained is not None:
+        path = Path(pretrained)
+        return "file:" + digest(path) if path.is_file() else f"tag:{pretrained}"
+    return f"random:{entry.get('seed', 0)}"
+
+
+# --- datasets ------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """A dataset made ready for one model: its minimal pairs, which text is marked (see
+    `minimal_pairs.orient`), image embeddings [pairs, d_embed] or None, and for image ablation a
+    function that builds the existence-format instances."""
+
+    name: str
+    pairs: object
+    marked: object
+    image_emb: Optional[torch.Tensor]
+    existence: Optional[Callable[[], object]] = None
+
+
+def prepare_dataset(model, entry: Entry, workdir: Path) -> Prepared:
+    from clip_lens.data import read_pairs_file
+    from clip_lens.experiments import compare_tasks, existence
+    from clip_lens.scores import encode_images
+
+    kind, limit = entry.get("kind"), entry.get("limit")
+    if kind == "shapes":
+        from clip_lens.data.shapes import export_valse
+
+        json_path = export_valse(workdir / "shapes", entry.get("scenes", 40), seed=entry.get("seed", 1))
+        kind, entry = "valse", Entry(entry.name, {"valse": str(json_path.parent), "piece": "existence",
+                                                  "images": str(json_path.parent / "images")})
+    if kind == "valse":
+        folder, piece, images = Path(entry.get("valse")), entry.get("piece"), entry.get("images")
+        if not (folder / f"{piece}.json").is_file():
+            raise FileNotFoundError(f"dataset {entry.name!r}: no VALSE piece {piece!r} at {folder / (piece + '.json')}")
+        generated = images == "generated"
+        if not generated and not Path(images).is_dir():
+            raise FileNotFoundError(f"dataset {entry.name!r}: no image folder at {images}")
+        task = compare_tasks.build_tasks(model, valse=folder, pieces=[piece], images=None if generated else images,
+                                         generated_images=generated, limit=limit, seed=entry.get("seed", 0),
+                                         progress=False)[0]
+
+        def instances():
+            if piece != "existence" or generated:
+                raise ValueError(f"dataset {entry.name!r}: image ablation needs VALSE existence with its image folder")
+            return existence.prepare(model, folder / "existence.json", images, missing="skip", limit=limit, progress=False)
+
+        return Prepared(entry.name, task.pairs, task.marked, task.image_emb, instances)
+    if kind == "cannot":
+        paths = [Path(p) for p in entry.get("paths")]
+        for p in paths:
+            if not p.exists():
+                raise FileNotFoundError(f"dataset {entry.name!r}: no CANNOT file or folder at {p}")
+        task = compare_tasks.build_tasks(model, cannot=paths, limit=limit, spacy_model=entry.get("spacy_model", "en_core_web_sm"),
+                                         progress=False)[0]
+        return Prepared(entry.name, task.pairs, task.marked, None)
+    pairs = read_pairs_file(entry.get("file"), lambda texts: model.to_tokens(texts, trim=False), images=entry.get("images"))
+    if limit:
+        pairs.pairs = pairs.pairs.head(limit).reset_index(drop=True)
+    has_images = len(pairs) and not pairs.pairs["image"].isna().any()
+    emb = encode_images(model, list(pairs.pairs["image"]), progress=False) if has_images else None
+    return Prepared(entry.name, pairs, "b", emb)
+
+
+# --- studies -------------------------------------------------------------------------------------
+def _needs_images(data: Prepared, study: str) -> None:
+    if data.image_emb is None:
+        raise ValueError(f"study {study!r} scores each pair against its image, and dataset {data.name!r} has no images")
+
+
+def accuracy(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
+    """Each pair's S for both texts against its image; accuracy = share preferring the correct one."""
+    from clip_lens.scores import pair_scores
+
+    _needs_images(data, "accuracy")
+    frame = data.pairs.pairs
+    a_correct = (frame["correct"] == "a").to_numpy()
+    right = [a if ok else b for a, b, ok in zip(frame["a"], frame["b"], a_correct)]
+    wrong = [b if ok else a for a, b, ok in zip(frame["a"], frame["b"], a_correct)]
+    scores = pair_scores(model, right, wrong, data.image_emb)
+    per_pair = pd.DataFrame({"id": frame["id"].astype(str), "S_correct": scores["S_caption"], "S_wrong": scores["S_foil"],
+                             "d": scores["d"], "correct": scores["d"] > 0})
+    summary = pd.DataFrame([{"pairs": len(per_pair), "excluded": len(data.pairs.excluded),
+                             "accuracy": float(per_pair["correct"].mean()), "mean_d": float(per_pair["d"].mean())}])
+    return {"accuracy": summary, "pair_scores": per_pair}
+
+
+def causal_tracing(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
+    """Causal tracing around the differing span; localisation = spread of CTE over the span and
+    the positions after it, per layer (as `clip-lens compare-tasks`)."""
+    from clip_lens.experiments import compare_tasks, minimal_pairs
+
+    _needs_images(data, "causal-tracing")
+    traced = minimal_pairs.trace(model, data.pairs, data.image_emb, data.marked, progress=False).frame()
+    tail = traced[traced["position"].isin(compare_tasks.TAIL)]
+    spread = tail.groupby("layer")["cte"].std(ddof=0).rename("localisation").reset_index()
+    return {"causal_tracing": traced, "localisation": spread}
+
+
+def selective_heads(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
+    """Each head's selectivity for the differing tokens (docs/methods.md#minimal-pairs)."""
+    from clip_lens.experiments import minimal_pairs
+
+    return {"heads": minimal_pairs.selective_heads(model, data.pairs, data.marked, progress=False).head_table()}
+
+
+def image_ablation(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
+    """MHA and MLP outputs replaced by the mean-colour image's, block by block (VALSE existence)."""
+    from clip_lens.experiments import image_ablation as ablation
+
+    if data.existence is None:
+        raise ValueError(f"dataset {data.name!r}: image ablation needs VALSE existence (or shapes) with images")
+    result = ablation.run(model, data.existence(), grey=bool(options.get("grey", False)), progress=False)
+    return {"image_ablation": result.mha_vs_mlp()}
+
+
+STUDIES: dict[str, Callable[..., dict]] = {"accuracy": accuracy, "causal-tracing": causal_tracing,
+                                           "selective-heads": selective_heads, "image-ablation": image_ablation}
+
+
+def run_study(model, dataset: Entry, study: Entry) -> dict[str, pd.DataFrame]:
+    """One task's tables (each a DataFrame; the caller adds the task's columns)."""
+    with tempfile.TemporaryDirectory(prefix="clip_lens_sweep_") as workdir:
+        data = prepare_dataset(model, dataset, Path(workdir))
+        if len(data.pairs) == 0:
+            raise ValueError(f"dataset {dataset.name!r} has no pair left for this model ({len(data.pairs.excluded)} "
+                             "excluded)")
+        tables = STUDIES[study.name](model, data, study.options)
+    return {name: table.reset_index(drop=True) for name, table in tables.items()}
+
+
+def as_plain(frame: pd.DataFrame) -> pd.DataFrame:
+    """Columns Parquet stores as they are: objects made strings, numpy scalars kept."""
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype == object:
+            out[column] = out[column].map(lambda v: v if v is None or isinstance(v, str) else str(v))
+    out.columns = [str(c) for c in out.columns]
+    return out
+

@@ -1,0 +1,219 @@
+"""clip_lens.sweep: the spec, task identity, Parquet tables and the manifest, resume after a killed
+driver, failures that leave the rest complete, Ray against the local executor, and the report."""
+
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+from conftest import write_noise_images
+
+from clip_lens import sweep
+from clip_lens.cli import main
+from clip_lens.sweep import SpecError, read_spec
+
+ARCHITECTURES = ("ViT-B-32", "ViT-B-32-quickgelu", "ViT-B-16")
+
+
+def pairs_file(folder):
+    """A user's pairs file: three captions with foils and noise images."""
+    images = write_noise_images(["a.png", "b.png", "c.png"], folder / "images")
+    rows = pd.DataFrame({"caption": ["There is a dog.", "A red car.", "Two cats sleep."],
+                         "foil": ["There is no dog.", "A blue car.", "Two cats run."], "image": ["a.png", "b.png", "c.png"]})
+    rows.to_csv(folder / "pairs.csv", index=False)
+    return folder / "pairs.csv", images
+
+
+def spec_text(out, pairs, images, models=("tiny",), studies=("accuracy", "selective-heads"), extra_model="",
+              study_options="", scenes=6, cpus=1):
+    model_lines = []
+    for name in models:
+        if name == "tiny":
+            model_lines.append('[[models]]\nname = "tiny"\narchitecture = "clip_lens/tiny-shapes"\n')
+        else:
+            model_lines.append(f'[[models]]\nname = "{name}"\narchitecture = "{name}"\nseed = 0\n')
+    study_lines = "".join(f'[[studies]]\nname = "{s}"\n{study_options if s == studies[0] else ""}\n' for s in studies)
+    return textwrap.dedent(f'''\
+        out = "{out}"
+        retries = 2
+        [resources]
+        cpus = {cpus}
+        ''') + "".join(model_lines) + extra_model + textwrap.dedent(f'''\
+        [[datasets]]
+        name = "shapes"
+        kind = "shapes"
+        scenes = {scenes}
+        seed = 3
+
+        [[datasets]]
+        name = "mine"
+        kind = "pairs"
+        file = "{pairs}"
+        images = "{images}"
+
+        ''') + study_lines
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return pairs_file(tmp_path_factory.mktemp("pairs"))
+
+
+def write_spec(path, text):
+    path.write_text(text)
+    return path
+
+
+def comparable(tables):
+    return {name: t.drop(columns=[c for c in ("seconds",) if c in t]) for name, t in tables.items() if name != "manifest"}
+
+
+# --- the spec ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.replace('kind = "shapes"', 'kind = "photos"'), "dataset 'shapes' has kind 'photos'"),
+    (lambda t: t.replace('name = "accuracy"', 'name = "accuracy"\nlimt = 3'), "study 'accuracy' has unknown option 'limt'"),
+    (lambda t: t.replace('name = "selective-heads"', 'name = "heads"'), "study 'heads' is not one the sweep runs"),
+    (lambda t: t.replace('architecture = "clip_lens/tiny-shapes"', ''), "model 'tiny' needs exactly one of architecture"),
+    (lambda t: t.replace('name = "mine"', 'name = "shapes"'), "two datasets are named 'shapes'"),
+    (lambda t: t.replace("retries = 2", "retries = -1"), "retries must be"),
+    (lambda t: t + "\n[[oops", "not valid TOML"),
+])
+def test_spec_errors_name_the_entry(tmp_path, data, change, message):
+    text = change(spec_text(tmp_path / "out", *data))
+    with pytest.raises(SpecError, match=message):
+        read_spec(write_spec(tmp_path / "s.toml", text))
+
+
+def test_the_spec_names_the_studies_the_sweep_runs():
+    from clip_lens.sweep.spec import STUDY_OPTIONS
+    from clip_lens.sweep.studies import STUDIES
+
+    assert STUDIES.keys() == STUDY_OPTIONS.keys()
+
+
+def test_task_ids_hash_the_whole_configuration(tmp_path, data):
+    spec = read_spec(write_spec(tmp_path / "s.toml", spec_text(tmp_path / "out", *data)))
+    tasks = sweep.plan(spec)
+    assert len(tasks) == 1 * 2 * 2 and len({t.task_id for t in tasks}) == 4
+    again = sweep.plan(read_spec(write_spec(tmp_path / "t.toml", spec_text(tmp_path / "out", *data))))
+    assert [t.task_id for t in tasks] == [t.task_id for t in again]
+    changed = sweep.plan(read_spec(write_spec(tmp_path / "u.toml", spec_text(tmp_path / "out", *data, scenes=7))))
+    moved = {(t.dataset, t.study) for t, u in zip(tasks, changed) if t.task_id != u.task_id}
+    assert moved == {("shapes", "accuracy"), ("shapes", "selective-heads")}  # one option touches its tasks only
+
+
+# --- local runs: tables, resume, failures --------------------------------------------------------
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("sweep")
+    spec = write_spec(folder / "s.toml", spec_text(folder / "out", *data, studies=("accuracy", "selective-heads",
+                                                                                   "causal-tracing", "image-ablation")))
+    result = sweep.run(spec, progress=False)
+    return folder, spec, result
+
+
+def test_local_sweep_writes_tables_manifest_and_report(local_run):
+    folder, _, result = local_run
+    assert (result.tasks, result.ran, result.skipped) == (8, 8, 0)
+    assert result.failed[["dataset", "study"]].values.tolist() == [["mine", "image-ablation"]]
+    tables = sweep.load(folder / "out")
+    accuracy = tables["accuracy"].set_index("dataset")
+    assert set(accuracy.index) == {"shapes", "mine"} and accuracy.loc["shapes", "pairs"] == 6
+    assert {"task_id", "model", "dataset", "study", "layer", "head", "a_N"} <= set(tables["heads"].columns)
+    assert set(tables["image_ablation"]["dataset"]) == {"shapes"}  # pairs files have no existence layout
+    manifest = tables["manifest"]
+    assert (manifest["status"] == "done").sum() == 7 and manifest["peak_rss_mb"].gt(0).all()
+    failed = manifest[manifest["status"] == "failed"].iloc[0]
+    assert (failed["dataset"], failed["study"]) == ("mine", "image-ablation") and "existence" in failed["error"]
+    assert not list((folder / "out").rglob("*.tmp"))
+    report = (folder / "out" / "report.html").read_text()
+    assert report.count('class="plotly-graph-div"') == 4
+
+
+def test_a_rerun_runs_only_what_is_missing_or_failed(local_run):
+    folder, spec, first = local_run
+    again = sweep.run(spec, progress=False)
+    assert (again.ran, again.skipped) == (1, 7)  # the failed image ablation on a pairs file, again
+
+
+def with_crash(text: str, study: str, marker) -> str:
+    """The spec with `study`'s first task killing its own process once."""
+    return text.replace(f'[[studies]]\nname = "{study}"\n', f'[[studies]]\nname = "{study}"\ncrash_once_marker = "{marker}"\n')
+
+
+def test_a_killed_driver_resumes_with_only_the_unfinished_tasks(tmp_path, data):
+    """The second of four tasks kills its process (the driver, with the local executor) the first
+    time; the rerun runs the three tasks that had not finished, and the tables equal an
+    uninterrupted run's."""
+    marker = tmp_path / "crashed"
+    studies = ("accuracy", "selective-heads")
+    crash = write_spec(tmp_path / "crash.toml", with_crash(spec_text(tmp_path / "out", *data, studies=studies),
+                                                           "selective-heads", marker))
+    killed = subprocess.run([sys.executable, "-m", "clip_lens.cli", "sweep", str(crash), "--quiet"], capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == 3 and marker.is_file(), killed.stderr[-2000:]
+    resumed = sweep.run(crash, progress=False)
+    assert resumed.ok and (resumed.skipped, resumed.ran) == (1, 3)
+    plain = write_spec(tmp_path / "plain.toml", spec_text(tmp_path / "plain", *data, studies=studies))
+    sweep.run(plain, progress=False)
+    ours, theirs = comparable(sweep.load(tmp_path / "out")), comparable(sweep.load(tmp_path / "plain"))
+    assert ours.keys() == theirs.keys() == {"accuracy", "pair_scores", "heads"}
+    for name in ours:
+        pd.testing.assert_frame_equal(ours[name], theirs[name], check_exact=True)
+    attempts = sweep.load(tmp_path / "out")["manifest"].set_index("study")["attempts"]
+    assert attempts.max() == 2  # the crashed task, counted across the two runs
+
+
+def test_bad_model_and_missing_folder_leave_the_rest_complete(tmp_path, data, capsys):
+    text = spec_text(tmp_path / "out", *data, studies=("accuracy",), extra_model=(
+        f'[[models]]\nname = "broken"\narchitecture = "ViT-B-32"\npretrained = "{tmp_path / "missing.pt"}"\n'))
+    text += f'[[datasets]]\nname = "gone"\nkind = "valse"\nvalse = "{tmp_path / "nowhere"}"\npiece = "existence"\nimages = "generated"\n'
+    spec = write_spec(tmp_path / "s.toml", text)
+    assert main(["sweep", str(spec), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "6 tasks: 0 already done, 6 run, 4 failed" in out
+    manifest = sweep.load(tmp_path / "out")["manifest"].set_index(["model", "dataset"])
+    assert manifest.loc[("tiny", "shapes"), "status"] == "done" and manifest.loc[("tiny", "mine"), "status"] == "done"
+    assert "no checkpoint file at" in manifest.loc[("broken", "shapes"), "error"]
+    assert "no VALSE piece 'existence'" in manifest.loc[("tiny", "gone"), "error"]
+    assert "failed: broken / shapes / accuracy" in out
+
+
+# --- Ray -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_instance():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_and_local_give_identical_tables_across_architectures(tmp_path, data, ray_instance):
+    models = (*ARCHITECTURES, "tiny")
+    local = write_spec(tmp_path / "local.toml", spec_text(tmp_path / "local", *data, models=models, scenes=4))
+    on_ray = write_spec(tmp_path / "ray.toml", spec_text(tmp_path / "ray", *data, models=models, scenes=4))
+    a = sweep.run(local, progress=False)
+    b = sweep.run(on_ray, "ray", progress=False)
+    assert a.ok and b.ok and a.tasks == b.tasks == 4 * 2 * 2
+    ours, theirs = comparable(sweep.load(tmp_path / "local")), comparable(sweep.load(tmp_path / "ray"))
+    assert ours.keys() == theirs.keys() == {"accuracy", "pair_scores", "heads"}
+    for name in ours:
+        pd.testing.assert_frame_equal(ours[name], theirs[name], check_exact=True)
+    manifest = sweep.load(tmp_path / "ray")["manifest"]
+    assert set(manifest["worker"]) == {"worker 0", "worker 1"}
+    # a worker keeps its model for the next task of that model: 4 models, 16 tasks, 2 workers
+    loads = manifest.groupby("worker")["model_loads"].max().sum()
+    assert 4 <= loads <= 5, manifest[["worker", "model", "model_loads"]]
+    assert sweep.load(tmp_path / "local")["manifest"]["model_loads"].max() == 4
+
+
+def test_ray_retries_a_task_whose_worker_dies(tmp_path, data, ray_instance, capsys):
+    marker = tmp_path / "crashed"
+    text = with_crash(spec_text(tmp_path / "out", *data, studies=("accuracy", "selective-heads")), "selective-heads", marker)
+    assert main(["sweep", str(write_spec(tmp_path / "s.toml", text)), "--ray", "--quiet"]) == 0  # joins the test's Ray
+    assert marker.is_file() and "4 tasks: 0 already done, 4 run, 0 failed" in capsys.readouterr().out
+    tables = sweep.load(tmp_path / "out")
+    assert tables["manifest"]["attempts"].max() == 2 and (tables["manifest"]["status"] == "done").all()
+    assert len(tables["heads"].groupby(["model", "dataset"])) == 2  # every task once
+    assert not tables["heads"].duplicated(["task_id", "layer", "head"]).any()
