@@ -180,6 +180,34 @@ def test_bad_model_and_missing_folder_leave_the_rest_complete(tmp_path, data, ca
     assert "failed: broken / shapes / accuracy" in out
 
 
+def test_attention_cancellation_on_an_image_folder(tmp_path):
+    from clip_lens.data.shapes import single_shape_set
+
+    images, captions = single_shape_set(tmp_path / "scenes" / "images", per_class=1)
+    text = textwrap.dedent(f'''\
+        out = "{tmp_path / "out"}"
+        [[models]]
+        name = "tiny"
+        architecture = "clip_lens/tiny-shapes"
+        [[datasets]]
+        name = "one-shape"
+        kind = "images"
+        images = "{images}"
+        captions = "{captions}"
+        [[studies]]
+        name = "attention-cancellation"
+        settings = "1 1-3"
+        [[studies]]
+        name = "selective-heads"
+        ''')
+    result = sweep.run(write_spec(tmp_path / "s.toml", text), progress=False)
+    assert result.failed["study"].tolist() == ["selective-heads"]
+    assert "is an image folder" in result.failed["error"].iloc[0]
+    summary = sweep.load(tmp_path / "out")["attention_cancellation"]
+    assert summary["setting"].tolist() == ["baseline", "1", "1-3"] and summary["accuracy"].iloc[0] > 0.5
+    assert (tmp_path / "out" / "report.html").read_text().count('class="plotly-graph-div"') == 1
+
+
 # --- Ray -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_instance():

@@ -1,7 +1,7 @@
 """The cross-model report of a sweep (out/report.html): accuracy per model x dataset, causal-tracing
 localisation per layer by model, the top selective heads per model with their layer, and image
-ablation's MHA against MLP by model. A figure whose study the sweep did not run is replaced by a
-line saying so."""
+ablation's MHA against MLP by model (each replaced by a line saying so when the sweep did not run
+that study); and attention cancellation per setting by model when the sweep ran it."""
 
 from __future__ import annotations
 
@@ -55,6 +55,14 @@ def ablation_figure(ablation: pd.DataFrame) -> go.Figure:
     return style(fig, "Image ablation: mean IAE over layers, MHA against MLP", height=420)
 
 
+def cancellation_figure(summary: pd.DataFrame) -> go.Figure:
+    value = "accuracy" if summary["accuracy"].notna().any() else "mean_cosine"
+    fig = px.line(summary, x="setting", y=value, color="model", facet_col="dataset", markers=True,
+                  labels=dict(setting="self-attention cancelled in layers (1-based)"))
+    fig.update_xaxes(type="category")
+    return style(fig, f"Attention cancellation: {value.replace('_', ' ')} per setting", height=420)
+
+
 def build_report(tables: dict[str, pd.DataFrame], title: str = "Sweep across models") -> Report:
     report = Report(title)
     manifest = tables["manifest"]
@@ -66,6 +74,8 @@ def build_report(tables: dict[str, pd.DataFrame], title: str = "Sweep across mod
                 ("Causal-tracing localisation", "localisation", localisation_figure),
                 ("Selective heads", "heads", lambda t: heads_figure(top_heads(t))),
                 ("Image ablation", "image_ablation", ablation_figure))
+    if "attention_cancellation" in tables:  # drawn only when the sweep ran it
+        sections += (("Attention cancellation", "attention_cancellation", cancellation_figure),)
     for heading, table, figure in sections:
         report.section(heading)
         if table in tables and len(tables[table]):

@@ -10,13 +10,14 @@
 
     [[datasets]]
     name = "existence"
-    kind = "valse"                           # valse | cannot | pairs | shapes
+    kind = "valse"                           # valse | cannot | pairs | shapes | images
     valse = "../shared/data/valse"           # the folder with the pieces' JSON files
     piece = "existence"
     images = "/data/valse-images"            # or "generated": seeded noise images (runs the machinery only)
 
     [[studies]]
-    name = "causal-tracing"                  # accuracy | causal-tracing | selective-heads | image-ablation
+    name = "causal-tracing"                  # accuracy | causal-tracing | selective-heads | image-ablation |
+                                             # attention-cancellation
     limit = 50                               # options (see STUDIES in clip_lens.sweep.studies)
 
 Every entry is checked when the spec is read; an error names the entry and the key.
@@ -37,12 +38,14 @@ DATASET_KINDS = {
     "cannot": {"paths", "spacy_model", "limit"},
     "pairs": {"file", "images", "limit"},
     "shapes": {"scenes", "seed"},
+    "images": {"images", "captions", "labels"},
 }
 MODEL_KEYS = {"architecture", "pretrained", "huggingface", "seed", "dtype", "device"}
 RESOURCE_KEYS = {"cpus", "gpus", "memory_gb"}
 # the studies a task can run, with their options (clip_lens.sweep.studies runs them)
-STUDY_OPTIONS = {"accuracy": set(), "causal-tracing": set(), "selective-heads": set(), "image-ablation": {"grey"}}
-PATH_KEYS = {"valse", "images", "file", "pretrained", "huggingface"}
+STUDY_OPTIONS = {"accuracy": set(), "causal-tracing": set(), "selective-heads": set(), "image-ablation": {"grey"},
+                 "attention-cancellation": {"settings"}}
+PATH_KEYS = {"valse", "images", "file", "pretrained", "huggingface", "captions", "labels"}
 
 
 class SpecError(ValueError):
@@ -152,7 +155,10 @@ def _check_dataset(entry: Entry, source: str) -> None:
     if bad:
         raise SpecError(f"{source}: dataset {entry.name!r} ({kind}) has unknown key {sorted(bad)[0]!r} "
                         f"({', '.join(sorted(DATASET_KINDS[kind]))})")
-    needed = {"valse": ("valse", "piece"), "cannot": ("paths",), "pairs": ("file",), "shapes": ()}[kind]
+    needed = {"valse": ("valse", "piece"), "cannot": ("paths",), "pairs": ("file",), "shapes": (), "images": ()}[kind]
+    if kind == "images" and ("images" in entry.options) != ("captions" in entry.options):
+        raise SpecError(f"{source}: dataset {entry.name!r} (images) needs both images and captions, or neither (the "
+                        "sample photos)")
     for key in needed:
         if key not in entry.options:
             raise SpecError(f"{source}: dataset {entry.name!r} ({kind}) needs {key!r}")

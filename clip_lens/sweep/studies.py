@@ -72,14 +72,16 @@ def weights_digest(entry: Entry) -> str:
 @dataclass
 class Prepared:
     """A dataset made ready for one model: its minimal pairs, which text is marked (see
-    `minimal_pairs.orient`), image embeddings [pairs, d_embed] or None, and for image ablation a
-    function that builds the existence-format instances."""
+    `minimal_pairs.orient`), image embeddings [pairs, d_embed] or None, for image ablation a
+    function that builds the existence-format instances; or, for an image folder, its `image_set`
+    (frame, captions, targets) and no pairs."""
 
     name: str
     pairs: object
     marked: object
     image_emb: Optional[torch.Tensor]
     existence: Optional[Callable[[], object]] = None
+    image_set: object = None
 
 
 def prepare_dataset(model, entry: Entry, workdir: Path) -> Prepared:
@@ -88,6 +90,14 @@ def prepare_dataset(model, entry: Entry, workdir: Path) -> Prepared:
     from clip_lens.scores import encode_images
 
     kind, limit = entry.get("kind"), entry.get("limit")
+    if kind == "images":
+        from clip_lens.data.image_sets import open_image_set
+
+        images = entry.get("images")
+        if images is not None and not Path(images).is_dir():
+            raise FileNotFoundError(f"dataset {entry.name!r}: no image folder at {images}")
+        image_set = open_image_set(images, entry.get("captions"), entry.get("labels"), workdir / "sample_images")
+        return Prepared(entry.name, None, None, None, image_set=image_set)
     if kind == "shapes":
         from clip_lens.data.shapes import export_valse
 
@@ -128,7 +138,14 @@ def prepare_dataset(model, entry: Entry, workdir: Path) -> Prepared:
 
 
 # --- studies -------------------------------------------------------------------------------------
+def _needs_pairs(data: Prepared, study: str) -> None:
+    if data.pairs is None:
+        raise ValueError(f"dataset {data.name!r} is an image folder: of the sweep's studies only attention-cancellation "
+                         f"runs on it, not {study!r}")
+
+
 def _needs_images(data: Prepared, study: str) -> None:
+    _needs_pairs(data, study)
     if data.image_emb is None:
         raise ValueError(f"study {study!r} scores each pair against its image, and dataset {data.name!r} has no images")
 
@@ -166,6 +183,7 @@ def selective_heads(model, data: Prepared, options: dict) -> dict[str, pd.DataFr
     """Each head's selectivity for the differing tokens (docs/methods.md#minimal-pairs)."""
     from clip_lens.experiments import minimal_pairs
 
+    _needs_pairs(data, "selective-heads")
     return {"heads": minimal_pairs.selective_heads(model, data.pairs, data.marked, progress=False).head_table()}
 
 
@@ -179,15 +197,30 @@ def image_ablation(model, data: Prepared, options: dict) -> dict[str, pd.DataFra
     return {"image_ablation": result.mha_vs_mlp()}
 
 
+def attention_cancellation(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
+    """Value-only attention per setting on an image folder (docs/methods.md#attention-cancellation)."""
+    from clip_lens.experiments import attention_cancellation as cancellation
+
+    if data.image_set is None:
+        raise ValueError(f"dataset {data.name!r}: attention cancellation runs on an image folder with captions "
+                         "(kind = \"images\")")
+    settings = cancellation.parse_settings(options["settings"], model.vision.cfg.n_layers) if options.get("settings") else None
+    image_set = data.image_set
+    result = cancellation.run(model, image_set.frame, image_set.captions, targets=image_set.targets, settings=settings,
+                              progress=False)
+    return {"attention_cancellation": result.summary(), "cancellation_predictions": result.predictions()}
+
+
 STUDIES: dict[str, Callable[..., dict]] = {"accuracy": accuracy, "causal-tracing": causal_tracing,
-                                           "selective-heads": selective_heads, "image-ablation": image_ablation}
+                                           "selective-heads": selective_heads, "image-ablation": image_ablation,
+                                           "attention-cancellation": attention_cancellation}
 
 
 def run_study(model, dataset: Entry, study: Entry) -> dict[str, pd.DataFrame]:
     """One task's tables (each a DataFrame; the caller adds the task's columns)."""
     with tempfile.TemporaryDirectory(prefix="clip_lens_sweep_") as workdir:
         data = prepare_dataset(model, dataset, Path(workdir))
-        if len(data.pairs) == 0:
+        if data.pairs is not None and len(data.pairs) == 0:
             raise ValueError(f"dataset {dataset.name!r} has no pair left for this model ({len(data.pairs.excluded)} "
                              "excluded)")
         tables = STUDIES[study.name](model, data, study.options)
