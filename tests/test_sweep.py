@@ -103,6 +103,15 @@ def test_task_ids_hash_the_whole_configuration(tmp_path, data):
     assert moved == {("shapes", "accuracy"), ("shapes", "selective-heads")}  # one option touches its tasks only
 
 
+def test_a_changed_data_file_changes_only_its_tasks(tmp_path):
+    csv, images = pairs_file(tmp_path)
+    spec = write_spec(tmp_path / "s.toml", spec_text(tmp_path / "out", csv, images))
+    before = {(t.dataset, t.study): t.task_id for t in sweep.plan(read_spec(spec))}
+    csv.write_text(csv.read_text().replace("A red car.", "A red bus."))
+    after = {(t.dataset, t.study): t.task_id for t in sweep.plan(read_spec(spec))}
+    assert {key for key in before if before[key] != after[key]} == {("mine", "accuracy"), ("mine", "selective-heads")}
+
+
 # --- local runs: tables, resume, failures --------------------------------------------------------
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, data):
@@ -206,6 +215,43 @@ def test_attention_cancellation_on_an_image_folder(tmp_path):
     summary = sweep.load(tmp_path / "out")["attention_cancellation"]
     assert summary["setting"].tolist() == ["baseline", "1", "1-3"] and summary["accuracy"].iloc[0] > 0.5
     assert (tmp_path / "out" / "report.html").read_text().count('class="plotly-graph-div"') == 1
+
+
+def test_circuit_and_attribution_studies(tmp_path):
+    from clip_lens.data.shapes import single_shape_set
+
+    images, captions = single_shape_set(tmp_path / "scenes" / "images", per_class=1)
+    text = textwrap.dedent(f'''\
+        out = "{tmp_path / "out"}"
+        [[models]]
+        name = "tiny"
+        architecture = "clip_lens/tiny-shapes"
+        [[datasets]]
+        name = "scenes"
+        kind = "shapes"
+        scenes = 8
+        [[datasets]]
+        name = "one-shape"
+        kind = "images"
+        images = "{images}"
+        captions = "{captions}"
+        [[studies]]
+        name = "circuit"
+        check = 5
+        n_random = 1
+        [[studies]]
+        name = "attribution"
+        sae_latents = 16
+        sae_k = 2
+        sae_steps = 40
+        ''')
+    result = sweep.run(write_spec(tmp_path / "s.toml", text), progress=False)
+    assert sorted(map(tuple, result.failed[["dataset", "study"]].values.tolist())) == [("one-shape", "circuit"),
+                                                                                      ("scenes", "attribution")]
+    tables = sweep.load(tmp_path / "out")
+    summary = tables["circuit_summary"].iloc[0]
+    assert summary["dataset"] == "scenes" and summary["circuit_edges"] > 0
+    assert set(tables["attribution_deletion_areas"]["method"]) >= {"attribution patching", "random"}
 
 
 # --- Ray -----------------------------------------------------------------------------------------

@@ -31,17 +31,19 @@ __all__ = ["run", "load", "plan", "read_spec", "Spec", "SpecError", "Task", "Swe
 def plan(spec: Spec) -> list[Task]:
     """Every (model, dataset, study) task, tasks of one model consecutive. A task's id hashes its
     whole configuration: the clip_lens version, the model entry and its weights' digest, the
-    dataset entry and the study with its options (a test's crash marker excluded)."""
+    dataset entry and its data's digest, the study with its options (a test's crash marker
+    excluded) and the thread count."""
     from clip_lens import __version__
-    from clip_lens.sweep.studies import weights_digest
+    from clip_lens.sweep.studies import data_digest, weights_digest
 
+    data = {dataset.name: data_digest(dataset) for dataset in spec.datasets}
     tasks = []
     for model in spec.models:
         digest = weights_digest(model)
         for dataset in spec.datasets:
             for study in spec.studies:
                 identity = {"clip_lens": __version__, "model": {"name": model.name, "options": model.options, "weights": digest},
-                            "dataset": {"name": dataset.name, "options": dataset.options},
+                            "dataset": {"name": dataset.name, "options": dataset.options, "data": data[dataset.name]},
                             "study": {"name": study.name, "options": {k: v for k, v in study.options.items()
                                                                        if k != "crash_once_marker"}},
                             "threads": spec.resources.get("cpus")}

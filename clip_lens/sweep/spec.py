@@ -17,7 +17,7 @@
 
     [[studies]]
     name = "causal-tracing"                  # accuracy | causal-tracing | selective-heads | image-ablation |
-                                             # attention-cancellation
+                                             # attention-cancellation | circuit | attribution
     limit = 50                               # options (see STUDIES in clip_lens.sweep.studies)
 
 Every entry is checked when the spec is read; an error names the entry and the key.
@@ -44,7 +44,8 @@ MODEL_KEYS = {"architecture", "pretrained", "huggingface", "seed", "dtype", "dev
 RESOURCE_KEYS = {"cpus", "gpus", "memory_gb"}
 # the studies a task can run, with their options (clip_lens.sweep.studies runs them)
 STUDY_OPTIONS = {"accuracy": set(), "causal-tracing": set(), "selective-heads": set(), "image-ablation": {"grey"},
-                 "attention-cancellation": {"settings"}}
+                 "attention-cancellation": {"settings"}, "circuit": {"steps", "check", "n_random"},
+                 "attribution": {"sae_latents", "sae_k", "sae_steps", "limit"}}
 PATH_KEYS = {"valse", "images", "file", "pretrained", "huggingface", "captions", "labels"}
 
 

@@ -43,17 +43,20 @@ def load_model(entry: Entry):
     return model.to(device=device, dtype=dtype)
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def weights_digest(entry: Entry) -> str:
     """What identifies a model's weights in a task's hash: the file's SHA-256 where there is a file,
     else the tag or the random seed."""
     from clip_lens import zoo
 
-    def digest(path: Path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+    digest = _file_digest
 
     if entry.get("huggingface"):
         folder = Path(entry.get("huggingface"))
@@ -66,6 +69,33 @@ def weights_digest(entry: Entry) -> str:
         path = Path(pretrained)
         return "file:" + digest(path) if path.is_file() else f"tag:{pretrained}"
     return f"random:{entry.get('seed', 0)}"
+
+
+def data_digest(entry: Entry) -> str:
+    """What identifies a dataset's content in a task's hash: the SHA-256 of its data files (VALSE
+    piece, pairs file, CANNOT files, captions and labels files) and, for image folders, the names
+    and sizes of their files; a path that does not exist is named as missing (its task fails)."""
+    files: list[Path] = []
+    folders: list[Path] = []
+    kind = entry.get("kind")
+    if kind == "valse":
+        files.append(Path(entry.get("valse")) / f"{entry.get('piece')}.json")
+    if kind == "pairs":
+        files.append(Path(entry.get("file")))
+    if kind == "cannot":
+        for path in map(Path, entry.get("paths")):
+            files += sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    if kind == "images":
+        files += [Path(entry.get(key)) for key in ("captions", "labels") if entry.get(key)]
+    folders += [Path(entry.get("images"))] if kind in ("valse", "pairs", "images") and entry.get("images") not in (None, "generated") else []
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.name}:{_file_digest(path) if path.is_file() else 'missing'};".encode())
+    for folder in folders:
+        listing = sorted((f.relative_to(folder).as_posix(), f.stat().st_size) for f in folder.rglob("*") if f.is_file()) \
+            if folder.is_dir() else "missing"
+        h.update(repr(listing).encode())
+    return h.hexdigest()
 
 
 # --- datasets ------------------------------------------------------------------------------------
@@ -82,6 +112,7 @@ class Prepared:
     image_emb: Optional[torch.Tensor]
     existence: Optional[Callable[[], object]] = None
     image_set: object = None
+    folder: Optional[dict] = None  # an image folder's entry keys (images, captions, labels)
 
 
 def prepare_dataset(model, entry: Entry, workdir: Path) -> Prepared:
@@ -97,7 +128,8 @@ def prepare_dataset(model, entry: Entry, workdir: Path) -> Prepared:
         if images is not None and not Path(images).is_dir():
             raise FileNotFoundError(f"dataset {entry.name!r}: no image folder at {images}")
         image_set = open_image_set(images, entry.get("captions"), entry.get("labels"), workdir / "sample_images")
-        return Prepared(entry.name, None, None, None, image_set=image_set)
+        folder = {key: entry.get(key) for key in ("images", "captions", "labels")}
+        return Prepared(entry.name, None, None, None, image_set=image_set, folder=folder)
     if kind == "shapes":
         from clip_lens.data.shapes import export_valse
 
@@ -211,9 +243,45 @@ def attention_cancellation(model, data: Prepared, options: dict) -> dict[str, pd
     return {"attention_cancellation": result.summary(), "cancellation_predictions": result.predictions()}
 
 
+def circuit(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
+    """The text tower's circuit for the pairs' difference (marked text clean, unmarked corrupted, S
+    against the image): EAP and EAP-IG over every edge, the top edges checked by exact edge
+    patching, faithfulness against random circuits (docs/methods.md#circuits)."""
+    from clip_lens import circuits
+    from clip_lens.experiments import circuit_study, minimal_pairs
+
+    _needs_images(data, "circuit")
+    marked, unmarked = minimal_pairs.orient(data.pairs, data.marked)
+    task = circuits.make_task(model, clean=marked, corrupt=unmarked, image=data.image_emb)
+    table = pd.DataFrame({"id": data.pairs.pairs["id"].astype(str), "clean": marked, "corrupt": unmarked})
+    found = circuit_study.CircuitTask(task, table, f"{len(table)} pairs of {data.name}: the marked text (clean) against "
+                                                   "the other (corrupted)")
+    with tempfile.TemporaryDirectory(prefix="clip_lens_circuit_") as out:
+        tables = circuit_study.circuit_study(model, getattr(model, "name", "") or "model", out, found,
+                                             steps=options.get("steps", 5), check=options.get("check", 20),
+                                             n_random=options.get("n_random", 3), progress=False)
+    return {f"circuit_{name}": tables[name] for name in ("summary", "faithfulness", "circuit", "agreement")}
+
+
+def attribution(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
+    """Attribution of each image's S with its caption to heads, neurons and SAE latents, Logit Lens
+    and the deletion curves (docs/attribution.md), on an image folder with captions."""
+    from clip_lens.experiments import attribution_study
+
+    if data.folder is None:
+        raise ValueError(f"dataset {data.name!r}: attribution runs on an image folder with captions (kind = \"images\")")
+    with tempfile.TemporaryDirectory(prefix="clip_lens_attribution_") as out:
+        tables = attribution_study.attribution_study(
+            model, getattr(model, "name", "") or "model", Path(out) / "study", **data.folder,
+            sae_latents=options.get("sae_latents", 64), sae_k=options.get("sae_k", 4),
+            sae_steps=options.get("sae_steps", 300), limit=options.get("limit"), progress=False)
+    return {f"attribution_{name}": table for name, table in tables.items()}
+
+
 STUDIES: dict[str, Callable[..., dict]] = {"accuracy": accuracy, "causal-tracing": causal_tracing,
                                            "selective-heads": selective_heads, "image-ablation": image_ablation,
-                                           "attention-cancellation": attention_cancellation}
+                                           "attention-cancellation": attention_cancellation, "circuit": circuit,
+                                           "attribution": attribution}
 
 
 def run_study(model, dataset: Entry, study: Entry) -> dict[str, pd.DataFrame]:
