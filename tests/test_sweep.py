@@ -189,27 +189,28 @@ def test_bad_model_and_missing_folder_leave_the_rest_complete(tmp_path, data, ca
     assert "failed: broken / shapes / accuracy" in out
 
 
-def test_attention_cancellation_on_an_image_folder(tmp_path):
+def image_folder_spec(tmp_path, studies: str, scenes: int = 0):
+    """The tiny CLIP on a folder of one-shape scenes with their captions (and `scenes` synthetic
+    existence scenes when > 0), running `studies` (TOML [[studies]] entries)."""
     from clip_lens.data.shapes import single_shape_set
 
     images, captions = single_shape_set(tmp_path / "scenes" / "images", per_class=1)
-    text = textwrap.dedent(f'''\
-        out = "{tmp_path / "out"}"
-        [[models]]
-        name = "tiny"
-        architecture = "clip_lens/tiny-shapes"
-        [[datasets]]
-        name = "one-shape"
-        kind = "images"
-        images = "{images}"
-        captions = "{captions}"
+    shapes = f'[[datasets]]\nname = "scenes"\nkind = "shapes"\nscenes = {scenes}\n' if scenes else ""
+    text = (f'out = "{tmp_path / "out"}"\n[[models]]\nname = "tiny"\narchitecture = "clip_lens/tiny-shapes"\n{shapes}'
+            f'[[datasets]]\nname = "one-shape"\nkind = "images"\nimages = "{images}"\ncaptions = "{captions}"\n'
+            + textwrap.dedent(studies))
+    return write_spec(tmp_path / "s.toml", text)
+
+
+def test_attention_cancellation_on_an_image_folder(tmp_path):
+    spec = image_folder_spec(tmp_path, """\
         [[studies]]
         name = "attention-cancellation"
         settings = "1 1-3"
         [[studies]]
         name = "selective-heads"
-        ''')
-    result = sweep.run(write_spec(tmp_path / "s.toml", text), progress=False)
+        """)
+    result = sweep.run(spec, progress=False)
     assert result.failed["study"].tolist() == ["selective-heads"]
     assert "is an image folder" in result.failed["error"].iloc[0]
     summary = sweep.load(tmp_path / "out")["attention_cancellation"]
@@ -218,23 +219,7 @@ def test_attention_cancellation_on_an_image_folder(tmp_path):
 
 
 def test_circuit_and_attribution_studies(tmp_path):
-    from clip_lens.data.shapes import single_shape_set
-
-    images, captions = single_shape_set(tmp_path / "scenes" / "images", per_class=1)
-    text = textwrap.dedent(f'''\
-        out = "{tmp_path / "out"}"
-        [[models]]
-        name = "tiny"
-        architecture = "clip_lens/tiny-shapes"
-        [[datasets]]
-        name = "scenes"
-        kind = "shapes"
-        scenes = 8
-        [[datasets]]
-        name = "one-shape"
-        kind = "images"
-        images = "{images}"
-        captions = "{captions}"
+    spec = image_folder_spec(tmp_path, """\
         [[studies]]
         name = "circuit"
         check = 5
@@ -244,8 +229,8 @@ def test_circuit_and_attribution_studies(tmp_path):
         sae_latents = 16
         sae_k = 2
         sae_steps = 40
-        ''')
-    result = sweep.run(write_spec(tmp_path / "s.toml", text), progress=False)
+        """, scenes=8)
+    result = sweep.run(spec, progress=False)
     assert sorted(map(tuple, result.failed[["dataset", "study"]].values.tolist())) == [("one-shape", "circuit"),
                                                                                       ("scenes", "attribution")]
     tables = sweep.load(tmp_path / "out")
