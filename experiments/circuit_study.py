@@ -129,8 +129,9 @@ def circuit_study(model: HookedCLIP, model_label: str, out: Union[str, Path], ci
     out = claim_output(out, overwrite=overwrite)
     task = circuit_task.task
     graph = C.Graph.of(task.tower)
-    scores = {method: C.edge_attribution(task, method=method, steps=steps, path=path, pair_chunk=pair_chunk,
-                                         progress=progress) for method in ("eap", "eap-ig")}
+    scores = {"eap": C.edge_attribution(task, method="eap", pair_chunk=pair_chunk, progress=progress),
+              "eap-ig": C.edge_attribution(task, method="eap-ig", steps=steps, path=path, pair_chunk=pair_chunk,
+                                           progress=progress)}
     edges = scores["eap"].table()[["edge", "sender", "receiver"]]
     for method, result in scores.items():
         edges = edges.merge(result.table()[["edge", "score", "rank"]].rename(

@@ -71,6 +71,10 @@ def test_bad_arguments_are_named(planted):
         C.edge_attribution(planted, method="eap-ig", steps=-2, progress=False)
     with pytest.raises(ValueError, match="method='acdc'"):
         C.edge_attribution(planted, method="acdc", progress=False)
+    with pytest.raises(ValueError, match="steps=3: EAP takes no integration path"):
+        C.edge_attribution(planted, method="eap", steps=3, progress=False)
+    with pytest.raises(ValueError, match="path='activations': EAP takes no integration path"):
+        C.edge_attribution(planted, method="eap", path="activations", progress=False)
     with pytest.raises(ValueError, match="unknown sender 'a7.h0'"):
         C.path_patch(planted, ["a7.h0->output"], progress=False)
     with pytest.raises(ValueError, match="reads the residual stream before sender 'a2.h1'"):

@@ -92,21 +92,28 @@ class EdgeScores:
         return [(int(i) // self.graph.n_receivers, int(i) % self.graph.n_receivers) for i in order]
 
 
-def edge_attribution(task: Task, *, method: str = "eap", steps: int = 5, path: str = "inputs", pair_chunk: int = 32,
-                     per_pair: bool = False, progress: bool = True) -> EdgeScores:
+def edge_attribution(task: Task, *, method: str = "eap", steps: Optional[int] = None, path: Optional[str] = None,
+                     pair_chunk: int = 32, per_pair: bool = False, progress: bool = True) -> EdgeScores:
     """Score every edge of the task's tower by EAP or EAP-IG.
 
     Args:
         method: "eap" (one forward and one backward pass per chunk of pairs) or "eap-ig".
-        steps: m, the points of EAP-IG's path (midpoints (k - 1/2) / m, k = 1..m); m >= 1.
-        path: "inputs" (interpolate the layer-0 residual: m passes) or "activations" (interpolate
-            each sender group's output in turn, the input, each block's heads, each MLP:
-            m (2L + 1) passes).
+        steps: EAP-IG only: m, the points of its path (midpoints (k - 1/2) / m, k = 1..m); m >= 1,
+            default 5. Given with "eap" it is refused (EAP has no path to integrate along).
+        path: EAP-IG only: "inputs" (interpolate the layer-0 residual: m passes, the default) or
+            "activations" (interpolate each sender group's output in turn, the input, each
+            block's heads, each MLP: m (2L + 1) passes).
         pair_chunk: pairs per forward pass.
         per_pair: keep each pair's scores too ([n_pairs, senders, receivers]).
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: use one of {METHODS}")
+    if method == "eap":
+        given = [f"{name}={value!r}" for name, value in (("steps", steps), ("path", path)) if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)}: EAP takes no integration path; these are EAP-IG's (method='eap-ig')")
+    steps = 5 if steps is None else steps
+    path = "inputs" if path is None else path
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps={steps!r}: EAP-IG needs m >= 1 interpolation steps")
     steps = int(steps)
