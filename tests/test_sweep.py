@@ -85,6 +85,15 @@ def test_spec_errors_name_the_entry(tmp_path, data, change, message):
         read_spec(write_spec(tmp_path / "s.toml", text))
 
 
+def test_tags_stay_tags_and_relative_paths_are_read_from_the_spec_folder(tmp_path, data):
+    text = spec_text("out", *data, extra_model=('[[models]]\nname = "b32"\narchitecture = "ViT-B-32"\npretrained = "openai"\n'
+                                                '[[models]]\nname = "mine"\narchitecture = "ViT-B-32"\npretrained = "ckpt/w.pt"\n'))
+    spec = read_spec(write_spec(tmp_path / "s.toml", text))
+    models = {m.name: m for m in spec.models}
+    assert models["b32"].get("pretrained") == "openai"
+    assert models["mine"].get("pretrained") == str(tmp_path / "ckpt" / "w.pt") and spec.out == tmp_path / "out"
+
+
 def test_the_spec_names_the_studies_the_sweep_runs():
     from clip_lens.sweep.spec import STUDY_OPTIONS
     from clip_lens.sweep.studies import STUDIES
@@ -141,9 +150,13 @@ def test_local_sweep_writes_tables_manifest_and_report(local_run):
 
 
 def test_a_rerun_runs_only_what_is_missing_or_failed(local_run):
+    import torch
+
     folder, spec, first = local_run
-    again = sweep.run(spec, progress=False)
+    threads = torch.get_num_threads()
+    again = sweep.run(spec, progress=False)  # its tasks run with one thread ([resources] cpus = 1)
     assert (again.ran, again.skipped) == (1, 7)  # the failed image ablation on a pairs file, again
+    assert torch.get_num_threads() == threads  # and the process's own count comes back
 
 
 def with_crash(text: str, study: str, marker) -> str:

@@ -89,18 +89,24 @@ def _label(task: Task) -> str:
 
 def run_local(tasks: list[Task], out: Path, manifest: Manifest, *, threads: Optional[int] = None,
               progress: bool = True, on_record: Optional[Callable[[Task, Record], None]] = None) -> list[Record]:
-    """Every task in this process, in order (tasks of one model are consecutive)."""
-    cache, records = ModelCache(), []
+    """Every task in this process, in order (tasks of one model are consecutive), with `threads`
+    torch threads (the process's own count is restored afterwards)."""
+    import torch
+
+    cache, records, before = ModelCache(), [], torch.get_num_threads()
     bar = tqdm(tasks, desc="sweep", unit="task", disable=not progress)
-    for task in bar:
-        bar.set_postfix_str(_label(task))
-        manifest.start(task, "local")
-        record = run_task(task, out, cache, "local", threads)
-        manifest.finish(task, record)
-        records.append(record)
-        if on_record:
-            on_record(task, record)
-    bar.close()
+    try:
+        for task in bar:
+            bar.set_postfix_str(_label(task))
+            manifest.start(task, "local")
+            record = run_task(task, out, cache, "local", threads)
+            manifest.finish(task, record)
+            records.append(record)
+            if on_record:
+                on_record(task, record)
+    finally:
+        bar.close()
+        torch.set_num_threads(before)
     return records
 
 
@@ -129,7 +135,9 @@ def run_ray(tasks: list[Task], out: Path, manifest: Manifest, *, address: Option
     started_here = not ray.is_initialized()
     if started_here:
         kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        ray.init(address=address, **kwargs) if address else ray.init(**kwargs)
+        if address:
+            kwargs["address"] = address
+        ray.init(**kwargs)
     try:
         options = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=retries, max_task_retries=retries)
         if resources.get("memory_gb"):

@@ -117,6 +117,12 @@ def _absolute(value: Any, base: Path) -> Any:
     return value
 
 
+def _is_tag(value: Any) -> bool:
+    """An open_clip pretrained tag ("openai", "laion2b_s34b_b79k") rather than a checkpoint path."""
+    text = str(value)
+    return "/" not in text and "\\" not in text and not text.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+
+
 def _entries(raw: dict, key: str, base: Path, source: str, check) -> tuple[Entry, ...]:
     items = raw.get(key, [])
     if not isinstance(items, list) or not items:
@@ -129,7 +135,8 @@ def _entries(raw: dict, key: str, base: Path, source: str, check) -> tuple[Entry
         if name in names:
             raise SpecError(f"{source}: two {key} are named {name!r}")
         names.add(name)
-        options = {k: (_absolute(v, base) if k in PATH_KEYS or k == "paths" else v) for k, v in item.items() if k != "name"}
+        options = {k: (_absolute(v, base) if (k in PATH_KEYS and not (k == "pretrained" and _is_tag(v))) or k == "paths"
+                       else v) for k, v in item.items() if k != "name"}
         if key == "datasets" and options.get("kind") == "valse" and "images" not in options:
             raise SpecError(f"{source}: dataset {name!r} needs images (a folder, or \"generated\")")
         entry = Entry(name, {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) and
