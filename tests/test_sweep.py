@@ -220,6 +220,7 @@ def test_attention_cancellation_on_an_image_folder(tmp_path):
         [[studies]]
         name = "attention-cancellation"
         settings = "1 1-3"
+        captioner = "clip_lens/tiny-shapes-captioner"
         [[studies]]
         name = "selective-heads"
         """)
@@ -228,6 +229,9 @@ def test_attention_cancellation_on_an_image_folder(tmp_path):
     assert "is an image folder" in result.failed["error"].iloc[0]
     summary = sweep.load(tmp_path / "out")["attention_cancellation"]
     assert summary["setting"].tolist() == ["baseline", "1", "1-3"] and summary["accuracy"].iloc[0] > 0.5
+    assert summary["generated_changed"].tolist()[0] == 0 and summary["generated_changed"].iloc[-1] > 0.5
+    predictions = sweep.load(tmp_path / "out")["cancellation_predictions"]
+    assert predictions[predictions["setting"] == "1-3"]["generated"].nunique() == 1  # every block cancelled: one caption
     assert (tmp_path / "out" / "report.html").read_text().count('class="plotly-graph-div"') == 1
 
 

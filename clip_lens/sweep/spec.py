@@ -44,9 +44,9 @@ MODEL_KEYS = {"architecture", "pretrained", "huggingface", "seed", "dtype", "dev
 RESOURCE_KEYS = {"cpus", "gpus", "memory_gb"}
 # the studies a task can run, with their options (clip_lens.sweep.studies runs them)
 STUDY_OPTIONS = {"accuracy": set(), "causal-tracing": set(), "selective-heads": set(), "image-ablation": {"grey"},
-                 "attention-cancellation": {"settings"}, "circuit": {"steps", "check", "n_random"},
+                 "attention-cancellation": {"settings", "captioner", "beams"}, "circuit": {"steps", "check", "n_random"},
                  "attribution": {"sae_latents", "sae_k", "sae_steps", "limit"}}
-PATH_KEYS = {"valse", "images", "file", "pretrained", "huggingface", "captions", "labels"}
+PATH_KEYS = {"valse", "images", "file", "pretrained", "huggingface", "captions", "labels", "captioner"}
 
 
 class SpecError(ValueError):
@@ -109,7 +109,7 @@ def read_spec(path_or_text: Union[str, Path], *, base: Union[str, Path, None] = 
 
 
 def _absolute(value: Any, base: Path) -> Any:
-    if isinstance(value, str) and value not in ("generated",) and not value.startswith("clip_lens/"):
+    if isinstance(value, str) and value not in ("generated", "random") and not value.startswith("clip_lens/"):
         path = Path(value).expanduser()
         return path if path.is_absolute() else (base / path)
     if isinstance(value, list):

@@ -230,16 +230,25 @@ def image_ablation(model, data: Prepared, options: dict) -> dict[str, pd.DataFra
 
 
 def attention_cancellation(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
-    """Value-only attention per setting on an image folder (docs/methods.md#attention-cancellation)."""
+    """Value-only attention per setting on an image folder (docs/methods.md#attention-cancellation);
+    with `captioner` (a name, file, Hugging Face directory or "random") also the generated captions
+    (docs/methods.md#generated-captions)."""
     from clip_lens.experiments import attention_cancellation as cancellation
 
     if data.image_set is None:
         raise ValueError(f"dataset {data.name!r}: attention cancellation runs on an image folder with captions "
                          "(kind = \"images\")")
     settings = cancellation.parse_settings(options["settings"], model.vision.cfg.n_layers) if options.get("settings") else None
+    captioner = None
+    if options.get("captioner"):
+        from clip_lens.captioning import load_captioner
+        from clip_lens.captioning.train import random_captioner
+
+        source = options["captioner"]
+        captioner = (random_captioner(model.vision.cfg.d_embed) if source == "random" else load_captioner(source)).to(model.device)
     image_set = data.image_set
     result = cancellation.run(model, image_set.frame, image_set.captions, targets=image_set.targets, settings=settings,
-                              progress=False)
+                              captioner=captioner, beams=options.get("beams", 1), progress=False)
     return {"attention_cancellation": result.summary(), "cancellation_predictions": result.predictions()}
 
 
