@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from clip_lens.checkpoints import Checkpoints
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import hook_name, patch, value_only_attention
 from clip_lens.plot import style
@@ -221,7 +222,7 @@ def generate_captions(model: HookedCLIP, captioner, settings: dict[str, tuple[in
 def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, targets: Optional[Sequence[int]] = None,
         settings: Optional[dict[str, tuple[int, ...]]] = None, pixels: Optional[Tensor] = None,
         pair_chunk: int = 32, captioner=None, beams: int = 1, max_new_tokens: Optional[int] = None,
-        progress: bool = True) -> AttentionCancellation:
+        checkpoints: Optional[Checkpoints] = None, progress: bool = True) -> AttentionCancellation:
     """Cancel self-attention in each setting and score every image against every caption.
 
     Args:
@@ -230,8 +231,11 @@ def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, tar
         targets: each image's correct caption index (-1: unknown); default all unknown.
         settings: name -> 0-based blocks (default `default_settings`).
         pixels: [n, 3, H, W] instead of reading `images["image"]`.
+        pair_chunk: images run (and checkpointed) at a time.
         captioner: a `clip_lens.captioning.Captioner`: also generate a caption per image and
             setting (greedy, or beam search with `beams` > 1) and score it with CLIP.
+        checkpoints: save each finished chunk of images there, and read back the chunks an
+            interrupted run saved (`clip_lens.checkpoints`).
     """
     images = images.reset_index(drop=True).copy()
     if "label" not in images:
@@ -240,9 +244,23 @@ def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, tar
     settings = settings or default_settings(model.vision.cfg.n_layers)
     if pixels is None:
         pixels = model.to_pixels(list(images["image"]))
-    result = patch(model, target=pixels, hook="pattern", intervention="value_only", layers=list(settings.values()),
-                   metric="embedding", pair_chunk=pair_chunk, progress=progress)
-    embeddings = torch.cat([result.baseline[None], result.effects.permute(1, 0, 2)])  # [setting, image, d_embed]
+    paths = list(images["image"])
+
+    def chunk(lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Image-major arrays of images lo..hi - 1: embeddings [image, setting, d_embed] (the
+        baseline first) and, with a captioner, the generated captions [image, setting]."""
+        result = patch(model, target=pixels[lo:hi], hook="pattern", intervention="value_only",
+                       layers=list(settings.values()), metric="embedding", pair_chunk=pair_chunk, progress=False)
+        arrays = {"embeddings": torch.cat([result.baseline[:, None], result.effects], dim=1).float().cpu().numpy()}
+        if captioner is not None:
+            generated = generate_captions(model, captioner, {"baseline": (), **settings}, images=paths[lo:hi],
+                                          pixels=pixels[lo:hi], beams=beams, max_new_tokens=max_new_tokens, progress=False)
+            arrays["generated"] = np.array(generated, dtype=str).T  # [image, setting]
+        return arrays
+
+    chunks = (checkpoints or Checkpoints(None)).chunks("attention_cancellation", len(images), pair_chunk, chunk, progress,
+                                                       ids=[str(p) for p in paths])
+    embeddings = torch.from_numpy(np.concatenate([c["embeddings"] for c in chunks])).permute(1, 0, 2)  # [setting, image, d]
     embeddings, text = embeddings.to(model.device), encode_texts(model, captions).float()
     with torch.no_grad():
         cosine = F.normalize(embeddings, dim=-1) @ F.normalize(text, dim=-1).T
@@ -250,10 +268,9 @@ def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, tar
     result = AttentionCancellation(images, list(captions), ["baseline", *settings], [(), *settings.values()],
                                    logits.cpu().numpy(), cosine.cpu().numpy())
     if captioner is not None:
-        generated = generate_captions(model, captioner, {"baseline": (), **settings}, images=list(images["image"]),
-                                      pixels=pixels, beams=beams, max_new_tokens=max_new_tokens, progress=progress)
-        result.generated = generated
-        result.generated_cosine, result.generated_cosine_clean = _generated_cosines(model, generated, embeddings)
+        generated = np.concatenate([c["generated"] for c in chunks]).T  # [setting, image]
+        result.generated = [[str(caption) for caption in row] for row in generated]
+        result.generated_cosine, result.generated_cosine_clean = _generated_cosines(model, result.generated, embeddings)
     return result
 
 

@@ -8,10 +8,11 @@ from typing import Optional, Union
 
 import pandas as pd
 
+from clip_lens.checkpoints import claim_resumable_output, weights_fingerprint
 from clip_lens.data.image_sets import open_image_set
 from clip_lens.experiments import attention_cancellation, attention_maps
 from clip_lens.model import HookedCLIP
-from clip_lens.report import Report, claim_output, write_study
+from clip_lens.report import Report, write_study
 
 PathLike = Union[str, Path]
 
@@ -19,14 +20,23 @@ PathLike = Union[str, Path]
 def attention_cancellation_study(model: HookedCLIP, model_label: str, out: PathLike, *, images: Optional[PathLike] = None,
                                  captions: Optional[PathLike] = None, labels: Optional[PathLike] = None,
                                  settings: Optional[str] = None, map_images: int = 3, map_layer: Optional[int] = None,
-                                 captioner=None, caption_image: int = 0, beams: int = 1, overwrite: bool = False,
-                                 progress: bool = True) -> dict[str, pd.DataFrame]:
+                                 captioner=None, caption_image: int = 0, beams: int = 1, pair_chunk: int = 32,
+                                 overwrite: bool = False, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Run attention cancellation (and attention maps) and write `out/`: predictions.csv,
     summary.csv, logits.csv, attention_distance.csv and report.html; with a captioner
     (`clip_lens.captioning`) also the generated captions (in predictions.csv and summary.csv) and
     captions_by_setting.csv, the selected and generated caption per setting for image
-    `caption_image` (an index into the image set). Returns the tables."""
-    out = claim_output(out, overwrite=overwrite)
+    `caption_image` (an index into the image set). Returns the tables.
+
+    Each finished chunk of `pair_chunk` images is saved under out/.partial/; run again into the
+    same `out` with the same settings, a killed run resumes from them (clip_lens.checkpoints)."""
+    captioner_label = None if captioner is None else (getattr(captioner, "name", "") or type(captioner).__name__)
+    identity = dict(study="attention-cancellation", model=model_label, dtype=str(model.dtype), device=str(model.device),
+                    weights=weights_fingerprint(model), images=images, captions=captions, labels=labels, settings=settings,
+                    captioner=captioner_label, beams=beams, pair_chunk=pair_chunk,
+                    captioner_weights=None if captioner is None else weights_fingerprint(captioner))
+    checkpoints = claim_resumable_output(out, identity, overwrite=overwrite)
+    out = Path(out)
     image_set = open_image_set(images, captions, labels, out / "sample_images")
     frame, caption_list, targets, source = image_set.frame, image_set.captions, image_set.targets, image_set.source
     chosen = attention_cancellation.parse_settings(settings, model.vision.cfg.n_layers) if settings else None
@@ -34,7 +44,8 @@ def attention_cancellation_study(model: HookedCLIP, model_label: str, out: PathL
         raise ValueError(f"caption_image {caption_image} is out of range: the image set has {len(frame)} images")
     pixels = model.to_pixels(list(frame["image"]))
     result = attention_cancellation.run(model, frame, caption_list, targets=targets, settings=chosen, pixels=pixels,
-                                        captioner=captioner, beams=beams, progress=progress)
+                                        captioner=captioner, beams=beams, pair_chunk=pair_chunk, checkpoints=checkpoints,
+                                        progress=progress)
     distance = attention_maps.mean_attention_distance(model, pixels)
     tables = {"summary": result.summary(), "predictions": result.predictions(), "logits": result.logits_frame(),
               "attention_distance": distance}
@@ -71,8 +82,9 @@ def attention_cancellation_study(model: HookedCLIP, model_label: str, out: PathL
         name = Path(frame["image"][i]).name
         report.figure(attention_maps.attention_map_figure(attention_maps.model_view(model, pixels[i]), maps[i],
                                                           f"Class-token attention, layer {layer} (from 0): {name}"))
-    captioner_label = None if captioner is None else (getattr(captioner, "name", "") or type(captioner).__name__)
     write_study(out, tables, report, manifest={"study": "attention-cancellation", "model": model_label,
                                                "captioner": captioner_label, "beams": beams,
-                                               "data": {"images": source, "captions": captions, "labels": labels}})
+                                               "data": {"images": source, "captions": captions, "labels": labels},
+                                               "checkpoints": checkpoints.summary()})
+    checkpoints.finish()
     return tables

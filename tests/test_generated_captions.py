@@ -179,3 +179,39 @@ def test_cli_names_a_missing_captioner(tmp_path, capsys):
     assert main(["attention-cancellation", "--model", zoo.NAME, "--captioner", str(tmp_path / "nope.safetensors"),
                  "--settings", "1", "--out", str(tmp_path / "o")]) != 0
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+def test_a_killed_attention_cancellation_resumes_from_its_finished_chunks(tiny_model, captioner, one_shape_set, tmp_path,
+                                                                          monkeypatch):
+    """Killed in its third chunk of 8 images, the study run again recomputes only the chunks it had
+    not finished, and its tables (generated captions included) equal an uninterrupted run's."""
+    import json
+
+    from clip_lens.checkpoints import PARTIAL
+
+    folder = Path(one_shape_set.source)
+    kwargs = dict(images=folder, captions=folder.parent / "captions.txt", settings="1 1-3", captioner=captioner,
+                  map_images=1, pair_chunk=8, progress=False)
+    calls = []
+    real_patch = attention_cancellation.patch
+
+    def dying_patch(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_patch(*args, **kw)
+
+    monkeypatch.setattr(attention_cancellation, "patch", dying_patch)
+    with pytest.raises(KeyboardInterrupt):
+        vision_study.attention_cancellation_study(tiny_model, "tiny", tmp_path / "out", **kwargs)
+    assert len(list((tmp_path / "out" / PARTIAL / "attention_cancellation").glob("*.npz"))) == 2
+    monkeypatch.setattr(attention_cancellation, "patch", real_patch)
+    resumed = vision_study.attention_cancellation_study(tiny_model, "tiny", tmp_path / "out", **kwargs)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["checkpoints"] == {"attention_cancellation": {"loaded": 16, "computed": 8}}
+    assert not (tmp_path / "out" / PARTIAL).exists()
+    plain = vision_study.attention_cancellation_study(tiny_model, "tiny", tmp_path / "plain", **kwargs)
+    for name in ("summary", "predictions", "captions_by_setting"):
+        pd.testing.assert_frame_equal(resumed[name], plain[name])
+    with pytest.raises(FileExistsError, match="holds another run|already holds"):
+        vision_study.attention_cancellation_study(tiny_model, "tiny", tmp_path / "plain", **kwargs)
