@@ -59,7 +59,7 @@ def test_sweeps_docs_spec_reads_and_python_example_runs(monkeypatch, tmp_path):
     spec_text = re.findall(r"```toml\n(.*?)```", (ROOT / "docs" / "sweeps.md").read_text(), flags=re.S)[0]
     spec = sweep.read_spec(spec_text, base=tmp_path)
     assert [m.name for m in spec.models] == ["tiny", "b32-openai", "l14-random", "hf-b16"]
-    assert len(spec.datasets) == 5 and len(spec.studies) == 7
+    assert len(spec.datasets) == 5 and len(spec.studies) == 8
     monkeypatch.chdir(tmp_path)  # the example loads runs/sweep: a small sweep of the tiny model writes it
     small = ('out = "runs/sweep"\n[[models]]\nname = "tiny"\narchitecture = "clip_lens/tiny-shapes"\n'
              '[[datasets]]\nname = "scenes"\nkind = "shapes"\nscenes = 4\n'

@@ -149,6 +149,17 @@ def test_local_sweep_writes_tables_manifest_and_report(local_run):
     assert report.count('class="plotly-graph-div"') == 4
 
 
+def test_head_ablation_against_random_heads(tmp_path, data):
+    text = spec_text(tmp_path / "out", *data, studies=("head-ablation",), study_options="top_k = 2\nrandom_seeds = [0, 1]\n")
+    result = sweep.run(write_spec(tmp_path / "s.toml", text), progress=False)
+    assert result.ok
+    table = sweep.load(tmp_path / "out")["head_ablation"]
+    assert sorted(table.groupby("dataset")["condition"].apply(list).iloc[0]) == ["chosen", "none", "random", "random"]
+    chosen = table[table["condition"] == "chosen"]
+    assert chosen["heads"].str.split().str.len().eq(2).all()
+    assert "Head ablation" in (tmp_path / "out" / "report.html").read_text()
+
+
 def test_a_rerun_runs_only_what_is_missing_or_failed(local_run):
     import torch
 

@@ -1,7 +1,8 @@
 """The cross-model report of a sweep (out/report.html): accuracy per model x dataset, causal-tracing
 localisation per layer by model, the top selective heads per model with their layer, and image
 ablation's MHA against MLP by model (each replaced by a line saying so when the sweep did not run
-that study); and attention cancellation per setting by model when the sweep ran it."""
+that study); and, when the sweep ran them, attention cancellation per setting and head ablation
+against random heads, by model."""
 
 from __future__ import annotations
 
@@ -63,6 +64,15 @@ def cancellation_figure(summary: pd.DataFrame) -> go.Figure:
     return style(fig, f"Attention cancellation: {value.replace('_', ' ')} per setting", height=420)
 
 
+def head_ablation_figure(table: pd.DataFrame) -> go.Figure:
+    mean = table.groupby(["model", "dataset", "condition"], sort=False, as_index=False)["accuracy"].mean()
+    fig = px.bar(mean, x="model", y="accuracy", color="condition", barmode="group", facet_col="dataset",
+                 color_discrete_map={"none": "#264653", "chosen": "#e76f51", "random": "#8ab17d"},
+                 labels=dict(condition="heads intervened on"))
+    fig.update_yaxes(range=[0, 1])
+    return style(fig, "Accuracy with each model's most selective heads ablated, against random heads", height=420)
+
+
 def build_report(tables: dict[str, pd.DataFrame], title: str = "Sweep across models") -> Report:
     report = Report(title)
     manifest = tables["manifest"]
@@ -76,6 +86,8 @@ def build_report(tables: dict[str, pd.DataFrame], title: str = "Sweep across mod
                 ("Image ablation", "image_ablation", ablation_figure))
     if "attention_cancellation" in tables:  # drawn only when the sweep ran it
         sections += (("Attention cancellation", "attention_cancellation", cancellation_figure),)
+    if "head_ablation" in tables:
+        sections += (("Head ablation", "head_ablation", head_ablation_figure),)
     for heading, table, figure in sections:
         report.section(heading)
         if table in tables and len(tables[table]):

@@ -17,7 +17,7 @@
 
     [[studies]]
     name = "causal-tracing"                  # accuracy | causal-tracing | selective-heads | image-ablation |
-                                             # attention-cancellation | circuit | attribution
+                                             # attention-cancellation | circuit | attribution | head-ablation
     limit = 50                               # options (see STUDIES in clip_lens.sweep.studies)
 
 Every entry is checked when the spec is read; an error names the entry and the key.
@@ -45,7 +45,8 @@ RESOURCE_KEYS = {"cpus", "gpus", "memory_gb"}
 # the studies a task can run, with their options (clip_lens.sweep.studies runs them)
 STUDY_OPTIONS = {"accuracy": set(), "causal-tracing": set(), "selective-heads": set(), "image-ablation": {"grey"},
                  "attention-cancellation": {"settings", "captioner", "beams"}, "circuit": {"steps", "check", "n_random"},
-                 "attribution": {"sae_latents", "sae_k", "sae_steps", "limit"}}
+                 "attribution": {"sae_latents", "sae_k", "sae_steps", "limit"},
+                 "head-ablation": {"top_k", "intervention", "random_seeds"}}
 PATH_KEYS = {"valse", "images", "file", "pretrained", "huggingface", "captions", "labels", "captioner"}
 
 

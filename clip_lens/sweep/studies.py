@@ -287,10 +287,27 @@ def attribution(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]
     return {f"attribution_{name}": table for name, table in tables.items()}
 
 
+def head_ablation(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
+    """The model's `top_k` most selective heads for this dataset intervened on ("zero", "mean" or
+    "resample"), against as many random heads per seed: accuracy and mean d
+    (docs/methods.md#head-interventions)."""
+    from clip_lens.experiments import head_interventions, minimal_pairs
+
+    _needs_images(data, "head-ablation")
+    intervention = options.get("intervention", "zero")
+    if intervention not in ("zero", "mean", "resample"):
+        raise ValueError(f"head-ablation intervention {intervention!r}: use zero, mean or resample")
+    heads = minimal_pairs.selective_heads(model, data.pairs, data.marked, progress=False).head_table()
+    top = [(int(r.layer), int(r.head)) for r in heads.head(options.get("top_k", 3)).itertuples()]
+    table = head_interventions.intervention_study(model, data.pairs, data.image_emb, top, intervention=intervention,
+                                                  random_seeds=tuple(options.get("random_seeds", (0, 1, 2))))
+    return {"head_ablation": table}
+
+
 STUDIES: dict[str, Callable[..., dict]] = {"accuracy": accuracy, "causal-tracing": causal_tracing,
                                            "selective-heads": selective_heads, "image-ablation": image_ablation,
                                            "attention-cancellation": attention_cancellation, "circuit": circuit,
-                                           "attribution": attribution}
+                                           "attribution": attribution, "head-ablation": head_ablation}
 
 
 def run_study(model, dataset: Entry, study: Entry) -> dict[str, pd.DataFrame]:
