@@ -38,6 +38,37 @@ def linear_metric(emb: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return emb[:, 6] - emb[:, 7]
 
 
+def planted_blank(seed: int) -> HookedTextTower:
+    """The blank both planted towers start from: a 3-layer, 32-wide text tower with small random
+    weights; every token embedding zero except constant features (+3 / -3 on dims 0 / 1) and random
+    ones (dims 9..); positions scaled down; no block writing into the planted dims 2..8."""
+    cfg = TextConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=77, d_embed=32,
+                     d_vocab=49408, eot_token_id=49407)
+    tower = HookedTextTower(cfg, Tokenizer.default())
+    gen = small_random_weights_(tower, seed=seed)
+    with torch.no_grad():
+        embed = tower.embed.W_E
+        embed.zero_()
+        embed[:, 9:] = torch.randn(cfg.d_vocab, cfg.d_model - 9, generator=gen)
+        embed[:, 0], embed[:, 1] = 3.0, -3.0
+        tower.W_pos.mul_(0.1)
+        for block in tower.blocks:
+            for weight in (block.attn.out_weight, block.mlp.out_weight, block.attn.out_bias, block.mlp.out_bias):
+                weight[2:9] = 0.0
+    return tower
+
+
+def isolate_head(attn, head: int, d: int, dh: int) -> tuple[slice, slice, slice]:
+    """Zero a head's query, key and value rows and its output columns; returns the q, k, v row
+    slices of the fused qkv weight, for the planted entries."""
+    rows = tuple(slice(i * d + head * dh, i * d + (head + 1) * dh) for i in range(3))
+    for r in rows:
+        attn.qkv_weight[r] = 0.0
+        attn.qkv_bias[r] = 0.0
+    attn.out_weight[:, head * dh : (head + 1) * dh] = 0.0
+    return rows
+
+
 def two_head_path_tower(mlp_share: float = 0.05) -> HookedTextTower:
     """A 3-layer text tower with small random weights and one planted path for "no":
 
@@ -56,35 +87,21 @@ def two_head_path_tower(mlp_share: float = 0.05) -> HookedTextTower:
 
     Corrupting a0.h0 -> a2.h1<v> alone removes more of the metric than corrupting any other single
     edge, and nothing off the path carries the difference."""
-    cfg = TextConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=77, d_embed=32,
-                     d_vocab=49408, eot_token_id=49407)
-    tokenizer = Tokenizer.default()
-    tower = HookedTextTower(cfg, tokenizer)
-    gen = small_random_weights_(tower, seed=0)
-    d, dh = cfg.d_model, cfg.d_head
+    tower = planted_blank(seed=0)
+    tokenizer, d, dh = tower.tokenizer, tower.cfg.d_model, tower.cfg.d_head
     with torch.no_grad():
         embed = tower.embed.W_E
-        embed.zero_()
-        embed[:, 9:] = torch.randn(cfg.d_vocab, d - 9, generator=gen)
-        embed[:, 0], embed[:, 1], embed[:, 8] = 3.0, -3.0, 3.0
+        embed[:, 8] = 3.0
         for word, (x2, x3) in (("no", (6.0, -6.0)), ("a", (6.0, 6.0)), ("some", (6.0, 6.0))):
             token = int(tokenizer([word])[0, 1])
             embed[token, 2], embed[token, 3], embed[token, 8] = x2, x3, 0.0
-        tower.W_pos.mul_(0.1)
-        for block in tower.blocks:  # nothing else writes into the planted feature dims 2..8
-            for weight in (block.attn.out_weight, block.mlp.out_weight, block.attn.out_bias, block.mlp.out_bias):
-                weight[2:9] = 0.0
         # (layer, head), the dims its value reads, the dims it writes, value gain, output gain: the
         # copy head writes small (so the norms downstream stay close to linear), the reader reads large
         for (layer, head), read, write, value_gain, out_gain in (((0, 0), 2, 4, GAIN, GAIN / 4),
                                                                  ((2, 1), 4, 6, GAIN * 4, GAIN)):
             attn = tower.blocks[layer].attn
-            q_rows, k_rows, v_rows = (slice(i * d + head * dh, i * d + (head + 1) * dh) for i in range(3))
-            for rows in (q_rows, k_rows, v_rows):
-                attn.qkv_weight[rows] = 0.0
-                attn.qkv_bias[rows] = 0.0
+            _, _, v_rows = isolate_head(attn, head, d, dh)
             attn.qkv_weight[v_rows.start, read], attn.qkv_weight[v_rows.start, read + 1] = value_gain, -value_gain
-            attn.out_weight[:, head * dh : (head + 1) * dh] = 0.0
             attn.out_weight[write, head * dh], attn.out_weight[write + 1, head * dh] = out_gain, -out_gain
         copy = tower.blocks[0].attn
         copy.qkv_weight[0, 0], copy.qkv_weight[0, 1] = KEY / 2, -KEY / 2            # a constant query
@@ -122,34 +139,20 @@ def count_head_tower() -> HookedTextTower:
     "two", "four", "six" hold +6 / +6 there, the same norm) and writes it into the output dims
     6 / 7 through its value. So the captions and foils differ in the embedding only through that
     head; `count_image` points away from what it writes."""
-    cfg = TextConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=77, d_embed=32,
-                     d_vocab=49408, eot_token_id=49407)
-    tokenizer = Tokenizer.default()
-    tower = HookedTextTower(cfg, tokenizer)
-    gen = small_random_weights_(tower, seed=1)
-    d, dh = cfg.d_model, cfg.d_head
+    tower = planted_blank(seed=1)
+    tokenizer, d, dh = tower.tokenizer, tower.cfg.d_model, tower.cfg.d_head
     with torch.no_grad():
         embed = tower.embed.W_E
-        embed.zero_()
-        embed[:, 9:] = torch.randn(cfg.d_vocab, d - 9, generator=gen)
-        embed[:, 0], embed[:, 1] = 3.0, -3.0
         for words, (x2, x3) in ((COUNTS_CORRECT, (6.0, 6.0)), (COUNTS_CHANGED, (6.0, -6.0))):
             for word in words:
-                embed[int(tokenizer([word])[0, 1]), 2], embed[int(tokenizer([word])[0, 1]), 3] = x2, x3
-        tower.W_pos.mul_(0.1)
-        for block in tower.blocks:
-            for weight in (block.attn.out_weight, block.mlp.out_weight, block.attn.out_bias, block.mlp.out_bias):
-                weight[2:9] = 0.0
+                token = int(tokenizer([word])[0, 1])
+                embed[token, 2], embed[token, 3] = x2, x3
         layer, head = COUNT_HEAD
         attn = tower.blocks[layer].attn
-        q_rows, k_rows, v_rows = (slice(i * d + head * dh, i * d + (head + 1) * dh) for i in range(3))
-        for rows in (q_rows, k_rows, v_rows):
-            attn.qkv_weight[rows] = 0.0
-            attn.qkv_bias[rows] = 0.0
+        q_rows, k_rows, v_rows = isolate_head(attn, head, d, dh)
         attn.qkv_weight[q_rows.start, 0], attn.qkv_weight[q_rows.start, 1] = KEY / 2, -KEY / 2
         attn.qkv_weight[k_rows.start, 2], attn.qkv_weight[k_rows.start, 3] = KEY / 2, -KEY / 2
         attn.qkv_weight[v_rows.start, 2], attn.qkv_weight[v_rows.start, 3] = GAIN, -GAIN
-        attn.out_weight[:, head * dh : (head + 1) * dh] = 0.0
         attn.out_weight[6, head * dh], attn.out_weight[7, head * dh] = GAIN, -GAIN
         tower.proj.W.copy_(torch.eye(d))
     return tower.eval()
