@@ -50,7 +50,9 @@ def _attempt(out: Path, task: Task) -> int:
     counter = task_folder(out, task) / ".attempts"
     counter.parent.mkdir(parents=True, exist_ok=True)
     attempts = int(counter.read_text()) + 1 if counter.is_file() else 1
-    counter.write_text(str(attempts))
+    tmp = counter.with_name(f".attempts.{os.getpid()}.tmp")  # a kill never leaves half a count behind
+    tmp.write_text(str(attempts))
+    os.replace(tmp, counter)
     return attempts
 
 
@@ -129,7 +131,7 @@ def run_ray(tasks: list[Task], out: Path, manifest: Manifest, *, address: Option
     try:
         import ray
     except ImportError:
-        raise ImportError("the ray executor needs Ray: pip install 'clip_lens[ray]'") from None
+        raise RuntimeError("the ray executor needs Ray: pip install 'clip_lens[ray]'") from None
     resources = resources or {}
     cpus, gpus = resources.get("cpus", 1), resources.get("gpus", 0)
     started_here = not ray.is_initialized()
