@@ -94,6 +94,15 @@ def test_tags_stay_tags_and_relative_paths_are_read_from_the_spec_folder(tmp_pat
     assert models["mine"].get("pretrained") == str(tmp_path / "ckpt" / "w.pt") and spec.out == tmp_path / "out"
 
 
+def test_ray_options_with_the_local_executor_are_refused(tmp_path, data):
+    spec = write_spec(tmp_path / "s.toml", spec_text(tmp_path / "out", *data))
+    with pytest.raises(ValueError, match="workers is for the ray executor"):
+        sweep.run(spec, workers=2, progress=False)
+    with pytest.raises(ValueError, match="ray_address is for the ray executor"):
+        sweep.run(spec, ray_address="auto", progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
 def test_the_spec_names_the_studies_the_sweep_runs():
     from clip_lens.sweep.spec import STUDY_OPTIONS
     from clip_lens.sweep.studies import STUDIES

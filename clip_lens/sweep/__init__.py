@@ -92,6 +92,9 @@ def run(spec: Union[str, Path, Spec], executor: str = "local", *, ray_address: O
 
     if executor not in EXECUTORS:
         raise ValueError(f"executor {executor!r}: use one of {EXECUTORS}")
+    if executor == "local" and (ray_address is not None or workers is not None):
+        given = "ray_address" if ray_address is not None else "workers"
+        raise ValueError(f"{given} is for the ray executor; the local one runs its tasks in this process, one at a time")
     spec = spec if isinstance(spec, Spec) else read_spec(spec)
     start = time.perf_counter()
     tasks = plan(spec)
