@@ -237,6 +237,8 @@ def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, tar
         checkpoints: save each finished chunk of images there, and read back the chunks an
             interrupted run saved (`clip_lens.checkpoints`).
     """
+    if captioner is None and (beams != 1 or max_new_tokens is not None):
+        raise ValueError("beams and max_new_tokens shape generated captions: give a captioner too")
     images = images.reset_index(drop=True).copy()
     if "label" not in images:
         images["label"] = None

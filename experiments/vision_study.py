@@ -30,6 +30,9 @@ def attention_cancellation_study(model: HookedCLIP, model_label: str, out: PathL
 
     Each finished chunk of `pair_chunk` images is saved under out/.partial/; run again into the
     same `out` with the same settings, a killed run resumes from them (clip_lens.checkpoints)."""
+    if captioner is None and (beams != 1 or caption_image != 0):
+        raise ValueError("beams and caption_image (--beams, --caption-image) are for generated captions: give a "
+                         "captioner (--captioner) too")
     captioner_label = None if captioner is None else (getattr(captioner, "name", "") or type(captioner).__name__)
     identity = dict(study="attention-cancellation", model=model_label, dtype=str(model.dtype), device=str(model.device),
                     weights=weights_fingerprint(model), images=images, captions=captions, labels=labels, settings=settings,

@@ -181,6 +181,15 @@ def test_cli_names_a_missing_captioner(tmp_path, capsys):
     assert "nope.safetensors" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", [["--beams", "3"], ["--caption-image", "2"]])
+def test_caption_options_without_a_captioner_are_refused(tmp_path, capsys, flag):
+    assert main(["attention-cancellation", "--model", zoo.NAME, "--settings", "1", "--out", str(tmp_path / "o"),
+                 *flag]) == 2
+    assert "give a captioner (--captioner) too" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="give a captioner too"):
+        attention_cancellation.run(None, pd.DataFrame({"image": []}), [], beams=2)
+
+
 def test_a_killed_attention_cancellation_resumes_from_its_finished_chunks(tiny_model, captioner, one_shape_set, tmp_path,
                                                                           monkeypatch):
     """Killed in its third chunk of 8 images, the study run again recomputes only the chunks it had
