@@ -11,8 +11,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from clip_lens.model import DTYPES
+
 CHECK_SENTENCES = ["There are no giraffes.", "There are some giraffes.", "a photo of a cat on a sofa"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _add_device_args(parser: argparse.ArgumentParser) -> None:

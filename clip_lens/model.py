@@ -17,6 +17,9 @@ from clip_lens.towers import HookedTextTower, HookedTower, HookedVisionTower
 Device = Optional[Union[str, torch.device]]
 
 
+# the precisions a model can be loaded in, by name (the CLI's --dtype, a sweep model's dtype)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 class HookedCLIP(HookedModule):
     """CLIP with TransformerLens hooks in both towers.
 

@@ -77,6 +77,8 @@ def comparable(tables):
     (lambda t: t.replace('architecture = "clip_lens/tiny-shapes"', ''), "model 'tiny' needs exactly one of architecture"),
     (lambda t: t.replace('name = "mine"', 'name = "shapes"'), "two datasets are named 'shapes'"),
     (lambda t: t.replace("retries = 2", "retries = -1"), "retries must be"),
+    (lambda t: t.replace('architecture = "clip_lens/tiny-shapes"', 'architecture = "clip_lens/tiny-shapes"\ndtype = "fp8"'),
+     "model 'tiny' has dtype 'fp8'; use one of float32, bfloat16, float16"),
     (lambda t: t + "\n[[oops", "not valid TOML"),
 ])
 def test_spec_errors_name_the_entry(tmp_path, data, change, message):

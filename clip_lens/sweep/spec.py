@@ -151,6 +151,10 @@ def _check_model(entry: Entry, source: str) -> None:
     bad = set(entry.options) - MODEL_KEYS
     if bad:
         raise SpecError(f"{source}: model {entry.name!r} has unknown key {sorted(bad)[0]!r} ({', '.join(sorted(MODEL_KEYS))})")
+    from clip_lens.model import DTYPES
+
+    if entry.get("dtype", "float32") not in DTYPES:
+        raise SpecError(f"{source}: model {entry.name!r} has dtype {entry.get('dtype')!r}; use one of {', '.join(DTYPES)}")
     if ("architecture" in entry.options) == ("huggingface" in entry.options):
         raise SpecError(f"{source}: model {entry.name!r} needs exactly one of architecture (open_clip name or "
                         "clip_lens/tiny-shapes) or huggingface (a directory)")

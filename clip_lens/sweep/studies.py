@@ -17,8 +17,6 @@ import torch
 
 from clip_lens.sweep.spec import Entry
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 # --- models --------------------------------------------------------------------------------------
 def load_model(entry: Entry):
@@ -26,7 +24,7 @@ def load_model(entry: Entry):
     tag or checkpoint (random weights, seeded by `seed`, without one), or a transformers directory."""
     import clip_lens
     from clip_lens import zoo
-    from clip_lens.model import random_model_pair
+    from clip_lens.model import DTYPES, random_model_pair
 
     device, dtype = entry.get("device", "cpu"), DTYPES[entry.get("dtype", "float32")]
     if entry.get("huggingface"):
