@@ -2,6 +2,7 @@
 script stays ready for a GPU; the same checks run under pytest where CUDA is present (marker
 `gpu`), and are skipped with the reason otherwise."""
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -19,10 +20,30 @@ def _run(tmp_path, *args):
     return status, json.loads(out.read_text())
 
 
-def test_the_small_check_runs_on_the_cpu_and_passes(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # a user's setting ...
-    status, figures = _run(tmp_path, "--device", "cpu", "--small")
-    assert torch.backends.cuda.matmul.allow_tf32 is True  # ... is theirs again after the check
+@contextlib.contextmanager
+def tf32_flags(matmul: bool, cudnn: bool):
+    """Set torch's two TF32 flags for the block and put back what they were, by plain assignment:
+    torch's backend modules refuse `delattr`, which is how some test tools undo a `setattr`."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_tf32_flags_are_set_and_restored():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with tf32_flags(not before[0], not before[1]):
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (not before[0], not before[1])
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_the_small_check_runs_on_the_cpu_and_passes(tmp_path):
+    with tf32_flags(True, True):  # a user's setting ...
+        status, figures = _run(tmp_path, "--device", "cpu", "--small")
+        # ... is theirs again after the check
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     assert figures["tf32"] is False
     assert status == 0, figures["failures"]
     assert figures["parity"]["float32"] < 1e-4
