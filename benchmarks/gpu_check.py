@@ -39,8 +39,10 @@ import bench_patching  # noqa: E402
 
 import clip_lens  # noqa: E402
 from clip_lens import zoo  # noqa: E402
-from clip_lens.cli import CHECK_SENTENCES  # noqa: E402
-from clip_lens.experiments import causal_tracing, existence, image_ablation  # noqa: E402
+from clip_lens.cli.tools import CHECK_SENTENCES  # noqa: E402
+from clip_lens.studies.analyses import causal_tracing  # noqa: E402
+from clip_lens.studies.analyses import existence  # noqa: E402
+from clip_lens.studies.analyses import image_ablation  # noqa: E402
 from clip_lens.images import mean_colour_pixels  # noqa: E402
 from clip_lens.model import random_model_pair  # noqa: E402
 from clip_lens.patching import hook_name  # noqa: E402

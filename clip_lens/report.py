@@ -46,6 +46,15 @@ class Report:
         self._parts.append(f"<p{cls}>{html.escape(text)}</p>")
         return self
 
+    def setup(self, *lines: str) -> "Report":
+        """Put `lines` first, under "Setup" (the runner adds the model and the data this way)."""
+        parts = ["<h2>Setup</h2>"] + [f"<p>{html.escape(line)}</p>" for line in lines if line]
+        if self._parts[:1] == ["<h2>Setup</h2>"]:  # the study opened a Setup section: add to its top
+            self._parts[1:1] = parts[1:]
+        else:
+            self._parts[:0] = parts
+        return self
+
     def table(self, frame: pd.DataFrame, max_rows: int = 25, caption: str = "") -> "Report":
         shown = frame.head(max_rows)
         more = f" (first {max_rows} of {len(frame)} rows)" if len(frame) > max_rows else ""

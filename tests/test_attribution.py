@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_pixels
 
-from clip_lens.experiments import attribution
+from clip_lens.studies.analyses import component_attribution as attribution
 from clip_lens.lens import joint_space_directions
 from clip_lens.sae import TopKSAE
 

@@ -6,7 +6,7 @@ import pytest
 from conftest import SHARED_DATA, write_noise_images
 
 from clip_lens.cli import main
-from clip_lens.experiments.existence import load_valse
+from clip_lens.studies.analyses.existence import load_valse
 
 VALSE = SHARED_DATA / "valse" / "existence.json"
 

@@ -1,10 +1,10 @@
-"""The covariate grid (clip_lens.experiments.covariates): its shape, a planted effect recovered
+"""The covariate grid (clip_lens.studies.analyses.covariates): its shape, a planted effect recovered
 exactly, and the tiny CLIP's table."""
 
 import numpy as np
 import pytest
 
-from clip_lens.experiments import covariates
+from clip_lens.studies.analyses import covariates
 
 
 def test_the_grid_has_every_cell_and_recovers_a_planted_effect():

@@ -23,7 +23,12 @@ from torch.utils._pytree import tree_leaves
 import clip_lens
 from clip_lens import zoo
 from clip_lens.data.shapes import export_valse
-from clip_lens.experiments import attribution, causal_tracing, existence, image_ablation, negator_attention, preliminary
+from clip_lens.studies.analyses import component_attribution as attribution
+from clip_lens.studies.analyses import causal_tracing
+from clip_lens.studies.analyses import existence
+from clip_lens.studies.analyses import image_ablation
+from clip_lens.studies.analyses import negator_attention
+from clip_lens.studies.analyses import preliminary
 from clip_lens.patching import KINDS
 from clip_lens.sae import TopKSAE, cache_activations, train_sae
 
@@ -167,7 +172,7 @@ def test_captioning(setup, tiny_model):
     """The shipped captioner and generated captions in attention cancellation, on the model's
     device: the same captions as on the CPU."""
     from clip_lens.captioning import load_captioner
-    from clip_lens.experiments import attention_cancellation
+    from clip_lens.studies.analyses import attention_cancellation
 
     model, instances, guard = setup
     captioner = load_captioner(zoo.CAPTIONER_NAME, device=model.device)
@@ -191,7 +196,7 @@ def test_vision_study_with_captions(setup, tmp_path):
     all on the model's device (the demo's vision step)."""
     from clip_lens.captioning import load_captioner
     from clip_lens.data.shapes import single_shape_set
-    from clip_lens.experiments import vision_study
+    from clip_lens.studies import attention_cancellation as vision_study
 
     model, _, guard = setup
     images, captions = single_shape_set(tmp_path / "images", per_class=1)

@@ -16,7 +16,8 @@ from clip_lens.captioning import HuggingFaceCaptioner, PrefixCaptioner, load_cap
 from clip_lens.cli import main
 from clip_lens.data import shapes
 from clip_lens.data.image_sets import open_image_set
-from clip_lens.experiments import attention_cancellation, vision_study
+from clip_lens.studies.analyses import attention_cancellation
+from clip_lens.studies import attention_cancellation as vision_study
 
 
 @pytest.fixture(scope="module")

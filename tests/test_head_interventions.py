@@ -1,4 +1,4 @@
-"""Head interventions with accuracy as the outcome (clip_lens.experiments.head_interventions): a
+"""Head interventions with accuracy as the outcome (clip_lens.studies.analyses.head_interventions): a
 hand-built tower whose one head attends to a count word only where it changed; its selectivity
 finds it, and ablating it (zero, mean, resample) sends accuracy to chance while random heads
 leave it; scaling it sweeps the accuracy."""
@@ -9,8 +9,8 @@ import pytest
 from circuit_towers import COUNT_HEAD, count_head_tower, count_image, count_pairs
 
 from clip_lens.data import check_pairs
-from clip_lens.experiments import head_interventions as H
-from clip_lens.experiments import minimal_pairs
+from clip_lens.studies.analyses import head_interventions as H
+from clip_lens.studies.analyses import minimal_pairs
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,7 @@ def test_no_import_cycle_in_clip_lens():
 
 def test_only_the_cli_and_the_sweep_import_the_experiments():
     graph = import_graph()
-    assert "clip_lens.experiments.causal_tracing" in graph  # the studies are part of the graph
+    assert "clip_lens.studies.analyses.causal_tracing" in graph  # the studies are part of the graph
     library = [m for m in graph if not m.startswith("clip_lens.experiments")]
     importers = sorted(m for m in library if any(d.startswith("clip_lens.experiments") or d.split(".")[0] == "experiments"
                                                  for d in graph[m]))
@@ -98,7 +98,7 @@ def test_a_users_own_experiments_folder_does_not_shadow_the_studies(tmp_path):
     (tmp_path / "experiments").mkdir()
     (tmp_path / "experiments" / "__init__.py").write_text("raise ImportError('the user experiments package')\n")
     (tmp_path / "experiments" / "negation_study.py").write_text("raise ImportError('the user study')\n")
-    code = "import clip_lens.experiments.negation_study as m, clip_lens.cli; print(m.__file__)"
+    code = "import clip_lens.studies.negation as m, clip_lens.cli; print(m.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).parent == STUDIES

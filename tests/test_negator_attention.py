@@ -7,7 +7,7 @@ import torch
 from circuit_towers import small_random_weights_
 
 from clip_lens.config import TextConfig
-from clip_lens.experiments import negator_attention
+from clip_lens.studies.analyses import negator_attention
 from clip_lens.tokenization import Tokenizer
 from clip_lens.towers import HookedTextTower
 

@@ -192,11 +192,24 @@ def test_cannot_selection_checks_the_models_own_context(model):
 
 # --- labels that say what was run ----------------------------------------------------------------
 def test_the_shipped_model_is_not_labelled_random(capsys):
-    from clip_lens.cli import load_model
+    from clip_lens.model_sources import ModelSource, load_model
 
-    _, label = load_model(tiny.NAME, None)
-    assert label == f"{tiny.NAME} (the weights shipped with clip_lens)"
+    source = ModelSource(tiny.NAME)
+    load_model(source)
+    assert source.label() == f"{tiny.NAME} (the weights shipped with clip_lens)"
     assert "random weights" not in capsys.readouterr().err
+
+
+def test_no_pretrained_weights_means_the_seeded_perturbed_random_model(capsys):
+    """One meaning everywhere (CLI, sweeps, demo): random_model_pair's weights for that seed."""
+    from clip_lens.model import random_model_pair
+    from clip_lens.model_sources import ModelSource, load_model
+
+    _, expected = random_model_pair("ViT-B-32", seed=3)
+    model = load_model(ModelSource("ViT-B-32", seed=3))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+    assert "random weights" in capsys.readouterr().err
+    assert ModelSource("ViT-B-32", seed=3).label() == "ViT-B-32 (random weights, seed 3)"
 
 
 def test_sample_follows_the_seed(tmp_path):
@@ -298,7 +311,7 @@ def test_the_engine_memory_knobs_reach_the_studies_and_change_no_result(tmp_path
 
     from clip_lens.cli import main
     from clip_lens.data.shapes import export_valse
-    from clip_lens.experiments import causal_tracing
+    from clip_lens.studies.analyses import causal_tracing
 
     calls = []
 

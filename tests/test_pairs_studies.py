@@ -1,4 +1,4 @@
-"""The negation studies' text tools on any minimal-pair set (clip_lens.experiments.minimal_pairs):
+"""The negation studies' text tools on any minimal-pair set (clip_lens.studies.analyses.minimal_pairs):
 on VALSE existence they give the existence study's own arrays, and they run on pieces whose
 pairs differ in several tokens."""
 
@@ -7,7 +7,10 @@ import torch
 from conftest import SHARED_DATA
 
 from clip_lens.data import valse_existence_pairs, valse_pairs
-from clip_lens.experiments import causal_tracing, existence, minimal_pairs, negator_attention
+from clip_lens.studies.analyses import causal_tracing
+from clip_lens.studies.analyses import existence
+from clip_lens.studies.analyses import minimal_pairs
+from clip_lens.studies.analyses import negator_attention
 
 VALSE = SHARED_DATA / "valse"
 N = 10

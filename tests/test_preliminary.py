@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA, write_noise_images
 
-from clip_lens.experiments import existence, preliminary
+from clip_lens.studies.analyses import existence
+from clip_lens.studies.analyses import preliminary
 
 
 @pytest.mark.parametrize("negated,subject", [

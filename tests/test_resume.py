@@ -18,7 +18,7 @@ from clip_lens import checkpoints as checkpoints_module
 from clip_lens import report as report_module
 from clip_lens.checkpoints import PARTIAL, Checkpoints, concatenate
 from clip_lens.cli import main
-from clip_lens.experiments.existence import load_valse
+from clip_lens.studies.analyses.existence import load_valse
 
 VALSE = SHARED_DATA / "valse" / "existence.json"
 LIMIT, CHUNK = 150, 32  # causal tracing and image ablation in 5 chunks, negator attention (batches of 64) in 3

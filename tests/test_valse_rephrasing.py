@@ -73,7 +73,7 @@ def test_missing_images_can_be_skipped_with_a_report(tmp_path):
 
 
 def test_prepared_instances_list_skipped_images_among_the_exclusions(tmp_path, vit_b32):
-    from clip_lens.experiments import existence
+    from clip_lens.studies.analyses import existence
 
     _, model = vit_b32
     frame = load_valse(SHARED_DATA / "valse" / "existence.json")

@@ -10,7 +10,7 @@ behaviour (docs/circuits.md).
   circuits of its size.
 """
 
-from clip_lens.circuits.attribution import EdgeScores, edge_attribution, layer_norm_backward
+from clip_lens.circuits.edge_attribution import EdgeScores, edge_attribution, layer_norm_backward
 from clip_lens.circuits.circuit import (
     Circuit,
     Faithfulness,

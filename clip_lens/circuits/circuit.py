@@ -19,7 +19,7 @@ from jaxtyping import Bool
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from clip_lens.circuits.attribution import EdgeScores
+from clip_lens.circuits.edge_attribution import EdgeScores
 from clip_lens.circuits.forward import cached_run, check_count, removed_edges, run_circuit
 from clip_lens.circuits.graph import Graph
 from clip_lens.circuits.path_patching import Edge, resolve_edges

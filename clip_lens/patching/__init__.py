@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from torch import Tensor
 
 from clip_lens.model import HookedCLIP
-from clip_lens.patching.attribution import run_attribution
+from clip_lens.patching.attribution_patching import run_attribution
 from clip_lens.patching.exact import run_exact
 from clip_lens.patching.hook_functions import run_hook_functions, value_only_attention
 from clip_lens.patching.request import EXACT_INTERVENTIONS, LARGE_GRID, Metric, build_request

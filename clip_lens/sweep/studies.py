@@ -115,7 +115,8 @@ class Prepared:
 
 def prepare_dataset(model, entry: Entry, workdir: Path) -> Prepared:
     from clip_lens.data import read_pairs_file
-    from clip_lens.experiments import compare_tasks, existence
+    from clip_lens.studies import compare_tasks
+    from clip_lens.studies.analyses import existence
     from clip_lens.scores import encode_images
 
     kind, limit = entry.get("kind"), entry.get("limit")
@@ -200,7 +201,8 @@ def accuracy(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
 def causal_tracing(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
     """Causal tracing around the differing span; localisation = spread of CTE over the span and
     the positions after it, per layer (as `clip-lens compare-tasks`)."""
-    from clip_lens.experiments import compare_tasks, minimal_pairs
+    from clip_lens.studies import compare_tasks
+    from clip_lens.studies.analyses import minimal_pairs
 
     _needs_images(data, "causal-tracing")
     traced = minimal_pairs.trace(model, data.pairs, data.image_emb, data.marked, progress=False).frame()
@@ -211,7 +213,7 @@ def causal_tracing(model, data: Prepared, options: dict) -> dict[str, pd.DataFra
 
 def selective_heads(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
     """Each head's selectivity for the differing tokens (docs/methods.md#minimal-pairs)."""
-    from clip_lens.experiments import minimal_pairs
+    from clip_lens.studies.analyses import minimal_pairs
 
     _needs_pairs(data, "selective-heads")
     return {"heads": minimal_pairs.selective_heads(model, data.pairs, data.marked, progress=False).head_table()}
@@ -219,7 +221,7 @@ def selective_heads(model, data: Prepared, options: dict) -> dict[str, pd.DataFr
 
 def image_ablation(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
     """MHA and MLP outputs replaced by the mean-colour image's, block by block (VALSE existence)."""
-    from clip_lens.experiments import image_ablation as ablation
+    from clip_lens.studies.analyses import image_ablation as ablation
 
     if data.existence is None:
         raise ValueError(f"dataset {data.name!r}: image ablation needs VALSE existence (or shapes) with images")
@@ -231,7 +233,7 @@ def attention_cancellation(model, data: Prepared, options: dict) -> dict[str, pd
     """Value-only attention per setting on an image folder (docs/methods.md#attention-cancellation);
     with `captioner` (a name, file, Hugging Face directory or "random") also the generated captions
     (docs/methods.md#generated-captions)."""
-    from clip_lens.experiments import attention_cancellation as cancellation
+    from clip_lens.studies.analyses import attention_cancellation as cancellation
 
     if data.image_set is None:
         raise ValueError(f"dataset {data.name!r}: attention cancellation runs on an image folder with captions "
@@ -255,7 +257,8 @@ def circuit(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
     against the image): EAP and EAP-IG over every edge, the top edges checked by exact edge
     patching, faithfulness against random circuits (docs/methods.md#circuits)."""
     from clip_lens import circuits
-    from clip_lens.experiments import circuit_study, minimal_pairs
+    from clip_lens.studies import circuit as circuit_study
+    from clip_lens.studies.analyses import minimal_pairs
 
     _needs_images(data, "circuit")
     marked, unmarked = minimal_pairs.orient(data.pairs, data.marked)
@@ -273,7 +276,7 @@ def circuit(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
 def attribution(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
     """Attribution of each image's S with its caption to heads, neurons and SAE latents, Logit Lens
     and the deletion curves (docs/attribution.md), on an image folder with captions."""
-    from clip_lens.experiments import attribution_study
+    from clip_lens.studies import attribution as attribution_study
 
     if data.folder is None:
         raise ValueError(f"dataset {data.name!r}: attribution runs on an image folder with captions (kind = \"images\")")
@@ -289,7 +292,8 @@ def head_ablation(model, data: Prepared, options: dict) -> dict[str, pd.DataFram
     """The model's `top_k` most selective heads for this dataset intervened on ("zero", "mean" or
     "resample"), against as many random heads per seed: accuracy and mean d
     (docs/methods.md#head-interventions)."""
-    from clip_lens.experiments import head_interventions, minimal_pairs
+    from clip_lens.studies.analyses import head_interventions
+    from clip_lens.studies.analyses import minimal_pairs
 
     _needs_images(data, "head-ablation")
     intervention = options.get("intervention", "zero")
@@ -308,6 +312,18 @@ STUDIES: dict[str, Callable[..., dict]] = {"accuracy": accuracy, "causal-tracing
                                            "attribution": attribution, "head-ablation": head_ablation}
 
 
+def _study_options(study: Entry):
+    """The study's `Options` from the entry's keys (transitional: a dict while a study has none)."""
+    from clip_lens import studies
+
+    keys = {k: v for k, v in study.options.items() if k != "crash_once_marker"}
+    try:
+        options = studies.get(study.name).Options
+    except (ImportError, AttributeError, KeyError):
+        return study.options
+    return options(**keys)
+
+
 def run_study(model, dataset: Entry, study: Entry) -> dict[str, pd.DataFrame]:
     """One task's tables (each a DataFrame; the caller adds the task's columns)."""
     with tempfile.TemporaryDirectory(prefix="clip_lens_sweep_") as workdir:
@@ -315,7 +331,7 @@ def run_study(model, dataset: Entry, study: Entry) -> dict[str, pd.DataFrame]:
         if data.pairs is not None and len(data.pairs) == 0:
             raise ValueError(f"dataset {dataset.name!r} has no pair left for this model ({len(data.pairs.excluded)} "
                              "excluded)")
-        tables = STUDIES[study.name](model, data, study.options)
+        tables = STUDIES[study.name](model, data, _study_options(study))
     return {name: table.reset_index(drop=True) for name, table in tables.items()}
 
 

@@ -21,11 +21,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clip_lens.data import MinimalPairs
-from clip_lens.experiments import head_interventions, minimal_pairs
 from clip_lens.model import HookedCLIP
 from clip_lens.plot import DIVERGING, style
 from clip_lens.report import Report, claim_output, write_study
 from clip_lens.scores import encode_images
+from clip_lens.studies.analyses import head_interventions, minimal_pairs
 
 TAIL = ("span", "+1", "+2", "+3", "EOT")  # positions whose spread is the localisation
 

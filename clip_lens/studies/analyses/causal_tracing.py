@@ -20,9 +20,9 @@ from clip_lens import plot
 from clip_lens.checkpoints import Checkpoints, concatenate
 from clip_lens.data import ALIGNED_SLOTS, align_positions, weighted_slot_mean
 from clip_lens.data.valse import NEGATOR_POSITION
-from clip_lens.experiments.existence import ExistenceInstances
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import patch
+from clip_lens.studies.analyses.existence import ExistenceInstances
 
 GROUPS = ["negation_in", "segment"]
 

@@ -15,13 +15,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
 import torch
 
 from clip_lens.data import shapes
 from clip_lens.model import HookedCLIP
-from clip_lens.plot import style
-from clip_lens.report import Report, claim_output, write_study
 from clip_lens.scores import score as clip_score
 
 SIZES = (6, 9, 12)                        # the subject's half size in pixels (images are 64 x 64)
@@ -81,25 +78,3 @@ def covariate_grid(scorer: Scorer, n_per_cell: int = 50, sizes: Sequence[int] = 
     coefficients, *_ = np.linalg.lstsq(design, pairs["d"].to_numpy(dtype=float), rcond=None)
     effects = pd.DataFrame({"term": ["intercept", "size", "length"], "effect": coefficients})
     return pairs.drop(columns="image"), table, effects
-
-
-def covariate_study(model: HookedCLIP, model_label: str, out, *, n_per_cell: int = 100, seed: int = 0,
-                    overwrite: bool = False) -> dict[str, pd.DataFrame]:
-    """The grid with `model`: pairs.csv, grid.csv, effects.csv and report.html in `out`."""
-    out = claim_output(out, overwrite=overwrite)
-    pairs, table, effects = covariate_grid(clip_scorer(model), n_per_cell=n_per_cell, seed=seed)
-    report = Report(f"Subject size and caption length, {model_label}")
-    report.section("The grid").text(
-        f"{n_per_cell} synthetic scenes per subject size, each with one shape of that half size (pixels of a 64 x 64 "
-        "image); every scene's existence pair (negation in the foil) at every caption length, the extra words "
-        f"keeping the truth value ({', '.join(repr(s) for s in SUFFIXES)}).")
-    for value in ("accuracy", "mean_d"):
-        grid = table.pivot(index="size", columns="length", values=value)
-        fig = px.imshow(grid, text_auto=".2f", color_continuous_scale="Viridis",
-                        labels=dict(x="extra words", y="subject half size (px)", color=value))
-        report.figure(style(fig, f"{value} by subject size and caption length", height=380))
-    report.table(effects, caption="Least-squares fit d ~ 1 + size + length (per pixel, per word)")
-    tables = {"pairs": pairs, "grid": table, "effects": effects}
-    write_study(out, tables, report, manifest={"study": "covariates", "model": model_label, "seed": seed,
-                                               "n_per_cell": n_per_cell})
-    return tables

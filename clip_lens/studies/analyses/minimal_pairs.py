@@ -20,8 +20,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from clip_lens.data import MinimalPairs
-from clip_lens.experiments import causal_tracing, negator_attention
 from clip_lens.model import HookedCLIP
+from clip_lens.studies.analyses import causal_tracing, negator_attention
 
 RELATIVE = ("-2", "-1", "span", "+1", "+2", "+3", "EOT")  # query / patch positions around the differing span
 

@@ -15,7 +15,6 @@ import torch
 
 from clip_lens.checkpoints import claim_resumable_output, weights_fingerprint
 from clip_lens.data.image_sets import open_image_set
-from clip_lens.experiments import attention_maps, attribution
 from clip_lens.lens import logit_lens
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import hook_name
@@ -23,6 +22,8 @@ from clip_lens.plot import head_heatmap
 from clip_lens.report import Report, write_study
 from clip_lens.sae import TopKSAE, cache_activations, sae_statistics, train_sae
 from clip_lens.scores import score as clip_score
+from clip_lens.studies.analyses import attention_maps
+from clip_lens.studies.analyses import component_attribution as attribution
 
 PathLike = Union[str, Path]
 

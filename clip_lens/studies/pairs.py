@@ -11,11 +11,11 @@ import pandas as pd
 import plotly.express as px
 
 from clip_lens.data import read_pairs_file
-from clip_lens.experiments import head_interventions, minimal_pairs
 from clip_lens.model import HookedCLIP
 from clip_lens.plot import DIVERGING, head_heatmap, style
 from clip_lens.report import Report, claim_output, write_study
 from clip_lens.scores import encode_images
+from clip_lens.studies.analyses import head_interventions, minimal_pairs
 
 STUDIES = ("causal-tracing", "heads", "ablate-heads")
 

@@ -53,7 +53,7 @@ def negation_valse(model: HookedCLIP, valse: Union[str, Path], images: Union[str
                    limit: Optional[int] = None, progress: bool = True) -> CircuitTask:
     """VALSE existence (rephrased as in the negation study): negated against non-negated sentence,
     S against the instance's image."""
-    from clip_lens.experiments.existence import prepare
+    from clip_lens.studies.analyses.existence import prepare
 
     instances = prepare(model, valse, images, limit=limit, progress=progress)
     frame = instances.frame

@@ -21,11 +21,11 @@ from torch import Tensor
 
 from clip_lens import plot
 from clip_lens.checkpoints import Checkpoints, concatenate
-from clip_lens.experiments.existence import ExistenceInstances
 from clip_lens.images import mean_colour_pixels
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import patch
 from clip_lens.scores import difference_metric
+from clip_lens.studies.analyses.existence import ExistenceInstances
 
 COMPONENTS = {"MHA": "attn_out", "MLP": "mlp_out"}
 

@@ -10,9 +10,9 @@ import pandas as pd
 
 from clip_lens.checkpoints import claim_resumable_output, weights_fingerprint
 from clip_lens.data.image_sets import open_image_set
-from clip_lens.experiments import attention_cancellation, attention_maps
 from clip_lens.model import HookedCLIP
 from clip_lens.report import Report, write_study
+from clip_lens.studies.analyses import attention_cancellation, attention_maps
 
 PathLike = Union[str, Path]
 

@@ -180,8 +180,8 @@ def top_heads_by_attribution(model: HookedCLIP, pairs: MinimalPairs, image_emb: 
     """The k heads with the largest mean |attribution-patching estimate| of patching the unmarked
     text's head output (all positions) from the marked text's, S against the image
     (docs/methods.md#attribution-patching)."""
-    from clip_lens.experiments.minimal_pairs import orient
     from clip_lens.patching import patch
+    from clip_lens.studies.analyses.minimal_pairs import orient
 
     if not isinstance(model, HookedCLIP):
         raise ValueError("heads by attribution need the CLIP model (S against the image), not a tower alone")

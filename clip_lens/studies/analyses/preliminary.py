@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from clip_lens import plot
-from clip_lens.experiments.existence import ExistenceInstances
 from clip_lens.model import HookedCLIP
+from clip_lens.studies.analyses.existence import ExistenceInstances
 
 MEASURES = {"n_tokens": "caption length (tokens)", "caption_foil_cosine": "cosine(caption, foil)",
             "subject_size": "relative subject size"}

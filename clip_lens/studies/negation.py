@@ -1,6 +1,6 @@
 """The negation studies end to end, as the CLI runs them: compute, write tables and one HTML report.
 
-    from clip_lens.experiments import negation_study
+    from clip_lens.studies import negation as negation_study
     negation_study.valse_existence(model, "ViT-B-32 openai", "existence.json", "images/", "out/")
     negation_study.cannot_negator_attention(model, "ViT-B-32 openai", "cannot-sources/", "out-cannot/")
 """
@@ -14,9 +14,9 @@ import pandas as pd
 
 from clip_lens.checkpoints import claim_resumable_output, weights_fingerprint
 from clip_lens.data import load_cannot, no_determiner_pairs
-from clip_lens.experiments import causal_tracing, existence, image_ablation, negator_attention, preliminary
 from clip_lens.model import HookedCLIP
 from clip_lens.report import Report, write_study
+from clip_lens.studies.analyses import causal_tracing, existence, image_ablation, negator_attention, preliminary
 
 TEXT_STUDIES = ("causal-tracing", "negator-attention", "preliminary")
 VALSE_STUDIES = TEXT_STUDIES + ("image-ablation",)

@@ -1,0 +1,46 @@
+"""Study "covariates": negation accuracy by subject size x caption length on synthetic scenes
+(docs/pairs.md, "Controlled covariates"). The scenes are generated from `seed`; `data` is None."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import plotly.express as px
+
+from clip_lens.plot import style
+from clip_lens.report import Report
+from clip_lens.studies.analyses import covariates as grid
+from clip_lens.studies.options import StudyOptions, option
+from clip_lens.studies.runner import Study, Tables
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options(StudyOptions):
+    scenes: int = option(100, "scenes per subject size", minimum=1)
+    seed: int = option(0, "seed of the scenes", minimum=0)
+
+
+def compute(model, data: None, options: Options, *, checkpoints=None, progress: bool = True) -> Tables:
+    """pairs (with d), grid (size x length: pairs, mean_d, accuracy), effects (least-squares fit)."""
+    if data is not None:
+        raise ValueError("the covariates study generates its own scenes: give data=None")
+    pairs, table, effects = grid.covariate_grid(grid.clip_scorer(model), n_per_cell=options.scenes, seed=options.seed)
+    return {"pairs": pairs, "grid": table, "effects": effects}
+
+
+def report(tables: Tables, options: Options) -> Report:
+    out = Report("Subject size and caption length")
+    out.section("The grid").text(
+        f"{options.scenes} synthetic scenes per subject size (seed {options.seed}), each with one shape of that half "
+        "size (pixels of a 64 x 64 image); every scene's existence pair (negation in the foil) at every caption length, "
+        f"the extra words keeping the truth value ({', '.join(repr(s) for s in grid.SUFFIXES)}).")
+    for value in ("accuracy", "mean_d"):
+        table = tables["grid"].pivot(index="size", columns="length", values=value)
+        fig = px.imshow(table, text_auto=".2f", color_continuous_scale="Viridis",
+                        labels=dict(x="extra words", y="subject half size (px)", color=value))
+        out.figure(style(fig, f"{value} by subject size and caption length", height=380))
+    out.table(tables["effects"], caption="Least-squares fit d ~ 1 + size + length (per pixel, per word)")
+    return out
+
+
+STUDY = Study("covariates", Options, compute, report, data="none: the study generates its own scenes")
