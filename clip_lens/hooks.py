@@ -31,6 +31,55 @@ def split_tower_prefix(name: str) -> tuple[Optional[str], str]:
     return (prefix, rest) if prefix in TOWER_PREFIXES and rest else (None, name)
 
 
+# A hook point's short name -> its name inside block b (`blocks.{b}.<leaf>`), as TransformerLens's
+# `get_act_name` spells them; "scale" and "normalized" take the layer norm ("ln1" / "ln2").
+BLOCK_HOOKS = {
+    "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
+    "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v", "z": "attn.hook_z", "result": "attn.hook_result",
+    "attn_scores": "attn.hook_attn_scores", "pattern": "attn.hook_pattern",
+    "pre": "mlp.hook_pre", "post": "mlp.hook_post",
+    "scale": "{ln}.hook_scale", "normalized": "{ln}.hook_normalized",
+}
+# hook points outside the blocks (text: embed, pos_embed; vision: patch_embed, class_embed, pos_embed)
+TOWER_HOOKS = {"embed": "hook_embed", "pos_embed": "hook_pos_embed", "patch_embed": "hook_patch_embed",
+               "class_embed": "hook_class_embed", "pooled": "hook_pooled", "embedding": "hook_embedding"}
+ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "mlp_pre": "pre", "mlp_post": "post"}
+FINAL_NORMS = ("ln_final", "ln_pre", "ln_post")  # text: ln_final; vision: ln_pre and ln_post
+
+
+def act_name(name: str, layer: Optional[int] = None, layer_type: Optional[str] = None,
+             tower: Optional[str] = None) -> str:
+    """The full name of a hook point of either tower, as TransformerLens's `get_act_name` gives it:
+
+        act_name("pattern", 3)             -> "blocks.3.attn.hook_pattern"
+        act_name("scale", 3, "ln1")        -> "blocks.3.ln1.hook_scale"
+        act_name("normalized", None, "ln_post") -> "ln_post.hook_normalized"   (vision; text: ln_final)
+        act_name("patch_embed")            -> "hook_patch_embed"
+        act_name("z", 0, tower="vision")   -> "vision.blocks.0.attn.hook_z"    (a HookedCLIP name)
+
+    Unknown names and missing layers are refused, naming what is allowed."""
+    short = ALIASES.get(name, name)
+    if tower is not None and tower not in TOWER_PREFIXES:
+        raise ValueError(f"tower={tower!r}: use one of {TOWER_PREFIXES}")
+    prefix = f"{tower}." if tower else ""
+    if short in TOWER_HOOKS:
+        return prefix + TOWER_HOOKS[short]
+    if short not in BLOCK_HOOKS:
+        raise ValueError(f"no hook point called {name!r}; use one of {', '.join([*BLOCK_HOOKS, *TOWER_HOOKS])}")
+    leaf = BLOCK_HOOKS[short]
+    if "{ln}" in leaf:
+        if layer is None and layer_type in FINAL_NORMS:
+            return prefix + leaf.format(ln=layer_type)
+        if layer_type not in ("ln1", "ln2"):
+            raise ValueError(f"{name!r} needs the layer norm: layer_type 'ln1' or 'ln2' with a layer, or one of "
+                             f"{FINAL_NORMS} without one")
+        leaf = leaf.format(ln=layer_type)
+    if layer is None or isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"{name!r} is a hook point of every block: give its block index (an integer >= 0), not {layer!r}")
+    return f"{prefix}blocks.{layer}.{leaf}"
+
+
 class HookContext:
     """A context-level counter shared by a root module and the towers inside it."""
 

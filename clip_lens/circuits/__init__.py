@@ -10,7 +10,6 @@ behaviour (docs/circuits.md).
   circuits of its size.
 """
 
-from clip_lens.circuits.edge_attribution import EdgeScores, edge_attribution, layer_norm_backward
 from clip_lens.circuits.circuit import (
     Circuit,
     Faithfulness,
@@ -22,6 +21,7 @@ from clip_lens.circuits.circuit import (
     threshold_edges,
     top_edges,
 )
+from clip_lens.circuits.edge_attribution import EdgeScores, edge_attribution, layer_norm_backward
 from clip_lens.circuits.forward import cached_run, run_circuit, sender_outputs
 from clip_lens.circuits.graph import Graph
 from clip_lens.circuits.path_patching import PathPatching, path_patch

@@ -30,6 +30,7 @@ from clip_lens.circuits.forward import CachedRun, cached_run, check_count, head_
 from clip_lens.circuits.graph import QKV, Graph
 from clip_lens.circuits.task import Task
 from clip_lens.components import LayerNorm
+from clip_lens.hooks import act_name
 
 METHODS = ("eap", "eap-ig")
 IG_PATHS = ("inputs", "activations")
@@ -169,8 +170,8 @@ def _ig_over_activations(task: Task, graph: Graph, diff: Tensor, clean: CachedRu
     groups = [("blocks.0.hook_resid_pre", slice(0, 1))]
     for layer in range(graph.n_layers):
         first = graph.head_sender(layer, 0)
-        groups += [(f"blocks.{layer}.attn.hook_z", slice(first, first + graph.n_heads)),
-                   (f"blocks.{layer}.hook_mlp_out", slice(first + graph.n_heads, first + graph.n_heads + 1))]
+        groups += [(act_name("z", layer), slice(first, first + graph.n_heads)),
+                   (act_name("mlp_out", layer), slice(first + graph.n_heads, first + graph.n_heads + 1))]
     scores = 0
     for name, senders in groups:
         start, end = clean.cache[name], corrupt.cache[name]
@@ -210,10 +211,10 @@ def _gradient_scores(task: Task, graph: Graph, diff: Float[Tensor, "batch sender
     if replace is not None and replace[0] != first:
         hooks.append((replace[0], leaf(replace[1])))
     for layer in range(n_layers):
-        hooks += [(f"blocks.{layer}.attn.hook_{x}", keep) for x in QKV]
-        hooks += [(f"blocks.{layer}.mlp.hook_pre", keep), (f"blocks.{layer}.hook_resid_pre", save),
-                  (f"blocks.{layer}.hook_resid_mid", save)]
-    hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep))
+        hooks += [(act_name(x, layer), keep) for x in QKV]
+        hooks += [(act_name("pre", layer), keep), (act_name("resid_pre", layer), save),
+                  (act_name("resid_mid", layer), save)]
+    hooks.append((act_name("resid_post", n_layers - 1), keep))
     with torch.enable_grad():
         emb = tower.run_with_hooks(task.clean, fwd_hooks=hooks)
         names = [name for name, act in kept.items() if act.requires_grad]
@@ -231,7 +232,7 @@ def _gradient_scores(task: Task, graph: Graph, diff: Float[Tensor, "batch sender
 def _scores_from_gradients(tower, graph: Graph, acts: dict, diff: Tensor, per_pair: bool) -> Tensor:
     """Edge scores from `acts`: the metric's gradient (float32) at each receiver hook (hook_q/k/v,
     mlp.hook_pre, the last resid_post) and the residual at each layer norm's input."""
-    final = f"blocks.{graph.n_layers - 1}.hook_resid_post"
+    final = act_name("resid_post", graph.n_layers - 1)
     spec = "bspd,bprd->bsr" if per_pair else "bspd,bprd->sr"
     diff = diff.float()
     out = torch.zeros((diff.shape[0],) * per_pair + (graph.n_senders, graph.n_receivers), device="cpu")
@@ -263,17 +264,17 @@ def _attention_input_gradients(block, acts: dict, layer: int) -> Float[Tensor, "
     attn = block.attn
     weights = (attn.W_Q, attn.W_K, attn.W_V)                                 # each [head, d_model, d_head]
     # shape = [batch, pos, head, d_head] x [head, d_model, d_head] -> [batch, pos, head, d_model]
-    at_norm = [torch.einsum("bphe,hde->bphd", acts[f"blocks.{layer}.attn.hook_{x}"], w.detach().float())
+    at_norm = [torch.einsum("bphe,hde->bphd", acts[act_name(x, layer)], w.detach().float())
                for x, w in zip(QKV, weights)]
     at_norm = torch.cat(at_norm, dim=2)                                      # [batch, pos, 3 * head, d_model]
-    x = acts[f"blocks.{layer}.hook_resid_pre"][:, :, None]                   # [batch, pos, 1, d_model]
+    x = acts[act_name("resid_pre", layer)][:, :, None]                   # [batch, pos, 1, d_model]
     return layer_norm_backward(block.ln1, x, at_norm)
 
 
 def _mlp_input_gradient(block, acts: dict, layer: int) -> Float[Tensor, "batch pos d_model"]:
     """d metric / d (the MLP's input), before its layer norm."""
-    at_norm = acts[f"blocks.{layer}.mlp.hook_pre"] @ block.mlp.in_weight.detach().float()
-    return layer_norm_backward(block.ln2, acts[f"blocks.{layer}.hook_resid_mid"], at_norm)
+    at_norm = acts[act_name("pre", layer)] @ block.mlp.in_weight.detach().float()
+    return layer_norm_backward(block.ln2, acts[act_name("resid_mid", layer)], at_norm)
 
 
 __all__ = ["EdgeScores", "edge_attribution", "layer_norm_backward", "METHODS", "IG_PATHS", "head_outputs"]

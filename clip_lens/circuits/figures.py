@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from clip_lens.circuits.edge_attribution import EdgeScores
 from clip_lens.circuits.circuit import Circuit
+from clip_lens.circuits.edge_attribution import EdgeScores
 from clip_lens.circuits.graph import Graph
 from clip_lens.plot import style
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from clip_lens.circuits.graph import Graph
 from clip_lens.components import TransformerBlock
+from clip_lens.hooks import act_name
 from clip_lens.towers import HookedTower
 
 
@@ -45,7 +46,7 @@ def sender_names(n_layers: int) -> list[str]:
     """The hooks `sender_outputs` reads: the layer-0 residual, each block's z and MLP output."""
     names = ["blocks.0.hook_resid_pre"]
     for layer in range(n_layers):
-        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
+        names += [act_name("z", layer), act_name("mlp_out", layer)]
     return names
 
 
@@ -53,8 +54,8 @@ def stack_senders(tower: HookedTower, cache: dict) -> Float[Tensor, "batch sende
     """Every sender's output from a cache of `sender_names`, in the graph's sender order."""
     parts = [cache["blocks.0.hook_resid_pre"][:, None]]
     for layer, block in enumerate(tower.blocks):
-        heads = head_outputs(block, cache[f"blocks.{layer}.attn.hook_z"])     # [batch, pos, head, d_model]
-        parts += [heads.transpose(1, 2), cache[f"blocks.{layer}.hook_mlp_out"][:, None]]
+        heads = head_outputs(block, cache[act_name("z", layer)])     # [batch, pos, head, d_model]
+        parts += [heads.transpose(1, 2), cache[act_name("mlp_out", layer)][:, None]]
     return torch.cat(parts, dim=1)                                            # shape = [batch, sender, pos, d_model]
 
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from clip_lens.circuits.forward import cached_run, check_count
 from clip_lens.circuits.graph import QKV, Graph
 from clip_lens.circuits.task import Task
+from clip_lens.hooks import act_name
 
 Edge = Union[str, tuple[int, int]]
 
@@ -110,9 +111,9 @@ def path_patch(task: Task, edges: Sequence[Edge], *, batch_size: int = 256, pair
 def _residuals(task: Task) -> dict:
     """The clean run's residual streams where runs resume (each block's input and middle, the last)."""
     tower = task.tower
-    names = {f"blocks.{b}.hook_resid_pre" for b in range(tower.cfg.n_layers)}
-    names |= {f"blocks.{b}.hook_resid_mid" for b in range(tower.cfg.n_layers)}
-    names.add(f"blocks.{tower.cfg.n_layers - 1}.hook_resid_post")
+    names = {act_name("resid_pre", b) for b in range(tower.cfg.n_layers)}
+    names |= {act_name("resid_mid", b) for b in range(tower.cfg.n_layers)}
+    names.add(act_name("resid_post", tower.cfg.n_layers - 1))
     with torch.no_grad():
         _, cache = tower.run_with_cache(task.clean, names_filter=lambda name: name in names)
     return cache.cache_dict
@@ -144,14 +145,14 @@ def _run_shifted(task: Task, graph: Graph, receiver: int, resid: dict, shift: Te
     width = shift.shape[1]
     with torch.no_grad():
         if receiver == graph.output_receiver:
-            final = resid[f"blocks.{n_layers - 1}.hook_resid_post"][rows, :width]
+            final = resid[act_name("resid_post", n_layers - 1)][rows, :width]
             return task.metric(tower.pool_residual(final + shift, inputs), rows)
         layer = graph.layer_of_receiver(receiver)
-        block, start = tower.blocks[layer], resid[f"blocks.{layer}.hook_resid_pre"][rows, :width]
+        block, start = tower.blocks[layer], resid[act_name("resid_pre", layer)][rows, :width]
         if receiver == graph.mlp_receiver(layer):
-            shifted = block.ln2(resid[f"blocks.{layer}.hook_resid_mid"][rows, :width] + shift)
+            shifted = block.ln2(resid[act_name("resid_mid", layer)][rows, :width] + shift)
             pre = F.linear(shifted, block.mlp.in_weight, block.mlp.in_bias)         # [batch, pos, d_mlp]
-            hook = (f"blocks.{layer}.mlp.hook_pre", lambda act, hook: pre)
+            hook = (act_name("pre", layer), lambda act, hook: pre)
         else:
             offset = receiver - graph.attention_receivers(layer).start
             which, head = divmod(offset, graph.n_heads)
@@ -165,6 +166,6 @@ def _run_shifted(task: Task, graph: Graph, receiver: int, resid: dict, shift: Te
                 act[:, :, head] = own
                 return act
 
-            hook = (f"blocks.{layer}.attn.hook_{QKV[which]}", set_head)
+            hook = (act_name(QKV[which], layer), set_head)
         emb = tower.run_with_hooks(inputs, residual=start, start_at_layer=layer, fwd_hooks=[hook])
         return task.metric(emb, rows)

@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from clip_lens.hooks import act_name
 from clip_lens.patching.request import Plan, Request
 from clip_lens.patching.result import PatchResult
 from clip_lens.patching.resume import cached_at_class_token_only, cached_names, resume, run_cached
@@ -217,7 +218,7 @@ def run_items(request: Request, items: list[Intervention], cache_t: dict, offset
             pairs = torch.tensor([it.pair for it in batch], device=tower.device)
             kv = None
             if causal and suffix > 0:  # the unchanged prefix enters as cached keys and values
-                kv = [(cache_t[f"blocks.{blk}.attn.hook_k"][pairs, :suffix], cache_t[f"blocks.{blk}.attn.hook_v"][pairs, :suffix])
+                kv = [(cache_t[act_name("k", blk)][pairs, :suffix], cache_t[act_name("v", blk)][pairs, :suffix])
                       for blk in range(n_layers)]
             states = torch.stack([it.make_state() for it in batch])          # [N, suffix length, d_model]
             rows = torch.tensor([it.row for it in batch], device=tower.device) if causal else None

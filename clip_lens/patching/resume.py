@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from clip_lens.hooks import act_name
 from clip_lens.towers import HookedTower
 
 
@@ -22,11 +23,11 @@ def cached_names(tower: HookedTower, source_names: set[str]) -> set[str]:
     resume), the keys and values of a causal tower (the unchanged prefix of a resumed run), and
     the hooks read from the source."""
     n_layers = tower.cfg.n_layers
-    names = {f"blocks.{n_layers - 1}.hook_resid_post"}
+    names = {act_name("resid_post", n_layers - 1)}
     for b in range(n_layers):
-        names |= {f"blocks.{b}.hook_resid_pre", f"blocks.{b}.hook_resid_mid", f"blocks.{b}.hook_resid_post"}
+        names |= {act_name("resid_pre", b), act_name("resid_mid", b), act_name("resid_post", b)}
         if tower.attends_causally:
-            names |= {f"blocks.{b}.attn.hook_k", f"blocks.{b}.attn.hook_v"}
+            names |= {act_name("k", b), act_name("v", b)}
     return names | source_names
 
 
@@ -35,7 +36,7 @@ def cached_at_class_token_only(tower: HookedTower, name: str) -> bool:
     of a class-token tower's last block other than its input. Their other positions never reach
     the embedding, so an intervention there changes nothing."""
     prefix = f"blocks.{tower.cfg.n_layers - 1}."
-    return tower.pools_class_token and name.startswith(prefix) and name != prefix + "hook_resid_pre"
+    return tower.pools_class_token and name.startswith(prefix) and name != act_name("resid_pre", tower.cfg.n_layers - 1)
 
 
 def run_cached(tower: HookedTower, inputs: Tensor, names: set[str], *,

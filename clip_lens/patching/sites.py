@@ -18,6 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from clip_lens.components import TransformerBlock
+from clip_lens.hooks import BLOCK_HOOKS, act_name
 from clip_lens.towers import HookedTower
 
 
@@ -43,7 +44,7 @@ class HookKind:
 
     Attributes:
         name: what `patch(hook=...)` calls it.
-        leaf: the hook's name inside block b, `blocks.{b}.{leaf}`.
+        act: the hook point's short name in every block (`clip_lens.hooks.act_name`: "resid_pre", "z", ...).
         unit_axis: "head" or "neuron" when one activation splits into single units, else None.
         reenters: where a replacement joins the residual stream: "resid" (it is the residual),
             "attn" (added after block b's attention), "mlp" (added after block b's MLP); None for
@@ -54,7 +55,7 @@ class HookKind:
     """
 
     name: str
-    leaf: str
+    act: str
     unit_axis: Optional[str] = None
     reenters: Optional[str] = None
     to_output: Callable[[TransformerBlock, Tensor], Tensor] = _as_is
@@ -67,8 +68,8 @@ class HookKind:
     def hook_name(self, layer: int, n_layers: int) -> str:
         """The tower hook name at `layer` (the residual at layer L is the last block's resid_post)."""
         if self.has_final_layer and layer == n_layers:
-            return f"blocks.{n_layers - 1}.hook_resid_post"
-        return f"blocks.{layer}.{self.leaf}"
+            return act_name("resid_post", n_layers - 1)
+        return act_name(self.act, layer)
 
     def n_units(self, tower: HookedTower) -> int:
         return {"head": tower.cfg.n_heads, "neuron": tower.cfg.d_mlp}[self.unit_axis]
@@ -94,7 +95,7 @@ class HookKind:
         """The hook of the residual stream a run resumes from after a replacement at `layer`."""
         if self.reenters == "resid":
             return self.hook_name(layer, n_layers)
-        return f"blocks.{layer}.{'hook_resid_mid' if self.reenters == 'attn' else 'hook_resid_post'}"
+        return act_name("resid_mid" if self.reenters == "attn" else "resid_post", layer)
 
     def resumed_residual(self, tower: HookedTower, layer: int, rep: Tensor, cache: dict, pair: int,
                          sel) -> Float[Tensor, "pos d_model"]:
@@ -106,18 +107,18 @@ class HookKind:
             return state
         with torch.no_grad():
             out = self.to_output(tower.blocks[layer], rep)
-        before = "hook_resid_pre" if self.reenters == "attn" else "hook_resid_mid"
-        state[sel] = cache[f"blocks.{layer}.{before}"][pair][sel] + out
+        before = act_name("resid_pre" if self.reenters == "attn" else "resid_mid", layer)
+        state[sel] = cache[before][pair][sel] + out
         return state
 
 
 KINDS: dict[str, HookKind] = {kind.name: kind for kind in (
-    HookKind("resid", "hook_resid_pre", reenters="resid", residual_space=True, has_final_layer=True),
-    HookKind("attn_out", "hook_attn_out", reenters="attn", residual_space=True),
-    HookKind("mlp_out", "hook_mlp_out", reenters="mlp", residual_space=True),
-    HookKind("z", "attn.hook_z", unit_axis="head", reenters="attn", to_output=_heads_to_attn_out),
-    HookKind("mlp_post", "mlp.hook_post", unit_axis="neuron", reenters="mlp", to_output=_neurons_to_mlp_out),
-    HookKind("pattern", "attn.hook_pattern"),  # hook functions only (e.g. value-only attention)
+    HookKind("resid", "resid_pre", reenters="resid", residual_space=True, has_final_layer=True),
+    HookKind("attn_out", "attn_out", reenters="attn", residual_space=True),
+    HookKind("mlp_out", "mlp_out", reenters="mlp", residual_space=True),
+    HookKind("z", "z", unit_axis="head", reenters="attn", to_output=_heads_to_attn_out),
+    HookKind("mlp_post", "post", unit_axis="neuron", reenters="mlp", to_output=_neurons_to_mlp_out),
+    HookKind("pattern", "pattern"),  # hook functions only (e.g. value-only attention)
 )}
 HOOK_KINDS = tuple(KINDS)
 UNIT_AXES = {kind.name: kind.unit_axis for kind in KINDS.values() if kind.unit_axis}
@@ -146,7 +147,7 @@ def hook_site(name: str, n_layers: int) -> tuple[str, int]:
         if leaf == "hook_resid_post":
             return "resid", block + 1
         for kind in KINDS.values():
-            if kind.leaf == leaf:
+            if BLOCK_HOOKS[kind.act] == leaf:
                 return kind.name, block
     raise ValueError(f"{name!r} is not a hook `patch` intervenes on: use blocks.<b>.hook_resid_pre / hook_resid_post / "
                      f"hook_attn_out / hook_mlp_out / attn.hook_z / mlp.hook_post (b in 0..{n_layers - 1})")
