@@ -41,7 +41,7 @@ def option(default: Any, help: str, *, choices: Optional[Sequence] = None, minim
             object, such as a loaded captioner, is set from Python only).
         flags: other command-line spellings kept for an option whose flag predates it ("--random").
     """
-    if isinstance(default, list):
+    if isinstance(default, list):  # (dataclasses.MISSING as the default: a required field)
         raise TypeError("give a tuple as a sequence option's default (options are frozen)")
     meta = dict(help=help, choices=tuple(choices) if choices is not None else None, minimum=minimum, maximum=maximum,
                 min_items=min_items, cli=cli, sweep=sweep, flags=tuple(flags))
@@ -49,9 +49,10 @@ def option(default: Any, help: str, *, choices: Optional[Sequence] = None, minim
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class StudyOptions:
-    """Base of every study's `Options`: each field is checked, and sequences made tuples, when the
-    object is made."""
+class CheckedFields:
+    """A frozen dataclass whose fields (declared with `option`) are checked, and sequences made
+    tuples, when the object is made; sweep specs read their model, dataset and resource tables
+    through such classes too."""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -59,13 +60,18 @@ class StudyOptions:
             value = _checked(field.name, getattr(self, field.name), hints[field.name], field.metadata)
             object.__setattr__(self, field.name, value)
 
-    def replace(self, **changes: Any) -> "StudyOptions":
+    def replace(self, **changes: Any) -> "CheckedFields":
         """A copy with `changes`, checked like a new one."""
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict:
         """Every option by name (part of a run's identity and manifest)."""
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StudyOptions(CheckedFields):
+    """Base of every study's `Options`."""
 
 
 # --- checks --------------------------------------------------------------------------------------
@@ -168,13 +174,16 @@ def options_from_args(options: type, args: argparse.Namespace, **extra: Any) -> 
     return options(**{**given, **extra})
 
 
-def options_from_mapping(options: type, table: Mapping[str, Any], where: str) -> StudyOptions:
+def options_from_mapping(options: type, table: Mapping[str, Any], where: str) -> CheckedFields:
     """`options` from a sweep spec's table; unknown keys and wrong values are refused, the error
     naming `where` (the spec and entry) and the key."""
     keys = {field.name for field in dataclasses.fields(options) if field.metadata.get("sweep", False)}
     unknown = sorted(set(table) - keys)
     if unknown:
         raise OptionError(f"{where} has unknown key {unknown[0]!r} (allowed: {', '.join(sorted(keys)) or 'none'})")
+    required = [f.name for f in dataclasses.fields(options) if f.default is dataclasses.MISSING and f.name not in table]
+    if required:
+        raise OptionError(f"{where} needs key {required[0]!r}")
     try:
         return options(**table)
     except OptionError as error:

@@ -33,21 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-DATASET_KINDS = {
-    "valse": {"valse", "piece", "images", "seed", "limit"},
-    "cannot": {"paths", "spacy_model", "limit"},
-    "pairs": {"file", "images", "limit"},
-    "shapes": {"scenes", "seed"},
-    "images": {"images", "captions", "labels"},
-}
 MODEL_KEYS = {"architecture", "pretrained", "huggingface", "seed", "dtype", "device"}
 RESOURCE_KEYS = {"cpus", "gpus", "memory_gb"}
-# the studies a task can run, with their options (clip_lens.sweep.studies runs them)
-STUDY_OPTIONS = {"accuracy": set(), "causal-tracing": set(), "selective-heads": set(), "image-ablation": {"grey"},
-                 "attention-cancellation": {"settings", "captioner", "beams"}, "circuit": {"steps", "check", "n_random"},
-                 "attribution": {"sae_latents", "sae_k", "sae_steps", "limit"},
-                 "head-ablation": {"top_k", "intervention", "random_seeds"}}
 PATH_KEYS = {"valse", "images", "file", "pretrained", "huggingface", "captions", "labels", "captioner"}
+# the studies a task can run; each reads its table as the study's Options (clip_lens.studies)
+SWEEP_STUDIES = ("accuracy", "causal-tracing", "selective-heads", "image-ablation", "attention-cancellation", "circuit",
+                 "attribution", "head-ablation")
+TEST_KEYS = {"crash_once_marker"}  # read by the executors' tests, never an option
 
 
 class SpecError(ValueError):
@@ -96,17 +88,19 @@ def read_spec(path_or_text: Union[str, Path], *, base: Union[str, Path, None] = 
                         "resources, retries)")
     if "out" not in raw:
         raise SpecError(f"{source}: no 'out' folder")
-    resources = dict(raw.get("resources", {}))
-    bad = set(resources) - RESOURCE_KEYS
-    if bad:
-        raise SpecError(f"{source}: [resources] has unknown key {sorted(bad)[0]!r} ({', '.join(sorted(RESOURCE_KEYS))})")
+    resources = raw.get("resources", {})
+    if not isinstance(resources, dict):
+        raise SpecError(f"{source}: [resources] must be a table (cpus, gpus, memory_gb)")
+    check_resources(resources, source)
     retries = raw.get("retries", 2)
-    if not isinstance(retries, int) or retries < 0:
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise SpecError(f"{source}: retries must be a whole number >= 0, got {retries!r}")
     models = _entries(raw, "models", base, source, lambda e: _check_model(e, source))
     datasets = _entries(raw, "datasets", base, source, lambda e: _check_dataset(e, source))
     studies = _entries(raw, "studies", base, source, lambda e: _check_study(e, source))
-    return Spec(_absolute(raw["out"], base), models, datasets, studies, resources, retries, source)
+    if not isinstance(raw["out"], str) or not raw["out"].strip():
+        raise SpecError(f"{source}: out must be a folder path (a string), got {raw['out']!r}")
+    return Spec(_absolute(raw["out"], base), models, datasets, studies, dict(resources), retries, source)
 
 
 def _absolute(value: Any, base: Path) -> Any:
@@ -148,39 +142,47 @@ def _entries(raw: dict, key: str, base: Path, source: str, check) -> tuple[Entry
 
 
 def _check_model(entry: Entry, source: str) -> None:
-    bad = set(entry.options) - MODEL_KEYS
-    if bad:
-        raise SpecError(f"{source}: model {entry.name!r} has unknown key {sorted(bad)[0]!r} ({', '.join(sorted(MODEL_KEYS))})")
-    from clip_lens.model import DTYPES
+    from clip_lens.sweep.keys import ModelKeys
 
-    if entry.get("dtype", "float32") not in DTYPES:
-        raise SpecError(f"{source}: model {entry.name!r} has dtype {entry.get('dtype')!r}; use one of {', '.join(DTYPES)}")
-    if ("architecture" in entry.options) == ("huggingface" in entry.options):
+    keys = _checked_keys(ModelKeys, entry.options, f"{source}: model {entry.name!r}")
+    if (keys.architecture is None) == (keys.huggingface is None):
         raise SpecError(f"{source}: model {entry.name!r} needs exactly one of architecture (open_clip name or "
                         "clip_lens/tiny-shapes) or huggingface (a directory)")
 
 
 def _check_dataset(entry: Entry, source: str) -> None:
+    from clip_lens.sweep.keys import DATASET_KINDS
+
     kind = entry.get("kind")
     if kind not in DATASET_KINDS:
         raise SpecError(f"{source}: dataset {entry.name!r} has kind {kind!r}; use one of {', '.join(DATASET_KINDS)}")
-    bad = set(entry.options) - DATASET_KINDS[kind] - {"kind"}
-    if bad:
-        raise SpecError(f"{source}: dataset {entry.name!r} ({kind}) has unknown key {sorted(bad)[0]!r} "
-                        f"({', '.join(sorted(DATASET_KINDS[kind]))})")
-    needed = {"valse": ("valse", "piece"), "cannot": ("paths",), "pairs": ("file",), "shapes": (), "images": ()}[kind]
-    if kind == "images" and ("images" in entry.options) != ("captions" in entry.options):
+    keys = {k: v for k, v in entry.options.items() if k != "kind"}
+    checked = _checked_keys(DATASET_KINDS[kind], keys, f"{source}: dataset {entry.name!r} ({kind})")
+    if kind == "images" and (checked.images is None) != (checked.captions is None):
         raise SpecError(f"{source}: dataset {entry.name!r} (images) needs both images and captions, or neither (the "
                         "sample photos)")
-    for key in needed:
-        if key not in entry.options:
-            raise SpecError(f"{source}: dataset {entry.name!r} ({kind}) needs {key!r}")
 
 
 def _check_study(entry: Entry, source: str) -> None:
-    if entry.name not in STUDY_OPTIONS:
-        raise SpecError(f"{source}: study {entry.name!r} is not one the sweep runs ({', '.join(STUDY_OPTIONS)})")
-    bad = set(entry.options) - STUDY_OPTIONS[entry.name] - {"crash_once_marker"}
-    if bad:
-        raise SpecError(f"{source}: study {entry.name!r} has unknown option {sorted(bad)[0]!r} "
-                        f"({', '.join(sorted(STUDY_OPTIONS[entry.name])) or 'none'})")
+    from clip_lens import studies
+
+    if entry.name not in SWEEP_STUDIES:
+        raise SpecError(f"{source}: study {entry.name!r} is not one the sweep runs ({', '.join(SWEEP_STUDIES)})")
+    keys = {k: v for k, v in entry.options.items() if k not in TEST_KEYS}
+    _checked_keys(studies.get(entry.name).Options, keys, f"{source}: study {entry.name!r}")
+
+
+def check_resources(resources: dict, source: str) -> None:
+    from clip_lens.sweep.keys import Resources
+
+    _checked_keys(Resources, resources, f"{source}: [resources]")
+
+
+def _checked_keys(schema: type, keys: dict, where: str):
+    """`schema` made from `keys`; a wrong, unknown or missing key is a SpecError naming `where` and the key."""
+    from clip_lens.studies.options import OptionError, options_from_mapping
+
+    try:
+        return options_from_mapping(schema, keys, where)
+    except OptionError as error:
+        raise SpecError(str(error)) from None

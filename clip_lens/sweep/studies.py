@@ -19,60 +19,44 @@ from clip_lens.sweep.spec import Entry
 
 
 # --- models --------------------------------------------------------------------------------------
+def model_source(entry: Entry):
+    """The `ModelSource` a model entry names (clip_lens.model_sources: one meaning of "no pretrained")."""
+    from clip_lens.model_sources import ModelSource
+
+    name = entry.get("huggingface") or entry.get("architecture")
+    return ModelSource(str(name), entry.get("pretrained"), seed=entry.get("seed", 0), dtype=entry.get("dtype", "float32"),
+                       device=entry.get("device", "cpu"))
+
+
 def load_model(entry: Entry):
-    """The HookedCLIP a model entry names: clip_lens/tiny-shapes, an open_clip architecture with a
-    tag or checkpoint (random weights, seeded by `seed`, without one), or a transformers directory."""
-    import clip_lens
-    from clip_lens import zoo
-    from clip_lens.model import DTYPES, random_model_pair
+    """The HookedCLIP a model entry names, errors naming the entry."""
+    from clip_lens.model_sources import load_model as load
 
-    device, dtype = entry.get("device", "cpu"), DTYPES[entry.get("dtype", "float32")]
-    if entry.get("huggingface"):
-        path = Path(entry.get("huggingface"))
-        if not path.is_dir():
-            raise FileNotFoundError(f"model {entry.name!r}: no Hugging Face directory at {path}")
-        return clip_lens.HookedCLIP.from_huggingface(path, device=device, dtype=dtype)
-    name, pretrained = entry.get("architecture"), entry.get("pretrained")
-    if name == zoo.NAME or pretrained is not None:
-        if pretrained is not None and ("/" in str(pretrained) or "\\" in str(pretrained)) and not Path(pretrained).is_file():
-            raise FileNotFoundError(f"model {entry.name!r}: no checkpoint file at {pretrained}")
-        return clip_lens.HookedCLIP.from_pretrained(name, pretrained=pretrained, device=device, dtype=dtype)
-    _, model = random_model_pair(name, seed=entry.get("seed", 0))
-    return model.to(device=device, dtype=dtype)
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    source = model_source(entry)
+    if entry.get("huggingface") and not Path(source.name).is_dir():
+        raise FileNotFoundError(f"model {entry.name!r}: no Hugging Face directory at {source.name}")
+    try:
+        return load(source, warn=False)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"model {entry.name!r}: {error}") from None
 
 
 def weights_digest(entry: Entry) -> str:
-    """What identifies a model's weights in a task's hash: the file's SHA-256 where there is a file,
-    else the tag or the random seed."""
-    from clip_lens import zoo
+    """What identifies a model's weights in a task's hash (`clip_lens.model_sources.weights_digest`)."""
+    from clip_lens.model_sources import weights_digest as digest
 
-    digest = _file_digest
-
-    if entry.get("huggingface"):
-        folder = Path(entry.get("huggingface"))
-        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
-        return "hf:" + ",".join(digest(f) for f in files) if files else f"hf-missing:{folder}"
-    name, pretrained = entry.get("architecture"), entry.get("pretrained")
-    if name == zoo.NAME and pretrained is None:
-        return "file:" + digest(zoo.WEIGHTS)
-    if pretrained is not None:
-        path = Path(pretrained)
-        return "file:" + digest(path) if path.is_file() else f"tag:{pretrained}"
-    return f"random:{entry.get('seed', 0)}"
+    source = model_source(entry)
+    if entry.get("huggingface") and not Path(source.name).is_dir():
+        return f"hf-missing:{source.name}"
+    return digest(source)
 
 
 def data_digest(entry: Entry) -> str:
     """What identifies a dataset's content in a task's hash: the SHA-256 of its data files (VALSE
     piece, pairs file, CANNOT files, captions and labels files) and, for image folders, the names
     and sizes of their files; a path that does not exist is named as missing (its task fails)."""
+    from clip_lens.model_sources import file_digest
+
     files: list[Path] = []
     folders: list[Path] = []
     kind = entry.get("kind")
@@ -88,7 +72,7 @@ def data_digest(entry: Entry) -> str:
     folders += [Path(entry.get("images"))] if kind in ("valse", "pairs", "images") and entry.get("images") not in (None, "generated") else []
     h = hashlib.sha256()
     for path in files:
-        h.update(f"{path.name}:{_file_digest(path) if path.is_file() else 'missing'};".encode())
+        h.update(f"{path.name}:{file_digest(path) if path.is_file() else 'missing'};".encode())
     for folder in folders:
         listing = sorted((f.relative_to(folder).as_posix(), f.stat().st_size) for f in folder.rglob("*") if f.is_file()) \
             if folder.is_dir() else "missing"
@@ -115,9 +99,9 @@ class Prepared:
 
 def prepare_dataset(model, entry: Entry, workdir: Path) -> Prepared:
     from clip_lens.data import read_pairs_file
+    from clip_lens.scores import encode_images
     from clip_lens.studies import compare_tasks
     from clip_lens.studies.analyses import existence
-    from clip_lens.scores import encode_images
 
     kind, limit = entry.get("kind"), entry.get("limit")
     if kind == "images":
@@ -292,8 +276,7 @@ def head_ablation(model, data: Prepared, options: dict) -> dict[str, pd.DataFram
     """The model's `top_k` most selective heads for this dataset intervened on ("zero", "mean" or
     "resample"), against as many random heads per seed: accuracy and mean d
     (docs/methods.md#head-interventions)."""
-    from clip_lens.studies.analyses import head_interventions
-    from clip_lens.studies.analyses import minimal_pairs
+    from clip_lens.studies.analyses import head_interventions, minimal_pairs
 
     _needs_images(data, "head-ablation")
     intervention = options.get("intervention", "zero")
