@@ -20,6 +20,8 @@ from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from clip_lens.checks import is_integer
+
 TOWER_PREFIXES = ("text", "vision")
 
 
@@ -75,7 +77,7 @@ def act_name(name: str, layer: Optional[int] = None, layer_type: Optional[str] =
             raise ValueError(f"{name!r} needs the layer norm: layer_type 'ln1' or 'ln2' with a layer, or one of "
                              f"{FINAL_NORMS} without one")
         leaf = leaf.format(ln=layer_type)
-    if layer is None or isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+    if not is_integer(layer) or layer < 0:
         raise ValueError(f"{name!r} is a hook point of every block: give its block index (an integer >= 0), not {layer!r}")
     return f"{prefix}blocks.{layer}.{leaf}"
 

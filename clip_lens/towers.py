@@ -25,6 +25,7 @@ from transformer_lens import ActivationCache
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import Slice
 
+from clip_lens.checks import is_integer
 from clip_lens.components import LayerNorm, PatchEmbed, Projection, TokenEmbed, TransformerBlock
 from clip_lens.config import TextConfig, TowerConfig, VisionConfig
 from clip_lens.hooks import HookedModule
@@ -68,7 +69,7 @@ class HookedTower(HookedModule):
     def check_layer(self, layer: int, *, name: str = "layer") -> int:
         """`layer` as a non-negative index in 0..n_layers, or a ValueError naming it."""
         n = self.cfg.n_layers
-        if not isinstance(layer, (int,)) or isinstance(layer, bool) or not -n - 1 <= layer <= n:
+        if not is_integer(layer) or not -n - 1 <= layer <= n:
             raise ValueError(f"{name}={layer!r} is out of range: this tower has layers 0..{n}")
         return layer % (n + 1)
 

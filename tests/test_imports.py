@@ -1,22 +1,20 @@
-"""The package's import structure: `import clip_lens` works in a fresh interpreter, no module of
-clip_lens (the studies included, installed as clip_lens.experiments from the top-level
-experiments/ folder) imports another that imports it back, and only the CLI reaches into the
-studies."""
+"""The package's import structure: `import clip_lens` works in a fresh interpreter and from a plain
+checkout (every module resolves by its path, no package-dir mapping), no module of clip_lens
+imports another that imports it back, only the front ends (the CLI and the sweep) reach into the
+studies, and no study imports a front end."""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "clip_lens"
-STUDIES = PACKAGE.parent / "experiments"  # installed as clip_lens.experiments
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "clip_lens"
+REPRODUCTIONS = ROOT / "experiments"  # runnable scripts over clip_lens.studies, never imported by clip_lens
 
 
 def _module_name(path: Path) -> str:
-    if STUDIES in path.parents:
-        parts = ("clip_lens", "experiments", *path.relative_to(STUDIES).with_suffix("").parts)
-    else:
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -38,7 +36,7 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    files = {_module_name(p): p for p in [*PACKAGE.rglob("*.py"), *STUDIES.rglob("*.py")]}
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     return {name: _imports(path, set(files)) for name, path in files.items()}
 
 
@@ -77,14 +75,35 @@ def test_no_import_cycle_in_clip_lens():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
-def test_only_the_cli_and_the_sweep_import_the_experiments():
+def test_only_the_front_ends_import_the_studies():
     graph = import_graph()
     assert "clip_lens.studies.analyses.causal_tracing" in graph  # the studies are part of the graph
-    library = [m for m in graph if not m.startswith("clip_lens.experiments")]
-    importers = sorted(m for m in library if any(d.startswith("clip_lens.experiments") or d.split(".")[0] == "experiments"
-                                                 for d in graph[m]))
-    assert importers == ["clip_lens.cli", "clip_lens.sweep.studies"]  # the two drivers of the studies
+    outside = [m for m in graph if not m.startswith(("clip_lens.studies", "clip_lens.cli", "clip_lens.sweep"))]
+    importers = sorted(m for m in outside if any(d.startswith("clip_lens.studies") for d in graph[m]))
+    assert importers == []  # model, engine, circuits, data, reporting know no study
+    studies = [m for m in graph if m.startswith("clip_lens.studies")]
+    assert not [m for m in studies if any(d.startswith(("clip_lens.cli", "clip_lens.sweep")) for d in graph[m])]
     assert not any(d.split(".")[0] == "experiments" for deps in graph.values() for d in deps)  # no top-level name
+
+
+def test_the_studies_import_from_a_plain_checkout(tmp_path):
+    """`PYTHONPATH=. python -c "import clip_lens.studies"` in a copy of the tree with no install."""
+    import shutil
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(PACKAGE, checkout / "clip_lens", ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
+    code = "import clip_lens.studies, clip_lens.studies.negation as m; print(m.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=checkout, env={**__import__("os").environ, "PYTHONPATH": "."},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).resolve().parent == (checkout / "clip_lens" / "studies").resolve()
+
+
+def test_the_reproductions_import_only_the_package():
+    for path in REPRODUCTIONS.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("experiments",):
+                raise AssertionError(f"{path.name} imports {node.module}: reproductions compose clip_lens.studies only")
 
 
 def test_import_clip_lens_in_a_fresh_interpreter():
@@ -97,8 +116,7 @@ def test_import_clip_lens_in_a_fresh_interpreter():
 def test_a_users_own_experiments_folder_does_not_shadow_the_studies(tmp_path):
     (tmp_path / "experiments").mkdir()
     (tmp_path / "experiments" / "__init__.py").write_text("raise ImportError('the user experiments package')\n")
-    (tmp_path / "experiments" / "negation_study.py").write_text("raise ImportError('the user study')\n")
     code = "import clip_lens.studies.negation as m, clip_lens.cli; print(m.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert Path(out.stdout.strip()).parent == STUDIES
+    assert Path(out.stdout.strip()).parent == PACKAGE / "studies"

@@ -19,6 +19,7 @@ from jaxtyping import Bool
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from clip_lens.checks import is_integer
 from clip_lens.circuits.edge_attribution import EdgeScores
 from clip_lens.circuits.forward import cached_run, check_count, removed_edges, run_circuit
 from clip_lens.circuits.graph import Graph
@@ -216,7 +217,7 @@ def _circuit(graph: Graph, edges: list[tuple[int, int]]) -> Circuit:
 
 
 def _check_size(n: int, graph: Graph) -> None:
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 <= n <= graph.n_edges:
+    if not is_integer(n) or not 0 <= n <= graph.n_edges:
         raise ValueError(f"a circuit of {n!r} edges: give 0..{graph.n_edges} (the edges of this graph)")
 
 

@@ -26,6 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from clip_lens.checks import is_integer
 from clip_lens.circuits.forward import CachedRun, cached_run, check_count, head_outputs
 from clip_lens.circuits.graph import QKV, Graph
 from clip_lens.circuits.task import Task
@@ -115,7 +116,7 @@ def edge_attribution(task: Task, *, method: str = "eap", steps: Optional[int] = 
             raise ValueError(f"{' and '.join(given)}: EAP takes no integration path; these are EAP-IG's (method='eap-ig')")
     steps = 5 if steps is None else steps
     path = "inputs" if path is None else path
-    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+    if not is_integer(steps) or steps < 1:
         raise ValueError(f"steps={steps!r}: EAP-IG needs m >= 1 interpolation steps")
     steps = int(steps)
     check_count(pair_chunk, "pair_chunk", minimum=1)

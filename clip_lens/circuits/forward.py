@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import einops
-import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from clip_lens.checks import is_integer
 from clip_lens.circuits.graph import Graph
 from clip_lens.components import TransformerBlock
 from clip_lens.hooks import act_name
@@ -31,7 +31,7 @@ from clip_lens.towers import HookedTower
 
 def check_count(value, name: str, minimum: int = 0) -> int:
     """`value` as an int >= `minimum`, or a ValueError naming it."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise ValueError(f"{name}={value!r}: give an integer >= {minimum}")
     return int(value)
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from clip_lens.images import mean_colour_pixels
 from clip_lens.model import HookedCLIP
-from clip_lens.patching.request import Metric, Score, in_float32, other_embeddings, score_function
+from clip_lens.patching.metrics import Metric, Score, in_float32, other_embeddings, score_function
 from clip_lens.towers import HookedTower
 
 

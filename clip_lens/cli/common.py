@@ -48,6 +48,7 @@ def study_parser(sub, name: str, study, help: str, *, skip: Sequence[str] = ()) 
     """A sub-command for `study`: its options as flags (`clip_lens.studies.options`), the model and
     the output flags."""
     parser = sub.add_parser(name, help=help)
+    parser.set_defaults(study_name=study.name)  # which study the command runs (tests walk it)
     add_option_flags(parser, study.Options, skip=skip)
     add_model_flags(parser)
     add_output_flags(parser)

@@ -9,25 +9,24 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from clip_lens.checks import is_integer
 from clip_lens.hooks import split_tower_prefix
 from clip_lens.model import HookedCLIP
+from clip_lens.patching.metrics import Metric, Score, in_float32, other_embeddings, score_function
 from clip_lens.patching.result import PatchResult
 from clip_lens.patching.sites import SAE_HOOKS, HookKind, kind_of
-from clip_lens.scores import score as clip_score
 from clip_lens.towers import HookedTower
 
 EXACT_INTERVENTIONS = ("patch", "zero", "mean", "resample")
 METHODS = ("exact", "attribution", "integrated_gradients")
 GRADIENT_METHODS = ("attribution", "integrated_gradients")
 LARGE_GRID = 50_000  # exact interventions per pair above which `patch` suggests attribution patching
-Metric = Union[str, Callable[[Tensor, Tensor], Tensor]]
-Score = Callable[[Tensor, Tensor], Tensor]  # (embeddings [batch, d_embed], other [batch, d_embed]) -> [batch]
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,7 @@ def build_request(model: HookedCLIP, *, target, source, image, text, hook, layer
     """The checked request of one `patch` call (see `patch` for the arguments)."""
     kinds = _check_kinds(hook, intervention, method, metric, sae)
     if method == "integrated_gradients":
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        if not is_integer(steps) or steps < 1:
             raise ValueError(f"steps={steps!r}: integrated gradients need m >= 1 interpolation steps")
         if sae is not None:
             raise ValueError("method='integrated_gradients' does not split activations into SAE latents; use "
@@ -193,61 +192,13 @@ def _tower_inputs(model: HookedCLIP, target, source, intervention) -> tuple[Hook
     return tower, target, source
 
 
-def other_embeddings(model: HookedCLIP, tower: HookedTower, other: Any, n: int) -> Tensor:
-    """The other modality's embeddings [n, d_embed], computed once."""
-    argument = "image" if tower.modality == "text" else "text"
-    if other is None:
-        raise ValueError(f"patching the {tower.modality} tower needs the other modality: pass "
-                         f"{argument}=pixels, inputs or embeddings")
-    d_embed = model.text.cfg.d_embed
-    if isinstance(other, Tensor) and other.ndim == 2 and other.is_floating_point() and other.shape[1] == d_embed:
-        emb = other
-    else:
-        other_tower, value = model.tower_input(other, name=argument)
-        if other_tower is tower:
-            raise ValueError(f"the other modality of a {tower.modality} patch cannot be {tower.modality} input")
-        with torch.no_grad():
-            emb = other_tower(value)
-    if emb.shape[0] == 1:
-        emb = emb.expand(n, -1)
-    if emb.shape[0] != n:
-        raise ValueError(f"{emb.shape[0]} embeddings of the other modality for {n} pairs (give 1 or {n})")
-    return emb.detach().to(tower.device)
-
-
-def score_function(model: HookedCLIP, metric: Metric) -> Score:
-    if isinstance(metric, str) and metric == "embedding":
-        return lambda emb, other: emb
-    if isinstance(metric, str) and metric == "score":
-        return functools.partial(clip_score, model)  # S (docs/methods.md#the-score-s)
-    if callable(metric):
-        return functools.partial(_checked_metric, metric)
-    raise ValueError(f"metric={metric!r}: use 'score', 'embedding' or a callable(embedding, other_embedding) -> [batch]")
-
-
-def in_float32(score: Score, emb: Tensor, other: Tensor) -> Tensor:
-    """A score of embeddings cast to float32: in a half-precision model only the towers run in
-    half precision; S, d and every difference of them are computed and kept in float32."""
-    return score(emb.float(), other.float())
-
-
-def _checked_metric(metric: Callable[[Tensor, Tensor], Tensor], emb: Tensor, other: Tensor) -> Tensor:
-    """A user's metric, held to one value per run: a scalar would fill every cell with one number."""
-    values = metric(emb, other)
-    if not isinstance(values, Tensor) or tuple(values.shape) != (emb.shape[0],):
-        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-        raise ValueError(f"metric {getattr(metric, '__name__', metric)!r} returned {shape}; it must return one value per "
-                         f"run, a tensor of shape [batch] = [{emb.shape[0]}]")
-    return values
-
-
 def check_list(values, valid: range, what: str) -> list:
     """`values` ("all", one int or a list; tuples inside kept as groups) checked against `valid`."""
     if isinstance(values, str):
         if values == "all":
             return list(valid)
         raise ValueError(f"{what}s={values!r}: use 'all', an int or a list of ints")
-    if isinstance(values, (int, np.integer)) and not isinstance(values, bool):
+    if is_integer(values):
         values = [values]
     if not isinstance(values, (list, tuple, range, np.ndarray)):
         raise TypeError(f"{what}s={values!r}: use 'all', an int or a list of ints")
@@ -258,7 +209,7 @@ def check_list(values, valid: range, what: str) -> list:
         if isinstance(v, (tuple, list, range)):
             out.append(tuple(check_list(list(v), valid, what)))
             continue
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or int(v) not in valid:
+        if not is_integer(v) or int(v) not in valid:
             raise ValueError(f"{what} {v!r} is out of range ({valid.start}..{valid.stop - 1})")
         out.append(int(v))
     return out

@@ -26,25 +26,27 @@ import types
 import typing
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from clip_lens.checks import is_integer
+
 
 class OptionError(ValueError):
     """An option value that is not allowed; the message names the option and what is allowed."""
 
 
 def option(default: Any, help: str, *, choices: Optional[Sequence] = None, minimum: Optional[float] = None,
-           maximum: Optional[float] = None, min_items: int = 0, cli: bool = True, sweep: bool = True,
+           maximum: Optional[float] = None, min_items: int = 0, python_only: bool = False,
            flags: Sequence[str] = ()) -> Any:
     """A study option: its default, help text and what is allowed (see the module docstring).
 
     Args:
-        cli / sweep: whether the command line / a sweep spec may set it (an option that takes a Python
-            object, such as a loaded captioner, is set from Python only).
+        python_only: neither the command line nor a sweep spec sets it (an option that takes a
+            Python object is set from Python only).
         flags: other command-line spellings kept for an option whose flag predates it ("--random").
     """
     if isinstance(default, list):  # (dataclasses.MISSING as the default: a required field)
         raise TypeError("give a tuple as a sequence option's default (options are frozen)")
     meta = dict(help=help, choices=tuple(choices) if choices is not None else None, minimum=minimum, maximum=maximum,
-                min_items=min_items, cli=cli, sweep=sweep, flags=tuple(flags))
+                min_items=min_items, cli=not python_only, sweep=not python_only, flags=tuple(flags))
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -104,13 +106,15 @@ def _describe(kind: Any, meta: Mapping) -> str:
 
 def _scalar(name: str, value: Any, kind: Any, meta: Mapping, allowed: str) -> Any:
     """`value` checked against a scalar type (int, float, bool, str) and the field's bounds."""
-    ok = {int: isinstance(value, int) and not isinstance(value, bool),
+    ok = {int: is_integer(value),
           float: isinstance(value, (int, float)) and not isinstance(value, bool),
           bool: isinstance(value, bool), str: isinstance(value, str)}.get(kind, True)
     if not ok:
         raise OptionError(f"{name}={value!r}: give {allowed}")
     if kind is float:
         value = float(value)
+    if kind is int:
+        value = int(value)
     if meta["choices"] is not None and value not in meta["choices"]:
         raise OptionError(f"{name}={value!r}: give {allowed}")
     if (meta["minimum"] is not None and value < meta["minimum"]) or (meta["maximum"] is not None and value > meta["maximum"]):

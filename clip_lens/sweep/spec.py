@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from clip_lens.checks import is_integer
+
 MODEL_KEYS = {"architecture", "pretrained", "huggingface", "seed", "dtype", "device"}
 RESOURCE_KEYS = {"cpus", "gpus", "memory_gb"}
 PATH_KEYS = {"valse", "images", "file", "pretrained", "huggingface", "captions", "labels", "captioner"}
@@ -93,7 +95,7 @@ def read_spec(path_or_text: Union[str, Path], *, base: Union[str, Path, None] = 
         raise SpecError(f"{source}: [resources] must be a table (cpus, gpus, memory_gb)")
     check_resources(resources, source)
     retries = raw.get("retries", 2)
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+    if not is_integer(retries) or retries < 0:
         raise SpecError(f"{source}: retries must be a whole number >= 0, got {retries!r}")
     models = _entries(raw, "models", base, source, lambda e: _check_model(e, source))
     datasets = _entries(raw, "datasets", base, source, lambda e: _check_dataset(e, source))
