@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from clip_lens.data import shapes
 from clip_lens.scores import pair_scores
-from clip_lens.zoo import ARCHITECTURE, CONFIG, MODELS, NAME, WEIGHTS, register  # noqa: F401 (the shipped model's facts, re-exported)
+from clip_lens.zoo import ARCHITECTURE, CONFIG, MODELS, NAME, WEIGHTS, TrainReport, register  # noqa: F401 (the shipped model's facts, re-exported)
 
 TRAIN_KINDS = ("existence", "existence", "existence", "colour", "count")
 EVAL_SEED = 10_000
@@ -37,12 +36,6 @@ def create_open_clip(seed: int = 0):
     return open_clip.create_model(register())
 
 
-@dataclass
-class TrainReport:
-    steps: int
-    seconds: float
-    final_loss: float
-    accuracy: dict
 
 
 def _batch(model, batch: list[shapes.Example], transform, tokenizer):
@@ -96,7 +89,7 @@ def train(steps: int = 3000, seed: int = 0, batch_size: int = 128, lr: float = 1
     model.eval()
     if out is not None:
         save(model, out)
-    return model, TrainReport(steps, seconds, loss_value, {})
+    return model, TrainReport(steps, seconds, loss_value)
 
 
 def save(model: torch.nn.Module, path: Union[str, Path]) -> Path:

@@ -7,6 +7,7 @@ for its trainer and evaluator, and docs/tiny_shapes.md).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 NAME = "clip_lens/tiny-shapes"
@@ -27,3 +28,12 @@ def register() -> str:
 # the prefix captioner trained against the tiny CLIP (`clip_lens.captioning.train`, docs/captioning.md)
 CAPTIONER_NAME = "clip_lens/tiny-shapes-captioner"
 CAPTIONER_WEIGHTS = MODELS / "tiny-shapes-captioner.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What training a shipped model (the tiny CLIP, its captioner) reports."""
+
+    steps: int
+    seconds: float
+    final_loss: float

@@ -13,7 +13,6 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -24,6 +23,7 @@ from clip_lens import zoo
 from clip_lens.captioning.prefix import PrefixCaptioner, PrefixConfig
 from clip_lens.captioning.vocabulary import WordVocabulary
 from clip_lens.data import shapes
+from clip_lens.zoo import TrainReport
 
 EVAL_SEED = 10_000
 _MENTION = re.compile(r"\b(" + "|".join(shapes.COLOURS) + r") (" + "|".join(shapes.SHAPES) + r")\b")
@@ -72,11 +72,6 @@ def embed_scenes(model, items: list[tuple[shapes.Scene, random.Random]], batch_s
     return torch.cat(out)
 
 
-@dataclass
-class TrainReport:
-    steps: int
-    seconds: float
-    final_loss: float
 
 
 def train(model, steps: int = 3000, seed: int = 0, n_scenes: int = 20_000, batch_size: int = 256, lr: float = 1e-3,
