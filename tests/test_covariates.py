@@ -49,3 +49,20 @@ def test_the_covariates_command(tmp_path, capsys):
     assert "intercept" in capsys.readouterr().out
     assert len(pd.read_csv(out / "grid.csv")) == 9 and len(pd.read_csv(out / "pairs.csv")) == 45
     assert (out / "report.html").read_text().count('class="plotly-graph-div"') == 2
+
+
+def test_the_subject_sizes_are_an_option(tmp_path):
+    """One field in the study's Options gives the flag, the check and a different run identity."""
+    import pandas as pd
+
+    from clip_lens import studies
+    from clip_lens.cli import main
+
+    out = tmp_path / "cov"
+    assert main(["covariates", "--model", "clip_lens/tiny-shapes", "--scenes", "2", "--sizes", "5", "11",
+                 "--out", str(out), "--quiet"]) == 0
+    assert sorted(set(pd.read_csv(out / "grid.csv")["size"])) == [5, 11]
+    options = studies.get("covariates").Options
+    for bad in ((), (0,), (31,), (True,)):
+        with pytest.raises(studies.OptionError, match="sizes="):
+            options(sizes=bad)

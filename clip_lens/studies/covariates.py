@@ -18,13 +18,16 @@ from clip_lens.studies.runner import Study, Tables
 class Options(StudyOptions):
     scenes: int = option(100, "scenes per subject size", minimum=1)
     seed: int = option(0, "seed of the scenes", minimum=0)
+    sizes: tuple[int, ...] = option(grid.SIZES, "the subject's half sizes in pixels (images are 64 x 64)", minimum=1,
+                                    maximum=30, min_items=1)
 
 
 def compute(model, data: None, options: Options, *, checkpoints=None, progress: bool = True) -> Tables:
     """pairs (with d), grid (size x length: pairs, mean_d, accuracy), effects (least-squares fit)."""
     if data is not None:
         raise ValueError("the covariates study generates its own scenes: give data=None")
-    pairs, table, effects = grid.covariate_grid(grid.clip_scorer(model), n_per_cell=options.scenes, seed=options.seed)
+    pairs, table, effects = grid.covariate_grid(grid.clip_scorer(model), n_per_cell=options.scenes,
+                                                sizes=options.sizes, seed=options.seed)
     return {"pairs": pairs, "grid": table, "effects": effects}
 
 
