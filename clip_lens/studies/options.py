@@ -35,18 +35,20 @@ class OptionError(ValueError):
 
 def option(default: Any, help: str, *, choices: Optional[Sequence] = None, minimum: Optional[float] = None,
            maximum: Optional[float] = None, min_items: int = 0, python_only: bool = False,
-           flags: Sequence[str] = ()) -> Any:
+           flags: Optional[Sequence[str]] = ()) -> Any:
     """A study option: its default, help text and what is allowed (see the module docstring).
 
     Args:
         python_only: neither the command line nor a sweep spec sets it (an option that takes a
             Python object is set from Python only).
-        flags: other command-line spellings kept for an option whose flag predates it ("--random").
+        flags: other command-line spellings kept for an option whose flag predates it ("--random");
+            None: no flag of its own (the command sets it otherwise, e.g. from a positional choice).
     """
     if isinstance(default, list):  # (dataclasses.MISSING as the default: a required field)
         raise TypeError("give a tuple as a sequence option's default (options are frozen)")
     meta = dict(help=help, choices=tuple(choices) if choices is not None else None, minimum=minimum, maximum=maximum,
-                min_items=min_items, cli=not python_only, sweep=not python_only, flags=tuple(flags))
+                min_items=min_items, cli=not python_only and flags is not None, sweep=not python_only,
+                flags=tuple(flags or ()))
     return dataclasses.field(default=default, metadata=meta)
 
 
