@@ -145,3 +145,14 @@ def add_to_manifest(out: Union[str, Path], **fields) -> None:
     path = Path(out) / MANIFEST
     record = json.loads(path.read_text()) if path.is_file() else {}
     write_text_atomically(path, json.dumps({**record, **fields}, indent=2, default=str))
+
+
+def write_index(out: Union[str, Path], title: str, rows: list[tuple[str, str]], notes: tuple[str, ...] = ()) -> Path:
+    """out/README.md: what each output of a reproduction is and which result of its source it
+    reproduces (`rows`: (output path relative to `out`, what it reproduces)); written atomically."""
+    lines = [f"# {title}", "", *notes, "" if notes else "", "| output | reproduces |", "| --- | --- |"]
+    lines += [f"| `{path}` | {what} |" for path, what in rows if (Path(out) / path).exists()]
+    missing = [path for path, _ in rows if not (Path(out) / path).exists()]
+    if missing:
+        lines += ["", "Not run this time: " + ", ".join(f"`{path}`" for path in missing) + "."]
+    return write_text_atomically(Path(out) / "README.md", "\n".join(lines) + "\n")
