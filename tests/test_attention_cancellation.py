@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from conftest import random_pixels, write_noise_images
 
 from clip_lens.data.image_sets import caption_targets, load_captions, load_image_folder
-from clip_lens.studies.analyses import attention_cancellation
-from clip_lens.studies.analyses import attention_maps
+from clip_lens.studies.analyses import attention_cancellation, attention_maps
 
 
 def value_only_forward(tower, pixels, cancelled):

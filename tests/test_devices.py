@@ -23,14 +23,10 @@ from torch.utils._pytree import tree_leaves
 import clip_lens
 from clip_lens import zoo
 from clip_lens.data.shapes import export_valse
-from clip_lens.studies.analyses import component_attribution as attribution
-from clip_lens.studies.analyses import causal_tracing
-from clip_lens.studies.analyses import existence
-from clip_lens.studies.analyses import image_ablation
-from clip_lens.studies.analyses import negator_attention
-from clip_lens.studies.analyses import preliminary
 from clip_lens.patching import KINDS
 from clip_lens.sae import TopKSAE, cache_activations, train_sae
+from clip_lens.studies.analyses import causal_tracing, existence, image_ablation, negator_attention, preliminary
+from clip_lens.studies.analyses import component_attribution as attribution
 
 
 class _NoTensorOnDefaultDevice(TorchFunctionMode):

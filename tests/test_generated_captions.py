@@ -16,8 +16,8 @@ from clip_lens.captioning import HuggingFaceCaptioner, PrefixCaptioner, load_cap
 from clip_lens.cli import main
 from clip_lens.data import shapes
 from clip_lens.data.image_sets import open_image_set
-from clip_lens.studies.analyses import attention_cancellation
 from clip_lens.studies import attention_cancellation as vision_study
+from clip_lens.studies.analyses import attention_cancellation
 
 
 @pytest.fixture(scope="module")

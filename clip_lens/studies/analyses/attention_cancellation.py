@@ -147,42 +147,68 @@ class AttentionCancellation:
                              "caption": np.array(self.captions)[c.ravel()],
                              "logit": self.logits.ravel(), "cosine": self.cosine.ravel()})
 
+    def images_frame(self) -> pd.DataFrame:
+        """One row per image: image (path), label, target (its correct caption's index, -1: none)."""
+        return self.images[["image", "label", "target"]].assign(image=[str(p) for p in self.images["image"]])
+
     def figures(self) -> dict[str, go.Figure]:
-        summary = self.summary()
-        accuracy = summary["accuracy"].notna().any()
-        y = "accuracy" if accuracy else "changed"
-        bars = px.bar(summary, x="setting", y=y, color=np.where(summary["setting"] == "baseline", "baseline", "cancelled"),
-                      color_discrete_map={"baseline": "#264653", "cancelled": "#e76f51"}, hover_data=["blocks", "mean_cosine"])
-        bars.update_layout(showlegend=False)
-        bars.update_xaxes(title_text="self-attention cancelled in layers", type="category")
-        bars.update_yaxes(title_text="accuracy" if accuracy else "share of images whose caption changed", range=[0, 1])
-        correct = np.take_along_axis(self.cosine, np.maximum(self.images["target"].to_numpy(), 0)[None, :, None], axis=-1)[..., 0]
-        heat = go.Figure(go.Heatmap(z=(correct if accuracy else self.cosine.max(axis=-1)).T, x=self.settings,
-                                    y=[_file_name(p) for p in self.images["image"]], colorscale="Viridis",
-                                    colorbar=dict(title="cosine"),
-                                    hovertemplate="%{y}<br>%{x}<br>cosine %{z:.4f}<extra></extra>"))
-        heat.update_xaxes(type="category", title_text="setting")
-        figures = {"cancellation_accuracy": style(bars, "Accuracy with self-attention cancelled" if accuracy else
-                                                "Selections changed by cancelling self-attention", height=420),
-                "cancellation_cosine": style(heat, "Cosine similarity with the " + ("correct" if accuracy else "selected")
-                                              + " caption", height=max(360, 24 * len(self.images) + 160))}
-        if self.generated is not None:
-            figures["cancellation_generated"] = self.generated_figure(summary)
-        return figures
+        return figures(self.summary(), self.logits_frame(), self.images_frame())
 
     def generated_figure(self, summary: Optional[pd.DataFrame] = None) -> go.Figure:
-        """Mean cosine per setting of the selected and of the generated captions (Table 1 drawn)."""
-        summary = self.summary() if summary is None else summary
-        fig = go.Figure()
-        for column, name, colour in (("mean_cosine", "selected caption", "#264653"),
-                                     ("mean_generated_cosine", "generated caption", "#e76f51"),
-                                     ("mean_generated_cosine_clean", "generated caption, unmodified image", "#f4a261")):
-            fig.add_bar(x=summary["setting"], y=summary[column], name=name, marker_color=colour,
-                        hovertemplate="%{x}<br>" + name + ": %{y:.4f}<extra></extra>")
-        fig.update_layout(barmode="group")
-        fig.update_xaxes(type="category", title_text="self-attention cancelled in layers")
-        fig.update_yaxes(title_text="mean cosine with the image")
-        return style(fig, "CLIP similarity of selected and generated captions", height=420)
+        return generated_figure(self.summary() if summary is None else summary)
+
+
+def figures(summary: pd.DataFrame, logits: pd.DataFrame, images: pd.DataFrame) -> dict[str, go.Figure]:
+    """The study's figures from its tables: `summary`, `logits` (long, setting x image x caption, as
+    `AttentionCancellation.logits_frame`) and `images` (image, label, target, as `images_frame`)."""
+    figures = {"cancellation_accuracy": accuracy_figure(summary),
+               "cancellation_cosine": cosine_figure(summary, logits, images)}
+    if "mean_generated_cosine" in summary:
+        figures["cancellation_generated"] = generated_figure(summary)
+    return figures
+
+
+def accuracy_figure(summary: pd.DataFrame) -> go.Figure:
+    """Accuracy per setting (without labels: the share of images whose selection changed)."""
+    accuracy = summary["accuracy"].notna().any()
+    y = "accuracy" if accuracy else "changed"
+    bars = px.bar(summary, x="setting", y=y, color=np.where(summary["setting"] == "baseline", "baseline", "cancelled"),
+                  color_discrete_map={"baseline": "#264653", "cancelled": "#e76f51"}, hover_data=["blocks", "mean_cosine"])
+    bars.update_layout(showlegend=False)
+    bars.update_xaxes(title_text="self-attention cancelled in layers", type="category")
+    bars.update_yaxes(title_text="accuracy" if accuracy else "share of images whose caption changed", range=[0, 1])
+    return style(bars, "Accuracy with self-attention cancelled" if accuracy else
+                 "Selections changed by cancelling self-attention", height=420)
+
+
+def cosine_figure(summary: pd.DataFrame, logits: pd.DataFrame, images: pd.DataFrame) -> go.Figure:
+    """Heat map [image x setting] of the cosine with the correct caption (without labels: with the
+    selected one)."""
+    accuracy = summary["accuracy"].notna().any()
+    settings = list(summary["setting"])
+    cosine = logits["cosine"].to_numpy().reshape(len(settings), len(images), -1)   # [setting, image, caption]
+    correct = np.take_along_axis(cosine, np.maximum(images["target"].to_numpy(), 0)[None, :, None], axis=-1)[..., 0]
+    heat = go.Figure(go.Heatmap(z=(correct if accuracy else cosine.max(axis=-1)).T, x=settings,
+                                y=[_file_name(p) for p in images["image"]], colorscale="Viridis",
+                                colorbar=dict(title="cosine"),
+                                hovertemplate="%{y}<br>%{x}<br>cosine %{z:.4f}<extra></extra>"))
+    heat.update_xaxes(type="category", title_text="setting")
+    return style(heat, "Cosine similarity with the " + ("correct" if accuracy else "selected") + " caption",
+                 height=max(360, 24 * len(images) + 160))
+
+
+def generated_figure(summary: pd.DataFrame) -> go.Figure:
+    """Mean cosine per setting of the selected and of the generated captions (Table 1 drawn)."""
+    fig = go.Figure()
+    for column, name, colour in (("mean_cosine", "selected caption", "#264653"),
+                                 ("mean_generated_cosine", "generated caption", "#e76f51"),
+                                 ("mean_generated_cosine_clean", "generated caption, unmodified image", "#f4a261")):
+        fig.add_bar(x=summary["setting"], y=summary[column], name=name, marker_color=colour,
+                    hovertemplate="%{x}<br>" + name + ": %{y:.4f}<extra></extra>")
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(type="category", title_text="self-attention cancelled in layers")
+    fig.update_yaxes(title_text="mean cosine with the image")
+    return style(fig, "CLIP similarity of selected and generated captions", height=420)
 
 
 def _file_name(path) -> str:
