@@ -83,9 +83,9 @@ def cancel(model, data: ImageSet, options: Options, *, checkpoints=None, progres
     if options.map_layer is not None and options.map_layer >= n_layers:
         raise ValueError(f"map_layer {options.map_layer}: the vision tower's layers run 0..{n_layers - 1}")
     pixels = model.to_pixels(list(frame["image"]))
-    result = cancellation.run(model, frame, data.captions, targets=data.targets, settings=settings, pixels=pixels,
-                              captioner=captioner, beams=options.beams, pair_chunk=options.pair_chunk,
-                              checkpoints=checkpoints, progress=progress)
+    captioning = None if captioner is None else cancellation.Captioning(captioner, beams=options.beams)
+    result = cancellation.run(model, data, settings=settings, pixels=pixels, captioner=captioning,
+                              pair_chunk=options.pair_chunk, checkpoints=checkpoints, progress=progress)
     return result, pixels
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clip_lens.checkpoints import Checkpoints
+from clip_lens.data.image_sets import ImageSet
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import hook_name, patch, value_only_attention
 from clip_lens.plot import style
@@ -245,27 +246,41 @@ def generate_captions(model: HookedCLIP, captioner, settings: dict[str, tuple[in
     return out
 
 
-def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, targets: Optional[Sequence[int]] = None,
-        settings: Optional[dict[str, tuple[int, ...]]] = None, pixels: Optional[Tensor] = None,
-        pair_chunk: int = 32, captioner=None, beams: int = 1, max_new_tokens: Optional[int] = None,
-        checkpoints: Optional[Checkpoints] = None, progress: bool = True) -> AttentionCancellation:
+@dataclass(frozen=True)
+class Captioning:
+    """Generated captions in `run`: `captioner` (a `clip_lens.captioning.Captioner`), greedy
+    decoding or beam search with `beams` > 1, at most `max_new_tokens` (default: the captioner's)."""
+
+    captioner: Any
+    beams: int = 1
+    max_new_tokens: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.captioner is None:
+            raise ValueError("beams and max_new_tokens shape generated captions: give a captioner too")
+
+
+def run(model: HookedCLIP, images: ImageSet, *, settings: Optional[dict[str, tuple[int, ...]]] = None,
+        pixels: Optional[Tensor] = None, captioner=None, pair_chunk: int = 32, checkpoints: Optional[Checkpoints] = None,
+        progress: bool = True) -> AttentionCancellation:
     """Cancel self-attention in each setting and score every image against every caption.
 
     Args:
-        images: a frame with `image` (paths) and optionally `label` (see `clip_lens.data.image_sets`).
-        captions: the candidate captions.
-        targets: each image's correct caption index (-1: unknown); default all unknown.
+        images: the image set (`clip_lens.data.image_sets.ImageSet`): `frame` with `image` (paths)
+            and optionally `label`, the candidate `captions`, and `targets`, each image's correct
+            caption index (-1: unknown; None: all unknown).
         settings: name -> 0-based blocks (default `default_settings`).
-        pixels: [n, 3, H, W] instead of reading `images["image"]`.
+        pixels: [n, 3, H, W] instead of reading `images.frame["image"]`.
+        captioner: a `clip_lens.captioning.Captioner` (greedy decoding) or a `Captioning`: also
+            generate a caption per image and setting and score it with CLIP.
         pair_chunk: images run (and checkpointed) at a time.
-        captioner: a `clip_lens.captioning.Captioner`: also generate a caption per image and
-            setting (greedy, or beam search with `beams` > 1) and score it with CLIP.
         checkpoints: save each finished chunk of images there, and read back the chunks an
             interrupted run saved (`clip_lens.checkpoints`).
     """
-    if captioner is None and (beams != 1 or max_new_tokens is not None):
-        raise ValueError("beams and max_new_tokens shape generated captions: give a captioner too")
-    images = images.reset_index(drop=True).copy()
+    captioning = captioner if captioner is None or isinstance(captioner, Captioning) else Captioning(captioner)
+    captions = list(images.captions)
+    targets = images.targets
+    images = images.frame.reset_index(drop=True).copy()
     if "label" not in images:
         images["label"] = None
     images["target"] = np.asarray(targets if targets is not None else [-1] * len(images), dtype=int)
@@ -280,9 +295,10 @@ def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, tar
         result = patch(model, target=pixels[lo:hi], hook="pattern", intervention="value_only",
                        layers=list(settings.values()), metric="embedding", pair_chunk=pair_chunk, progress=False)
         arrays = {"embeddings": torch.cat([result.baseline[:, None], result.effects], dim=1).float().cpu().numpy()}
-        if captioner is not None:
-            generated = generate_captions(model, captioner, {"baseline": (), **settings}, images=paths[lo:hi],
-                                          pixels=pixels[lo:hi], beams=beams, max_new_tokens=max_new_tokens, progress=False)
+        if captioning is not None:
+            generated = generate_captions(model, captioning.captioner, {"baseline": (), **settings}, images=paths[lo:hi],
+                                          pixels=pixels[lo:hi], beams=captioning.beams,
+                                          max_new_tokens=captioning.max_new_tokens, progress=False)
             arrays["generated"] = np.array(generated, dtype=str).T  # [image, setting]
         return arrays
 
@@ -293,9 +309,9 @@ def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, tar
     with torch.no_grad():
         cosine = F.normalize(embeddings, dim=-1) @ F.normalize(text, dim=-1).T
         logits = model.logits_from_embeddings(embeddings, text)
-    result = AttentionCancellation(images, list(captions), ["baseline", *settings], [(), *settings.values()],
+    result = AttentionCancellation(images, captions, ["baseline", *settings], [(), *settings.values()],
                                    logits.cpu().numpy(), cosine.cpu().numpy())
-    if captioner is not None:
+    if captioning is not None:
         generated = np.concatenate([c["generated"] for c in chunks]).T  # [setting, image]
         result.generated = [[str(caption) for caption in row] for row in generated]
         result.generated_cosine, result.generated_cosine_clean = _generated_cosines(model, result.generated, embeddings)
