@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from clip_lens.data.image_sets import ImageSet
 from clip_lens.report import Report
 from clip_lens.studies.analyses import attention_cancellation as cancellation
@@ -67,9 +69,10 @@ def load_captioner(name: Optional[str], model, seed: int):
     from clip_lens.captioning import load_captioner as load
     from clip_lens.captioning.train import random_captioner
 
-    if name == "random":
-        return random_captioner(model.vision.cfg.d_embed, seed).to(model.device)
-    return load(name, device=model.device)
+    with torch.device("cpu"):  # built on the host whatever the default device, then moved to the model's
+        if name == "random":
+            return random_captioner(model.vision.cfg.d_embed, seed).to(model.device)
+        return load(name, device=model.device)
 
 
 def cancel(model, data: ImageSet, options: Options, *, checkpoints=None, progress: bool = True):

@@ -119,7 +119,7 @@ def maps_of(table: pd.DataFrame) -> Float[Tensor, "head gh gw"]:
     """One image's rows of `class_token_table` back as [head, grid_h, grid_w]."""
     heads, gh, gw = table["head"].max() + 1, table["row"].max() + 1, table["col"].max() + 1
     ordered = table.sort_values(["head", "row", "col"])
-    return torch.from_numpy(ordered["attention"].to_numpy().reshape(heads, gh, gw))
+    return torch.tensor(ordered["attention"].to_numpy().reshape(heads, gh, gw))
 
 
 def view_of_file(path: str, size: tuple[int, int]) -> np.ndarray:
