@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import random_pixels, write_noise_images
 
-from clip_lens.data.image_sets import caption_targets, load_captions, load_image_folder
-from clip_lens.studies.analyses import attention_cancellation
-from clip_lens.studies.analyses import attention_maps
+from clip_lens.data.image_sets import ImageSet, caption_targets, load_captions, load_image_folder
+from clip_lens.studies.analyses import attention_cancellation, attention_maps
 
 
 def value_only_forward(tower, pixels, cancelled):
@@ -34,8 +33,8 @@ def test_value_only_attention_equals_a_hand_computed_forward(vit_b32):
     pixels = random_pixels(2, seed=31)
     settings = {"2": (1,), "1-3": (0, 1, 2), "12": (11,), "1-12": tuple(range(12))}
     images = pd.DataFrame({"image": ["a.png", "b.png"], "label": ["x", "y"]})
-    result = attention_cancellation.run(model, images, ["a x", "a y", "a z"], targets=[0, 1], settings=settings,
-                                        pixels=pixels, progress=False)
+    result = attention_cancellation.run(model, ImageSet(images, ["a x", "a y", "a z"], np.array([0, 1]), "two images"),
+                                        settings=settings, pixels=pixels, progress=False)
     text = model.encode_text(model.to_tokens(["a x", "a y", "a z"]))
     with torch.no_grad():
         for s, layers in enumerate([(), *settings.values()]):

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from conftest import random_pixels
 
-from clip_lens.studies.analyses import component_attribution as attribution
 from clip_lens.lens import joint_space_directions
 from clip_lens.sae import TopKSAE
+from clip_lens.studies.analyses import component_attribution as attribution
 
 
 def test_attribution_ranking_deletes_the_score_faster_than_random(vit_b32):

@@ -3,9 +3,12 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import write_noise_images
 
 from clip_lens.cli import main
+from clip_lens.studies import attribution
+from clip_lens.studies.options import OptionError
 
 
 def test_attribution_demo_on_sample_photos(tmp_path, capsys):
@@ -50,3 +53,13 @@ def test_attribution_demo_on_sample_photos(tmp_path, capsys):
     assert main(["attribution", *folder, "--tower", "text", "--sae", str(tmp_path / "t" / "sae"),
                  "--out", str(tmp_path / "t2")]) == 0
     assert not (tmp_path / "t2" / "sae.safetensors").exists()
+
+
+@pytest.mark.parametrize("bad, named", [(dict(tower="audio"), "tower='audio'"), (dict(ks=(0, 4, 2)), "ks="),
+                                        (dict(ks=(0,)), "ks="), (dict(sae_latents=0), "sae_latents=0"),
+                                        (dict(limit=-1), "limit=-1"), (dict(concept_template="a photo"), "concept_template")])
+def test_attribution_options_refuse_bad_values_by_name(bad, named):
+    with pytest.raises(OptionError, match=named):
+        attribution.Options(**bad)
+    defaults = attribution.Options()
+    assert (defaults.sae_latents, defaults.sae_k, defaults.sae_steps) == (256, 16, 1500)

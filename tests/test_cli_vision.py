@@ -2,10 +2,13 @@
 random-weight ViT-B-32, with generated images and with scikit-image's sample photos."""
 
 import pandas as pd
+import pytest
 from conftest import SHARED_DATA, write_noise_images
 
 from clip_lens.cli import main
+from clip_lens.studies import attention_cancellation
 from clip_lens.studies.analyses.existence import load_valse
+from clip_lens.studies.options import OptionError
 
 VALSE = SHARED_DATA / "valse" / "existence.json"
 
@@ -45,3 +48,12 @@ def test_attention_cancellation_on_a_folder_needs_captions(tmp_path, capsys):
     assert main(["attention-cancellation", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "caps.txt"),
                  "--settings", "2", "--out", str(tmp_path / "o"), "--quiet"]) == 0
     assert pd.read_csv(tmp_path / "o" / "predictions.csv")["label"].tolist() == ["cat", "cat"]
+
+
+@pytest.mark.parametrize("bad, named", [(dict(map_images=-1), "map_images=-1"), (dict(pair_chunk=0), "pair_chunk=0"),
+                                        (dict(settings="1 x-3"), "settings='1 x-3'"), (dict(beams=0), "beams=0"),
+                                        (dict(seed=True), "seed=True")])
+def test_attention_cancellation_options_refuse_bad_values_by_name(bad, named):
+    with pytest.raises(OptionError, match=named):
+        attention_cancellation.Options(**bad)
+    assert attention_cancellation.Options(settings="1 2-3", captioner="random", beams=2).beams == 2

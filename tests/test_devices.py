@@ -23,14 +23,10 @@ from torch.utils._pytree import tree_leaves
 import clip_lens
 from clip_lens import zoo
 from clip_lens.data.shapes import export_valse
-from clip_lens.studies.analyses import component_attribution as attribution
-from clip_lens.studies.analyses import causal_tracing
-from clip_lens.studies.analyses import existence
-from clip_lens.studies.analyses import image_ablation
-from clip_lens.studies.analyses import negator_attention
-from clip_lens.studies.analyses import preliminary
 from clip_lens.patching import KINDS
 from clip_lens.sae import TopKSAE, cache_activations, train_sae
+from clip_lens.studies.analyses import causal_tracing, existence, image_ablation, negator_attention, preliminary
+from clip_lens.studies.analyses import component_attribution as attribution
 
 
 class _NoTensorOnDefaultDevice(TorchFunctionMode):
@@ -172,6 +168,7 @@ def test_captioning(setup, tiny_model):
     """The shipped captioner and generated captions in attention cancellation, on the model's
     device: the same captions as on the CPU."""
     from clip_lens.captioning import load_captioner
+    from clip_lens.data.image_sets import ImageSet
     from clip_lens.studies.analyses import attention_cancellation
 
     model, instances, guard = setup
@@ -181,9 +178,10 @@ def test_captioning(setup, tiny_model):
     with guard():
         greedy = captioner.caption(pixels, model)
         beam = captioner.caption(pixels, model, beams=3)
-        result = attention_cancellation.run(model, instances.frame.rename(columns={"image_path": "image"})[:4],
-                                            ["There is a red circle.", "There are no shapes."], settings={"2": (1,)},
-                                            pixels=pixels, captioner=captioner, progress=False)
+        images = ImageSet(instances.frame.rename(columns={"image_path": "image"})[:4],
+                          ["There is a red circle.", "There are no shapes."], None, "four scenes")
+        result = attention_cancellation.run(model, images, settings={"2": (1,)}, pixels=pixels, captioner=captioner,
+                                            progress=False)
     on_cpu = load_captioner(zoo.CAPTIONER_NAME)
     cpu_pixels = tiny_model.to_pixels(paths)
     assert greedy == on_cpu.caption(cpu_pixels, tiny_model)
@@ -194,15 +192,14 @@ def test_captioning(setup, tiny_model):
 def test_vision_study_with_captions(setup, tmp_path):
     """Attention cancellation with generated captions, attention distance and maps, and the report,
     all on the model's device (the demo's vision step)."""
-    from clip_lens.captioning import load_captioner
+    from clip_lens.data.image_sets import open_image_set
     from clip_lens.data.shapes import single_shape_set
     from clip_lens.studies import attention_cancellation as vision_study
 
     model, _, guard = setup
     images, captions = single_shape_set(tmp_path / "images", per_class=1)
-    captioner = load_captioner(zoo.CAPTIONER_NAME, device=model.device)
+    options = vision_study.Options(settings="1 1-3", captioner=zoo.CAPTIONER_NAME, map_images=1)
     with guard():
-        tables = vision_study.attention_cancellation_study(model, "tiny", tmp_path / "out", images=images, captions=captions,
-                                                           settings="1 1-3", captioner=captioner, map_images=1,
-                                                           progress=False)
+        tables = vision_study.compute(model, open_image_set(images, captions, None, None), options, progress=False)
     assert len(tables["captions_by_setting"]) == 3 and len(tables["attention_distance"]) == 3 * 4
+    vision_study.report(tables, options)  # from the tables alone, on the host

@@ -2,7 +2,6 @@
 accuracy on held-out scenes, a known answer under cancellation, the CLIP cosines recomputed by
 hand, the report, and the command line with a random ViT-B-16."""
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,9 +14,11 @@ from clip_lens import hook_name, value_only_attention, zoo
 from clip_lens.captioning import HuggingFaceCaptioner, PrefixCaptioner, load_captioner, train
 from clip_lens.cli import main
 from clip_lens.data import shapes
-from clip_lens.data.image_sets import open_image_set
-from clip_lens.studies.analyses import attention_cancellation
+from clip_lens.data.image_sets import ImageSet, open_image_set
+from clip_lens.studies import Target, run_study
 from clip_lens.studies import attention_cancellation as vision_study
+from clip_lens.studies.analyses import attention_cancellation
+from clip_lens.studies.options import OptionError
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,7 @@ def one_shape_set(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cancelled(tiny_model, captioner, one_shape_set):
-    return attention_cancellation.run(tiny_model, one_shape_set.frame, one_shape_set.captions,
-                                      targets=one_shape_set.targets, captioner=captioner, progress=False)
+    return attention_cancellation.run(tiny_model, one_shape_set, captioner=captioner, progress=False)
 
 
 def test_shipped_captioner_is_small_and_loads_by_name(captioner):
@@ -133,8 +133,10 @@ def test_a_hugging_face_captioner_in_attention_cancellation(tiny_model, one_shap
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     captioner = HuggingFaceCaptioner(vision_encoder_decoder(), tokenizer)
     frame = one_shape_set.frame.iloc[:6]
-    result = attention_cancellation.run(tiny_model, frame, one_shape_set.captions, settings={"1": (0,), "1-2": (0, 1)},
-                                        captioner=captioner, max_new_tokens=8, progress=False)
+    result = attention_cancellation.run(tiny_model, ImageSet(frame, one_shape_set.captions, None, "six scenes"),
+                                        settings={"1": (0,), "1-2": (0, 1)},
+                                        captioner=attention_cancellation.Captioning(captioner, max_new_tokens=8),
+                                        progress=False)
     assert [len(per_setting) for per_setting in result.generated] == [6, 6, 6]
     assert all(set(c.split()) <= set(words[3:]) for per_setting in result.generated for c in per_setting)
     assert result.generated[0] != result.generated[2]
@@ -142,12 +144,15 @@ def test_a_hugging_face_captioner_in_attention_cancellation(tiny_model, one_shap
         attention_cancellation.generate_captions(tiny_model, captioner, {"3": (2,)}, images=list(frame["image"]))
 
 
-def test_attention_cancellation_report_shows_generated_captions(tiny_model, captioner, one_shape_set, tmp_path):
-    folder = Path(one_shape_set.source)
-    captions = folder.parent / "captions.txt"
-    tables = vision_study.attention_cancellation_study(tiny_model, "tiny", tmp_path / "out", images=folder,
-                                                       captions=captions, settings="1 3 1-3", captioner=captioner,
-                                                       caption_image=5, map_images=1, progress=False)
+def _run(model, image_set, out, **options):
+    """The study through the runner into `out`: (tables, options)."""
+    chosen = vision_study.Options(**options)
+    return run_study(vision_study.STUDY, model, image_set, chosen, Target(out, progress=False), model_label="tiny"), chosen
+
+
+def test_attention_cancellation_report_shows_generated_captions(tiny_model, one_shape_set, tmp_path):
+    tables, _ = _run(tiny_model, one_shape_set, tmp_path / "out", settings="1 3 1-3", captioner=zoo.CAPTIONER_NAME,
+                     caption_image=5, map_images=1)
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
     assert {"mean_cosine", "mean_generated_cosine", "mean_generated_cosine_clean"} <= set(summary.columns)
     by_setting = pd.read_csv(tmp_path / "out" / "captions_by_setting.csv")
@@ -158,8 +163,16 @@ def test_attention_cancellation_report_shows_generated_captions(tiny_model, capt
     # accuracy, cosine heat map, generated-caption cosines; attention distance; one attention map
     assert report.count('class="plotly-graph-div"') == 3 + 1 + 1
     with pytest.raises(ValueError, match="caption_image 99 is out of range"):
-        vision_study.attention_cancellation_study(tiny_model, "tiny", tmp_path / "o2", images=folder, captions=captions,
-                                                  captioner=captioner, caption_image=99, progress=False)
+        vision_study.compute(tiny_model, one_shape_set, vision_study.Options(captioner=zoo.CAPTIONER_NAME,
+                                                                             caption_image=99), progress=False)
+
+
+def test_the_random_captioner_is_seeded_by_the_study_seed(tiny_model):
+    first, again, other = (vision_study.load_captioner("random", tiny_model, seed) for seed in (1, 1, 2))
+    assert first.name == "random prefix captioner (seed 1)"
+    for a, b in zip(first.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, c) for a, c in zip(first.parameters(), other.parameters()))
 
 
 def test_cli_runs_a_random_vit_b16_with_a_random_captioner_on_the_sample_photos(tmp_path, capsys):
@@ -173,7 +186,8 @@ def test_cli_runs_a_random_vit_b16_with_a_random_captioner_on_the_sample_photos(
     assert len(predictions) == 3 * 12 and "generated" in predictions
     assert len(pd.read_csv(out / "captions_by_setting.csv")) == 3
     assert "Generated captions" in (out / "report.html").read_text()
-    assert "random prefix captioner" in (out / "manifest.json").read_text()
+    assert "random prefix captioner (seed 0)" in (out / "report.html").read_text()
+    assert '"captioner": "random"' in (out / "manifest.json").read_text()
 
 
 def test_cli_names_a_missing_captioner(tmp_path, capsys):
@@ -187,11 +201,13 @@ def test_caption_options_without_a_captioner_are_refused(tmp_path, capsys, flag)
     assert main(["attention-cancellation", "--model", zoo.NAME, "--settings", "1", "--out", str(tmp_path / "o"),
                  *flag]) == 2
     assert "give a captioner (--captioner) too" in capsys.readouterr().err
+    with pytest.raises(OptionError, match="give a captioner"):
+        vision_study.Options(**{flag[0][2:].replace("-", "_"): int(flag[1])})
     with pytest.raises(ValueError, match="give a captioner too"):
-        attention_cancellation.run(None, pd.DataFrame({"image": []}), [], beams=2)
+        attention_cancellation.Captioning(None, beams=2)
 
 
-def test_a_killed_attention_cancellation_resumes_from_its_finished_chunks(tiny_model, captioner, one_shape_set, tmp_path,
+def test_a_killed_attention_cancellation_resumes_from_its_finished_chunks(tiny_model, one_shape_set, tmp_path,
                                                                           monkeypatch):
     """Killed in its third chunk of 8 images, the study run again recomputes only the chunks it had
     not finished, and its tables (generated captions included) equal an uninterrupted run's."""
@@ -199,9 +215,7 @@ def test_a_killed_attention_cancellation_resumes_from_its_finished_chunks(tiny_m
 
     from clip_lens.checkpoints import PARTIAL
 
-    folder = Path(one_shape_set.source)
-    kwargs = dict(images=folder, captions=folder.parent / "captions.txt", settings="1 1-3", captioner=captioner,
-                  map_images=1, pair_chunk=8, progress=False)
+    options = dict(settings="1 1-3", captioner=zoo.CAPTIONER_NAME, map_images=1, pair_chunk=8)
     calls = []
     real_patch = attention_cancellation.patch
 
@@ -213,15 +227,15 @@ def test_a_killed_attention_cancellation_resumes_from_its_finished_chunks(tiny_m
 
     monkeypatch.setattr(attention_cancellation, "patch", dying_patch)
     with pytest.raises(KeyboardInterrupt):
-        vision_study.attention_cancellation_study(tiny_model, "tiny", tmp_path / "out", **kwargs)
+        _run(tiny_model, one_shape_set, tmp_path / "out", **options)
     assert len(list((tmp_path / "out" / PARTIAL / "attention_cancellation").glob("*.npz"))) == 2
     monkeypatch.setattr(attention_cancellation, "patch", real_patch)
-    resumed = vision_study.attention_cancellation_study(tiny_model, "tiny", tmp_path / "out", **kwargs)
+    resumed, _ = _run(tiny_model, one_shape_set, tmp_path / "out", **options)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["checkpoints"] == {"attention_cancellation": {"loaded": 16, "computed": 8}}
     assert not (tmp_path / "out" / PARTIAL).exists()
-    plain = vision_study.attention_cancellation_study(tiny_model, "tiny", tmp_path / "plain", **kwargs)
+    plain, _ = _run(tiny_model, one_shape_set, tmp_path / "plain", **options)
     for name in ("summary", "predictions", "captions_by_setting"):
         pd.testing.assert_frame_equal(resumed[name], plain[name])
     with pytest.raises(FileExistsError, match="holds another run|already holds"):
-        vision_study.attention_cancellation_study(tiny_model, "tiny", tmp_path / "plain", **kwargs)
+        _run(tiny_model, one_shape_set, tmp_path / "plain", **options)

@@ -1,41 +1,207 @@
-"""The attribution study end to end, as `clip-lens attribution` runs it: attributions of each image's
-score with its own caption to heads, MLP neurons, positions and SAE latents; Logit Lens; the
-faithfulness of head rankings (deletion curves, attribution patching next to Logit Lens and random);
-latent alignment with the class names and unexpected reliance. Writes tables and one HTML report.
-With no image folder, scikit-image's sample photos are the demo set."""
+"""Study "attribution": each labelled image's score with its own caption attributed to heads, MLP
+neurons, positions and SAE latents; Logit Lens; the faithfulness of head rankings (deletion curves,
+attribution patching next to Logit Lens and random); latent alignment with the class names and
+unexpected reliance (docs/attribution.md).
+
+`data` is an image set (`clip_lens.data.image_sets.ImageSet`, each image scored against its label's
+caption), or `AttributionData` (the image set and a function handed the SAE trained in the run, so
+that a front end can save it: compute writes no file; the command line saves it as
+out/sae.safetensors).
+
+Tables: instances, logit_lens, head_attributions, top_neurons, position_attributions (text tower),
+deletion_curves, deletion_areas, reliance, latent_attributions; and for the report images (each
+instance's path and the model's input size), patch_attributions (vision tower: attribution per
+position) and sae_statistics.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
+import numpy as np
 import pandas as pd
 import torch
 
-from clip_lens.checkpoints import claim_resumable_output, weights_fingerprint
-from clip_lens.data.image_sets import open_image_set
+from clip_lens.data.image_sets import ImageSet
 from clip_lens.lens import logit_lens
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import hook_name
 from clip_lens.plot import head_heatmap
-from clip_lens.report import Report, write_study
+from clip_lens.report import Report
 from clip_lens.sae import TopKSAE, cache_activations, sae_statistics, train_sae
 from clip_lens.scores import score as clip_score
 from clip_lens.studies.analyses import attention_maps
 from clip_lens.studies.analyses import component_attribution as attribution
+from clip_lens.studies.options import OptionError, StudyOptions, option
+from clip_lens.studies.runner import Study, Tables, no_checkpoints
 
-PathLike = Union[str, Path]
+# tables the report is drawn from, not results of their own (the sweep leaves them out)
+REPORT_TABLES = ("images", "patch_attributions", "sae_statistics")
 
 
-def _image_set(out: Path, images: Optional[PathLike], captions: Optional[PathLike], labels: Optional[PathLike]):
-    """(frame of labelled images: image, label, caption; description of the source)."""
-    image_set = open_image_set(images, captions, labels, out / "sample_images")
-    frame, targets, source = image_set.frame, image_set.targets, image_set.source
+@dataclass(frozen=True, kw_only=True)
+class Options(StudyOptions):
+    tower: str = option("vision", "the encoder whose components are attributed", choices=("vision", "text"))
+    sae: Optional[str] = option(None, "a saved TopKSAE, path with or without .safetensors (default: train one on the "
+                                      "study's activations)")
+    sae_hook: Optional[str] = option(None, "tower hook the SAE reads (default: the last residual, "
+                                           "hook_name('resid', L, L))")
+    sae_latents: int = option(256, "latents of the SAE trained here", minimum=1)
+    sae_k: int = option(16, "active latents per input of the SAE trained here (at most sae_latents)", minimum=1)
+    sae_steps: int = option(1500, "training steps of the SAE trained here", minimum=1)
+    ks: tuple[int, ...] = option((0, 1, 2, 4, 8, 16, 32), "numbers of heads removed along the deletion curves "
+                                 "(increasing)", minimum=0, min_items=2)
+    concept_template: str = option("a photo of a {}.", "text for a class name in latent alignment")
+    top: int = option(5, "latents per class in the reliance table", minimum=1)
+    map_images: int = option(6, "images whose attribution per patch the report draws (vision tower)", minimum=0)
+    limit: Optional[int] = option(None, "use the first N labelled images only", minimum=1)
+    seed: int = option(0, "seed of the SAE and of the random ranking", minimum=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if any(b <= a for a, b in zip(self.ks, self.ks[1:])):
+            raise OptionError(f"ks={list(self.ks)!r}: give increasing numbers of heads, e.g. 0 1 2 4")
+        if "{}" not in self.concept_template:
+            raise OptionError(f"concept_template={self.concept_template!r}: give a text with {{}} for the class name")
+
+
+@dataclass
+class AttributionData:
+    """The image set, and `on_sae_trained(sae)`, called with the SAE the run trains (not with a
+    loaded one), for a front end that saves it."""
+
+    images: ImageSet
+    on_sae_trained: Optional[Callable[[TopKSAE], None]] = None
+
+
+@dataclass
+class _Inputs:
+    """The instances made ready: `frame` (image, label, caption), `names` (image stems), `pixels`
+    [n, 3, H, W], `tokens` [n, pos], the tower's `inputs` and the `other` modality's embedding
+    [n, d_embed], the attributed `tower`, and `score` [n] (S of each image with its caption)."""
+
+    frame: pd.DataFrame
+    names: list
+    pixels: torch.Tensor
+    tokens: torch.Tensor
+    inputs: torch.Tensor
+    other: torch.Tensor
+    tower: object
+    score: torch.Tensor
+
+
+def _labelled(image_set: ImageSet, limit: Optional[int]) -> pd.DataFrame:
+    """The labelled images with their caption (image, label, caption), the first `limit`."""
+    frame, targets = image_set.frame, image_set.targets
     frame = frame.assign(caption=[image_set.captions[t] if t >= 0 else None for t in targets])[targets >= 0]
     if frame.empty:
-        raise ValueError(f"no image in {source} has a label with a caption")
-    return frame.reset_index(drop=True), source
+        raise ValueError(f"no image in {image_set.source} has a label with a caption")
+    frame = frame.reset_index(drop=True)
+    return frame.head(limit) if limit is not None else frame
+
+
+def _prepare(model: HookedCLIP, image_set: ImageSet, options: Options) -> _Inputs:
+    frame = _labelled(image_set, options.limit)
+    pixels = model.to_pixels(list(frame["image"]))
+    tokens = model.to_tokens(list(frame["caption"]))
+    with torch.no_grad():
+        image_emb, text_emb = model.encode_image(pixels), model.encode_text(tokens)
+    inputs, other = (pixels, text_emb) if options.tower == "vision" else (tokens, image_emb)
+    tower = model.vision if options.tower == "vision" else model.text
+    score = clip_score(model, text_emb, image_emb).detach()
+    return _Inputs(frame, [Path(p).stem for p in frame["image"]], pixels, tokens, inputs, other, tower, score)
+
+
+def _sae_hook(tower, options: Options) -> str:
+    n_layers = tower.cfg.n_layers
+    return options.sae_hook or hook_name("resid", n_layers, n_layers)
+
+
+def load_sae(options: Options, tower, device) -> Optional[TopKSAE]:
+    """The saved SAE `options.sae` (None without one), checked against the tower and hook it reads."""
+    if options.sae is None:
+        return None
+    hook = _sae_hook(tower, options)
+    sae = TopKSAE.load(Path(options.sae).with_suffix("")).to(device)
+    if sae.d_in != tower.cfg.d_model:
+        raise ValueError(f"the SAE in {options.sae} reads {sae.d_in}-dimensional activations; {options.tower}.{hook} has "
+                         f"{tower.cfg.d_model}")
+    if sae.hook is not None and sae.hook != f"{options.tower}.{hook}":
+        raise ValueError(f"the SAE in {options.sae} was trained on {sae.hook}, not on {options.tower}.{hook}")
+    return sae
+
+
+def compute(model: HookedCLIP, data: Union[ImageSet, AttributionData], options: Options, *, checkpoints=None,
+            progress: bool = True) -> Tables:
+    """The tables listed in the module docstring."""
+    data = data if isinstance(data, AttributionData) else AttributionData(data)
+    checkpoints = checkpoints or no_checkpoints()
+    run = _prepare(model, data.images, options)
+    loaded = load_sae(options, run.tower, model.device)  # before any work, so that a wrong SAE costs nothing
+    tables = _scores(model, run)
+    components, positions = _components(model, run, options, progress)
+    tables.update(components)
+    faith = attribution.faithfulness(model, run.inputs, run.other, ks=options.ks, seed=options.seed,
+                                     checkpoints=checkpoints)
+    tables["deletion_curves"], tables["deletion_areas"] = faith.curves, faith.areas
+    latents, sae_table = _latents(model, run, options, loaded, data, checkpoints, progress)
+    tables.update(latents)
+    tables["images"] = pd.DataFrame({"instance": run.names, "image": [str(p) for p in run.frame["image"]],
+                                     "height": run.pixels.shape[-2], "width": run.pixels.shape[-1]})
+    if options.tower == "vision":
+        tables["patch_attributions"] = _patch_table(model, run.names, positions)
+    tables["sae_statistics"] = sae_table
+    return tables
+
+
+def _scores(model: HookedCLIP, run: _Inputs) -> Tables:
+    """instances (with S) and logit_lens (per layer; the last layer is the model's own score)."""
+    n_layers = run.tower.cfg.n_layers
+    lens = logit_lens(model, run.inputs, run.other)
+    instances = run.frame.assign(image=[Path(p).name for p in run.frame["image"]], score=run.score.cpu().numpy())
+    lens_table = pd.DataFrame([dict(instance=run.names[i], layer=l, score=float(lens[i, l]))
+                               for i in range(len(run.names)) for l in range(n_layers + 1)])
+    return {"instances": instances, "logit_lens": lens_table}
+
+
+def _components(model: HookedCLIP, run: _Inputs, options: Options, progress: bool) -> tuple[Tables, torch.Tensor]:
+    """(head_attributions, top_neurons and position_attributions (text tower); the attribution
+    per position at layer 0, [n, pos])."""
+    heads = attribution.attribution_scores(model, run.inputs, run.other)
+    neurons = attribution.neuron_attributions(model, run.inputs, run.other, progress=progress)
+    positions = attribution.position_attributions(model, run.inputs, run.other)[:, 0]          # [n, pos]
+    tables = {"head_attributions": attribution.components_frame(heads, "head", instances=run.names),
+              "top_neurons": attribution.components_frame(neurons, "neuron", top=20)}
+    if options.tower == "text":
+        tables["position_attributions"] = _token_table(model, run.tokens, run.names, positions)
+    return tables, positions
+
+
+def _latents(model: HookedCLIP, run: _Inputs, options: Options, sae: Optional[TopKSAE], data: AttributionData,
+             checkpoints, progress: bool) -> tuple[Tables, pd.DataFrame]:
+    """(reliance and latent_attributions, sae_statistics) of the loaded SAE, or of one trained on
+    the study's own activations at every position."""
+    hook = _sae_hook(run.tower, options)
+    acts = _activations(run.tower, hook, run.inputs)
+    trained = sae is None
+    if trained:
+        folder = checkpoints.folder / "sae" if checkpoints.folder is not None else None
+        sae, _ = train_sae(acts, n_latents=options.sae_latents, k=min(options.sae_k, options.sae_latents),
+                           steps=options.sae_steps, seed=options.seed, progress=progress,
+                           hook=f"{options.tower}.{hook}", checkpoint_dir=folder)
+        if data.on_sae_trained is not None:
+            data.on_sae_trained(sae)
+    stats = dict(hook=f"{options.tower}.{hook}", latents=sae.n_latents, k=sae.k, trained=trained,
+                 **sae_statistics(sae, acts))
+    latents = attribution.latent_attributions(model, sae, hook, run.inputs, run.other)             # [n, latent]
+    concepts = list(dict.fromkeys(run.frame["label"]))
+    alignment = attribution.latent_alignment(model, sae, options.tower, concepts, template=options.concept_template)
+    reliance = attribution.unexpected_reliance(latents, run.frame["label"], alignment, concepts, top=options.top)
+    table = pd.DataFrame(latents.float().cpu().numpy()).assign(instance=run.names, label=list(run.frame["label"])) \
+        .melt(id_vars=["instance", "label"], var_name="latent", value_name="attribution")
+    return {"reliance": reliance, "latent_attributions": table[table["attribution"] != 0]}, pd.DataFrame([stats])
 
 
 def _activations(tower, hook: str, inputs) -> torch.Tensor:
@@ -43,101 +209,6 @@ def _activations(tower, hook: str, inputs) -> torch.Tensor:
     acts = cache_activations(tower, hook, inputs)                                  # [n, pos, d]
     own = torch.arange(acts.shape[1], device=acts.device)[None] < tower.sequence_lengths(inputs)[:, None]  # [n, pos]
     return acts[own]
-
-
-def attribution_study(model: HookedCLIP, model_label: str, out: PathLike, *, images: Optional[PathLike] = None,
-                      captions: Optional[PathLike] = None, labels: Optional[PathLike] = None, tower: str = "vision",
-                      sae: Optional[PathLike] = None, sae_hook: Optional[str] = None, sae_latents: int = 256,
-                      sae_k: int = 16, sae_steps: int = 1500, ks: Sequence[int] = (0, 1, 2, 4, 8, 16, 32),
-                      concept_template: str = "a photo of a {}.", top: int = 5, map_images: int = 6,
-                      limit: Optional[int] = None, seed: int = 0, overwrite: bool = False,
-                      progress: bool = True) -> dict[str, pd.DataFrame]:
-    """Run the study on each labelled image and its caption, and write `out/`: the tables as CSV, the
-    SAE (out/sae.safetensors + .json, when trained here) and report.html. Returns the tables.
-
-    Args:
-        tower: "vision" (attribute S to the image encoder's components, the caption embedding
-            fixed) or "text" (the caption encoder's, the image embedding fixed).
-        sae: a saved TopKSAE (path without suffix or .safetensors); without it one is trained on
-            the study's own activations of `sae_hook` at every position (`sae_latents`, `sae_k`,
-            `sae_steps`).
-        sae_hook: tower hook the SAE reads (default: the last residual, blocks.<L-1>.hook_resid_post).
-        ks: numbers of heads removed along the deletion curves.
-        concept_template: how a class name is put to the text tower for latent alignment.
-        limit: use the first N labelled images only.
-    """
-    if tower not in ("vision", "text"):
-        raise ValueError(f"tower={tower!r}: use 'vision' or 'text'")
-    identity = dict(study="attribution", tower=tower, model=model_label, dtype=str(model.dtype), device=str(model.device),
-                    weights=weights_fingerprint(model), images=images,
-                    captions=captions, labels=labels, sae=sae, sae_hook=sae_hook, sae_latents=sae_latents, sae_k=sae_k,
-                    sae_steps=sae_steps, ks=list(ks), limit=limit, seed=seed)
-    checkpoints = claim_resumable_output(out, identity, overwrite=overwrite)
-    out = Path(out)
-    frame, source = _image_set(out, images, captions, labels)
-    if limit is not None:
-        frame = frame.head(limit)
-    pixels = model.to_pixels(list(frame["image"]))
-    tokens = model.to_tokens(list(frame["caption"]))
-    with torch.no_grad():
-        image_emb, text_emb = model.encode_image(pixels), model.encode_text(tokens)
-    inputs, other = (pixels, text_emb) if tower == "vision" else (tokens, image_emb)
-    blocks = model.vision if tower == "vision" else model.text
-    n_layers = blocks.cfg.n_layers
-    names = [Path(p).stem for p in frame["image"]]
-    hook = sae_hook or hook_name("resid", n_layers, n_layers)
-    if sae is not None:  # checked before any work, so that a wrong SAE costs nothing
-        sae_model, trained = TopKSAE.load(Path(sae).with_suffix("")).to(model.device), False
-        if sae_model.d_in != blocks.cfg.d_model:
-            raise ValueError(f"the SAE in {sae} reads {sae_model.d_in}-dimensional activations; {tower}.{hook} has "
-                             f"{blocks.cfg.d_model}")
-        if sae_model.hook is not None and sae_model.hook != f"{tower}.{hook}":
-            raise ValueError(f"the SAE in {sae} was trained on {sae_model.hook}, not on {tower}.{hook}")
-    score = clip_score(model, text_emb, image_emb).detach()
-
-    # Logit Lens per layer; the last layer is the model's own score
-    lens = logit_lens(model, inputs, other)
-    tables = {"instances": frame.assign(image=[Path(p).name for p in frame["image"]], score=score.cpu().numpy())}
-    tables["logit_lens"] = pd.DataFrame([dict(instance=names[i], layer=l, score=float(lens[i, l]))
-                                         for i in range(len(names)) for l in range(n_layers + 1)])
-
-    # attributions per head, neuron and position
-    heads = attribution.attribution_scores(model, inputs, other)
-    tables["head_attributions"] = attribution.components_frame(heads, "head", instances=names)
-    neurons = attribution.neuron_attributions(model, inputs, other, progress=progress)
-    tables["top_neurons"] = attribution.components_frame(neurons, "neuron", top=20)
-    positions = attribution.position_attributions(model, inputs, other)[:, 0]          # [n, pos]
-    if tower == "text":
-        tables["position_attributions"] = _token_table(model, tokens, names, positions)
-
-    # faithfulness of the head rankings
-    faith = attribution.faithfulness(model, inputs, other, ks=ks, seed=seed, checkpoints=checkpoints)
-    tables["deletion_curves"], tables["deletion_areas"] = faith.curves, faith.areas
-
-    # SAE latents: attribution, alignment with the class names, unexpected reliance
-    acts = _activations(blocks, hook, inputs)
-    if sae is None:
-        sae_model, _ = train_sae(acts, n_latents=sae_latents, k=min(sae_k, sae_latents), steps=sae_steps, seed=seed,
-                                 progress=progress, hook=f"{tower}.{hook}", checkpoint_dir=checkpoints.folder / "sae")
-        sae_model.save(out / "sae")
-        trained = True
-    stats = sae_statistics(sae_model, acts)
-    latents = attribution.latent_attributions(model, sae_model, hook, inputs, other)             # [n, latent]
-    concepts = list(dict.fromkeys(frame["label"]))
-    alignment = attribution.latent_alignment(model, sae_model, tower, concepts, template=concept_template)
-    tables["reliance"] = attribution.unexpected_reliance(latents, frame["label"], alignment, concepts, top=top)
-    tables["latent_attributions"] = pd.DataFrame(latents.float().cpu().numpy()).assign(instance=names, label=list(frame["label"])) \
-        .melt(id_vars=["instance", "label"], var_name="latent", value_name="attribution")
-    tables["latent_attributions"] = tables["latent_attributions"][tables["latent_attributions"]["attribution"] != 0]
-
-    run = _Run(model, model_label, source, tower, frame, names, pixels, score, lens, positions, faith, hook,
-               sae_model, trained, stats)
-    write_study(out, tables, _report(run, tables, map_images),
-                manifest={"study": f"attribution ({tower} tower)", "model": model_label, "seed": seed, "limit": limit,
-                          "data": {"images": source, "captions": captions, "labels": labels, "sae": sae},
-                          "instances": checkpoints.summary()})
-    checkpoints.finish()
-    return tables
 
 
 def _token_table(model: HookedCLIP, tokens: torch.Tensor, names: list, positions: torch.Tensor) -> pd.DataFrame:
@@ -149,74 +220,96 @@ def _token_table(model: HookedCLIP, tokens: torch.Tensor, names: list, positions
     return pd.DataFrame(rows)
 
 
-@dataclass
-class _Run:
-    """What the report is written from (besides the tables)."""
-
-    model: HookedCLIP
-    model_label: str
-    source: str                  # where the images came from
-    tower: str
-    frame: pd.DataFrame          # image, label, caption per instance
-    names: list
-    pixels: torch.Tensor         # [n, 3, H, W]
-    score: torch.Tensor          # [n], S of each image with its caption
-    lens: torch.Tensor           # [n, layer 0..L], Logit Lens
-    positions: torch.Tensor      # [n, pos], attribution per position at layer 0
-    faith: attribution.Faithfulness
-    hook: str
-    sae: TopKSAE
-    sae_trained: bool
-    sae_stats: dict
+def _patch_table(model: HookedCLIP, names: list, positions: torch.Tensor) -> pd.DataFrame:
+    """instance, position, row, col (-1 for the class token), attribution: one row per position."""
+    gh, gw = model.vision.cfg.grid_size
+    n, n_pos = positions.shape
+    grid = np.arange(n_pos) - 1
+    return pd.DataFrame({"instance": np.repeat(np.asarray(names, dtype=object), n_pos), "position": np.tile(np.arange(n_pos), n),
+                         "row": np.tile(np.where(grid >= 0, grid // gw, -1), n),
+                         "col": np.tile(np.where(grid >= 0, grid % gw, -1), n),
+                         "attribution": positions.float().cpu().numpy().ravel()})
 
 
-def _report(run: _Run, tables: dict, map_images: int) -> Report:
-    model, tower, frame, names, positions = run.model, run.tower, run.frame, run.names, run.positions
-    report = Report(f"Attributing CLIP's scores to components of its {tower} encoder")
-    report.section("Setup").text(
-        f"Model: {run.model_label}. Images: {run.source} ({len(frame)} labelled images). Each image is scored against its own "
-        f"caption (S = logit_scale.exp() x cosine); the {tower} tower's components are attributed, the other "
-        f"modality's embedding held fixed.")
-    report.text("Attribution of a component: the attribution-patching estimate of how much S drops when the component "
-                "is zeroed, a . dS/da from one forward and one backward pass (docs/methods.md#component-attribution). Positive: the component "
-                "supports the score.", note=True)
-    report.table(tables["instances"], max_rows=40, caption="Instances and their scores")
+# --- report --------------------------------------------------------------------------------------
+def report(tables: Tables, options: Options) -> Report:
+    out = Report(f"Attributing CLIP's scores to components of its {options.tower} encoder")
+    images = tables["images"]
+    folders = sorted({str(Path(p).parent) for p in images["image"]})
+    out.section("Setup").text(
+        f"Images: {folders[0] if len(folders) == 1 else f'{len(folders)} folders'} ({len(images)} labelled images). "
+        f"Each image is scored against its own caption (S = logit_scale.exp() x cosine); the {options.tower} tower's "
+        "components are attributed, the other modality's embedding held fixed.")
+    out.text("Attribution of a component: the attribution-patching estimate of how much S drops when the component "
+             "is zeroed, a . dS/da from one forward and one backward pass (docs/methods.md#component-attribution). "
+             "Positive: the component supports the score.", note=True)
+    out.table(tables["instances"], max_rows=40, caption="Instances and their scores")
+    _lens_section(out, tables)
+    _components_section(out, tables, options)
+    _faithfulness_section(out, tables)
+    _sae_section(out, tables, options)
+    return out
 
-    report.section("Logit Lens")
-    report.figure(attribution.logit_lens_figure(run.lens, names, run.score))
-    report.text("Each layer's residual stream at the pooled position, read out through the final norm and projection. "
-                "At the last layer it is the model's own score.", note=True)
 
-    report.section("Heads, neurons and positions")
+def _lens_section(out: Report, tables: Tables) -> None:
+    out.section("Logit Lens")
+    lens = tables["logit_lens"]
+    names = list(dict.fromkeys(lens["instance"]))
+    scores = torch.tensor(lens["score"].to_numpy()).reshape(len(names), -1)      # [n, layer 0..L]
+    out.figure(attribution.logit_lens_figure(scores, names, torch.tensor(tables["instances"]["score"].to_numpy())))
+    out.text("Each layer's residual stream at the pooled position, read out through the final norm and projection. "
+             "At the last layer it is the model's own score.", note=True)
+
+
+def _components_section(out: Report, tables: Tables, options: Options) -> None:
+    out.section("Heads, neurons and positions")
     mean_heads = tables["head_attributions"].groupby(["layer", "head"], as_index=False)["attribution"].mean()
-    report.figure(head_heatmap(mean_heads, "Attribution per head (mean over instances)", value="attribution"))
-    report.table(tables["top_neurons"], max_rows=20,
-                 caption="MLP neurons with the largest mean |attribution| (all positions; share_positive: share of instances where it supports S)")
-    if tower == "vision":
-        grid = model.vision.cfg.grid_size
-        shown = min(map_images, len(frame))
-        maps = positions[:shown, 1:].reshape(shown, *grid)
-        report.figure(attribution.position_map_figure([attention_maps.model_view(model, run.pixels[i]) for i in range(shown)],
-                                                      maps, [names[i] for i in range(shown)]))
-        report.text(f"Class token (position 0): mean attribution {float(positions[:, 0].mean()):.4f}.", note=True)
-    else:
-        report.table(tables["position_attributions"], max_rows=60, caption="Attribution per token (input x gradient at layer 0)")
+    out.figure(head_heatmap(mean_heads, "Attribution per head (mean over instances)", value="attribution"))
+    out.table(tables["top_neurons"], max_rows=20,
+              caption="MLP neurons with the largest mean |attribution| (all positions; share_positive: share of "
+                      "instances where it supports S)")
+    if options.tower == "text":
+        out.table(tables["position_attributions"], max_rows=60, caption="Attribution per token (input x gradient at layer 0)")
+        return
+    patches, images = tables["patch_attributions"], tables["images"]
+    shown = images.head(options.map_images)
+    views, maps = [], []
+    for row in shown.itertuples(index=False):
+        own = patches[(patches["instance"] == row.instance) & (patches["row"] >= 0)]
+        views.append(attention_maps.view_of_file(row.image, (int(row.height), int(row.width))))
+        maps.append(torch.tensor(own["attribution"].to_numpy()).reshape(own["row"].max() + 1, own["col"].max() + 1))
+    out.figure(attribution.position_map_figure(views, torch.stack(maps) if maps else torch.zeros(0, 1, 1),
+                                               list(shown["instance"])))
+    class_token = patches.loc[patches["row"] < 0, "attribution"]
+    out.text(f"Class token (position 0): mean attribution {float(class_token.mean()):.4f}.", note=True)
 
-    report.section("Faithfulness: deletion curves")
-    report.figure(run.faith.figure())
-    report.table(run.faith.areas, caption="Area under each deletion curve (mean S per unit of k; smaller = the score falls faster)")
-    report.text("The top-k heads of each instance's ranking are zeroed together (exact runs) and S is recorded. Logit "
-                "Lens ranks heads by their direct effect only; attribution patching includes what later layers do "
-                "with a head's output.", note=True)
 
-    report.section("Sparse-autoencoder latents")
-    origin = "trained here on the study's own activations at every position (saved as sae.safetensors)" if run.sae_trained else "loaded"
-    report.text(f"TopK SAE on {tower}.{run.hook}: {run.sae.n_latents} latents, k = {run.sae.k}, {origin}. "
-                "Latent attributions are taken at the pooled position (class token / EOT).")
-    report.table(pd.DataFrame([run.sae_stats]), caption="SAE statistics on the study's activations")
-    report.figure(attribution.reliance_figure(tables["reliance"]))
-    report.table(tables["reliance"], max_rows=60,
-                 caption="Per class, the latents with the largest mean attribution; alignment = cosine of the decoder "
-                         "direction (through the final norm's linear part and the projection) with the class name's text "
-                         "embedding; unexpected = less aligned with the class than the median latent")
-    return report
+def _faithfulness_section(out: Report, tables: Tables) -> None:
+    out.section("Faithfulness: deletion curves")
+    out.figure(attribution.Faithfulness(tables["deletion_curves"], tables["deletion_areas"], {}).figure())
+    out.table(tables["deletion_areas"],
+              caption="Area under each deletion curve (mean S per unit of k; smaller = the score falls faster)")
+    out.text("The top-k heads of each instance's ranking are zeroed together (exact runs) and S is recorded. Logit "
+             "Lens ranks heads by their direct effect only; attribution patching includes what later layers do "
+             "with a head's output.", note=True)
+
+
+def _sae_section(out: Report, tables: Tables, options: Options) -> None:
+    out.section("Sparse-autoencoder latents")
+    sae = tables["sae_statistics"].iloc[0]
+    origin = ("trained here on the study's own activations at every position (the command line saves it as "
+              "sae.safetensors)") if bool(sae["trained"]) else f"loaded from {options.sae}"
+    out.text(f"TopK SAE on {sae['hook']}: {int(sae['latents'])} latents, k = {int(sae['k'])}, {origin}. "
+             "Latent attributions are taken at the pooled position (class token / EOT).")
+    out.table(tables["sae_statistics"].drop(columns=["hook", "latents", "k", "trained"]),
+              caption="SAE statistics on the study's activations")
+    out.figure(attribution.reliance_figure(tables["reliance"]))
+    out.table(tables["reliance"], max_rows=60,
+              caption="Per class, the latents with the largest mean attribution; alignment = cosine of the decoder "
+                      "direction (through the final norm's linear part and the projection) with the class name's text "
+                      "embedding; unexpected = less aligned with the class than the median latent")
+
+
+STUDY = Study("attribution", Options, compute, report,
+              data="an image set (clip_lens.data.image_sets.ImageSet) or AttributionData (the set and a function "
+                   "handed the SAE trained in the run)")

@@ -213,26 +213,16 @@ def image_ablation(model, data: Prepared, options: dict) -> dict[str, pd.DataFra
     return {"image_ablation": result.mha_vs_mlp()}
 
 
-def attention_cancellation(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
+def attention_cancellation(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
     """Value-only attention per setting on an image folder (docs/methods.md#attention-cancellation);
-    with `captioner` (a name, file, Hugging Face directory or "random") also the generated captions
-    (docs/methods.md#generated-captions)."""
-    from clip_lens.studies.analyses import attention_cancellation as cancellation
+    with `captioner` (a name, file, Hugging Face directory or "random", seeded by `seed`) also the
+    generated captions (docs/methods.md#generated-captions). `options`: the study's Options."""
+    from clip_lens.studies import attention_cancellation as study
 
     if data.image_set is None:
         raise ValueError(f"dataset {data.name!r}: attention cancellation runs on an image folder with captions "
                          "(kind = \"images\")")
-    settings = cancellation.parse_settings(options["settings"], model.vision.cfg.n_layers) if options.get("settings") else None
-    captioner = None
-    if options.get("captioner"):
-        from clip_lens.captioning import load_captioner
-        from clip_lens.captioning.train import random_captioner
-
-        source = options["captioner"]
-        captioner = (random_captioner(model.vision.cfg.d_embed) if source == "random" else load_captioner(source)).to(model.device)
-    image_set = data.image_set
-    result = cancellation.run(model, image_set.frame, image_set.captions, targets=image_set.targets, settings=settings,
-                              captioner=captioner, beams=options.get("beams", 1), progress=False)
+    result, _ = study.cancel(model, data.image_set, options, progress=False)
     return {"attention_cancellation": result.summary(), "cancellation_predictions": result.predictions()}
 
 
@@ -257,19 +247,16 @@ def circuit(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
     return {f"circuit_{name}": tables[name] for name in ("summary", "faithfulness", "circuit", "agreement")}
 
 
-def attribution(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
+def attribution(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
     """Attribution of each image's S with its caption to heads, neurons and SAE latents, Logit Lens
-    and the deletion curves (docs/attribution.md), on an image folder with captions."""
-    from clip_lens.studies import attribution as attribution_study
+    and the deletion curves (docs/attribution.md), on an image folder with captions. `options`: the
+    study's Options (its defaults: an SAE of 256 latents, k 16, 1500 steps)."""
+    from clip_lens.studies import attribution as study
 
-    if data.folder is None:
+    if data.image_set is None:
         raise ValueError(f"dataset {data.name!r}: attribution runs on an image folder with captions (kind = \"images\")")
-    with tempfile.TemporaryDirectory(prefix="clip_lens_attribution_") as out:
-        tables = attribution_study.attribution_study(
-            model, getattr(model, "name", "") or "model", Path(out) / "study", **data.folder,
-            sae_latents=options.get("sae_latents", 64), sae_k=options.get("sae_k", 4),
-            sae_steps=options.get("sae_steps", 300), limit=options.get("limit"), progress=False)
-    return {f"attribution_{name}": table for name, table in tables.items()}
+    tables = study.compute(model, data.image_set, options, progress=False)
+    return {f"attribution_{name}": table for name, table in tables.items() if name not in study.REPORT_TABLES}
 
 
 def head_ablation(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:

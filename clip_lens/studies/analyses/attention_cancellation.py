@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clip_lens.checkpoints import Checkpoints
+from clip_lens.data.image_sets import ImageSet
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import hook_name, patch, value_only_attention
 from clip_lens.plot import style
@@ -147,42 +148,68 @@ class AttentionCancellation:
                              "caption": np.array(self.captions)[c.ravel()],
                              "logit": self.logits.ravel(), "cosine": self.cosine.ravel()})
 
+    def images_frame(self) -> pd.DataFrame:
+        """One row per image: image (path), label, target (its correct caption's index, -1: none)."""
+        return self.images[["image", "label", "target"]].assign(image=[str(p) for p in self.images["image"]])
+
     def figures(self) -> dict[str, go.Figure]:
-        summary = self.summary()
-        accuracy = summary["accuracy"].notna().any()
-        y = "accuracy" if accuracy else "changed"
-        bars = px.bar(summary, x="setting", y=y, color=np.where(summary["setting"] == "baseline", "baseline", "cancelled"),
-                      color_discrete_map={"baseline": "#264653", "cancelled": "#e76f51"}, hover_data=["blocks", "mean_cosine"])
-        bars.update_layout(showlegend=False)
-        bars.update_xaxes(title_text="self-attention cancelled in layers", type="category")
-        bars.update_yaxes(title_text="accuracy" if accuracy else "share of images whose caption changed", range=[0, 1])
-        correct = np.take_along_axis(self.cosine, np.maximum(self.images["target"].to_numpy(), 0)[None, :, None], axis=-1)[..., 0]
-        heat = go.Figure(go.Heatmap(z=(correct if accuracy else self.cosine.max(axis=-1)).T, x=self.settings,
-                                    y=[_file_name(p) for p in self.images["image"]], colorscale="Viridis",
-                                    colorbar=dict(title="cosine"),
-                                    hovertemplate="%{y}<br>%{x}<br>cosine %{z:.4f}<extra></extra>"))
-        heat.update_xaxes(type="category", title_text="setting")
-        figures = {"cancellation_accuracy": style(bars, "Accuracy with self-attention cancelled" if accuracy else
-                                                "Selections changed by cancelling self-attention", height=420),
-                "cancellation_cosine": style(heat, "Cosine similarity with the " + ("correct" if accuracy else "selected")
-                                              + " caption", height=max(360, 24 * len(self.images) + 160))}
-        if self.generated is not None:
-            figures["cancellation_generated"] = self.generated_figure(summary)
-        return figures
+        return figures(self.summary(), self.logits_frame(), self.images_frame())
 
     def generated_figure(self, summary: Optional[pd.DataFrame] = None) -> go.Figure:
-        """Mean cosine per setting of the selected and of the generated captions (Table 1 drawn)."""
-        summary = self.summary() if summary is None else summary
-        fig = go.Figure()
-        for column, name, colour in (("mean_cosine", "selected caption", "#264653"),
-                                     ("mean_generated_cosine", "generated caption", "#e76f51"),
-                                     ("mean_generated_cosine_clean", "generated caption, unmodified image", "#f4a261")):
-            fig.add_bar(x=summary["setting"], y=summary[column], name=name, marker_color=colour,
-                        hovertemplate="%{x}<br>" + name + ": %{y:.4f}<extra></extra>")
-        fig.update_layout(barmode="group")
-        fig.update_xaxes(type="category", title_text="self-attention cancelled in layers")
-        fig.update_yaxes(title_text="mean cosine with the image")
-        return style(fig, "CLIP similarity of selected and generated captions", height=420)
+        return generated_figure(self.summary() if summary is None else summary)
+
+
+def figures(summary: pd.DataFrame, logits: pd.DataFrame, images: pd.DataFrame) -> dict[str, go.Figure]:
+    """The study's figures from its tables: `summary`, `logits` (long, setting x image x caption, as
+    `AttentionCancellation.logits_frame`) and `images` (image, label, target, as `images_frame`)."""
+    figures = {"cancellation_accuracy": accuracy_figure(summary),
+               "cancellation_cosine": cosine_figure(summary, logits, images)}
+    if "mean_generated_cosine" in summary:
+        figures["cancellation_generated"] = generated_figure(summary)
+    return figures
+
+
+def accuracy_figure(summary: pd.DataFrame) -> go.Figure:
+    """Accuracy per setting (without labels: the share of images whose selection changed)."""
+    accuracy = summary["accuracy"].notna().any()
+    y = "accuracy" if accuracy else "changed"
+    bars = px.bar(summary, x="setting", y=y, color=np.where(summary["setting"] == "baseline", "baseline", "cancelled"),
+                  color_discrete_map={"baseline": "#264653", "cancelled": "#e76f51"}, hover_data=["blocks", "mean_cosine"])
+    bars.update_layout(showlegend=False)
+    bars.update_xaxes(title_text="self-attention cancelled in layers", type="category")
+    bars.update_yaxes(title_text="accuracy" if accuracy else "share of images whose caption changed", range=[0, 1])
+    return style(bars, "Accuracy with self-attention cancelled" if accuracy else
+                 "Selections changed by cancelling self-attention", height=420)
+
+
+def cosine_figure(summary: pd.DataFrame, logits: pd.DataFrame, images: pd.DataFrame) -> go.Figure:
+    """Heat map [image x setting] of the cosine with the correct caption (without labels: with the
+    selected one)."""
+    accuracy = summary["accuracy"].notna().any()
+    settings = list(summary["setting"])
+    cosine = logits["cosine"].to_numpy().reshape(len(settings), len(images), -1)   # [setting, image, caption]
+    correct = np.take_along_axis(cosine, np.maximum(images["target"].to_numpy(), 0)[None, :, None], axis=-1)[..., 0]
+    heat = go.Figure(go.Heatmap(z=(correct if accuracy else cosine.max(axis=-1)).T, x=settings,
+                                y=[_file_name(p) for p in images["image"]], colorscale="Viridis",
+                                colorbar=dict(title="cosine"),
+                                hovertemplate="%{y}<br>%{x}<br>cosine %{z:.4f}<extra></extra>"))
+    heat.update_xaxes(type="category", title_text="setting")
+    return style(heat, "Cosine similarity with the " + ("correct" if accuracy else "selected") + " caption",
+                 height=max(360, 24 * len(images) + 160))
+
+
+def generated_figure(summary: pd.DataFrame) -> go.Figure:
+    """Mean cosine per setting of the selected and of the generated captions (Table 1 drawn)."""
+    fig = go.Figure()
+    for column, name, colour in (("mean_cosine", "selected caption", "#264653"),
+                                 ("mean_generated_cosine", "generated caption", "#e76f51"),
+                                 ("mean_generated_cosine_clean", "generated caption, unmodified image", "#f4a261")):
+        fig.add_bar(x=summary["setting"], y=summary[column], name=name, marker_color=colour,
+                    hovertemplate="%{x}<br>" + name + ": %{y:.4f}<extra></extra>")
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(type="category", title_text="self-attention cancelled in layers")
+    fig.update_yaxes(title_text="mean cosine with the image")
+    return style(fig, "CLIP similarity of selected and generated captions", height=420)
 
 
 def _file_name(path) -> str:
@@ -219,27 +246,41 @@ def generate_captions(model: HookedCLIP, captioner, settings: dict[str, tuple[in
     return out
 
 
-def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, targets: Optional[Sequence[int]] = None,
-        settings: Optional[dict[str, tuple[int, ...]]] = None, pixels: Optional[Tensor] = None,
-        pair_chunk: int = 32, captioner=None, beams: int = 1, max_new_tokens: Optional[int] = None,
-        checkpoints: Optional[Checkpoints] = None, progress: bool = True) -> AttentionCancellation:
+@dataclass(frozen=True)
+class Captioning:
+    """Generated captions in `run`: `captioner` (a `clip_lens.captioning.Captioner`), greedy
+    decoding or beam search with `beams` > 1, at most `max_new_tokens` (default: the captioner's)."""
+
+    captioner: Any
+    beams: int = 1
+    max_new_tokens: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.captioner is None:
+            raise ValueError("beams and max_new_tokens shape generated captions: give a captioner too")
+
+
+def run(model: HookedCLIP, images: ImageSet, *, settings: Optional[dict[str, tuple[int, ...]]] = None,
+        pixels: Optional[Tensor] = None, captioner=None, pair_chunk: int = 32, checkpoints: Optional[Checkpoints] = None,
+        progress: bool = True) -> AttentionCancellation:
     """Cancel self-attention in each setting and score every image against every caption.
 
     Args:
-        images: a frame with `image` (paths) and optionally `label` (see `clip_lens.data.image_sets`).
-        captions: the candidate captions.
-        targets: each image's correct caption index (-1: unknown); default all unknown.
+        images: the image set (`clip_lens.data.image_sets.ImageSet`): `frame` with `image` (paths)
+            and optionally `label`, the candidate `captions`, and `targets`, each image's correct
+            caption index (-1: unknown; None: all unknown).
         settings: name -> 0-based blocks (default `default_settings`).
-        pixels: [n, 3, H, W] instead of reading `images["image"]`.
+        pixels: [n, 3, H, W] instead of reading `images.frame["image"]`.
+        captioner: a `clip_lens.captioning.Captioner` (greedy decoding) or a `Captioning`: also
+            generate a caption per image and setting and score it with CLIP.
         pair_chunk: images run (and checkpointed) at a time.
-        captioner: a `clip_lens.captioning.Captioner`: also generate a caption per image and
-            setting (greedy, or beam search with `beams` > 1) and score it with CLIP.
         checkpoints: save each finished chunk of images there, and read back the chunks an
             interrupted run saved (`clip_lens.checkpoints`).
     """
-    if captioner is None and (beams != 1 or max_new_tokens is not None):
-        raise ValueError("beams and max_new_tokens shape generated captions: give a captioner too")
-    images = images.reset_index(drop=True).copy()
+    captioning = captioner if captioner is None or isinstance(captioner, Captioning) else Captioning(captioner)
+    captions = list(images.captions)
+    targets = images.targets
+    images = images.frame.reset_index(drop=True).copy()
     if "label" not in images:
         images["label"] = None
     images["target"] = np.asarray(targets if targets is not None else [-1] * len(images), dtype=int)
@@ -254,9 +295,10 @@ def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, tar
         result = patch(model, target=pixels[lo:hi], hook="pattern", intervention="value_only",
                        layers=list(settings.values()), metric="embedding", pair_chunk=pair_chunk, progress=False)
         arrays = {"embeddings": torch.cat([result.baseline[:, None], result.effects], dim=1).float().cpu().numpy()}
-        if captioner is not None:
-            generated = generate_captions(model, captioner, {"baseline": (), **settings}, images=paths[lo:hi],
-                                          pixels=pixels[lo:hi], beams=beams, max_new_tokens=max_new_tokens, progress=False)
+        if captioning is not None:
+            generated = generate_captions(model, captioning.captioner, {"baseline": (), **settings}, images=paths[lo:hi],
+                                          pixels=pixels[lo:hi], beams=captioning.beams,
+                                          max_new_tokens=captioning.max_new_tokens, progress=False)
             arrays["generated"] = np.array(generated, dtype=str).T  # [image, setting]
         return arrays
 
@@ -267,9 +309,9 @@ def run(model: HookedCLIP, images: pd.DataFrame, captions: Sequence[str], *, tar
     with torch.no_grad():
         cosine = F.normalize(embeddings, dim=-1) @ F.normalize(text, dim=-1).T
         logits = model.logits_from_embeddings(embeddings, text)
-    result = AttentionCancellation(images, list(captions), ["baseline", *settings], [(), *settings.values()],
+    result = AttentionCancellation(images, captions, ["baseline", *settings], [(), *settings.values()],
                                    logits.cpu().numpy(), cosine.cpu().numpy())
-    if captioner is not None:
+    if captioning is not None:
         generated = np.concatenate([c["generated"] for c in chunks]).T  # [setting, image]
         result.generated = [[str(caption) for caption in row] for row in generated]
         result.generated_cosine, result.generated_cosine_clean = _generated_cosines(model, result.generated, embeddings)

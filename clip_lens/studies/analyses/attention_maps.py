@@ -21,13 +21,15 @@ from torch import Tensor
 
 from clip_lens.hooks import stacked_activations
 from clip_lens.model import HookedCLIP
+from clip_lens.patching import hook_name
 from clip_lens.plot import style
 
 
 def patterns(model: HookedCLIP, pixels: Float[Tensor, "batch 3 H W"], layers: Sequence[int],
              batch_size: int = 16) -> Float[Tensor, "batch layer head query key"]:
     """Attention patterns of the vision tower for the given layers (0-based)."""
-    return stacked_activations(model.vision, pixels, [f"blocks.{l}.attn.hook_pattern" for l in layers], batch_size)
+    n_layers = model.vision.cfg.n_layers
+    return stacked_activations(model.vision, pixels, [hook_name("pattern", l, n_layers) for l in layers], batch_size)
 
 
 def class_token_attention(pattern: Float[Tensor, "... query key"], grid: tuple[int, int]) -> Float[Tensor, "... gh gw"]:
@@ -94,4 +96,38 @@ def model_view(model: HookedCLIP, pixels: Float[Tensor, "3 H W"]) -> np.ndarray:
     pixels = pixels.detach().float().cpu()  # drawn on the host, whatever the model's device and dtype
     mean = torch.tensor(model.preprocess_cfg["mean"], device="cpu").view(3, 1, 1)
     std = torch.tensor(model.preprocess_cfg["std"], device="cpu").view(3, 1, 1)
+    return ((pixels * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def class_token_table(model: HookedCLIP, pixels: Float[Tensor, "batch 3 H W"], images: Sequence[str], layer: int) -> pd.DataFrame:
+    """The class token's attention over the patches at `layer` (0-based) for each image, long:
+    image (path), layer, head, row, col, attention, and the model's input size (height, width),
+    what `attention_map_figure` is drawn from (with `view_of_file`)."""
+    cfg = model.vision.cfg
+    if len(pixels) == 0:
+        return pd.DataFrame(columns=["image", "layer", "head", "row", "col", "attention", "height", "width"])
+    maps = class_token_attention(patterns(model, pixels, [layer])[:, 0], cfg.grid_size)  # [image, head, gh, gw]
+    n, heads, gh, gw = maps.shape
+    i, h, r, c = np.meshgrid(range(n), range(heads), range(gh), range(gw), indexing="ij")
+    return pd.DataFrame({"image": np.asarray([str(p) for p in images], dtype=object)[i.ravel()], "layer": layer,
+                         "head": h.ravel(), "row": r.ravel(), "col": c.ravel(),
+                         "attention": maps.detach().float().cpu().numpy().ravel(),
+                         "height": cfg.image_size[0], "width": cfg.image_size[1]})
+
+
+def maps_of(table: pd.DataFrame) -> Float[Tensor, "head gh gw"]:
+    """One image's rows of `class_token_table` back as [head, grid_h, grid_w]."""
+    heads, gh, gw = table["head"].max() + 1, table["row"].max() + 1, table["col"].max() + 1
+    ordered = table.sort_values(["head", "row", "col"])
+    return torch.tensor(ordered["attention"].to_numpy().reshape(heads, gh, gw))
+
+
+def view_of_file(path: str, size: tuple[int, int]) -> np.ndarray:
+    """An image file resized and centre-cropped to `size` (open_clip's default evaluation
+    transform) as [H, W, 3] uint8: the image about as the model saw it, to draw maps on."""
+    from clip_lens.images import build_transform, default_preprocess_cfg, load_image
+
+    cfg = default_preprocess_cfg(size)
+    pixels = build_transform(cfg)(load_image(path))
+    mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
     return ((pixels * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
