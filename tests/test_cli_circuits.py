@@ -1,6 +1,8 @@
 """`clip-lens circuit` end to end: the tiny CLIP's text tower on held-out synthetic scenes, and
 its vision tower on scikit-image's sample photos against their mean colours; bad options named."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -48,7 +50,9 @@ def test_vision_circuit_on_sample_photos(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--valse", "existence.json"], "--valse needs --images"),
-    (["--steps", "0"], "--steps 0: EAP-IG needs m >= 1"),
+    (["--steps", "0"], "steps=0: give an integer >= 1"),
+    (["--random", "-1"], "n_random=-1: give an integer >= 0"),
+    (["--limit", "0"], "--limit 0: give a number of instances >= 1"),
 ])
 def test_bad_options_are_named(tmp_path, capsys, args, message):
     assert main(["circuit", "text", "--model", "clip_lens/tiny-shapes", "--out", str(tmp_path / "x"), *args]) != 0
@@ -125,3 +129,17 @@ def test_vision_circuit_against_a_users_corrupted_images(tmp_path, capsys):
     (corrupt / "3.png").unlink()
     assert main([*args, "--corrupt", str(corrupt), "--out", str(tmp_path / "out2")]) != 0
     assert "no corrupted image '3.png'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(check=0), "check=0: give an integer >= 1"),
+    (dict(path="outputs"), "path='outputs': give one of 'inputs', 'activations'"),
+    (dict(sizes=()), "sizes=[]: give a list of at least 1 values"),
+    (dict(selection="best"), "selection='best': give one of 'paths', 'greedy', 'top'"),
+])
+def test_circuit_options_refuse_a_bad_value_by_name(bad, message):
+    from clip_lens.studies import OptionError, circuit
+
+    with pytest.raises(OptionError, match=re.escape(message)):
+        circuit.Options(**bad)
+    assert circuit.Options().check == 50 and circuit.Options().n_random == 5  # the CLI's defaults, one per option

@@ -1,6 +1,7 @@
 """`clip-lens pairs` end to end on a user's pairs file with the tiny CLIP."""
 
 import pandas as pd
+import pytest
 
 from clip_lens.cli import main
 from clip_lens.data import shapes
@@ -47,3 +48,17 @@ def test_pairs_heads_chosen_by_attribution(tmp_path):
                  "--choose", "attribution", "--top-k", "2", "--out", str(out), "--quiet"]) == 0
     chosen = pd.read_csv(out / "ablation.csv")
     assert chosen[chosen["condition"] == "chosen"]["heads"].str.split().str.len().eq(2).all()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(top_k=0), "top_k=0: give an integer >= 1"),
+    (dict(choose="random"), "choose='random': give one of 'selectivity', 'attribution'"),
+    (dict(alphas=()), "alphas=[]: give a list of at least 1 values"),
+    (dict(limit=-1), "limit=-1: give an integer >= 1, or None"),
+    (dict(studies="trace"), "studies='trace': give one of"),
+])
+def test_pairs_options_refuse_a_bad_value_by_name(bad, message):
+    from clip_lens.studies import OptionError, pairs
+
+    with pytest.raises(OptionError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        pairs.Options(**bad)

@@ -43,3 +43,15 @@ def test_an_unknown_piece_is_named(tmp_path, capsys, pieces, message):
     assert main(["compare-tasks", "--valse", str(SHARED_DATA / "valse"), "--generated-images", "--pieces", *pieces,
                  "--out", str(tmp_path / "x")]) != 0
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(random_seeds=()), r"random_seeds=\[\]: give a list of at least 1 values"),
+    (dict(top_k=0), "top_k=0: give an integer >= 1"),
+    (dict(limit=0), "limit=0: give an integer >= 1, or None"),
+])
+def test_compare_tasks_options_refuse_a_bad_value_by_name(bad, message):
+    from clip_lens.studies import OptionError, compare_tasks
+
+    with pytest.raises(OptionError, match=message):
+        compare_tasks.Options(**bad)

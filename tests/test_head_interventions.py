@@ -104,3 +104,26 @@ def test_heads_by_attribution_on_the_tiny_clip(tiny_model):
     assert (0, 1) in top  # the strongest negator head matters by attribution too
     with pytest.raises(ValueError, match="need the CLIP model"):
         H.top_heads_by_attribution(count_head_tower(), pairs, image, 2)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(intervention="scale"), "intervention='scale': give one of 'zero', 'mean', 'resample'"),
+    (dict(random_seeds=()), r"random_seeds=\[\]: give a list of at least 1 values"),
+    (dict(top_k=0), "top_k=0: give an integer >= 1"),
+])
+def test_head_ablation_options_refuse_a_bad_value_by_name(bad, message):
+    from clip_lens.studies import OptionError, get
+
+    with pytest.raises(OptionError, match=message):
+        get("head-ablation").Options(**bad)
+    assert get("head-ablation").Options().random_seeds == (0, 1, 2)
+
+
+def test_the_pair_studies_refuse_a_task_without_images():
+    from clip_lens.studies import pair_tasks
+
+    task = pair_tasks.TaskInput("text-only", pairs=None, image_emb=None)
+    for name in ("accuracy", "causal-tracing", "head-ablation"):
+        study = pair_tasks.STUDIES[name]
+        with pytest.raises(ValueError, match=f"study '{name}' scores each pair against its image, and dataset 'text-only'"):
+            study.compute(None, task, study.Options(), progress=False)

@@ -7,10 +7,7 @@ import torch
 from conftest import SHARED_DATA
 
 from clip_lens.data import valse_existence_pairs, valse_pairs
-from clip_lens.studies.analyses import causal_tracing
-from clip_lens.studies.analyses import existence
-from clip_lens.studies.analyses import minimal_pairs
-from clip_lens.studies.analyses import negator_attention
+from clip_lens.studies.analyses import causal_tracing, existence, minimal_pairs, negator_attention
 
 VALSE = SHARED_DATA / "valse"
 N = 10

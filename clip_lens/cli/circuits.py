@@ -1,45 +1,63 @@
-"""`clip-lens circuit`."""
+"""`clip-lens circuit`: the study "circuit" (`clip_lens.studies.circuit`) on a task the data flags
+choose (text: synthetic scenes, VALSE existence or a pairs file; vision: images against their mean
+colour or a folder of corrupted images)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from clip_lens.cli.common import _add_model_args
-from clip_lens.cli.common import legacy_run_study as run_study
+from clip_lens.cli.common import run_command, study_parser
+
+
+def circuit_task(args: argparse.Namespace, model):
+    """The `CircuitTask` the data flags name, for `model`."""
+    from clip_lens.studies import circuit
+
+    if args.tower == "text" and args.pairs is not None:
+        return circuit.text_pairs_from_file(model, args.pairs, args.images, limit=args.limit)
+    if args.tower == "text" and args.valse is not None:
+        if args.images is None:
+            raise ValueError("--valse needs --images (the folder with the instances' image files)")
+        return circuit.negation_valse(model, args.valse, args.images, limit=args.limit, progress=not args.quiet)
+    if args.tower == "text":
+        return circuit.negation_scenes(model, n=args.scenes, seed=args.scene_seed)
+    return _vision_task(args, model)
+
+
+def _vision_task(args: argparse.Namespace, model):
+    from clip_lens.data.image_sets import open_image_set
+    from clip_lens.studies import circuit
+
+    images = open_image_set(args.images, args.captions, args.labels, args.out / "sample_images")
+    labelled = images.targets >= 0
+    if not labelled.any():
+        raise ValueError(f"no image in {images.source} has a label naming one of the captions")
+    frame = images.frame[labelled].head(args.limit) if args.limit else images.frame[labelled]
+    captions = [images.captions[t] for t in images.targets[labelled][: len(frame)]]
+    return circuit.images_against_mean_colour(model, list(frame["image"]), captions, args.corrupt)
+
+
+def model_label(args: argparse.Namespace) -> str:
+    """How the summary table names the model (as the run's manifest does)."""
+    from clip_lens.model_sources import ModelSource
+
+    return ModelSource(args.model, args.pretrained, seed=args.model_seed, dtype=args.dtype, device=args.device).label()
+
+
+DATA_FLAGS = ("tower", "valse", "pairs", "corrupt", "images", "captions", "labels", "scenes", "scene_seed", "limit")
 
 
 def cmd_circuit(args: argparse.Namespace) -> int:
-    from clip_lens.data.image_sets import open_image_set
-    from clip_lens.studies import circuit as circuit_study
+    from clip_lens.studies import circuit
 
-    if args.steps < 1:
-        raise ValueError(f"--steps {args.steps}: EAP-IG needs m >= 1 interpolation steps")
-    for option in ("check", "pair_chunk", "random"):
-        if getattr(args, option) < (0 if option == "random" else 1):
-            raise ValueError(f"--{option.replace('_', '-')} {getattr(args, option)}: give a positive number")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: give a number of instances >= 1")
 
-    def study(model, label: str) -> dict:
-        if args.tower == "text" and args.pairs is not None:
-            task = circuit_study.text_pairs_from_file(model, args.pairs, args.images, limit=args.limit)
-        elif args.tower == "text" and args.valse is not None:
-            if args.images is None:
-                raise ValueError("--valse needs --images (the folder with the instances' image files)")
-            task = circuit_study.negation_valse(model, args.valse, args.images, limit=args.limit, progress=not args.quiet)
-        elif args.tower == "text":
-            task = circuit_study.negation_scenes(model, n=args.scenes, seed=args.scene_seed)
-        else:
-            images = open_image_set(args.images, args.captions, args.labels, args.out / "sample_images")
-            labelled = images.targets >= 0
-            if not labelled.any():
-                raise ValueError(f"no image in {images.source} has a label naming one of the captions")
-            frame = images.frame[labelled].head(args.limit) if args.limit else images.frame[labelled]
-            captions = [images.captions[t] for t in images.targets[labelled][: len(frame)]]
-            task = circuit_study.images_against_mean_colour(model, list(frame["image"]), captions, args.corrupt)
-        return circuit_study.circuit_study(
-            model, label, args.out, task, steps=args.steps, path=args.path, check=args.check, sizes=args.sizes,
-            n_random=args.random, selection=args.selection, signed=args.signed, pair_chunk=args.pair_chunk,
-            seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+    def make_data(model, options):
+        task = circuit_task(args, model)
+        task.model_label = model_label(args)
+        return task, {flag: getattr(args, flag) for flag in DATA_FLAGS if getattr(args, flag) is not None}
 
     def summary(tables: dict) -> str:
         row = tables["summary"].iloc[0]
@@ -48,12 +66,14 @@ def cmd_circuit(args: argparse.Namespace) -> int:
                 f"{row['circuit_faithfulness']:.3f} (random circuits of its size: {row['random_faithfulness']:.3f})\n"
                 f"against exact edge patching:\n{agreement}")
 
-    return run_study(args, study, summary)
+    return run_command(args, circuit.STUDY, make_data, summary)
 
 
 def register(sub) -> None:
-    circuit = sub.add_parser("circuit", help="circuits in one tower: EAP / EAP-IG edge scores, exact edge patching, "
-                                             "faithfulness curves and the circuit drawn")
+    from clip_lens.studies import circuit as study
+
+    circuit = study_parser(sub, "circuit", study.STUDY, "circuits in one tower: EAP / EAP-IG edge scores, exact edge "
+                                                        "patching, faithfulness curves and the circuit drawn")
     circuit.add_argument("tower", choices=["text", "vision"],
                          help="text: negated against non-negated sentences; vision: images against their mean colour")
     circuit.add_argument("--valse", type=Path, default=None,
@@ -72,18 +92,4 @@ def register(sub) -> None:
     circuit.add_argument("--scenes", type=int, default=64, help="text without --valse: synthetic scenes (default 64)")
     circuit.add_argument("--scene-seed", type=int, default=20_000, help="seed of the synthetic scenes")
     circuit.add_argument("--limit", type=int, default=None, help="use the first N instances only")
-    circuit.add_argument("--steps", type=int, default=5, help="EAP-IG's interpolation steps m (default 5)")
-    circuit.add_argument("--path", choices=["inputs", "activations"], default="inputs",
-                         help="EAP-IG's path: along the input, or along each sender group's output")
-    circuit.add_argument("--check", type=int, default=50,
-                         help="top edges of each method checked against exact edge patching (default 50)")
-    circuit.add_argument("--sizes", type=int, nargs="+", default=None,
-                         help="circuit sizes of the faithfulness curve (default 1, 2, 5, 10, ... every edge)")
-    circuit.add_argument("--random", type=int, default=5, help="random circuits per size (default 5)")
-    circuit.add_argument("--selection", choices=["paths", "greedy", "top"], default="paths",
-                         help="how circuits are chosen from the scores (default: strongest input-to-output paths)")
-    circuit.add_argument("--signed", action="store_true",
-                         help="rank edges by the part of their score that moves the metric towards the corrupted run")
-    circuit.add_argument("--pair-chunk", type=int, default=32, help="pairs per forward pass (default 32)")
-    _add_model_args(circuit, instances=False)
     circuit.set_defaults(func=cmd_circuit)

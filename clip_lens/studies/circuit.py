@@ -1,6 +1,8 @@
-"""Circuit discovery in one tower, end to end (docs/circuits.md): every edge scored by EAP and
-EAP-IG, the top edges checked against exact edge patching, the faithfulness curve of the circuits
-found next to random circuits, and the smallest faithful circuit drawn.
+"""Study "circuit": circuit discovery in one tower, end to end (docs/circuits.md): every edge
+scored by EAP and EAP-IG, the top edges checked against exact edge patching, the faithfulness curve
+of the circuits found next to random circuits, and the smallest faithful circuit drawn.
+
+`data` is a `CircuitTask`, built by the front end with one of the task builders below.
 
 Tasks:
 - text, negation: the negated sentence is the clean run, its non-negated twin the corrupted one,
@@ -16,24 +18,36 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
+import torch
 
 from clip_lens import circuits as C
 from clip_lens.circuits.figures import circuit_figure, estimate_figure, faithfulness_figure
 from clip_lens.data import read_pairs_file, shapes
 from clip_lens.model import HookedCLIP
-from clip_lens.report import Report, claim_output, write_study
+from clip_lens.report import Report
+from clip_lens.studies.options import StudyOptions, option
+from clip_lens.studies.runner import Study, Tables
 
 FAITHFUL = 0.8  # the circuit drawn is the smallest whose faithfulness reaches this
 
 
 @dataclass
 class CircuitTask:
-    """A task with what the report says about it."""
+    """A task (clean and corrupted runs, the metric) with what the report says about it.
+
+    Attributes:
+        task: the runs and metric (`clip_lens.circuits.make_task`) for one model.
+        pairs: one row per pair: what is clean and what corrupted.
+        description: the task in words (the report's "Task" section; the table "about").
+        excluded: pairs left out, with the reason (the table "excluded").
+        model_label: how the summary table names the model (default: the model's own name).
+    """
 
     task: C.Task
-    pairs: pd.DataFrame   # one row per pair: what is clean and what corrupted
+    pairs: pd.DataFrame
     description: str
-    excluded: Optional[pd.DataFrame] = None  # pairs left out, with the reason
+    excluded: Optional[pd.DataFrame] = None
+    model_label: Optional[str] = None
 
 
 def negation_scenes(model: HookedCLIP, n: int = 64, seed: int = 20_000) -> CircuitTask:
@@ -112,71 +126,118 @@ def default_sizes(n_edges: int) -> list[int]:
     return sizes + [n_edges]
 
 
-def circuit_study(model: HookedCLIP, model_label: str, out: Union[str, Path], circuit_task: CircuitTask, *,
-                  steps: int = 5, path: str = "inputs", check: int = 50, sizes: Optional[Sequence[int]] = None,
-                  n_random: int = 5, selection: str = "paths", signed: bool = False, pair_chunk: int = 32,
-                  seed: int = 0, overwrite: bool = False, progress: bool = True) -> dict[str, pd.DataFrame]:
-    """Score, check, select and measure circuits for one task; write the tables and report.html.
+def marked_pairs(model: HookedCLIP, name: str, pairs, marked, image_emb) -> CircuitTask:
+    """A minimal-pair set (`clip_lens.data.MinimalPairs`, which text is `marked`, image embeddings
+    [pairs, d_embed]): the marked text is the clean run, the other the corrupted one, S against the
+    image (the sweep's circuit study)."""
+    from clip_lens.studies.analyses import minimal_pairs
 
-    Args:
-        steps, path: EAP-IG's m and path ("inputs" / "activations").
-        check: the top edges of each method checked against exact edge patching.
-        sizes: circuit sizes of the faithfulness curve (default: 1, 2, 5, 10, ... every edge).
-        n_random: random circuits per size. selection, signed: see `clip_lens.circuits.faithfulness_curve`.
-    """
-    if not isinstance(check, int) or check < 1:
-        raise ValueError(f"check={check!r}: give the number of top edges (>= 1) to check by exact edge patching")
-    out = claim_output(out, overwrite=overwrite)
-    task = circuit_task.task
-    graph = C.Graph.of(task.tower)
-    scores = {"eap": C.edge_attribution(task, method="eap", pair_chunk=pair_chunk, progress=progress),
-              "eap-ig": C.edge_attribution(task, method="eap-ig", steps=steps, path=path, pair_chunk=pair_chunk,
-                                           progress=progress)}
+    clean, corrupt = minimal_pairs.orient(pairs, marked)
+    task = C.make_task(model, clean=clean, corrupt=corrupt, image=image_emb)
+    table = pd.DataFrame({"id": pairs.pairs["id"].astype(str), "clean": clean, "corrupt": corrupt})
+    return CircuitTask(task, table, f"{len(table)} pairs of {name}: the marked text (clean) against the other (corrupted)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options(StudyOptions):
+    steps: int = option(5, "EAP-IG's interpolation steps m", minimum=1)
+    path: str = option("inputs", "EAP-IG's path: along the input, or along each sender group's output",
+                       choices=("inputs", "activations"))
+    check: int = option(50, "top edges of each method checked against exact edge patching", minimum=1)
+    sizes: Optional[tuple[int, ...]] = option(None, "circuit sizes of the faithfulness curve (default 1, 2, 5, 10, ... "
+                                                    "every edge)", minimum=1, min_items=1)
+    n_random: int = option(5, "random circuits per size", minimum=0, flags=("--random",))
+    selection: str = option("paths", "how circuits are chosen from the scores (paths: strongest input-to-output paths)",
+                            choices=("paths", "greedy", "top"))
+    signed: bool = option(False, "rank edges by the part of their score that moves the metric towards the corrupted run")
+    pair_chunk: int = option(32, "pairs per forward pass", minimum=1)
+    seed: int = option(0, "seed of the random circuits", minimum=0)
+
+
+def compute(model: HookedCLIP, data: CircuitTask, options: Options, *, checkpoints=None,
+            progress: bool = True) -> Tables:
+    """summary (one row), edges (every edge: EAP and EAP-IG scores and ranks), exact_check (the
+    checked edges: exact effect and estimates), agreement (per method), faithfulness (the curves),
+    circuit (the circuit drawn, by |EAP-IG score|), pairs, excluded (if any), about (the task in words)."""
+    task = data.task
+    scores = {"eap": C.edge_attribution(task, method="eap", pair_chunk=options.pair_chunk, progress=progress),
+              "eap-ig": C.edge_attribution(task, method="eap-ig", steps=options.steps, path=options.path,
+                                           pair_chunk=options.pair_chunk, progress=progress)}
+    check_table = _exact_check(task, scores, options, progress)
+    curve = _curves(task, scores, options, progress)
+    size, reached = _chosen_size(curve)
+    chosen = SELECTIONS[options.selection](scores["eap-ig"], size, options.signed).pruned()
+    label = data.model_label or getattr(model, "name", None) or "model"
+    tables = {"summary": _summary(label, task, curve, options, size, reached, chosen.n_edges),
+              "edges": _edges(scores), "exact_check": check_table,
+              "agreement": pd.DataFrame([_agreement(check_table, method) for method in scores]),
+              "faithfulness": curve, "circuit": chosen.table(scores["eap-ig"]), "pairs": data.pairs}
+    if data.excluded is not None:
+        tables["excluded"] = data.excluded
+    tables["about"] = pd.DataFrame({"description": [data.description]})
+    return tables
+
+
+SELECTIONS = {"paths": C.path_edges, "greedy": C.greedy_edges, "top": C.top_edges}
+
+
+def _edges(scores: dict[str, C.EdgeScores]) -> pd.DataFrame:
+    """Every edge with each method's score and rank."""
     edges = scores["eap"].table()[["edge", "sender", "receiver"]]
     for method, result in scores.items():
         edges = edges.merge(result.table()[["edge", "score", "rank"]].rename(
             columns={"score": method, "rank": f"rank_{method}"}), on="edge")
-    checked = sorted({edge for result in scores.values() for edge in result.top(min(check, graph.n_edges), signed)})
-    exact = C.path_patch(task, checked, pair_chunk=pair_chunk, progress=progress)
-    check_table = exact.table().rename(columns={"effect": "exact"})
-    for method, result in scores.items():
-        check_table[method] = [float(result.scores[s, r]) for s, r in checked]
-    check_table = check_table.reindex(check_table["exact"].abs().sort_values(ascending=False).index).reset_index(drop=True)
-    agreement = pd.DataFrame([_agreement(check_table, method) for method in scores])
+    return edges
 
-    best = scores["eap-ig"]
+
+def _exact_check(task: C.Task, scores: dict[str, C.EdgeScores], options: Options, progress: bool) -> pd.DataFrame:
+    """The top `check` edges of each method patched exactly, with each method's estimate, by |exact|."""
+    n_edges = C.Graph.of(task.tower).n_edges
+    checked = sorted({edge for result in scores.values() for edge in result.top(min(options.check, n_edges), options.signed)})
+    exact = C.path_patch(task, checked, pair_chunk=options.pair_chunk, progress=progress)
+    table = exact.table().rename(columns={"effect": "exact"})
+    for method, result in scores.items():
+        table[method] = [float(result.scores[s, r]) for s, r in checked]
+    return table.reindex(table["exact"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+
+
+def _curves(task: C.Task, scores: dict[str, C.EdgeScores], options: Options, progress: bool) -> pd.DataFrame:
+    """Faithfulness by size of each method's circuits, and of random ones (drawn once: they do not
+    depend on the scores); attrs clean / corrupt: the mean metric of the clean and corrupted runs."""
+    sizes = list(options.sizes) if options.sizes else default_sizes(C.Graph.of(task.tower).n_edges)
     curves = []
-    for i, (method, result) in enumerate(scores.items()):  # random circuits once: they do not depend on the scores
-        part = C.faithfulness_curve(task, result, sizes or default_sizes(graph.n_edges), n_random=n_random if i else 0,
-                                    selection=selection, signed=signed, seed=seed, pair_chunk=pair_chunk,
-                                    progress=progress)
+    for i, (method, result) in enumerate(scores.items()):
+        part = C.faithfulness_curve(task, result, sizes, n_random=options.n_random if i else 0,
+                                    selection=options.selection, signed=options.signed, seed=options.seed,
+                                    pair_chunk=options.pair_chunk, progress=progress)
         curves.append(part.assign(method=np.where(part["kind"] == "circuit", method, "random")))
     curve = pd.concat(curves, ignore_index=True)
     curve.attrs.update(curves[0].attrs)
+    return curve
+
+
+def _chosen_size(curve: pd.DataFrame) -> tuple[int, bool]:
+    """The size of the smallest EAP-IG circuit whose faithfulness reaches FAITHFUL (else the
+    largest of the curve), and whether one reached it."""
     found = curve[curve["method"] == "eap-ig"].sort_values("size")
     faithful = found[found["faithfulness"] >= FAITHFUL]
-    reached = len(faithful) > 0  # otherwise the largest circuit of the curve is the one drawn
-    size = int(faithful["size"].iloc[0]) if reached else int(found["size"].iloc[-1])
-    chosen = {"paths": C.path_edges, "greedy": C.greedy_edges, "top": C.top_edges}[selection](best, size, signed).pruned()
-    circuit_table = chosen.table(best)
+    if len(faithful):
+        return int(faithful["size"].iloc[0]), True
+    return int(found["size"].iloc[-1]), False
 
-    clean, corrupt = curve.attrs["clean"], curve.attrs["corrupt"]
-    summary = pd.DataFrame([{
-        "model": model_label, "tower": task.tower.modality, "pairs": task.n_pairs, "edges": graph.n_edges,
-        "clean_metric": clean, "corrupt_metric": corrupt, "steps": steps, "path": path, "selection": selection,
-        "circuit_size": size, "circuit_edges": chosen.n_edges, "reached_threshold": reached,
-        "circuit_faithfulness": float(found[found["size"] == size]["faithfulness"].iloc[0]),
-        "eap_faithfulness": float(curve[(curve["method"] == "eap") & (curve["size"] == size)]["faithfulness"].iloc[0]),
-        "random_faithfulness": float(curve[(curve["kind"] == "random") & (curve["size"] == size)]["faithfulness"].mean()),
+
+def _summary(label: str, task: C.Task, curve: pd.DataFrame, options: Options, size: int, reached: bool,
+             circuit_edges: int) -> pd.DataFrame:
+    at_size = curve[curve["size"] == size]
+    return pd.DataFrame([{
+        "model": label, "tower": task.tower.modality, "pairs": task.n_pairs, "edges": C.Graph.of(task.tower).n_edges,
+        "clean_metric": curve.attrs["clean"], "corrupt_metric": curve.attrs["corrupt"], "steps": options.steps,
+        "path": options.path, "selection": options.selection, "circuit_size": size, "circuit_edges": circuit_edges,
+        "reached_threshold": reached,
+        "circuit_faithfulness": float(at_size[at_size["method"] == "eap-ig"]["faithfulness"].iloc[0]),
+        "eap_faithfulness": float(at_size[at_size["method"] == "eap"]["faithfulness"].iloc[0]),
+        "random_faithfulness": float(at_size[at_size["kind"] == "random"]["faithfulness"].mean()),
     }])
-    tables = {"summary": summary, "edges": edges, "exact_check": check_table, "agreement": agreement,
-              "faithfulness": curve, "circuit": circuit_table, "pairs": circuit_task.pairs}
-    if circuit_task.excluded is not None:
-        tables["excluded"] = circuit_task.excluded
-    report = _report(model_label, circuit_task, summary, agreement, chosen, best, curve, check_table)
-    write_study(out, tables, report, manifest={"study": f"circuits ({task.tower.modality} tower)", "model": model_label,
-                                               "task": circuit_task.description, "seed": seed})
-    return tables
 
 
 def _agreement(check: pd.DataFrame, method: str) -> dict:
@@ -188,31 +249,54 @@ def _agreement(check: pd.DataFrame, method: str) -> dict:
             "relative_error": float(np.abs(estimate - exact).sum() / max(np.abs(exact).sum(), 1e-12))}
 
 
-def _report(model_label: str, circuit_task: CircuitTask, summary: pd.DataFrame, agreement: pd.DataFrame,
-            circuit: C.Circuit, scores: C.EdgeScores, curve: pd.DataFrame, check: pd.DataFrame) -> Report:
-    row = summary.iloc[0]
-    report = Report(f"Circuits in the {row['tower']} tower of {model_label}")
-    report.section("Task").text(circuit_task.description + f". Mean metric: clean {row['clean_metric']:.4f}, "
-                                f"corrupted {row['corrupt_metric']:.4f}. The graph has {row['edges']:,} edges.")
+# --- report --------------------------------------------------------------------------------------
+def report(tables: Tables, options: Options) -> Report:
+    row = tables["summary"].iloc[0]
+    out = Report(f"Circuits in the {row['tower']} tower")
+    about = tables["about"]["description"].iloc[0] if "about" in tables else "A circuit task"
+    out.section("Task").text(about + f". Mean metric: clean {row['clean_metric']:.4f}, corrupted "
+                             f"{row['corrupt_metric']:.4f}. The graph has {row['edges']:,} edges.")
+    _circuit_section(out, tables, row)
+    out.section("Faithfulness").text(
+        f"Circuits chosen from EAP's scores and from EAP-IG's, by size, next to random circuits. At {row['circuit_size']} "
+        f"edges: EAP-IG {row['circuit_faithfulness']:.3f}, EAP {row['eap_faithfulness']:.3f}.")
+    out.figure(faithfulness_figure(tables["faithfulness"]))
+    check = tables["exact_check"]
+    out.section("EAP and EAP-IG against exact edge patching").text(
+        "The top edges of each method, each corrupted alone and measured exactly (docs/methods.md#path-patching).")
+    out.table(tables["agreement"], caption="Agreement with exact edge patching on the checked edges")
+    out.figure(estimate_figure(check[["edge", "exact", "eap", "eap-ig"]]))
+    out.table(check, caption="Checked edges by |exact effect|")
+    return out
+
+
+def _circuit_section(out: Report, tables: Tables, row: pd.Series) -> None:
     which = (f"The smallest circuit (by EAP-IG, m = {row['steps']}, {row['selection']} selection) whose faithfulness "
              f"reaches {FAITHFUL}" if row["reached_threshold"] else
              f"No circuit of the curve reaches faithfulness {FAITHFUL}; drawn is the largest (by EAP-IG, m = "
              f"{row['steps']}, {row['selection']} selection)")
-    report.section("The circuit").text(
+    out.section("The circuit").text(
         f"{which}: {row['circuit_edges']} edges after pruning, faithfulness {row['circuit_faithfulness']:.3f}; random "
         f"circuits of {row['circuit_size']} edges reach {row['random_faithfulness']:.3f} on average. Edges outside the "
         "circuit carry the corrupted run's values (docs/methods.md#faithfulness).")
-    report.figure(circuit_figure(circuit, scores, title="Circuit found by EAP-IG"))
-    report.table(circuit.table(scores), caption="The circuit's edges by |EAP-IG score|")
-    report.section("Faithfulness").text(
-        f"Circuits chosen from EAP's scores and from EAP-IG's, by size, next to random circuits. At {row['circuit_size']} "
-        f"edges: EAP-IG {row['circuit_faithfulness']:.3f}, EAP {row['eap_faithfulness']:.3f}.")
-    report.figure(faithfulness_figure(curve))
-    report.section("EAP and EAP-IG against exact edge patching").text(
-        "The top edges of each method, each corrupted alone and measured exactly (docs/methods.md#path-patching).")
-    report.table(agreement, caption="Agreement with exact edge patching on the checked edges")
-    report.figure(estimate_figure(check[["edge", "exact", "eap", "eap-ig"]]))
-    report.table(check, caption="Checked edges by |exact effect|")
-    return report
+    circuit, scores = circuit_from_tables(tables["edges"], tables["circuit"])
+    out.figure(circuit_figure(circuit, scores, title="Circuit found by EAP-IG"))
+    out.table(tables["circuit"], caption="The circuit's edges by |EAP-IG score|")
 
 
+def circuit_from_tables(edges: pd.DataFrame, circuit: pd.DataFrame) -> tuple[C.Circuit, C.EdgeScores]:
+    """The circuit drawn and the EAP-IG scores [senders, receivers], rebuilt from the tables
+    "edges" (every edge of the graph, with its "eap-ig" score) and "circuit" (the circuit's edges)."""
+    heads = edges["sender"].str.extract(r"^a(\d+)\.h(\d+)$").dropna().astype(int)
+    graph = C.Graph(int(heads[0].max()) + 1, int(heads[1].max()) + 1)
+    matrix = torch.full((graph.n_senders, graph.n_receivers), float("nan"))
+    for edge, score in zip(edges["edge"], edges["eap-ig"]):
+        matrix[graph.edge(edge)] = float(score)
+    empty = torch.zeros(0)
+    scores = C.EdgeScores(graph, matrix, "eap-ig", 0, None, baseline=empty, corrupted=empty)
+    return C.Circuit.from_edges(graph, list(circuit["edge"])), scores
+
+
+STUDY = Study("circuit", Options, compute, report,
+              data="a CircuitTask (negation_scenes, negation_valse, text_pairs_from_file, images_against_mean_colour, "
+                   "marked_pairs)")

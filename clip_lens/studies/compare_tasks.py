@@ -1,10 +1,10 @@
-"""Whether the same heads serve different tasks (docs/pairs.md, "Comparing tasks").
+"""Study "compare-tasks": whether the same heads serve different tasks (docs/pairs.md, "Comparing tasks").
 
 For N minimal-pair tasks (VALSE pieces, CANNOT, a user's files): every head's selectivity for the
 differing span side by side, with the Spearman correlation of the selectivities between every two
 tasks; causal-tracing localisation per layer (tasks with images); and the effect of ablating each
 task's own most selective heads on its accuracy, next to random heads. One set of tables and one
-report.
+report. `data` is a `TaskSet` (`build_tasks`, the data preparation of the front ends).
 """
 
 from __future__ import annotations
@@ -17,109 +17,115 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from clip_lens.data import MinimalPairs
 from clip_lens.model import HookedCLIP
 from clip_lens.plot import DIVERGING, style
-from clip_lens.report import Report, claim_output, write_study
+from clip_lens.report import Report
 from clip_lens.scores import encode_images
+from clip_lens.studies import pair_tasks
 from clip_lens.studies.analyses import head_interventions, minimal_pairs
+from clip_lens.studies.options import StudyOptions, option
+from clip_lens.studies.pair_tasks import TAIL, TaskInput
+from clip_lens.studies.runner import Study, Tables
 
-TAIL = ("span", "+1", "+2", "+3", "EOT")  # positions whose spread is the localisation
+__all__ = ["TAIL", "TaskInput", "TaskSet", "TaskSources", "Options", "build_tasks", "compute", "report", "STUDY"]
 
 
 @dataclass
-class TaskInput:
-    """One task: its pairs, which text of each pair is marked (see `minimal_pairs.orient`), and its
-    image embeddings [pairs, d_embed] (None for a text-only task such as CANNOT)."""
+class TaskSet:
+    """The tasks of a comparison (`build_tasks`) and what the report says about them."""
 
-    name: str
-    pairs: MinimalPairs
-    marked: Union[str, np.ndarray] = "b"
-    image_emb: Optional[Tensor] = None
+    tasks: list[TaskInput]
+    description: str = ""
 
 
-def compare_tasks(model: HookedCLIP, model_label: str, out: Union[str, Path], tasks: Sequence[TaskInput], *,
-                  top_k: int = 3, random_seeds: Sequence[int] = (0, 1, 2), description: str = "",
-                  overwrite: bool = False, progress: bool = True) -> dict[str, pd.DataFrame]:
-    """Selectivity, localisation and head ablation for every task; tables and report.html in `out`."""
-    if len(tasks) < 1:
+@dataclass(frozen=True, kw_only=True)
+class Options(StudyOptions):
+    top_k: int = option(3, "each task's most selective heads to ablate", minimum=1)
+    random_seeds: tuple[int, ...] = option((0, 1, 2), "seeds of the random heads ablated for comparison", minimum=0,
+                                           min_items=1)
+    limit: Optional[int] = option(None, "use the first N pairs of each task", minimum=1)
+    seed: int = option(0, "seed of the generated noise images (--generated-images)", minimum=0)
+
+
+def compute(model: HookedCLIP, data: TaskSet, options: Options, *, checkpoints=None, progress: bool = True) -> Tables:
+    """tasks (pairs kept and excluded, whether there are images), selectivity (every head's a^N per
+    task), selectivity_correlation (Spearman between every two tasks), localisation (per layer, tasks
+    with images), ablation (each task's top_k heads against random heads), about (the tasks in words)."""
+    names = [task.name for task in data.tasks]
+    if len(names) < 1:
         raise ValueError("give at least one task")
-    names = [task.name for task in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names repeat: {names}")
-    out = claim_output(out, overwrite=overwrite)
-    selectivity, localisation, ablation, counts = [], [], [], []
-    for task in tqdm(tasks, desc="tasks", disable=not progress):
-        pairs = task.pairs
-        counts.append({"task": task.name, "pairs": len(pairs), "excluded": len(pairs.excluded),
+    parts: dict[str, list] = {"selectivity": [], "localisation": [], "ablation": []}
+    counts = []
+    for task in tqdm(data.tasks, desc="tasks", disable=not progress):
+        counts.append({"task": task.name, "pairs": len(task.pairs), "excluded": len(task.pairs.excluded),
                        "images": task.image_emb is not None})
-        if len(pairs) == 0:
-            continue
-        heads = minimal_pairs.selective_heads(model, pairs, task.marked, progress=False).head_table()
-        selectivity.append(heads.assign(task=task.name))
-        if task.image_emb is None:
-            continue
-        traced = minimal_pairs.trace(model, pairs, task.image_emb, task.marked, progress=False).frame()
-        tail = traced[traced["position"].isin(TAIL)]
-        spread = tail.groupby("layer")["cte"].std(ddof=0).rename("localisation").reset_index()
-        localisation.append(spread.assign(task=task.name))
-        top = [(int(r.layer), int(r.head)) for r in heads.head(top_k).itertuples()]
-        table = head_interventions.intervention_study(model, pairs, task.image_emb, top, random_seeds=random_seeds)
-        ablation.append(table.assign(task=task.name))
+        for key, table in (_one_task(model, task, options) if len(task.pairs) else {}).items():
+            parts[key].append(table.assign(task=task.name))
     tables = {"tasks": pd.DataFrame(counts)}
-    tables["selectivity"] = pd.concat(selectivity, ignore_index=True) if selectivity else pd.DataFrame()
-    tables["selectivity_correlation"] = _correlations(tables["selectivity"])
-    tables["localisation"] = pd.concat(localisation, ignore_index=True) if localisation else pd.DataFrame()
-    tables["ablation"] = pd.concat(ablation, ignore_index=True) if ablation else pd.DataFrame()
-    write_study(out, tables, _report(model_label, description, tables),
-                manifest={"study": "compare tasks", "model": model_label, "tasks": names, "top_k": top_k})
+    for key in ("selectivity", "localisation", "ablation"):
+        tables[key] = pd.concat(parts[key], ignore_index=True) if parts[key] else pd.DataFrame()
+        if key == "selectivity":
+            tables["selectivity_correlation"] = _correlations(tables["selectivity"])
+    tables["about"] = pd.DataFrame({"description": [data.description]})
     return tables
 
 
-def build_tasks(model: HookedCLIP, *, valse: Optional[Union[str, Path]] = None, pieces: Optional[Sequence[str]] = None,
-                cannot: Optional[Sequence[Union[str, Path]]] = None, pairs_files: Sequence[Union[str, Path]] = (),
-                images: Optional[Union[str, Path]] = None, generated_images: bool = False,
-                limit: Optional[int] = None, spacy_model: str = "en_core_web_sm", seed: int = 0,
+def _one_task(model: HookedCLIP, task: TaskInput, options: Options) -> dict[str, pd.DataFrame]:
+    """One task's selectivity, and with images its localisation and head ablation."""
+    heads = pair_tasks.head_table(model, task)
+    if task.image_emb is None:
+        return {"selectivity": heads}
+    traced = minimal_pairs.trace(model, task.pairs, task.image_emb, task.marked, progress=False).frame()
+    top = pair_tasks.top_heads(heads, options.top_k)
+    ablation = head_interventions.intervention_study(model, task.pairs, task.image_emb, top,
+                                                     random_seeds=options.random_seeds)
+    return {"selectivity": heads, "localisation": pair_tasks.localisation(traced), "ablation": ablation}
+
+
+@dataclass(frozen=True)
+class TaskSources:
+    """Where a comparison's tasks come from.
+
+    Attributes:
+        valse: the folder with VALSE's pieces (<piece>.json); pieces: which (default: all eleven).
+        images: the folder with VALSE's image files; generated_images: noise images made per pair
+            instead (to run the machinery without the image set; scores against them mean nothing).
+        cannot: CANNOT .tsv files or folders; spacy_model: the spaCy pipeline of CANNOT's parse.
+        pairs_files: a user's minimal-pair files (CSV or JSONL: caption, foil and maybe image).
+    """
+
+    valse: Optional[Union[str, Path]] = None
+    pieces: Optional[Sequence[str]] = None
+    images: Optional[Union[str, Path]] = None
+    generated_images: bool = False
+    cannot: Optional[Sequence[Union[str, Path]]] = None
+    spacy_model: str = "en_core_web_sm"
+    pairs_files: Sequence[Union[str, Path]] = ()
+
+
+def build_tasks(model: HookedCLIP, sources: TaskSources, *, limit: Optional[int] = None, seed: int = 0,
                 progress: bool = True) -> list[TaskInput]:
     """The tasks of a comparison: VALSE pieces (existence through its rephrasing, the negated sentence
     marked; the others with the foil marked), CANNOT (the negated sentence marked, no images) and
-    a user's pairs files (the foil marked, their own images).
+    a user's pairs files (the foil marked, their own images); the first `limit` pairs of each.
 
-    VALSE's images come from `images` (a pair whose file is missing there is excluded with that
-    reason), or, with `generated_images`, are noise images made per pair (to run the machinery
-    without the image set; scores against them mean nothing about the data)."""
-    import torch
-
-    from clip_lens.data import VALSE_PIECES, cannot_pairs, read_pairs_file, valse_existence_pairs, valse_pairs
+    VALSE's images come from `sources.images` (a pair whose file is missing there is excluded with
+    that reason), or, with `generated_images`, are noise images made per pair from `seed`."""
+    from clip_lens.data import cannot_pairs, read_pairs_file
 
     def tokenize(texts):
         return model.to_tokens(texts, trim=False)
 
-    tasks = []
-    if valse is not None:
-        if images is None and not generated_images:
-            raise ValueError("VALSE tasks need their images: give --images (the image folder) or --generated-images")
-        for piece in pieces or VALSE_PIECES:
-            path = Path(valse) / f"{piece}.json"
-            if not path.is_file():
-                raise FileNotFoundError(f"no VALSE piece {piece!r} in {valse} ({path})")
-            found = valse_existence_pairs(path, tokenize) if piece == "existence" else valse_pairs(path, tokenize)
-            found = _limited(_with_images(found, images) if images is not None else found, limit)
-            if generated_images:
-                gen = torch.Generator().manual_seed(seed)
-                pixels = torch.randn(len(found), 3, *model.vision.cfg.image_size, generator=gen).clamp(-2.5, 2.5)
-                emb = encode_images(model, pixels.to(model.vision.device), progress=False)
-            else:
-                emb = encode_images(model, list(found.pairs["image"]), progress=False) if len(found) else None
-            marked = minimal_pairs.existence_marked(found) if piece == "existence" else "b"
-            tasks.append(TaskInput(f"valse/{piece}", found, marked, emb))
-    if cannot:
-        found = _limited(cannot_pairs(cannot, tokenize, spacy_model=spacy_model, progress=progress), limit)
+    tasks = _valse_tasks(model, sources, limit, seed) if sources.valse is not None else []
+    if sources.cannot:
+        found = _limited(cannot_pairs(sources.cannot, tokenize, spacy_model=sources.spacy_model, progress=progress), limit)
         tasks.append(TaskInput("cannot", found, "a", None))
-    for path in pairs_files:
+    for path in sources.pairs_files:
         found = _limited(read_pairs_file(path, tokenize), limit)
         if found.pairs["image"].isna().any():
             tasks.append(TaskInput(found.name, found, "b", None))
@@ -127,6 +133,33 @@ def build_tasks(model: HookedCLIP, *, valse: Optional[Union[str, Path]] = None, 
             tasks.append(TaskInput(found.name, found, "b", encode_images(model, list(found.pairs["image"]), progress=False)))
     if not tasks:
         raise ValueError("no task: give --valse, --cannot or --pairs")
+    return tasks
+
+
+def _valse_tasks(model: HookedCLIP, sources: TaskSources, limit: Optional[int], seed: int) -> list[TaskInput]:
+    """One task per VALSE piece, with image embeddings [pairs, d_embed] of its images or of noise."""
+    import torch
+
+    from clip_lens.data import VALSE_PIECES, valse_existence_pairs, valse_pairs
+
+    if sources.images is None and not sources.generated_images:
+        raise ValueError("VALSE tasks need their images: give --images (the image folder) or --generated-images")
+    tasks = []
+    for piece in sources.pieces or VALSE_PIECES:
+        path = Path(sources.valse) / f"{piece}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no VALSE piece {piece!r} in {sources.valse} ({path})")
+        tokenize = lambda texts: model.to_tokens(texts, trim=False)  # noqa: E731
+        found = valse_existence_pairs(path, tokenize) if piece == "existence" else valse_pairs(path, tokenize)
+        found = _limited(_with_images(found, sources.images) if sources.images is not None else found, limit)
+        if sources.generated_images:
+            gen = torch.Generator().manual_seed(seed)
+            pixels = torch.randn(len(found), 3, *model.vision.cfg.image_size, generator=gen).clamp(-2.5, 2.5)
+            emb = encode_images(model, pixels.to(model.vision.device), progress=False)
+        else:
+            emb = encode_images(model, list(found.pairs["image"]), progress=False) if len(found) else None
+        marked = minimal_pairs.existence_marked(found) if piece == "existence" else "b"
+        tasks.append(TaskInput(f"valse/{piece}", found, marked, emb))
     return tasks
 
 
@@ -156,21 +189,31 @@ def _correlations(selectivity: pd.DataFrame) -> pd.DataFrame:
                         columns=["task_a", "task_b", "spearman"])
 
 
-def _report(model_label: str, description: str, tables: dict) -> Report:
-    report = Report(f"Comparing tasks on {model_label}")
-    report.section("Tasks").text(description or "Minimal-pair tasks side by side.")
-    report.table(tables["tasks"], caption="Pairs kept and excluded per task")
+def report(tables: Tables, options: Options) -> Report:
+    out = Report("Comparing tasks")
+    description = tables["about"]["description"].iloc[0] if "about" in tables else ""
+    out.section("Tasks").text(description or "Minimal-pair tasks side by side.")
+    out.table(tables["tasks"], caption="Pairs kept and excluded per task")
+    if not tables["selectivity"].empty:
+        _selectivity_section(out, tables)
+    _ablation_sections(out, tables)
+    return out
+
+
+def _selectivity_section(report: Report, tables: Tables) -> None:
     selectivity = tables["selectivity"]
-    if not selectivity.empty:
-        report.section("Which heads are selective for the differing tokens")
-        report.figure(_selectivity_figure(selectivity))
-        top = selectivity.sort_values("a_N", ascending=False).groupby("task", sort=False).head(3)
-        report.table(top[["task", "layer", "head", "a_N", "instances"]], caption="The three most selective heads per task")
-        correlation = tables["selectivity_correlation"]
-        grid = correlation.pivot(index="task_a", columns="task_b", values="spearman")
-        fig = px.imshow(grid, zmin=-1, zmax=1, color_continuous_scale=DIVERGING, text_auto=".2f",
-                        labels=dict(color="Spearman"))
-        report.figure(style(fig, "Spearman correlation of head selectivity between tasks", height=480))
+    report.section("Which heads are selective for the differing tokens")
+    report.figure(_selectivity_figure(selectivity))
+    top = selectivity.sort_values("a_N", ascending=False).groupby("task", sort=False).head(3)
+    report.table(top[["task", "layer", "head", "a_N", "instances"]], caption="The three most selective heads per task")
+    correlation = tables["selectivity_correlation"]
+    grid = correlation.pivot(index="task_a", columns="task_b", values="spearman")
+    fig = px.imshow(grid, zmin=-1, zmax=1, color_continuous_scale=DIVERGING, text_auto=".2f",
+                    labels=dict(color="Spearman"))
+    report.figure(style(fig, "Spearman correlation of head selectivity between tasks", height=480))
+
+
+def _ablation_sections(report: Report, tables: Tables) -> None:
     if not tables["localisation"].empty:
         report.section("Causal-tracing localisation per layer").text(
             "Per layer, the spread (standard deviation) of the mean causal-tracing effect over the differing span, "
@@ -186,7 +229,6 @@ def _report(model_label: str, description: str, tables: dict) -> Report:
         fig = px.bar(summary, x="task", y="accuracy", color="condition", barmode="group")
         report.figure(style(fig, "Accuracy before and after ablation", height=420))
         report.table(ablation, caption="Every condition")
-    return report
 
 
 def _selectivity_figure(selectivity: pd.DataFrame) -> go.Figure:
@@ -198,3 +240,6 @@ def _selectivity_figure(selectivity: pd.DataFrame) -> go.Figure:
     for annotation, task in zip(fig.layout.annotations, tasks):
         annotation.text = task
     return style(fig, "Selectivity a^N per head and task", height=320 * ((len(tasks) + 3) // 4))
+
+
+STUDY = Study("compare-tasks", Options, compute, report, data="a TaskSet (build_tasks)")

@@ -126,9 +126,9 @@ def prepare_dataset(model, entry: Entry, workdir: Path) -> Prepared:
         generated = images == "generated"
         if not generated and not Path(images).is_dir():
             raise FileNotFoundError(f"dataset {entry.name!r}: no image folder at {images}")
-        task = compare_tasks.build_tasks(model, valse=folder, pieces=[piece], images=None if generated else images,
-                                         generated_images=generated, limit=limit, seed=entry.get("seed", 0),
-                                         progress=False)[0]
+        sources = compare_tasks.TaskSources(valse=folder, pieces=[piece], images=None if generated else images,
+                                            generated_images=generated)
+        task = compare_tasks.build_tasks(model, sources, limit=limit, seed=entry.get("seed", 0), progress=False)[0]
 
         def instances():
             if piece != "existence" or generated:
@@ -141,8 +141,8 @@ def prepare_dataset(model, entry: Entry, workdir: Path) -> Prepared:
         for p in paths:
             if not p.exists():
                 raise FileNotFoundError(f"dataset {entry.name!r}: no CANNOT file or folder at {p}")
-        task = compare_tasks.build_tasks(model, cannot=paths, limit=limit, spacy_model=entry.get("spacy_model", "en_core_web_sm"),
-                                         progress=False)[0]
+        sources = compare_tasks.TaskSources(cannot=paths, spacy_model=entry.get("spacy_model", "en_core_web_sm"))
+        task = compare_tasks.build_tasks(model, sources, limit=limit, progress=False)[0]
         return Prepared(entry.name, task.pairs, task.marked, None)
     pairs = read_pairs_file(entry.get("file"), lambda texts: model.to_tokens(texts, trim=False), images=entry.get("images"))
     if limit:
@@ -159,48 +159,42 @@ def _needs_pairs(data: Prepared, study: str) -> None:
                          f"runs on it, not {study!r}")
 
 
-def _needs_images(data: Prepared, study: str) -> None:
+def _pair_task(data: Prepared, study: str):
+    """The dataset as one minimal-pair task (`clip_lens.studies.pair_tasks.TaskInput`)."""
+    from clip_lens.studies.pair_tasks import TaskInput
+
     _needs_pairs(data, study)
-    if data.image_emb is None:
-        raise ValueError(f"study {study!r} scores each pair against its image, and dataset {data.name!r} has no images")
+    return TaskInput(data.name, data.pairs, data.marked, data.image_emb)
 
 
-def accuracy(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
+def _pair_compute(name: str, model, data: Prepared, options) -> dict[str, pd.DataFrame]:
+    """The compute of `clip_lens.studies.pair_tasks`' study `name` on the dataset's pairs."""
+    from clip_lens.studies import pair_tasks
+
+    return pair_tasks.STUDIES[name].compute(model, _pair_task(data, name), options, progress=False)
+
+
+def accuracy(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
     """Each pair's S for both texts against its image; accuracy = share preferring the correct one."""
-    from clip_lens.scores import pair_scores
-
-    _needs_images(data, "accuracy")
-    frame = data.pairs.pairs
-    a_correct = (frame["correct"] == "a").to_numpy()
-    right = [a if ok else b for a, b, ok in zip(frame["a"], frame["b"], a_correct)]
-    wrong = [b if ok else a for a, b, ok in zip(frame["a"], frame["b"], a_correct)]
-    scores = pair_scores(model, right, wrong, data.image_emb)
-    per_pair = pd.DataFrame({"id": frame["id"].astype(str), "S_correct": scores["S_caption"], "S_wrong": scores["S_foil"],
-                             "d": scores["d"], "correct": scores["d"] > 0})
-    summary = pd.DataFrame([{"pairs": len(per_pair), "excluded": len(data.pairs.excluded),
-                             "accuracy": float(per_pair["correct"].mean()), "mean_d": float(per_pair["d"].mean())}])
-    return {"accuracy": summary, "pair_scores": per_pair}
+    return _pair_compute("accuracy", model, data, options)
 
 
-def causal_tracing(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
+def causal_tracing(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
     """Causal tracing around the differing span; localisation = spread of CTE over the span and
     the positions after it, per layer (as `clip-lens compare-tasks`)."""
-    from clip_lens.studies import compare_tasks
-    from clip_lens.studies.analyses import minimal_pairs
-
-    _needs_images(data, "causal-tracing")
-    traced = minimal_pairs.trace(model, data.pairs, data.image_emb, data.marked, progress=False).frame()
-    tail = traced[traced["position"].isin(compare_tasks.TAIL)]
-    spread = tail.groupby("layer")["cte"].std(ddof=0).rename("localisation").reset_index()
-    return {"causal_tracing": traced, "localisation": spread}
+    return _pair_compute("causal-tracing", model, data, options)
 
 
-def selective_heads(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
+def selective_heads(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
     """Each head's selectivity for the differing tokens (docs/methods.md#minimal-pairs)."""
-    from clip_lens.studies.analyses import minimal_pairs
+    return _pair_compute("selective-heads", model, data, options)
 
-    _needs_pairs(data, "selective-heads")
-    return {"heads": minimal_pairs.selective_heads(model, data.pairs, data.marked, progress=False).head_table()}
+
+def head_ablation(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
+    """The model's `top_k` most selective heads for this dataset intervened on ("zero", "mean" or
+    "resample"), against as many random heads per seed: accuracy and mean d
+    (docs/methods.md#head-interventions)."""
+    return _pair_compute("head-ablation", model, data, options)
 
 
 def image_ablation(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
@@ -226,24 +220,17 @@ def attention_cancellation(model, data: Prepared, options) -> dict[str, pd.DataF
     return {"attention_cancellation": result.summary(), "cancellation_predictions": result.predictions()}
 
 
-def circuit(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
+def circuit(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
     """The text tower's circuit for the pairs' difference (marked text clean, unmarked corrupted, S
     against the image): EAP and EAP-IG over every edge, the top edges checked by exact edge
     patching, faithfulness against random circuits (docs/methods.md#circuits)."""
-    from clip_lens import circuits
     from clip_lens.studies import circuit as circuit_study
-    from clip_lens.studies.analyses import minimal_pairs
+    from clip_lens.studies.pair_tasks import needs_images
 
-    _needs_images(data, "circuit")
-    marked, unmarked = minimal_pairs.orient(data.pairs, data.marked)
-    task = circuits.make_task(model, clean=marked, corrupt=unmarked, image=data.image_emb)
-    table = pd.DataFrame({"id": data.pairs.pairs["id"].astype(str), "clean": marked, "corrupt": unmarked})
-    found = circuit_study.CircuitTask(task, table, f"{len(table)} pairs of {data.name}: the marked text (clean) against "
-                                                   "the other (corrupted)")
-    with tempfile.TemporaryDirectory(prefix="clip_lens_circuit_") as out:
-        tables = circuit_study.circuit_study(model, getattr(model, "name", "") or "model", out, found,
-                                             steps=options.get("steps", 5), check=options.get("check", 20),
-                                             n_random=options.get("n_random", 3), progress=False)
+    task = _pair_task(data, "circuit")
+    needs_images(task, "circuit")
+    found = circuit_study.marked_pairs(model, data.name, data.pairs, data.marked, data.image_emb)
+    tables = circuit_study.compute(model, found, options, progress=False)
     return {f"circuit_{name}": tables[name] for name in ("summary", "faithfulness", "circuit", "agreement")}
 
 
@@ -257,23 +244,6 @@ def attribution(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
         raise ValueError(f"dataset {data.name!r}: attribution runs on an image folder with captions (kind = \"images\")")
     tables = study.compute(model, data.image_set, options, progress=False)
     return {f"attribution_{name}": table for name, table in tables.items() if name not in study.REPORT_TABLES}
-
-
-def head_ablation(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
-    """The model's `top_k` most selective heads for this dataset intervened on ("zero", "mean" or
-    "resample"), against as many random heads per seed: accuracy and mean d
-    (docs/methods.md#head-interventions)."""
-    from clip_lens.studies.analyses import head_interventions, minimal_pairs
-
-    _needs_images(data, "head-ablation")
-    intervention = options.get("intervention", "zero")
-    if intervention not in ("zero", "mean", "resample"):
-        raise ValueError(f"head-ablation intervention {intervention!r}: use zero, mean or resample")
-    heads = minimal_pairs.selective_heads(model, data.pairs, data.marked, progress=False).head_table()
-    top = [(int(r.layer), int(r.head)) for r in heads.head(options.get("top_k", 3)).itertuples()]
-    table = head_interventions.intervention_study(model, data.pairs, data.image_emb, top, intervention=intervention,
-                                                  random_seeds=tuple(options.get("random_seeds", (0, 1, 2))))
-    return {"head_ablation": table}
 
 
 STUDIES: dict[str, Callable[..., dict]] = {"accuracy": accuracy, "causal-tracing": causal_tracing,

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from clip_lens.data import MinimalPairs
 from clip_lens.model import HookedCLIP
+from clip_lens.patching import hook_name
 from clip_lens.scores import score as clip_score
 from clip_lens.towers import HookedTextTower
 
@@ -84,20 +85,21 @@ def head_hooks(tower: HookedTextTower, heads: Sequence[Head], intervention: str,
             return z
         return hook
 
-    return [(f"blocks.{layer}.attn.hook_z", hook_for(layer, chosen)) for layer, chosen in by_layer.items()]
+    return [(hook_name("z", layer, tower.cfg.n_layers), hook_for(layer, chosen)) for layer, chosen in by_layer.items()]
 
 
 def head_means(tower: HookedTextTower, tokens: Tensor, batch_size: int = 256) -> dict[int, Tensor]:
     """{layer: [head, d_head]}: each head's mean z over the texts' positions up to their EOT."""
     sums, count = {}, 0
+    names = {hook_name("z", layer, tower.cfg.n_layers) for layer in range(tower.cfg.n_layers)}
     for lo in range(0, len(tokens), batch_size):
         batch = tower.trim(tokens[lo : lo + batch_size])
         with torch.no_grad():
-            _, cache = tower.run_with_cache(batch, names_filter=lambda n: n.endswith("attn.hook_z"))
+            _, cache = tower.run_with_cache(batch, names_filter=lambda n: n in names)
         valid = (torch.arange(batch.shape[1], device=batch.device)[None] < tower.sequence_lengths(batch)[:, None])
         count += int(valid.sum())
         for layer in range(tower.cfg.n_layers):
-            z = cache[f"blocks.{layer}.attn.hook_z"].float()[valid]               # [tokens, head, d_head]
+            z = cache[hook_name("z", layer, tower.cfg.n_layers)].float()[valid]               # [tokens, head, d_head]
             sums[layer] = sums.get(layer, 0) + z.sum(0)
     return {layer: total / count for layer, total in sums.items()}
 
@@ -109,11 +111,12 @@ def head_pool(tower: HookedTextTower, tokens: Tensor, heads: Sequence[Head], bat
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)
     parts: dict[int, list[Tensor]] = {layer: [] for layer in by_layer}
+    names = {hook_name("z", layer, tower.cfg.n_layers) for layer in range(tower.cfg.n_layers)}
     for lo in range(0, len(tokens), batch_size):
         with torch.no_grad():
-            _, cache = tower.run_with_cache(tokens[lo : lo + batch_size], names_filter=lambda n: n.endswith("attn.hook_z"))
+            _, cache = tower.run_with_cache(tokens[lo : lo + batch_size], names_filter=lambda n: n in names)
         for layer, chosen in by_layer.items():
-            z = cache[f"blocks.{layer}.attn.hook_z"][:, :, chosen].cpu()
+            z = cache[hook_name("z", layer, tower.cfg.n_layers)][:, :, chosen].cpu()
             parts[layer].append(torch.nn.functional.pad(z, (0, 0, 0, 0, 0, tokens.shape[1] - z.shape[1])))
     return {layer: torch.cat(chunks) for layer, chunks in parts.items()}
 
