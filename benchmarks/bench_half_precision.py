@@ -26,11 +26,9 @@ import torch
 import clip_lens
 from clip_lens import zoo
 from clip_lens.data.shapes import export_valse
-from clip_lens.studies.analyses import causal_tracing
-from clip_lens.studies.analyses import existence
-from clip_lens.studies.analyses import image_ablation
 from clip_lens.model import random_model_pair
 from clip_lens.scores import score
+from clip_lens.studies.analyses import causal_tracing, existence, image_ablation
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}

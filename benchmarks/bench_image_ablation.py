@@ -25,10 +25,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from clip_lens.studies.analyses import existence
-from clip_lens.studies.analyses import image_ablation
 from clip_lens.images import mean_colour_pixels
 from clip_lens.model import random_model_pair
+from clip_lens.studies.analyses import existence, image_ablation
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

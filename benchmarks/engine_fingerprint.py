@@ -29,8 +29,7 @@ SHORT = {"exact": "exact", "attribution": "attr"}  # output names, as recorded s
 def record(out: Path, n_ablation: int, valse: Path) -> None:
     import clip_lens
     from clip_lens.data import load_valse, prepare_existence
-    from clip_lens.studies.analyses import existence
-    from clip_lens.studies.analyses import image_ablation
+    from clip_lens.studies.analyses import existence, image_ablation
 
     try:
         from clip_lens.model import random_model_pair

@@ -40,12 +40,14 @@ import bench_patching  # noqa: E402
 import clip_lens  # noqa: E402
 from clip_lens import zoo  # noqa: E402
 from clip_lens.cli.tools import CHECK_SENTENCES  # noqa: E402
-from clip_lens.studies.analyses import causal_tracing  # noqa: E402
-from clip_lens.studies.analyses import existence  # noqa: E402
-from clip_lens.studies.analyses import image_ablation  # noqa: E402
 from clip_lens.images import mean_colour_pixels  # noqa: E402
 from clip_lens.model import random_model_pair  # noqa: E402
 from clip_lens.patching import hook_name  # noqa: E402
+from clip_lens.studies.analyses import (
+    causal_tracing,  # noqa: E402
+    existence,  # noqa: E402
+    image_ablation,  # noqa: E402
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEG = ["There are no giraffes.", "There is no cat on the mat."]

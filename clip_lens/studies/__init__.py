@@ -45,7 +45,8 @@ def get(name: str) -> Study:
     if name not in MODULES:
         raise ValueError(f"no study called {name!r}; the studies are {', '.join(NAMES)}")
     module = importlib.import_module(f"clip_lens.studies.{MODULES[name]}")
-    return module.STUDIES[name] if hasattr(module, "STUDIES") else module.STUDY
+    single = getattr(module, "STUDY", None)
+    return single if single is not None and single.name == name else module.STUDIES[name]
 
 
 __all__ = ["get", "NAMES", "Study", "Target", "run_study", "OptionError", "StudyOptions", "option"]

@@ -31,7 +31,7 @@ NEED_IMAGES = ("causal-tracing", "ablate-heads")
 
 @dataclass(frozen=True, kw_only=True)
 class Options(StudyOptions):
-    studies: str = option("all", "the studies to run", choices=(*STUDIES, "all"), cli=False)
+    studies: str = option("all", "the studies to run", choices=(*STUDIES, "all"), flags=None)
     top_k: int = option(3, "heads to ablate", minimum=1)
     choose: str = option("selectivity", "choose the heads by selectivity or by attribution patching",
                          choices=("selectivity", "attribution"))
