@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from conftest import SHARED_DATA
 
 from clip_lens.data import ALIGNED_SLOTS, align_positions, weighted_slot_mean
-from clip_lens.studies.analyses import causal_tracing
-from clip_lens.studies.analyses import existence
+from clip_lens.studies.analyses import causal_tracing, existence
 from clip_lens.studies.analyses.causal_tracing import CausalTracing
 
 

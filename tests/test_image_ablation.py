@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from conftest import random_pixels
 
+from clip_lens.images import mean_colour_pixels
 from clip_lens.studies.analyses import image_ablation
 from clip_lens.studies.analyses.existence import ExistenceInstances
 from clip_lens.studies.analyses.image_ablation import ImageAblation
-from clip_lens.images import mean_colour_pixels
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -92,8 +92,8 @@ def test_prepared_instances_keep_their_text_embeddings(vit_b32):
     encoded on demand, with the same result."""
     from conftest import SHARED_DATA
 
-    from clip_lens.studies.analyses import existence
     from clip_lens.scores import encode_texts
+    from clip_lens.studies.analyses import existence
 
     _, model = vit_b32
     with torch.no_grad():

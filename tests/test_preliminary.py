@@ -10,8 +10,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA, write_noise_images
 
-from clip_lens.studies.analyses import existence
-from clip_lens.studies.analyses import preliminary
+from clip_lens.studies.analyses import existence, preliminary
 
 
 @pytest.mark.parametrize("negated,subject", [
