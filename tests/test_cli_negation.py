@@ -1,6 +1,8 @@
 """`clip-lens valse-existence` and `clip-lens cannot`: the whole text pipeline from the command line
 on a random-weight ViT-B-32 with generated images, and the errors a user meets first."""
 
+import re
+
 import pandas as pd
 import pytest
 from conftest import SHARED_DATA, write_noise_images
@@ -63,3 +65,38 @@ def test_errors_name_the_file_or_the_install_command(tmp_path, capsys):
     assert main(["cannot", "negator-attention", "--cannot", str(SHARED_DATA / "cannot-sources" / "nan_nli.tsv"),
                  "--spacy-model", "en_core_web_missing", "--out", str(tmp_path / "c")]) == 2
     assert "python -m spacy download en_core_web_missing" in capsys.readouterr().err
+
+
+def test_options_refuse_bad_values_by_name():
+    from clip_lens.studies import OptionError, negation
+
+    valse, cannot, ablation = (negation.STUDIES[name].Options for name in ("valse-existence", "cannot", "image-ablation"))
+    for options, bad, named in [(valse, dict(limit=-1), "limit=-1"), (valse, dict(studies=("text",)), "studies="),
+                                (valse, dict(studies=()), "studies=[]"), (valse, dict(sample=0), "sample=0"),
+                                (valse, dict(missing_images="ignore"), "missing_images='ignore'"),
+                                (valse, dict(pair_chunk=0), "pair_chunk=0"), (cannot, dict(limit=0), "limit=0"),
+                                (cannot, dict(spacy_model=None), "spacy_model=None"),
+                                (ablation, dict(grey="yes"), "grey='yes'")]:
+        with pytest.raises(OptionError, match=re.escape(named)):
+            options(**bad)
+
+
+@pytest.mark.parametrize("choice, studies", [("all", ("causal-tracing", "negator-attention", "preliminary",
+                                                      "image-ablation")),
+                                             ("text", ("causal-tracing", "negator-attention", "preliminary")),
+                                             ("image-ablation", ("image-ablation",))])
+def test_the_flags_build_the_options_with_their_defaults(choice, studies):
+    from clip_lens.cli import build_parser
+    from clip_lens.cli.negation import chosen_studies
+    from clip_lens.studies import negation
+    from clip_lens.studies.options import options_from_args
+
+    study = negation.STUDIES["valse-existence"]
+    args = build_parser().parse_args(["valse-existence", choice, "--valse", "v.json", "--images", "i", "--out", "o"])
+    assert options_from_args(study.Options, args, studies=chosen_studies(choice)) == study.Options(studies=studies)
+    args = build_parser().parse_args(["valse-existence", "text", "--valse", "v.json", "--images", "i", "--out", "o",
+                                      "--missing-images", "skip", "--grey", "--query-layers", "1", "2", "--limit", "3"])
+    assert options_from_args(study.Options, args).replace(studies=("preliminary",)) == study.Options(
+        missing_images="skip", grey=True, query_layers=(1, 2), limit=3, studies=("preliminary",))
+    args = build_parser().parse_args(["cannot", "negator-attention", "--cannot", "c.tsv", "--out", "o"])
+    assert options_from_args(negation.STUDIES["cannot"].Options, args) == negation.STUDIES["cannot"].Options()

@@ -253,7 +253,7 @@ def test_a_folder_with_another_runs_results_is_refused_without_overwrite(tmp_pat
             str(valse.parent / "images"), "--out", str(out), "--quiet"]
     assert main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["command"] == ["clip-lens", *args] and manifest["seed"] == 0
+    assert manifest["command"] == ["clip-lens", *args] and manifest["options"]["seed"] == 0
     assert manifest["model"] == f"{tiny.NAME} (the weights shipped with clip_lens)"
     assert manifest["clip_lens"] == clip_lens.__version__ and "instances.csv" in manifest["tables"]
     (out / "stale_table.csv").write_text("a\n1\n")   # a table no run of this study writes

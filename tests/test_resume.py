@@ -112,13 +112,13 @@ def test_a_run_interrupted_after_k_chunks_resumes_them(images, tmp_path, monkeyp
 
     assert main(_args(images, out)) == 0
     _assert_same_tables(out, expected)
-    counts = json.loads((out / "manifest.json").read_text())["instances"]
+    counts = json.loads((out / "manifest.json").read_text())["checkpoints"]
     n = len(expected["instances.csv"])
     for study in STUDIES:
         assert counts[study]["loaded"] == held.get(study, 0)          # every finished instance read back ...
         assert counts[study]["loaded"] + counts[study]["computed"] == n  # ... and none computed twice
     assert sum(c["loaded"] for c in counts.values()) > 0
-    assert whole_manifest["instances"]["causal_tracing"] == {"loaded": 0, "computed": n}
+    assert whole_manifest["checkpoints"]["causal_tracing"] == {"loaded": 0, "computed": n}
     assert not (out / PARTIAL).exists()
 
 
@@ -140,7 +140,7 @@ def test_a_run_interrupted_while_writing_its_tables_finishes(images, tmp_path, m
     assert len(list(out.glob("*.csv"))) == 3 and (out / PARTIAL).is_dir()
     assert main(_args(images, out)) == 0  # its own unfinished folder is accepted without --overwrite
     _assert_same_tables(out, expected)
-    counts = json.loads((out / "manifest.json").read_text())["instances"]
+    counts = json.loads((out / "manifest.json").read_text())["checkpoints"]
     assert all(counts[study]["computed"] == 0 for study in STUDIES)
 
 
@@ -162,7 +162,7 @@ def test_an_unfinished_run_with_other_settings_is_refused(images, tmp_path, monk
         main(other)  # so other settings may take the folder
     monkeypatch.setattr(Checkpoints, "_save", save)
     assert main(_args(images, out)) == 2  # but not once that run has saved a chunk
-    assert "unfinished run with other settings (limit)" in capsys.readouterr().err
+    assert "unfinished run with other settings (options)" in capsys.readouterr().err
     assert checkpoints_module.RUN in os.listdir(out / PARTIAL)
 
 
@@ -185,7 +185,7 @@ def test_a_killed_process_resumes(images, tmp_path, uninterrupted):
     assert sum(held.values()) > 0
     assert main(_args(images, out)) == 0
     _assert_same_tables(out, expected)
-    counts = json.loads((out / "manifest.json").read_text())["instances"]
+    counts = json.loads((out / "manifest.json").read_text())["checkpoints"]
     assert {study: counts[study]["loaded"] for study in held} == held
 
 

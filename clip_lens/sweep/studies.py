@@ -197,14 +197,15 @@ def head_ablation(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
     return _pair_compute("head-ablation", model, data, options)
 
 
-def image_ablation(model, data: Prepared, options: dict) -> dict[str, pd.DataFrame]:
-    """MHA and MLP outputs replaced by the mean-colour image's, block by block (VALSE existence)."""
-    from clip_lens.studies.analyses import image_ablation as ablation
+def image_ablation(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
+    """MHA and MLP outputs replaced by the mean-colour image's, block by block (VALSE existence):
+    the study "image-ablation" (`options`: its Options), its mean IAE per layer."""
+    from clip_lens.studies import negation
 
     if data.existence is None:
         raise ValueError(f"dataset {data.name!r}: image ablation needs VALSE existence (or shapes) with images")
-    result = ablation.run(model, data.existence(), grey=bool(options.get("grey", False)), progress=False)
-    return {"image_ablation": result.mha_vs_mlp()}
+    tables = negation.STUDIES["image-ablation"].compute(model, data.existence(), options, progress=False)
+    return {"image_ablation": tables["image_ablation_mha_vs_mlp"]}
 
 
 def attention_cancellation(model, data: Prepared, options) -> dict[str, pd.DataFrame]:

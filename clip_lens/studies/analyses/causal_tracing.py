@@ -81,15 +81,20 @@ class CausalTracing:
 
     def figures(self) -> dict[str, go.Figure]:
         """The CTE heatmaps with localisation bars, one figure per negation placement."""
-        means, loc = self.segment_means(), self.localisation()
-        figures = {}
-        for where in ("foil", "caption"):
-            part = means[means["negation_in"] == where]
-            if len(part):
-                figures[f"cte_negation_in_{where}"] = plot.cte_heatmaps(
-                    part, loc[loc["negation_in"] == where], self.slots,
-                    title=f"Causal tracing effect, negation in the {where}")
-        return figures
+        return figures(self.segment_means(), self.localisation(), self.slots)
+
+
+def figures(means: pd.DataFrame, localisation: pd.DataFrame, slots: tuple = ALIGNED_SLOTS) -> dict[str, go.Figure]:
+    """The CTE heatmaps with localisation bars, one figure per negation placement, from the tables
+    `CausalTracing.segment_means()` and `.localisation()` (as the study writes them)."""
+    out = {}
+    for where in ("foil", "caption"):
+        part = means[means["negation_in"] == where]
+        if len(part):
+            out[f"cte_negation_in_{where}"] = plot.cte_heatmaps(
+                part, localisation[localisation["negation_in"] == where], slots,
+                title=f"Causal tracing effect, negation in the {where}")
+    return out
 
 
 def run(model: HookedCLIP, instances: ExistenceInstances, *, batch_size: int = 256, pair_chunk: int = 64,
@@ -99,18 +104,31 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, batch_size: int = 2
     resumed run)."""
     frame = instances.frame
     cte_positions, eot = trace(model, list(frame["negated"]), list(frame["non_negated"]), instances.image_emb,
-                               list(frame["id"]), batch_size=batch_size, pair_chunk=pair_chunk, checkpoints=checkpoints,
-                               progress=progress)
+                               list(frame["id"]), checkpoints=checkpoints, progress=progress, batch_size=batch_size,
+                               pair_chunk=pair_chunk)
     aligned, counts = align_positions(cte_positions, eot)
     return CausalTracing(instances.instances_table(), aligned, counts, cte_positions)
 
 
-def trace(model: HookedCLIP, sources: list, targets: list, image_emb, ids: list, *, batch_size: int = 256,
-          pair_chunk: int = 64, checkpoints: Optional[Checkpoints] = None,
-          progress: bool = True) -> tuple[Float[np.ndarray, "n layer pos"], Int[np.ndarray, " n"]]:
+ENGINE = {"batch_size": 256, "pair_chunk": 64}  # the patching engine's defaults here (docs/patching.md, "Memory")
+
+
+def trace(model: HookedCLIP, sources: list, targets: list, image_emb, ids: list, *,
+          checkpoints: Optional[Checkpoints] = None, progress: bool = True,
+          **engine: int) -> tuple[Float[np.ndarray, "n layer pos"], Int[np.ndarray, " n"]]:
     """CTE at every layer 0..L and position of each pair: the target text (the non-negated one in
     the negation study) patched from its source (the negated one), S against `image_emb`
-    [n, d_embed]. Returns (cte_positions [n, layers, pos], NaN past a text's EOT; eot [n])."""
+    [n, d_embed]. Returns (cte_positions [n, layers, pos], NaN past a text's EOT; eot [n]).
+
+    Args:
+        engine: `batch_size` (patches per forward pass, default 256) and `pair_chunk` (pairs whose
+            runs are cached at a time, and saved to `checkpoints` as one chunk; default 64).
+    """
+    unknown = set(engine) - set(ENGINE)
+    if unknown:
+        raise TypeError(f"trace() got unexpected keyword arguments {sorted(unknown)}; engine knobs: {sorted(ENGINE)}")
+    batch_size, pair_chunk = ({**ENGINE, **engine}[name] for name in ("batch_size", "pair_chunk"))
+
     def chunk(lo: int, hi: int) -> dict:
         source = model.to_tokens(sources[lo:hi])
         result = patch(model, target=targets[lo:hi], source=source, image=image_emb[lo:hi], hook="resid",

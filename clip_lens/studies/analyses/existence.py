@@ -60,42 +60,52 @@ class ExistenceInstances:
                                   keep(self.caption_emb), keep(self.foil_emb))
 
 
-def prepare(model: HookedCLIP, valse_path: Union[str, Path], image_dir: Optional[Union[str, Path]] = None, *,
-            images: Optional[Tensor] = None, missing: str = "raise", limit: Optional[int] = None,
-            sample: Optional[int] = None, seed: int = 0, batch_size: int = 32, progress: bool = True) -> ExistenceInstances:
+IMAGE_BATCH = 32  # images encoded per forward pass
+
+
+def prepare(model: HookedCLIP, valse_path: Union[str, Path], images: Union[str, Path, Tensor, None] = None, *,
+            missing: str = "raise", limit: Optional[int] = None, sample: Optional[int] = None, seed: int = 0,
+            progress: bool = True) -> ExistenceInstances:
     """Load VALSE existence, rephrase, find the images, encode them and score every instance.
 
     Args:
         valse_path: existence.json (any VALSE piece in the existence format).
-        image_dir: the folder with the `image_file`s (Visual7W). Alternatively `images`: pixels
-            [n, 3, H, W] or image embeddings [n, d_embed], row-aligned with the kept pairs.
-        missing: "raise" or "skip" for images absent from `image_dir`.
+        images: the folder with the `image_file`s (Visual7W); or pixels [n, 3, H, W] or image
+            embeddings [n, d_embed], row-aligned with the kept pairs.
+        missing: "raise" or "skip" for images absent from the folder.
         limit: keep the first `limit` pairs only (quick runs).
         sample: keep a random sample of this many pairs (seeded by `seed`; dataset order kept),
             before images are read, so a sample costs only its own images.
     """
     prepared = prepare_existence(load_valse(valse_path), model.to_tokens)
     pairs, excluded = prepared.pairs.assign(_row=np.arange(len(prepared.pairs))), prepared.excluded
-    if (image_dir is None) == (images is None):
-        raise ValueError("give exactly one of image_dir (a folder with the VALSE images) or images")
+    if images is None:
+        raise ValueError("give images: a folder with the VALSE images, or a tensor of pixels or image embeddings")
     if limit is not None:
         pairs = pairs.head(limit)
     if sample is not None and sample < len(pairs):
         pairs = pairs.sample(sample, random_state=seed).sort_index().reset_index(drop=True)
-    if image_dir is not None:
-        resolved = resolve_images(pairs, image_dir, missing=missing)
+    if isinstance(images, Tensor):
+        image_emb = _given_images(model, images, pairs, len(prepared.pairs), progress)
+    else:
+        resolved = resolve_images(pairs, images, missing=missing)
         pairs = resolved.pairs
         if len(resolved.missing):
             skipped = prepared.pairs.set_index("id").loc[resolved.missing["id"], ["caption", "foil"]].reset_index()
             skipped["reason"] = "image missing: " + resolved.missing["image_file"].astype(str).to_numpy()
             excluded = pd.concat([excluded, skipped], ignore_index=True)
-        image_emb = encode_images(model, list(pairs["image_path"]), batch_size=batch_size, progress=progress)
-    else:
-        if len(images) != len(prepared.pairs):
-            raise ValueError(f"{len(images)} images for {len(prepared.pairs)} kept pairs")
-        images = images[torch.tensor(pairs["_row"].to_numpy(), device=images.device)]
-        image_emb = images if images.ndim == 2 else encode_images(model, images, batch_size=batch_size, progress=progress)
+        image_emb = encode_images(model, list(pairs["image_path"]), batch_size=IMAGE_BATCH, progress=progress)
     caption_emb, foil_emb = encode_texts(model, pairs["caption"]), encode_texts(model, pairs["foil"])
     scores = pair_scores(model, caption_emb, foil_emb, image_emb)
     frame = pd.concat([pairs.drop(columns="_row").reset_index(drop=True), scores], axis=1)
     return ExistenceInstances(frame, image_emb, excluded, caption_emb, foil_emb)
+
+
+def _given_images(model: HookedCLIP, images: Tensor, pairs: pd.DataFrame, n_kept: int,
+                  progress: bool) -> Float[Tensor, "n d_embed"]:
+    """The embeddings of the `pairs`' rows of `images` (pixels [n_kept, 3, H, W] or embeddings
+    [n_kept, d_embed], row-aligned with every kept pair)."""
+    if len(images) != n_kept:
+        raise ValueError(f"{len(images)} images for {n_kept} kept pairs")
+    images = images[torch.tensor(pairs["_row"].to_numpy(), device=images.device)]
+    return images if images.ndim == 2 else encode_images(model, images, batch_size=IMAGE_BATCH, progress=progress)

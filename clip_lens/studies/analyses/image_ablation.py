@@ -79,14 +79,22 @@ class ImageAblation:
         return frame
 
     def figures(self) -> dict[str, go.Figure]:
-        return {"iae_by_layer": plot.iae_by_layer(self.segment_means(), "Image ablation effect per layer (IAE = d - d*)"),
-                "ablation_outcomes": plot.outcome_bars(self.outcome_counts(), "Instances after ablating one component"),
-                "mha_vs_mlp": plot.mha_vs_mlp(self.mha_vs_mlp(), "MHA against MLP: mean IAE")}
+        return figures(self.segment_means(), self.outcome_counts(), self.mha_vs_mlp())
+
+
+def figures(segment_means: pd.DataFrame, outcomes: pd.DataFrame, mha_vs_mlp: pd.DataFrame) -> dict[str, go.Figure]:
+    """The study's figures from the tables `ImageAblation.segment_means()`, `.outcome_counts()` and
+    `.mha_vs_mlp()` (as the study writes them)."""
+    return {"iae_by_layer": plot.iae_by_layer(segment_means, "Image ablation effect per layer (IAE = d - d*)"),
+            "ablation_outcomes": plot.outcome_bars(outcomes, "Instances after ablating one component"),
+            "mha_vs_mlp": plot.mha_vs_mlp(mha_vs_mlp, "MHA against MLP: mean IAE")}
+
+
+ENGINE = {"batch_size": 64, "pair_chunk": 32}  # the patching engine's defaults here (docs/patching.md, "Memory")
 
 
 def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Tensor] = None, grey: bool = False,
-        layers="all", batch_size: int = 64, pair_chunk: int = 32, checkpoints: Optional[Checkpoints] = None,
-        progress: bool = True) -> ImageAblation:
+        layers="all", checkpoints: Optional[Checkpoints] = None, progress: bool = True, **engine: int) -> ImageAblation:
     """IAE of MHA and MLP in every layer for every instance, `pair_chunk` instances at a time (each
     chunk saved to `checkpoints` as it finishes, and read from there by a resumed run).
 
@@ -95,7 +103,13 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Te
             instances' image paths, a chunk at a time).
         grey: a grey mean colour (channels averaged) instead of the per-channel mean colour.
         layers: "all" or a list of block indices.
+        engine: `batch_size` (ablations per forward pass, default 64) and `pair_chunk` (instances
+            whose runs are cached at a time, and saved to `checkpoints` as one chunk; default 32).
     """
+    unknown = set(engine) - set(ENGINE)
+    if unknown:
+        raise TypeError(f"run() got unexpected keyword arguments {sorted(unknown)}; engine knobs: {sorted(ENGINE)}")
+    batch_size, pair_chunk = ({**ENGINE, **engine}[name] for name in ("batch_size", "pair_chunk"))
     frame = instances.frame
     if pixels is None and "image_path" not in frame:
         raise ValueError("give pixels, or instances prepared from an image folder")

@@ -23,6 +23,7 @@ from clip_lens.checkpoints import Checkpoints
 from clip_lens.data import ALIGNED_SLOTS, align_positions
 from clip_lens.data.valse import FURTHER_SLOT, NEGATOR_POSITION
 from clip_lens.hooks import stacked_activations
+from clip_lens.patching import hook_name
 
 EXISTENCE_QUERY_SLOTS = ALIGNED_SLOTS[NEGATOR_POSITION:]  # negator, subject, further subject, '.', EOT
 RELATIVE_OFFSETS = 6
@@ -87,14 +88,28 @@ class NegatorAttention:
         return int(np.unravel_index(self.a_n.argmax(), self.a_n.shape)[0])
 
     def figures(self, prefix: str = "", layers: Optional[Sequence[int]] = None) -> dict[str, go.Figure]:
-        layers = [self.top_layer()] if layers is None else list(layers)
-        figures = {f"{prefix}heads": plot.head_heatmap(self.head_table(), title=f"{prefix}negator-selective attention a^N(l, h)".strip())}
-        table = self.query_table(layers)
-        for layer in layers:
-            figures[f"{prefix}query_positions_layer_{layer}"] = plot.query_heatmap(
-                table[table["layer"] == layer], self.slots,
-                title=f"{prefix}attention to the negator, negated minus non-negated, by query position, layer {layer}".strip())
-        return figures
+        return figures(self.head_table(), self.query_table(), prefix=prefix, layers=layers)
+
+
+def top_layer(heads: pd.DataFrame) -> int:
+    """The layer of the highest-scoring head of a `head_table()` (the first in layer, head order
+    among equals, as `NegatorAttention.top_layer`)."""
+    ordered = heads.sort_values(["layer", "head"], kind="stable")
+    return int(ordered["layer"].iloc[int(ordered["a_N"].to_numpy().argmax())])
+
+
+def figures(heads: pd.DataFrame, queries: pd.DataFrame, *, prefix: str = "",
+            layers: Optional[Sequence[int]] = None) -> dict[str, go.Figure]:
+    """The head heatmap of a^N and the per-query-position heatmaps of `layers` (default: the top
+    head's layer), from the tables `head_table()` and `query_table()` (as the studies write them)."""
+    layers = [top_layer(heads)] if layers is None else list(layers)
+    slots = tuple(pd.unique(queries["query"]))  # the table lists each layer x head's slots in order
+    out = {f"{prefix}heads": plot.head_heatmap(heads, title=f"{prefix}negator-selective attention a^N(l, h)".strip())}
+    for layer in layers:
+        out[f"{prefix}query_positions_layer_{layer}"] = plot.query_heatmap(
+            queries[queries["layer"] == layer], slots,
+            title=f"{prefix}attention to the negator, negated minus non-negated, by query position, layer {layer}".strip())
+    return out
 
 
 def negator_positions(negated: Int[Tensor, "n pos"], non_negated: Int[Tensor, "n pos"]) -> Int[Tensor, " n"]:
@@ -109,14 +124,18 @@ def negator_positions(negated: Int[Tensor, "n pos"], non_negated: Int[Tensor, "n
     return differ.int().argmax(dim=1)
 
 
-def _patterns(tower, tokens: Tensor, layers: range) -> Float[Tensor, "batch layer head query key"]:
-    return stacked_activations(tower, tokens, [f"blocks.{l}.attn.hook_pattern" for l in layers], batch_size=len(tokens))
+def _patterns(tower, tokens: Tensor) -> Float[Tensor, "batch layer head query key"]:
+    names = [hook_name("pattern", layer, tower.cfg.n_layers) for layer in range(tower.cfg.n_layers)]
+    return stacked_activations(tower, tokens, names, batch_size=len(tokens))
+
+
+BATCH_SIZE = 64  # pairs per forward pass and per saved chunk
 
 
 def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequence[str], Tensor], *,
-        instances: Optional[pd.DataFrame] = None, layout: str = "existence", batch_size: int = 64,
+        instances: Optional[pd.DataFrame] = None, layout: str = "existence",
         key_positions: Optional[Sequence[int]] = None, checkpoints: Optional[Checkpoints] = None,
-        progress: bool = True) -> NegatorAttention:
+        **running: Union[int, bool]) -> NegatorAttention:
     """Negator-selective attention of every text-tower head over sentence pairs.
 
     Args:
@@ -127,31 +146,38 @@ def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequenc
             be at position 3) or "relative" (offsets 0..5 from the negator, and EOT).
         key_positions: the key position k of each pair (e.g. the first token of a minimal pair's
             differing span); by default the one position where the pair's tokens differ.
-        checkpoints: where each batch of `batch_size` pairs is saved as it finishes (and read from
-            by a resumed run).
+        checkpoints: where each batch of pairs is saved as it finishes (and read from by a resumed run).
+        running: `batch_size` (pairs per forward pass and per saved batch, default 64) and
+            `progress` (a progress bar, default True).
     """
-    tower = model.text if hasattr(model, "text") else model
+    unknown = set(running) - {"batch_size", "progress"}
+    if unknown:
+        raise TypeError(f"run() got unexpected keyword arguments {sorted(unknown)}")
     if layout not in ("existence", "relative"):
         raise ValueError(f"layout must be 'existence' or 'relative', not {layout!r}")
     if instances is None:
         instances = pd.DataFrame({"negated": list(negated) if not isinstance(negated, Tensor) else None,
                                   "non_negated": list(non_negated) if not isinstance(non_negated, Tensor) else None})
-    negated = negated if isinstance(negated, Tensor) else list(negated)
-    non_negated = non_negated if isinstance(non_negated, Tensor) else list(non_negated)
-    n = len(negated)
+    pairs = tuple(x if isinstance(x, Tensor) else list(x) for x in (negated, non_negated))
+    n = len(pairs[0])
     if key_positions is not None:
         key_positions = np.array(key_positions, dtype=np.int64)
         if key_positions.shape != (n,):
             raise ValueError(f"key_positions: {key_positions.shape[0] if key_positions.ndim else 0} positions for {n} pairs")
-    layers = range(tower.cfg.n_layers)
-    n_slots = len(EXISTENCE_QUERY_SLOTS) if layout == "existence" else RELATIVE_OFFSETS + 1
+    batch = _batch_scorer(model.text if hasattr(model, "text") else model, pairs, key_positions, layout)
+    ids = [str(x) for x in instances["id"]] if "id" in instances else None  # a changed pair list reuses no chunk
+    chunks = (checkpoints or Checkpoints(None)).chunks("negator_attention", n, running.get("batch_size", BATCH_SIZE),
+                                                        batch, running.get("progress", True), ids=ids)
+    scores, by_query, weights = (np.concatenate([c[name] for c in chunks]) for name in ("scores", "by_query", "weights"))
+    slots = EXISTENCE_QUERY_SLOTS if layout == "existence" else relative_slots()
+    return NegatorAttention(scores, by_query, weights, slots, instances.reset_index(drop=True))
 
+
+def _batch_scorer(tower, pairs: tuple, key_positions: Optional[np.ndarray], layout: str):
+    """batch(start, stop) -> {scores [b, L, H], by_query [b, L, H, slots], weights [b, slots]} for
+    the pairs start..stop - 1 (see `NegatorAttention`)."""
     def batch(start: int, stop: int) -> dict:
-        scores = np.zeros((stop - start, tower.cfg.n_layers, tower.cfg.n_heads))
-        by_query = np.full((stop - start, tower.cfg.n_layers, tower.cfg.n_heads, n_slots), np.nan)
-        weights = np.zeros((stop - start, n_slots))
-        neg, non = (_tokens(tower, x[start:stop]) for x in (negated, non_negated))
-        neg, non = _common_width(neg, non)
+        neg, non = _common_width(*(_tokens(tower, x[start:stop]) for x in pairs))
         if key_positions is None:
             k = negator_positions(neg, non)
         else:
@@ -159,35 +185,44 @@ def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequenc
         eot = tower.pooled_positions(neg)
         column = torch.arange(len(k), device=k.device)
         # the difference taken in float32: in a half-precision tower each pattern is cast first
-        diff = (_patterns(tower, neg, layers).float() - _patterns(tower, non, layers).float())[column, :, :, :, k]  # [b, L, H, q]
+        diff = (_patterns(tower, neg).float() - _patterns(tower, non).float())[column, :, :, :, k]  # [b, L, H, q]
         # the rest is bookkeeping on small tensors: on the CPU, in float32 whatever the model's dtype
         diff, k, eot = diff.cpu(), k.cpu(), eot.cpu()
         q = torch.arange(diff.shape[-1], device="cpu")
         valid = (q[None] >= k[:, None]) & (q[None] <= eot[:, None])  # [b, q]
-        scores[:] = diff.masked_fill(~valid[:, None, None], float("-inf")).amax(dim=-1).numpy()
-        if layout == "existence":
-            if (k != NEGATOR_POSITION).any():
-                raise ValueError("layout='existence' needs the negator at position 3 ('There is/are no ...'); use layout='relative'")
-            aligned, counts = align_positions(diff.numpy(), eot.numpy())
-            by_query[:] = aligned[..., NEGATOR_POSITION:]
-            weights[:] = 1.0
-            weights[:, FURTHER_SLOT - NEGATOR_POSITION] = counts
-        else:
-            for i in range(len(k)):
-                ki, ei = int(k[i]), int(eot[i])
-                for off in range(RELATIVE_OFFSETS):
-                    if ki + off < ei:
-                        by_query[i, :, :, off] = diff[i, :, :, ki + off].numpy()
-                        weights[i, off] = 1.0
-                by_query[i, :, :, -1] = diff[i, :, :, ei].numpy()
-                weights[i, -1] = 1.0
-        return {"scores": scores, "by_query": by_query, "weights": weights}
+        scores = diff.masked_fill(~valid[:, None, None], float("-inf")).amax(dim=-1).numpy()
+        by_query, weights = (_existence_slots if layout == "existence" else _relative_slots)(diff, k, eot)
+        return {"scores": scores.astype(np.float64), "by_query": by_query, "weights": weights}
 
-    ids = [str(x) for x in instances["id"]] if "id" in instances else None  # a changed pair list reuses no chunk
-    chunks = (checkpoints or Checkpoints(None)).chunks("negator_attention", n, batch_size, batch, progress, ids=ids)
-    scores, by_query, weights = (np.concatenate([c[name] for c in chunks]) for name in ("scores", "by_query", "weights"))
-    slots = EXISTENCE_QUERY_SLOTS if layout == "existence" else relative_slots()
-    return NegatorAttention(scores, by_query, weights, slots, instances.reset_index(drop=True))
+    return batch
+
+
+def _existence_slots(diff: Tensor, k: Tensor, eot: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """diff [b, L, H, q] at the existence query slots (negator, subject, further subject (mean), '.',
+    EOT), and each cell's weight [b, slots] (the further-subject slot counts its tokens)."""
+    if (k != NEGATOR_POSITION).any():
+        raise ValueError("layout='existence' needs the negator at position 3 ('There is/are no ...'); use layout='relative'")
+    aligned, counts = align_positions(diff.numpy(), eot.numpy())
+    weights = np.ones((len(k), len(EXISTENCE_QUERY_SLOTS)))
+    weights[:, FURTHER_SLOT - NEGATOR_POSITION] = counts
+    return aligned[..., NEGATOR_POSITION:].astype(np.float64), weights
+
+
+def _relative_slots(diff: Tensor, k: Tensor, eot: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """diff [b, L, H, q] at offsets 0..5 from the negator (NaN at or past EOT) and at EOT, and each
+    cell's weight [b, slots] (1 where there is a position, else 0)."""
+    b, layers, heads, _ = diff.shape
+    by_query = np.full((b, layers, heads, RELATIVE_OFFSETS + 1), np.nan)
+    weights = np.zeros((b, RELATIVE_OFFSETS + 1))
+    for i in range(b):
+        ki, ei = int(k[i]), int(eot[i])
+        for off in range(RELATIVE_OFFSETS):
+            if ki + off < ei:
+                by_query[i, :, :, off] = diff[i, :, :, ki + off].numpy()
+                weights[i, off] = 1.0
+        by_query[i, :, :, -1] = diff[i, :, :, ei].numpy()
+        weights[i, -1] = 1.0
+    return by_query, weights
 
 
 def _tokens(tower, texts) -> Tensor:
