@@ -64,7 +64,7 @@ class ImageAblationOptions(EngineOptions):
 
 @dataclass(frozen=True, kw_only=True)
 class Options(ImageAblationOptions):
-    studies: tuple[str, ...] = option(VALSE_STUDIES, "the parts to run", choices=VALSE_STUDIES, min_items=1, cli=False)
+    studies: tuple[str, ...] = option(VALSE_STUDIES, "the parts to run", choices=VALSE_STUDIES, min_items=1, flags=None)
     missing_images: str = option("raise", "stop with an error on missing images, or skip those instances and list "
                                  "them", choices=("raise", "skip"))
     limit: Optional[int] = option(None, "use the first N instances only", minimum=1)
