@@ -106,10 +106,11 @@ def test_ray_options_with_the_local_executor_are_refused(tmp_path, data):
 
 
 def test_the_spec_names_the_studies_the_sweep_runs():
-    from clip_lens.sweep.spec import STUDY_OPTIONS
+    from clip_lens import studies
+    from clip_lens.sweep.spec import SWEEP_STUDIES
     from clip_lens.sweep.studies import STUDIES
 
-    assert STUDIES.keys() == STUDY_OPTIONS.keys()
+    assert set(STUDIES) == set(SWEEP_STUDIES) and set(SWEEP_STUDIES) <= set(studies.NAMES)
 
 
 def test_task_ids_hash_the_whole_configuration(tmp_path, data):

@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import torch
-
 from clip_lens.model import DTYPES
 from clip_lens.studies.options import add_option_flags, options_from_args
 
@@ -86,74 +84,3 @@ def run_command(args: argparse.Namespace, study, make_data: Callable[[Any, Any],
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-# --- the commands not yet on the study runner (to go) -------------------------------------------
-def _add_device_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                        help="precision of the towers (scores are computed in float32 whatever it is)")
-    parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu, cuda, cuda:1")
-
-
-def legacy_load_model(model: str, pretrained: Optional[str], dtype: str = "float32", device: str = "cpu"):
-    """(HookedCLIP, label) from an open_clip name (+ tag or checkpoint) or a transformers CLIP
-    directory, on `device` in `dtype` (a key of DTYPES)."""
-    import clip_lens
-    from clip_lens import zoo
-
-    precision = "" if dtype == "float32" else f", {dtype}"
-    if Path(model).is_dir():
-        hooked = clip_lens.HookedCLIP.from_huggingface(model, device=device, dtype=DTYPES[dtype])
-        return hooked, f"transformers CLIP from {model}{precision}"
-    hooked = clip_lens.HookedCLIP.from_pretrained(model, pretrained=pretrained, device=device, dtype=DTYPES[dtype])
-    if model == zoo.NAME and pretrained is None:
-        return hooked, f"{model} (the weights shipped with clip_lens{precision})"
-    if pretrained is None:
-        print(f"warning: {model} with random weights (no --pretrained); the results describe an untrained model",
-              file=sys.stderr)
-    return hooked, f"{model} ({'pretrained=' + str(pretrained) if pretrained else 'random weights'}{precision})"
-
-
-def _add_model_args(parser: argparse.ArgumentParser, instances: bool = True) -> None:
-    parser.add_argument("--model", default="ViT-B-32",
-                        help="open_clip architecture (e.g. ViT-B-32) or a transformers CLIP directory")
-    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint file")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (tables and report.html)")
-    if instances:
-        parser.add_argument("--limit", type=int, default=None, help="use the first N instances only")
-        parser.add_argument("--query-layers", type=int, nargs="*", default=None,
-                            help="layers for the per-query-position view (default: the layer of the top head)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for random weights")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the results of an earlier run in --out (refused without it)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_device_args(parser)
-
-
-def legacy_run_study(args: argparse.Namespace, study: Callable[..., dict], summary: Callable[[dict], str] = lambda t: "") -> int:
-    """The steps every study command shares: seed, load the model, run `study(model, label)`,
-    print its summary, and say what was written and how long it took."""
-    from clip_lens.report import add_to_manifest
-
-    torch.manual_seed(args.seed)
-    model, label = legacy_load_model(args.model, args.pretrained, args.dtype, args.device)
-    start = time.perf_counter()
-    tables = study(model, label)
-    add_to_manifest(args.out, command=["clip-lens", *args.argv], seed=args.seed, dtype=args.dtype, device=args.device,
-                    seconds=round(time.perf_counter() - start, 1))
-    lines = summary(tables)
-    if lines:
-        print(lines)
-    print(f"wrote {args.out}/report.html and {len(tables)} tables in {time.perf_counter() - start:.1f}s")
-    return 0
-
-
-def load_captioner(source: str, model, seed: int = 0):
-    """--captioner: "random" (an untrained prefix captioner for this CLIP), the shipped
-    clip_lens/tiny-shapes-captioner, a prefix captioner's file or a Hugging Face directory."""
-    from clip_lens.captioning import load_captioner as load
-    from clip_lens.captioning.train import random_captioner
-
-    if source == "random":
-        return random_captioner(model.vision.cfg.d_embed, seed).to(model.device)
-    return load(source, device=model.device)

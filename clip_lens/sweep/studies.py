@@ -1,7 +1,8 @@
 """What one sweep task runs: load a model, prepare a dataset for it, run a study, return its tables.
 
-This module and the CLI are the only library code that reaches into the studies
-(`clip_lens.experiments`): both drive them, nothing below imports them.
+Each study's own `compute` runs on the prepared data, with the study's `Options` read from the
+spec's table; nothing is written here (the executors store the tables). This module and the CLI
+are the front ends of `clip_lens.studies`; nothing below them imports the studies.
 """
 
 from __future__ import annotations
@@ -94,7 +95,6 @@ class Prepared:
     image_emb: Optional[torch.Tensor]
     existence: Optional[Callable[[], object]] = None
     image_set: object = None
-    folder: Optional[dict] = None  # an image folder's entry keys (images, captions, labels)
 
 
 def prepare_dataset(model, entry: Entry, workdir: Path) -> Prepared:
@@ -111,8 +111,7 @@ def prepare_dataset(model, entry: Entry, workdir: Path) -> Prepared:
         if images is not None and not Path(images).is_dir():
             raise FileNotFoundError(f"dataset {entry.name!r}: no image folder at {images}")
         image_set = open_image_set(images, entry.get("captions"), entry.get("labels"), workdir / "sample_images")
-        folder = {key: entry.get(key) for key in ("images", "captions", "labels")}
-        return Prepared(entry.name, None, None, None, image_set=image_set, folder=folder)
+        return Prepared(entry.name, None, None, None, image_set=image_set)
     if kind == "shapes":
         from clip_lens.data.shapes import export_valse
 
@@ -254,15 +253,11 @@ STUDIES: dict[str, Callable[..., dict]] = {"accuracy": accuracy, "causal-tracing
 
 
 def _study_options(study: Entry):
-    """The study's `Options` from the entry's keys (transitional: a dict while a study has none)."""
+    """The study's `Options` from the entry's keys (checked when the spec was read)."""
     from clip_lens import studies
+    from clip_lens.sweep.spec import TEST_KEYS
 
-    keys = {k: v for k, v in study.options.items() if k != "crash_once_marker"}
-    try:
-        options = studies.get(study.name).Options
-    except (ImportError, AttributeError, KeyError):
-        return study.options
-    return options(**keys)
+    return studies.get(study.name).Options(**{k: v for k, v in study.options.items() if k not in TEST_KEYS})
 
 
 def run_study(model, dataset: Entry, study: Entry) -> dict[str, pd.DataFrame]:
