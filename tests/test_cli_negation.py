@@ -86,12 +86,12 @@ def test_options_refuse_bad_values_by_name():
                                              ("text", ("causal-tracing", "negator-attention", "preliminary")),
                                              ("image-ablation", ("image-ablation",))])
 def test_the_flags_build_the_options_with_their_defaults(choice, studies):
+    from clip_lens import studies
     from clip_lens.cli import build_parser
     from clip_lens.cli.negation import chosen_studies
-    from clip_lens.studies import negation
     from clip_lens.studies.options import options_from_args
 
-    study = negation.STUDIES["valse-existence"]
+    study = studies.get("valse-existence")
     args = build_parser().parse_args(["valse-existence", choice, "--valse", "v.json", "--images", "i", "--out", "o"])
     assert options_from_args(study.Options, args, studies=chosen_studies(choice)) == study.Options(studies=studies)
     args = build_parser().parse_args(["valse-existence", "text", "--valse", "v.json", "--images", "i", "--out", "o",

@@ -92,7 +92,7 @@ def test_the_studies_import_from_a_plain_checkout(tmp_path):
 
     checkout = tmp_path / "checkout"
     shutil.copytree(PACKAGE, checkout / "clip_lens", ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
-    code = "import clip_lens.studies, clip_lens.studies.negation as m; print(m.__file__)"
+    code = "import clip_lens.studies, clip_lens.studies.valse_existence as m; print(m.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=checkout, env={**__import__("os").environ, "PYTHONPATH": "."},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -116,7 +116,7 @@ def test_import_clip_lens_in_a_fresh_interpreter():
 def test_a_users_own_experiments_folder_does_not_shadow_the_studies(tmp_path):
     (tmp_path / "experiments").mkdir()
     (tmp_path / "experiments" / "__init__.py").write_text("raise ImportError('the user experiments package')\n")
-    code = "import clip_lens.studies.negation as m, clip_lens.cli; print(m.__file__)"
+    code = "import clip_lens.studies.valse_existence as m, clip_lens.cli; print(m.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).parent == PACKAGE / "studies"

@@ -162,7 +162,7 @@ def test_an_unfinished_run_with_other_settings_is_refused(images, tmp_path, monk
         main(other)  # so other settings may take the folder
     monkeypatch.setattr(Checkpoints, "_save", save)
     assert main(_args(images, out)) == 2  # but not once that run has saved a chunk
-    assert "unfinished run with other settings (options)" in capsys.readouterr().err
+    assert "unfinished run with other settings (limit)" in capsys.readouterr().err
     assert checkpoints_module.RUN in os.listdir(out / PARTIAL)
 
 

@@ -23,8 +23,8 @@ from clip_lens.studies.runner import Study, Target, run_study
 
 # study name -> the module that defines it (as `STUDY`, or `STUDIES[name]` for modules with several)
 MODULES = {
-    "valse-existence": "negation",
-    "cannot": "negation",
+    "valse-existence": "valse_existence",
+    "cannot": "cannot",
     "attention-cancellation": "attention_cancellation",
     "attribution": "attribution",
     "circuit": "circuit",
@@ -35,7 +35,7 @@ MODULES = {
     "causal-tracing": "pair_tasks",
     "selective-heads": "pair_tasks",
     "head-ablation": "pair_tasks",
-    "image-ablation": "negation",
+    "image-ablation": "valse_existence",
 }
 NAMES = tuple(MODULES)
 

@@ -208,3 +208,4 @@ STUDY = Study("valse-existence", Options, compute, report,
               data="ValseExistence: VALSE existence.json and the folder with its images")
 IMAGE_ABLATION = Study("image-ablation", ImageAblationOptions, compute_image_ablation, report_image_ablation,
                        data="ExistenceInstances prepared from an image folder (existence.prepare)")
+STUDIES = {"valse-existence": STUDY, "image-ablation": IMAGE_ABLATION}

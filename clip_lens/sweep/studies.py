@@ -199,11 +199,11 @@ def head_ablation(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
 def image_ablation(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
     """MHA and MLP outputs replaced by the mean-colour image's, block by block (VALSE existence):
     the study "image-ablation" (`options`: its Options), its mean IAE per layer."""
-    from clip_lens.studies import negation
+    from clip_lens import studies
 
     if data.existence is None:
         raise ValueError(f"dataset {data.name!r}: image ablation needs VALSE existence (or shapes) with images")
-    tables = negation.STUDIES["image-ablation"].compute(model, data.existence(), options, progress=False)
+    tables = studies.get("image-ablation").compute(model, data.existence(), options, progress=False)
     return {"image_ablation": tables["image_ablation_mha_vs_mlp"]}
 
 
