@@ -99,4 +99,4 @@ def test_the_flags_build_the_options_with_their_defaults(choice, studies):
     assert options_from_args(study.Options, args).replace(studies=("preliminary",)) == study.Options(
         missing_images="skip", grey=True, query_layers=(1, 2), limit=3, studies=("preliminary",))
     args = build_parser().parse_args(["cannot", "negator-attention", "--cannot", "c.tsv", "--out", "o"])
-    assert options_from_args(negation.STUDIES["cannot"].Options, args) == negation.STUDIES["cannot"].Options()
+    assert options_from_args(studies.get("cannot").Options, args) == studies.get("cannot").Options()
