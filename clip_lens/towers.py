@@ -28,7 +28,7 @@ from transformer_lens.utilities import Slice
 from clip_lens.checks import is_integer
 from clip_lens.components import LayerNorm, PatchEmbed, Projection, TokenEmbed, TransformerBlock
 from clip_lens.config import TextConfig, TowerConfig, VisionConfig
-from clip_lens.hooks import HookedModule
+from clip_lens.hooks import HookedModule, act_name
 from clip_lens.tokenization import Tokenizer
 
 # Normalised pixels ((x - mean) / std of [0, 1] values) stay within about +-3; 0-255 values do not.
@@ -330,7 +330,7 @@ class VisionActivationCache(ActivationCache):
         layer = self.model.cfg.n_layers if layer is None or layer == -1 else layer
         parts, labels = [], []
         if incl_embeds:
-            parts, labels = [_as_slice(pos_slice).apply(self["blocks.0.hook_resid_pre"], dim=-2)], ["embed"]
+            parts, labels = [_as_slice(pos_slice).apply(self[act_name("resid_pre", 0)], dim=-2)], ["embed"]
         if layer > 0 or (mlp_input and mode != "mlp"):
             rest, rest_labels = super().decompose_resid(layer, mlp_input, mode, apply_ln=False, pos_slice=pos_slice,
                                                         incl_embeds=False, return_labels=True)
@@ -351,7 +351,7 @@ class VisionActivationCache(ActivationCache):
         if self.model.cfg.final_ln_after_pool:
             raise ValueError("this vision tower applies ln_post to the pooled vector only, so a final norm per "
                              "position is not defined: apply the norm at an earlier layer, or apply_ln=False")
-        scale = _as_slice(pos_slice).apply(self["ln_post.hook_scale"], dim=-2)
+        scale = _as_slice(pos_slice).apply(self[act_name("scale", None, "ln_post")], dim=-2)
         return _as_slice(batch_slice).apply(scale) if batch_slice is not None and self.has_batch_dim else scale
 
 

@@ -156,7 +156,7 @@ def _midpoints(steps: int) -> list[float]:
 
 def _ig_over_inputs(task: Task, graph: Graph, diff: Tensor, clean: CachedRun, corrupt: CachedRun, steps: int,
                     per_pair: bool) -> Tensor:
-    name = "blocks.0.hook_resid_pre"
+    name = act_name("resid_pre", 0)
     start, end = clean.cache[name], corrupt.cache[name]
     scores = 0
     for alpha in _midpoints(steps):
@@ -168,7 +168,7 @@ def _ig_over_activations(task: Task, graph: Graph, diff: Tensor, clean: CachedRu
                          per_pair: bool) -> Tensor:
     """Each sender group's scores from its own path: the input, block l's heads (their z), block
     l's MLP (its output), interpolated with everything else computed normally."""
-    groups = [("blocks.0.hook_resid_pre", slice(0, 1))]
+    groups = [(act_name("resid_pre", 0), slice(0, 1))]
     for layer in range(graph.n_layers):
         first = graph.head_sender(layer, 0)
         groups += [(act_name("z", layer), slice(first, first + graph.n_heads)),
@@ -205,7 +205,7 @@ def _gradient_scores(task: Task, graph: Graph, diff: Float[Tensor, "batch sender
         # tower's weights require gradients
         return lambda act, hook: value.detach().clone().requires_grad_(True)
 
-    first = "blocks.0.hook_resid_pre"
+    first = act_name("resid_pre", 0)
     start = replace[1] if replace is not None and replace[0] == first else None
     hooks: list[tuple[str, Callable]] = [(first, leaf(start) if start is not None else
                                           lambda act, hook: act.detach().clone().requires_grad_(True))]

@@ -44,7 +44,7 @@ def head_outputs(block: TransformerBlock, z: Float[Tensor, "batch pos head d_hea
 
 def sender_names(n_layers: int) -> list[str]:
     """The hooks `sender_outputs` reads: the layer-0 residual, each block's z and MLP output."""
-    names = ["blocks.0.hook_resid_pre"]
+    names = [act_name("resid_pre", 0)]
     for layer in range(n_layers):
         names += [act_name("z", layer), act_name("mlp_out", layer)]
     return names
@@ -52,7 +52,7 @@ def sender_names(n_layers: int) -> list[str]:
 
 def stack_senders(tower: HookedTower, cache: dict) -> Float[Tensor, "batch sender pos d_model"]:
     """Every sender's output from a cache of `sender_names`, in the graph's sender order."""
-    parts = [cache["blocks.0.hook_resid_pre"][:, None]]
+    parts = [cache[act_name("resid_pre", 0)][:, None]]
     for layer, block in enumerate(tower.blocks):
         heads = head_outputs(block, cache[act_name("z", layer)])     # [batch, pos, head, d_model]
         parts += [heads.transpose(1, 2), cache[act_name("mlp_out", layer)][:, None]]

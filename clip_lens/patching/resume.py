@@ -66,7 +66,7 @@ def _run_cached_class_token(tower: HookedTower, inputs: Tensor, names: set[str])
     with torch.no_grad():
         resid, cache = tower.run_with_cache(inputs, stop_at_layer=last, names_filter=lambda n: n in early)
         store.update(cache.cache_dict)
-        store[prefix + "hook_resid_pre"] = resid
+        store[act_name("resid_pre", last)] = resid
         with tower.hooks(fwd_hooks=[(n, save) for n in late]):
             emb = tower.pool(last_block_at_class_token(tower, resid, [2 * last] * len(resid)))
     return emb, store

@@ -144,7 +144,7 @@ def hook_site(name: str, n_layers: int) -> tuple[str, int]:
     parts = name.split(".")
     if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit() and int(parts[1]) < n_layers:
         block, leaf = int(parts[1]), ".".join(parts[2:])
-        if leaf == "hook_resid_post":
+        if leaf == BLOCK_HOOKS["resid_post"]:
             return "resid", block + 1
         for kind in KINDS.values():
             if BLOCK_HOOKS[kind.act] == leaf:
