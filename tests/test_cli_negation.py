@@ -19,12 +19,14 @@ def valse_images(tmp_path_factory):
     return write_noise_images(load_valse(VALSE)["image_file"], folder)
 
 
-def test_valse_existence_text_studies_on_every_instance(valse_images, tmp_path, capsys):
-    out = tmp_path / "out"
+@pytest.mark.parametrize("limit", [pytest.param(None, marks=pytest.mark.slow, id="every-instance"),
+                                   pytest.param(48, id="48-instances")])
+def test_valse_existence_text_studies(valse_images, tmp_path, capsys, limit):
+    out, n = tmp_path / "out", 490 if limit is None else limit
     assert main(["valse-existence", "text", "--valse", str(VALSE), "--images", str(valse_images),
-                 "--out", str(out), "--quiet"]) == 0
+                 "--out", str(out), "--quiet", *(["--sample", str(limit)] if limit else [])]) == 0
     instances = pd.read_csv(out / "instances.csv")
-    assert len(instances) == 490 and {"negation_in", "caption", "foil", "d", "segment"} <= set(instances.columns)
+    assert len(instances) == n and {"negation_in", "caption", "foil", "d", "segment"} <= set(instances.columns)
     assert set(instances["negation_in"]) == {"caption", "foil"}
     assert len(pd.read_csv(out / "excluded.csv")) == 15
     means = pd.read_csv(out / "causal_tracing_segment_means.csv")
@@ -37,7 +39,7 @@ def test_valse_existence_text_studies_on_every_instance(valse_images, tmp_path, 
     # score distribution, 2 scatter plots, 2 CTE heatmaps, head heatmap, query-position heatmap
     assert report.count('class="plotly-graph-div"') == 7
     assert "Causal tracing" in report and "Negator-selective" in report and "Excluded instances" in report
-    assert "490 instances" in capsys.readouterr().out
+    assert f"{n} instances" in capsys.readouterr().out
 
 
 def test_cannot_negator_attention(tmp_path, capsys):
@@ -68,9 +70,10 @@ def test_errors_name_the_file_or_the_install_command(tmp_path, capsys):
 
 
 def test_options_refuse_bad_values_by_name():
-    from clip_lens.studies import OptionError, negation
+    from clip_lens import studies
+    from clip_lens.studies import OptionError
 
-    valse, cannot, ablation = (negation.STUDIES[name].Options for name in ("valse-existence", "cannot", "image-ablation"))
+    valse, cannot, ablation = (studies.get(name).Options for name in ("valse-existence", "cannot", "image-ablation"))
     for options, bad, named in [(valse, dict(limit=-1), "limit=-1"), (valse, dict(studies=("text",)), "studies="),
                                 (valse, dict(studies=()), "studies=[]"), (valse, dict(sample=0), "sample=0"),
                                 (valse, dict(missing_images="ignore"), "missing_images='ignore'"),
@@ -86,12 +89,12 @@ def test_options_refuse_bad_values_by_name():
                                              ("text", ("causal-tracing", "negator-attention", "preliminary")),
                                              ("image-ablation", ("image-ablation",))])
 def test_the_flags_build_the_options_with_their_defaults(choice, studies):
-    from clip_lens import studies
+    from clip_lens import studies as registry
     from clip_lens.cli import build_parser
     from clip_lens.cli.negation import chosen_studies
     from clip_lens.studies.options import options_from_args
 
-    study = studies.get("valse-existence")
+    study = registry.get("valse-existence")
     args = build_parser().parse_args(["valse-existence", choice, "--valse", "v.json", "--images", "i", "--out", "o"])
     assert options_from_args(study.Options, args, studies=chosen_studies(choice)) == study.Options(studies=studies)
     args = build_parser().parse_args(["valse-existence", "text", "--valse", "v.json", "--images", "i", "--out", "o",
@@ -99,4 +102,4 @@ def test_the_flags_build_the_options_with_their_defaults(choice, studies):
     assert options_from_args(study.Options, args).replace(studies=("preliminary",)) == study.Options(
         missing_images="skip", grey=True, query_layers=(1, 2), limit=3, studies=("preliminary",))
     args = build_parser().parse_args(["cannot", "negator-attention", "--cannot", "c.tsv", "--out", "o"])
-    assert options_from_args(studies.get("cannot").Options, args) == studies.get("cannot").Options()
+    assert options_from_args(registry.get("cannot").Options, args) == registry.get("cannot").Options()

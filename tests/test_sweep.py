@@ -72,13 +72,13 @@ def comparable(tables):
 # --- the spec ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("change, message", [
     (lambda t: t.replace('kind = "shapes"', 'kind = "photos"'), "dataset 'shapes' has kind 'photos'"),
-    (lambda t: t.replace('name = "accuracy"', 'name = "accuracy"\nlimt = 3'), "study 'accuracy' has unknown option 'limt'"),
+    (lambda t: t.replace('name = "accuracy"', 'name = "accuracy"\nlimt = 3'), "study 'accuracy' has unknown key 'limt'"),
     (lambda t: t.replace('name = "selective-heads"', 'name = "heads"'), "study 'heads' is not one the sweep runs"),
     (lambda t: t.replace('architecture = "clip_lens/tiny-shapes"', ''), "model 'tiny' needs exactly one of architecture"),
     (lambda t: t.replace('name = "mine"', 'name = "shapes"'), "two datasets are named 'shapes'"),
     (lambda t: t.replace("retries = 2", "retries = -1"), "retries must be"),
     (lambda t: t.replace('architecture = "clip_lens/tiny-shapes"', 'architecture = "clip_lens/tiny-shapes"\ndtype = "fp8"'),
-     "model 'tiny' has dtype 'fp8'; use one of float32, bfloat16, float16"),
+     "model 'tiny': key dtype='fp8': give one of 'float32', 'bfloat16', 'float16'"),
     (lambda t: t + "\n[[oops", "not valid TOML"),
 ])
 def test_spec_errors_name_the_entry(tmp_path, data, change, message):
