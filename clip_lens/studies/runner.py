@@ -102,7 +102,9 @@ def run_study(study: Study, model, data, options: StudyOptions, target: Target, 
     torch.manual_seed(getattr(options, "seed", 0))  # a study that draws from torch's generator draws the same
     tables = study.compute(model, data, options, checkpoints=checkpoints, progress=target.progress)
     report = study.report(tables, options)
-    report.setup(f"Model: {model_label}.", *target.setup)
+    data_line = "; ".join(f"{key}: {', '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                          for key, v in sources.items() if v is not None)
+    report.setup(f"Model: {model_label}.", f"Data: {data_line}." if data_line else "", *target.setup)
     manifest = dict(study=study.name, model=model_label, options=options.as_dict(), data=sources,
                     checkpoints=checkpoints.summary(), seconds=round(time.perf_counter() - start, 1))
     write_study(target.out, tables, report, manifest=manifest)
