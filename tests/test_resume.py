@@ -59,7 +59,8 @@ def images(tmp_path_factory):
 
 def _args(images, out):
     return ["valse-existence", "all", "--model", "clip_lens/tiny-shapes", "--valse", str(VALSE), "--images", str(images),
-            "--out", str(out), "--limit", str(LIMIT), "--pair-chunk", str(CHUNK), "--quiet"]
+            "--out", str(out), "--limit", str(LIMIT), "--pair-chunk", str(CHUNK), "--checkpoint-chunk", str(CHUNK),
+            "--quiet"]
 
 
 def _tables(out):
@@ -120,6 +121,34 @@ def test_a_run_interrupted_after_k_chunks_resumes_them(images, tmp_path, monkeyp
     assert sum(c["loaded"] for c in counts.values()) > 0
     assert whole_manifest["checkpoints"]["causal_tracing"] == {"loaded": 0, "computed": n}
     assert not (out / PARTIAL).exists()
+
+
+def test_a_run_resumes_with_a_smaller_engine_chunk(images, tmp_path, monkeypatch, uninterrupted):
+    """The checkpoint chunk is its own option: shrinking the engine's pair chunk to fit memory keeps
+    the chunks a killed run saved. The engine's chunking is not part of a run's identity, so the
+    tables agree to float rounding (relative where CTE divides by a small d)."""
+    expected, _ = uninterrupted
+    out = tmp_path / "out"
+    save, saved = Checkpoints._save, []
+
+    def save_then_die(self, *args):
+        save(self, *args)
+        saved.append(args[0])
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoints, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(images, out))
+    monkeypatch.setattr(Checkpoints, "_save", save)
+    smaller = _args(images, out)
+    smaller[smaller.index("--pair-chunk") + 1] = "8"
+    assert main(smaller) == 0
+    counts = json.loads((out / "manifest.json").read_text())["checkpoints"]
+    assert counts["causal_tracing"]["loaded"] == 2 * CHUNK
+    got = _tables(out)
+    for name in ("causal_tracing_instances.csv", "image_ablation.csv"):
+        pd.testing.assert_frame_equal(got[name], expected[name], check_exact=False, atol=1e-4, rtol=1e-4, obj=name)
 
 
 def test_a_run_interrupted_while_writing_its_tables_finishes(images, tmp_path, monkeypatch, uninterrupted):

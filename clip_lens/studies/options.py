@@ -24,7 +24,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
 from clip_lens.checks import is_integer
 
@@ -75,7 +75,11 @@ class CheckedFields:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StudyOptions(CheckedFields):
-    """Base of every study's `Options`."""
+    """Base of every study's `Options`. `NOT_IN_IDENTITY` names options that change memory or
+    speed and no number beyond float rounding (the engine's batch sizes): a killed run resumes
+    whatever they are set to."""
+
+    NOT_IN_IDENTITY: ClassVar[tuple[str, ...]] = ()
 
 
 # --- checks --------------------------------------------------------------------------------------

@@ -81,8 +81,9 @@ def digest_sources(sources: Mapping[str, Any]) -> str:
 def run_identity(study: Study, model, options: StudyOptions, model_label: str, sources: Mapping[str, Any]) -> dict:
     """What makes two runs the same run (resume) or different ones (refused in one folder)."""
     # options flat beside the rest, so that a refused resume names the option that differs
+    changes_numbers = {k: v for k, v in options.as_dict().items() if k not in options.NOT_IN_IDENTITY}
     return dict(study=study.name, model=model_label, dtype=str(model.dtype), device=str(model.device),
-                weights=weights_fingerprint(model), data=digest_sources(sources), **options.as_dict())
+                weights=weights_fingerprint(model), data=digest_sources(sources), **changes_numbers)
 
 
 def run_study(study: Study, model, data, options: StudyOptions, target: Target, *, model_label: str,

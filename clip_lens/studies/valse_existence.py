@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 import pandas as pd
 
@@ -51,10 +51,15 @@ class EngineOptions(StudyOptions):
                                        "floats; None: each part's own)", minimum=1)
     pair_chunk: Optional[int] = option(None, "instances whose runs are cached at a time (memory: about 2L+1 residual "
                                        "streams each; None: each part's own)", minimum=1)
+    checkpoint_chunk: int = option(64, "instances saved per checkpoint of causal tracing and image ablation, from "
+                                   "which a killed run resumes (the engine's knobs may change in between)", minimum=1)
+    # memory and speed only: a killed run may resume with other values (fixing checkpoint_chunk keeps its chunks)
+    NOT_IN_IDENTITY: ClassVar[tuple[str, ...]] = ("batch_size", "pair_chunk")
 
     def engine(self) -> dict:
         """The knobs that were set, as keyword arguments of the analyses."""
-        return {k: v for k, v in dict(batch_size=self.batch_size, pair_chunk=self.pair_chunk).items() if v is not None}
+        knobs = dict(batch_size=self.batch_size, pair_chunk=self.pair_chunk)
+        return {k: v for k, v in knobs.items() if v is not None} | {"checkpoint_chunk": self.checkpoint_chunk}
 
 
 @dataclass(frozen=True, kw_only=True)

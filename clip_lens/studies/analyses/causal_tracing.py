@@ -97,20 +97,21 @@ def figures(means: pd.DataFrame, localisation: pd.DataFrame, slots: tuple = ALIG
     return out
 
 
-def run(model: HookedCLIP, instances: ExistenceInstances, *, batch_size: int = 256, pair_chunk: int = 64,
-        checkpoints: Optional[Checkpoints] = None, progress: bool = True) -> CausalTracing:
+def run(model: HookedCLIP, instances: ExistenceInstances, *, checkpoints: Optional[Checkpoints] = None,
+        progress: bool = True, **engine: Optional[int]) -> CausalTracing:
     """Causal tracing over every instance, every layer 0..L and every position, `pair_chunk`
     instances at a time (each chunk saved to `checkpoints` as it finishes, and read from there by a
     resumed run)."""
     frame = instances.frame
     cte_positions, eot = trace(model, list(frame["negated"]), list(frame["non_negated"]), instances.image_emb,
-                               list(frame["id"]), checkpoints=checkpoints, progress=progress, batch_size=batch_size,
-                               pair_chunk=pair_chunk)
+                               list(frame["id"]), checkpoints=checkpoints, progress=progress, **engine)
     aligned, counts = align_positions(cte_positions, eot)
     return CausalTracing(instances.instances_table(), aligned, counts, cte_positions)
 
 
 ENGINE = {"batch_size": 256, "pair_chunk": 64}  # the patching engine's defaults here (docs/patching.md, "Memory")
+# `checkpoint_chunk`: instances per saved chunk (default: pair_chunk); the engine's knobs may change between a
+# killed run and its resumption, the chunk may not
 
 
 def trace(model: HookedCLIP, sources: list, targets: list, image_emb, ids: list, *,
@@ -124,10 +125,11 @@ def trace(model: HookedCLIP, sources: list, targets: list, image_emb, ids: list,
         engine: `batch_size` (patches per forward pass, default 256) and `pair_chunk` (pairs whose
             runs are cached at a time, and saved to `checkpoints` as one chunk; default 64).
     """
-    unknown = set(engine) - set(ENGINE)
+    unknown = set(engine) - {*ENGINE, "checkpoint_chunk"}
     if unknown:
         raise TypeError(f"trace() got unexpected keyword arguments {sorted(unknown)}; engine knobs: {sorted(ENGINE)}")
     batch_size, pair_chunk = ({**ENGINE, **engine}[name] for name in ("batch_size", "pair_chunk"))
+    saved = engine.get("checkpoint_chunk") or pair_chunk
 
     def chunk(lo: int, hi: int) -> dict:
         source = model.to_tokens(sources[lo:hi])
@@ -136,7 +138,7 @@ def trace(model: HookedCLIP, sources: list, targets: list, image_emb, ids: list,
         return {"s_star": result.effects.numpy(), "s_p": result.baseline.numpy(),  # [n, layers, pos], [n]
                 "s_n": result.source_baseline.numpy(), "eot": model.text.pooled_positions(source).cpu().numpy()}
 
-    chunks = (checkpoints or Checkpoints(None)).chunks("causal_tracing", len(sources), pair_chunk, chunk, progress,
+    chunks = (checkpoints or Checkpoints(None)).chunks("causal_tracing", len(sources), saved, chunk, progress,
                                                         ids=ids)
     s_star = concatenate(chunks, "s_star")  # positions past a chunk's longest text: NaN, as past each text's EOT
     s_p, s_n = (concatenate(chunks, name)[:, None, None] for name in ("s_p", "s_n"))
