@@ -91,22 +91,27 @@ def _chunk_instances(out) -> dict:
     return held
 
 
-@pytest.mark.parametrize("kill_after", [1, 6, 10])  # in causal tracing, negator attention, image ablation
-def test_a_run_interrupted_after_k_chunks_resumes_them(images, tmp_path, monkeypatch, uninterrupted, kill_after):
-    expected, whole_manifest = uninterrupted
-    out = tmp_path / "out"
+def _kill_after(chunks: int, argv: list, monkeypatch) -> None:
+    """Run `clip-lens argv`, stopped as by Ctrl-C right after its `chunks`-th chunk lands."""
     save, saved = Checkpoints._save, []
 
     def save_then_die(self, *args):
         save(self, *args)
         saved.append(args[0])
-        if len(saved) == kill_after:
-            raise KeyboardInterrupt  # as Ctrl-C right after a chunk lands
+        if len(saved) == chunks:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(Checkpoints, "_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        main(_args(images, out))
+        main(argv)
     monkeypatch.setattr(Checkpoints, "_save", save)
+
+
+@pytest.mark.parametrize("kill_after", [1, 6, 10])  # in causal tracing, negator attention, image ablation
+def test_a_run_interrupted_after_k_chunks_resumes_them(images, tmp_path, monkeypatch, uninterrupted, kill_after):
+    expected, whole_manifest = uninterrupted
+    out = tmp_path / "out"
+    _kill_after(kill_after, _args(images, out), monkeypatch)
     assert not list(out.glob("*.csv")) and not (out / "report.html").exists()
     held = _chunk_instances(out)
     assert sum(1 for _ in (out / PARTIAL).glob("*/*.npz")) == kill_after
@@ -129,18 +134,7 @@ def test_a_run_resumes_with_a_smaller_engine_chunk(images, tmp_path, monkeypatch
     tables agree to float rounding (relative where CTE divides by a small d)."""
     expected, _ = uninterrupted
     out = tmp_path / "out"
-    save, saved = Checkpoints._save, []
-
-    def save_then_die(self, *args):
-        save(self, *args)
-        saved.append(args[0])
-        if len(saved) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Checkpoints, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        main(_args(images, out))
-    monkeypatch.setattr(Checkpoints, "_save", save)
+    _kill_after(2, _args(images, out), monkeypatch)
     smaller = _args(images, out)
     smaller[smaller.index("--pair-chunk") + 1] = "8"
     assert main(smaller) == 0
