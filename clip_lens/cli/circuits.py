@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clip_lens.cli.common import run_command, study_parser
+from clip_lens.cli.common import model_source, run_command, study_parser
 
 
 def circuit_task(args: argparse.Namespace, model):
@@ -38,13 +38,6 @@ def _vision_task(args: argparse.Namespace, model):
     return circuit.images_against_mean_colour(model, list(frame["image"]), captions, args.corrupt)
 
 
-def model_label(args: argparse.Namespace) -> str:
-    """How the summary table names the model (as the run's manifest does)."""
-    from clip_lens.model_sources import ModelSource
-
-    return ModelSource(args.model, args.pretrained, seed=args.model_seed, dtype=args.dtype, device=args.device).label()
-
-
 DATA_FLAGS = ("tower", "valse", "pairs", "corrupt", "images", "captions", "labels", "scenes", "scene_seed", "limit")
 
 
@@ -56,7 +49,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
 
     def make_data(model, options):
         task = circuit_task(args, model)
-        task.model_label = model_label(args)
+        task.model_label = model_source(args).label()  # the summary table names the model as the manifest does
         return task, {flag: getattr(args, flag) for flag in DATA_FLAGS if getattr(args, flag) is not None}
 
     def summary(tables: dict) -> str:

@@ -53,11 +53,18 @@ def study_parser(sub, name: str, study, help: str, *, skip: Sequence[str] = ()) 
     return parser
 
 
-def model_from_args(args: argparse.Namespace):
-    """(HookedCLIP, label) for --model / --pretrained / --model-seed / --dtype / --device."""
-    from clip_lens.model_sources import ModelSource, load_model
+def model_source(args: argparse.Namespace):
+    """The `ModelSource` of --model / --pretrained / --model-seed / --dtype / --device."""
+    from clip_lens.model_sources import ModelSource
 
-    source = ModelSource(args.model, args.pretrained, seed=args.model_seed, dtype=args.dtype, device=args.device)
+    return ModelSource(args.model, args.pretrained, seed=args.model_seed, dtype=args.dtype, device=args.device)
+
+
+def model_from_args(args: argparse.Namespace):
+    """(HookedCLIP, label) for the model flags."""
+    from clip_lens.model_sources import load_model
+
+    source = model_source(args)
     return load_model(source), source.label()
 
 
