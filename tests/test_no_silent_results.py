@@ -322,12 +322,14 @@ def test_the_engine_memory_knobs_reach_the_studies_and_change_no_result(tmp_path
     monkeypatch.setattr(causal_tracing, "patch", spy)
     valse = export_valse(tmp_path / "scenes", 12, seed=5)
     frames = []
-    for knobs in ([], ["--batch-size", "3", "--pair-chunk", "2"]):
-        out = tmp_path / f"run{len(knobs)}"
+    for knobs in ([], ["--batch-size", "3", "--pair-chunk", "2"], ["--pair-chunk", "2", "--checkpoint-chunk", "5"]):
+        out = tmp_path / f"run{len(frames)}"
         assert main(["valse-existence", "causal-tracing", "--model", tiny.NAME, "--valse", str(valse), "--images",
                      str(valse.parent / "images"), "--out", str(out), "--quiet", *knobs]) == 0
         frames.append(pd.read_csv(out / "causal_tracing_instances.csv"))
-    n = frames[0]["instance"].nunique()  # the study runs pair_chunk instances per call (its checkpoint chunks)
-    assert calls == [(256, 64)] + [(3, 2)] * -(-n // 2)
+    n = frames[0]["instance"].nunique()
+    # one engine call per checkpoint chunk (64 instances by default, 5 when asked), the knobs passed on
+    assert n <= 64 and calls == [(256, 64), (3, 2)] + [(256, 2)] * -(-n // 5)
     # CTE divides by d, so a float-rounding change in S shows up to ~1e-5 where d is small
     pd.testing.assert_frame_equal(frames[0], frames[1], atol=1e-4, rtol=1e-4)
+    pd.testing.assert_frame_equal(frames[0], frames[2], atol=1e-4, rtol=1e-4)
