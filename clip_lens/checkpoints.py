@@ -13,6 +13,7 @@ tables equal an uninterrupted run's exactly.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -22,6 +23,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 from tqdm.auto import tqdm
 
+from clip_lens.checks import is_integer
 from clip_lens.report import claim_output, write_atomically, write_text_atomically
 
 PARTIAL = ".partial"
@@ -40,6 +42,16 @@ class Checkpoints:
         self.folder = Path(folder) if folder is not None else None
         self.loaded: dict[str, int] = {}
         self.computed: dict[str, int] = {}
+        self.chunk: Optional[int] = None  # instances per saved chunk; None: each analysis's own
+
+    def sized(self, chunk: Optional[int]) -> "Checkpoints":
+        """These checkpoints, saving every `chunk` instances whatever chunk an analysis asks for
+        (its engine may then run smaller batches inside each chunk); the counts are shared."""
+        if chunk is not None and (not is_integer(chunk) or chunk < 1):
+            raise ValueError(f"checkpoint chunk {chunk!r}: give a number of instances >= 1")
+        view = copy.copy(self)
+        view.chunk = chunk
+        return view
 
     def summary(self) -> dict:
         """{study: {"loaded": instances read from checkpoints, "computed": instances computed}}."""
@@ -53,8 +65,9 @@ class Checkpoints:
     def chunks(self, study: str, n: int, size: int, compute: Callable[[int, int], Arrays],
                progress: bool = True, ids: Optional[Sequence] = None) -> list[Arrays]:
         """compute(lo, hi) -> {name: array} for instances lo..hi - 1, for every chunk of `size`
-        instances out of `n`; chunks saved by an earlier run of the same study (and, with `ids`,
-        of the same instances) are read instead."""
+        instances out of `n` (`self.chunk` instead, when set); chunks saved by an earlier run of the
+        same study (and, with `ids`, of the same instances) are read instead."""
+        size = self.chunk or size
         if size < 1:
             raise ValueError(f"{study}: chunk size {size} must be at least 1")
         if n < 1:

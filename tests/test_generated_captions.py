@@ -209,13 +209,14 @@ def test_caption_options_without_a_captioner_are_refused(tmp_path, capsys, flag)
 
 def test_a_killed_attention_cancellation_resumes_from_its_finished_chunks(tiny_model, one_shape_set, tmp_path,
                                                                           monkeypatch):
-    """Killed in its third chunk of 8 images, the study run again recomputes only the chunks it had
-    not finished, and its tables (generated captions included) equal an uninterrupted run's."""
+    """Killed in its third chunk of 8 images, the study run again (with a smaller engine chunk: only
+    the checkpoint chunk is part of the run) recomputes only the chunks it had not finished, and
+    its tables (generated captions included) equal an uninterrupted run's."""
     import json
 
     from clip_lens.checkpoints import PARTIAL
 
-    options = dict(settings="1 1-3", captioner=zoo.CAPTIONER_NAME, map_images=1, pair_chunk=8)
+    options = dict(settings="1 1-3", captioner=zoo.CAPTIONER_NAME, map_images=1, pair_chunk=8, checkpoint_chunk=8)
     calls = []
     real_patch = attention_cancellation.patch
 
@@ -230,7 +231,7 @@ def test_a_killed_attention_cancellation_resumes_from_its_finished_chunks(tiny_m
         _run(tiny_model, one_shape_set, tmp_path / "out", **options)
     assert len(list((tmp_path / "out" / PARTIAL / "attention_cancellation").glob("*.npz"))) == 2
     monkeypatch.setattr(attention_cancellation, "patch", real_patch)
-    resumed, _ = _run(tiny_model, one_shape_set, tmp_path / "out", **options)
+    resumed, _ = _run(tiny_model, one_shape_set, tmp_path / "out", **{**options, "pair_chunk": 4})
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["checkpoints"] == {"attention_cancellation": {"loaded": 16, "computed": 8}}
     assert not (tmp_path / "out" / PARTIAL).exists()

@@ -16,10 +16,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
+from clip_lens.checkpoints import Checkpoints
 from clip_lens.data.image_sets import ImageSet
 from clip_lens.report import Report
 from clip_lens.studies.analyses import attention_cancellation as cancellation
@@ -43,8 +44,11 @@ class Options(StudyOptions):
     caption_image: int = option(0, "the image (index in the set) whose captions per setting the report tabulates",
                                 minimum=0)
     beams: int = option(1, "beam search with this many beams (1: greedy)", minimum=1)
-    pair_chunk: int = option(32, "images run (and checkpointed) at a time", minimum=1)
+    pair_chunk: int = option(32, "images per forward pass (memory)", minimum=1)
+    checkpoint_chunk: int = option(32, "images saved per checkpoint, from which a killed run resumes (pair_chunk may "
+                                       "change in between)", minimum=1)
     seed: int = option(0, "seed of the random captioner (--captioner random)", minimum=0)
+    NOT_IN_IDENTITY: ClassVar[tuple[str, ...]] = ("pair_chunk",)  # memory only: a killed run resumes with another
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,7 +92,8 @@ def cancel(model, data: ImageSet, options: Options, *, checkpoints=None, progres
     pixels = model.to_pixels(list(frame["image"]))
     captioning = None if captioner is None else cancellation.Captioning(captioner, beams=options.beams)
     result = cancellation.run(model, data, settings=settings, pixels=pixels, captioner=captioning,
-                              pair_chunk=options.pair_chunk, checkpoints=checkpoints, progress=progress)
+                              pair_chunk=options.pair_chunk,
+                              checkpoints=(checkpoints or Checkpoints(None)).sized(options.checkpoint_chunk), progress=progress)
     return result, pixels
 
 

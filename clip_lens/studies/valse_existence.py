@@ -23,6 +23,7 @@ from typing import ClassVar, Optional, Union
 
 import pandas as pd
 
+from clip_lens.checkpoints import Checkpoints
 from clip_lens.report import Report
 from clip_lens.studies.analyses import causal_tracing, existence, image_ablation, negator_attention, preliminary
 from clip_lens.studies.analyses.existence import ExistenceInstances
@@ -51,15 +52,18 @@ class EngineOptions(StudyOptions):
                                        "floats; None: each part's own)", minimum=1)
     pair_chunk: Optional[int] = option(None, "instances whose runs are cached at a time (memory: about 2L+1 residual "
                                        "streams each; None: each part's own)", minimum=1)
-    checkpoint_chunk: int = option(64, "instances saved per checkpoint of causal tracing and image ablation, from "
-                                   "which a killed run resumes (the engine's knobs may change in between)", minimum=1)
+    checkpoint_chunk: int = option(64, "instances saved per checkpoint, from which a killed run resumes (the "
+                                   "engine's knobs may change in between)", minimum=1)
     # memory and speed only: a killed run may resume with other values (fixing checkpoint_chunk keeps its chunks)
     NOT_IN_IDENTITY: ClassVar[tuple[str, ...]] = ("batch_size", "pair_chunk")
 
+    def sized(self, checkpoints: Optional[Checkpoints]) -> Checkpoints:
+        """`checkpoints` saving every `checkpoint_chunk` instances, whatever the engine's chunk."""
+        return (checkpoints or Checkpoints(None)).sized(self.checkpoint_chunk)
+
     def engine(self) -> dict:
         """The knobs that were set, as keyword arguments of the analyses."""
-        knobs = dict(batch_size=self.batch_size, pair_chunk=self.pair_chunk)
-        return {k: v for k, v in knobs.items() if v is not None} | {"checkpoint_chunk": self.checkpoint_chunk}
+        return {k: v for k, v in dict(batch_size=self.batch_size, pair_chunk=self.pair_chunk).items() if v is not None}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +98,8 @@ def compute(model, data: ValseExistence, options: Options, *, checkpoints=None, 
         tables.update(preliminary_measures=pre.frame, preliminary_correlations=pre.correlations,
                       accuracy_by_subject_size=pre.accuracy_by_subject_size)
     if "causal-tracing" in options.studies:
-        ct = causal_tracing.run(model, inst, checkpoints=checkpoints, progress=progress, **options.engine())
+        ct = causal_tracing.run(model, inst, checkpoints=options.sized(checkpoints), progress=progress,
+                                **options.engine())
         tables.update(causal_tracing_instances=ct.instance_frame(), causal_tracing_segment_means=ct.segment_means(),
                       causal_tracing_localisation=ct.localisation())
     if "negator-attention" in options.studies:
@@ -125,7 +130,7 @@ def compute_image_ablation(model, data: ExistenceInstances, options: ImageAblati
     MHA against MLP, on prepared existence instances (from an image folder)."""
     if not isinstance(data, ExistenceInstances):
         raise TypeError(f"image-ablation takes ExistenceInstances (existence.prepare), not {type(data).__name__}")
-    ia = image_ablation.run(model, data, grey=options.grey, checkpoints=checkpoints, progress=progress,
+    ia = image_ablation.run(model, data, grey=options.grey, checkpoints=options.sized(checkpoints), progress=progress,
                             **options.engine())
     return {"image_ablation": ia.table(), "image_ablation_segment_means": ia.segment_means(),
             "image_ablation_outcomes": ia.outcome_counts(), "image_ablation_mha_vs_mlp": ia.mha_vs_mlp()}

@@ -273,7 +273,7 @@ def run(model: HookedCLIP, images: ImageSet, *, settings: Optional[dict[str, tup
         pixels: [n, 3, H, W] instead of reading `images.frame["image"]`.
         captioner: a `clip_lens.captioning.Captioner` (greedy decoding) or a `Captioning`: also
             generate a caption per image and setting and score it with CLIP.
-        pair_chunk: images run (and checkpointed) at a time.
+        pair_chunk: images run at a time, and saved as one chunk unless `checkpoints.sized(n)` saves every n.
         checkpoints: save each finished chunk of images there, and read back the chunks an
             interrupted run saved (`clip_lens.checkpoints`).
     """

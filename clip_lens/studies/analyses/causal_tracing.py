@@ -101,7 +101,8 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, checkpoints: Option
         progress: bool = True, **engine: Optional[int]) -> CausalTracing:
     """Causal tracing over every instance, every layer 0..L and every position, `pair_chunk`
     instances at a time (each chunk saved to `checkpoints` as it finishes, and read from there by a
-    resumed run)."""
+    resumed run; `checkpoints.sized(n)` saves every n instances instead). `engine`: `trace`'s
+    batch_size and pair_chunk."""
     frame = instances.frame
     cte_positions, eot = trace(model, list(frame["negated"]), list(frame["non_negated"]), instances.image_emb,
                                list(frame["id"]), checkpoints=checkpoints, progress=progress, **engine)
@@ -110,8 +111,6 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, checkpoints: Option
 
 
 ENGINE = {"batch_size": 256, "pair_chunk": 64}  # the patching engine's defaults here (docs/patching.md, "Memory")
-# `checkpoint_chunk`: instances per saved chunk (default: pair_chunk); the engine's knobs may change between a
-# killed run and its resumption, the chunk may not
 
 
 def trace(model: HookedCLIP, sources: list, targets: list, image_emb, ids: list, *,
@@ -125,11 +124,10 @@ def trace(model: HookedCLIP, sources: list, targets: list, image_emb, ids: list,
         engine: `batch_size` (patches per forward pass, default 256) and `pair_chunk` (pairs whose
             runs are cached at a time, and saved to `checkpoints` as one chunk; default 64).
     """
-    unknown = set(engine) - {*ENGINE, "checkpoint_chunk"}
+    unknown = set(engine) - set(ENGINE)
     if unknown:
         raise TypeError(f"trace() got unexpected keyword arguments {sorted(unknown)}; engine knobs: {sorted(ENGINE)}")
     batch_size, pair_chunk = ({**ENGINE, **engine}[name] for name in ("batch_size", "pair_chunk"))
-    saved = engine.get("checkpoint_chunk") or pair_chunk
 
     def chunk(lo: int, hi: int) -> dict:
         source = model.to_tokens(sources[lo:hi])
@@ -138,7 +136,7 @@ def trace(model: HookedCLIP, sources: list, targets: list, image_emb, ids: list,
         return {"s_star": result.effects.numpy(), "s_p": result.baseline.numpy(),  # [n, layers, pos], [n]
                 "s_n": result.source_baseline.numpy(), "eot": model.text.pooled_positions(source).cpu().numpy()}
 
-    chunks = (checkpoints or Checkpoints(None)).chunks("causal_tracing", len(sources), saved, chunk, progress,
+    chunks = (checkpoints or Checkpoints(None)).chunks("causal_tracing", len(sources), pair_chunk, chunk, progress,
                                                         ids=ids)
     s_star = concatenate(chunks, "s_star")  # positions past a chunk's longest text: NaN, as past each text's EOT
     s_p, s_n = (concatenate(chunks, name)[:, None, None] for name in ("s_p", "s_n"))

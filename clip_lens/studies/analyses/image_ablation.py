@@ -106,11 +106,10 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Te
         engine: `batch_size` (ablations per forward pass, default 64) and `pair_chunk` (instances
             whose runs are cached at a time, and saved to `checkpoints` as one chunk; default 32).
     """
-    unknown = set(engine) - {*ENGINE, "checkpoint_chunk"}
+    unknown = set(engine) - set(ENGINE)
     if unknown:
         raise TypeError(f"run() got unexpected keyword arguments {sorted(unknown)}; engine knobs: {sorted(ENGINE)}")
     batch_size, pair_chunk = ({**ENGINE, **engine}[name] for name in ("batch_size", "pair_chunk"))
-    saved = engine.get("checkpoint_chunk") or pair_chunk  # instances per saved chunk (default: the engine's chunk)
     frame = instances.frame
     if pixels is None and "image_path" not in frame:
         raise ValueError("give pixels, or instances prepared from an image folder")
@@ -126,6 +125,6 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Te
                        pair_chunk=pair_chunk, progress=False)
         return {"d_star": result.effects.numpy(), "layers": np.asarray(result.layers)}
 
-    chunks = (checkpoints or Checkpoints(None)).chunks("image_ablation", len(frame), saved, chunk, progress,
+    chunks = (checkpoints or Checkpoints(None)).chunks("image_ablation", len(frame), pair_chunk, chunk, progress,
                                                         ids=list(frame["id"]))
     return ImageAblation(instances.instances_table(), concatenate(chunks, "d_star"), chunks[0]["layers"].tolist())
