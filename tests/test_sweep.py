@@ -80,6 +80,14 @@ def comparable(tables):
     (lambda t: t.replace('architecture = "clip_lens/tiny-shapes"', 'architecture = "clip_lens/tiny-shapes"\ndtype = "fp8"'),
      "model 'tiny': key dtype='fp8': give one of 'float32', 'bfloat16', 'float16'"),
     (lambda t: t + "\n[[oops", "not valid TOML"),
+    # values that used to run, or to fail late or far away, now refused when the spec is read
+    (lambda t: t.replace("cpus = 1", "cpus = 1000000"), r"\[resources\]: key cpus=1000000: give an integer >= 1 and <= 1024"),
+    (lambda t: t.replace("cpus = 1", "cpus = 1.5"), r"key cpus=1.5"),
+    (lambda t: t.replace('kind = "pairs"', 'kind = "cannot"\npaths = "/"').replace("file = ", "# file = ")
+     .replace("images = ", "# images = "), r"dataset 'mine' \(cannot\): key paths='/': give a list"),
+    (lambda t: t.replace('kind = "pairs"', 'kind = "valse"\nvalse = "v"\npiece = "../x"').replace("file = ", "# file = "),
+     r"piece='../x'"),
+    (lambda t: t.replace("out = ", "out = 5 # "), "out must be a folder path"),
 ])
 def test_spec_errors_name_the_entry(tmp_path, data, change, message):
     text = change(spec_text(tmp_path / "out", *data))
