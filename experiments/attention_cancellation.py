@@ -26,7 +26,6 @@ from clip_lens.data.image_sets import open_image_set
 from clip_lens.data.shapes import single_shape_set
 from clip_lens.report import write_index
 
-STUDY_SETTINGS = "1 2 3 4 5 6 7 8 9 10 11 12 1-3 4-6 7-9 10-12 1-4 5-8 9-12 1-12"  # the source's settings (12 layers)
 REPRODUCES = [
     ("summary.csv", "Table 1: per setting (baseline, each layer, the ranges), accuracy against the label, mean cosine "
                     "of the selected caption, share of changed selections, and the generated captions' mean cosines "
@@ -49,15 +48,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--labels", type=Path, default=None, help="CSV with columns image, label")
     parser.add_argument("--captioner", default=None, help="a captioner (default: the shipped one with the tiny CLIP)")
     parser.add_argument("--settings", default=None,
-                        help="layers to cancel, 1-based (default: each layer and the source's ranges, up to the "
-                             "tower's depth)")
+                        help="layers to cancel, 1-based (default: each layer and the source's ranges: thirds, quarters "
+                             "and all layers of the tower)")
     return parser.parse_args(argv)
-
-
-def default_settings(n_layers: int) -> str:
-    """The source's settings that fit a tower of `n_layers` blocks (all of them for 12)."""
-    kept = [s for s in STUDY_SETTINGS.split() if max(int(x) for x in s.replace("-", " ").split()) <= n_layers]
-    return " ".join(kept + ([f"1-{n_layers}"] if f"1-{n_layers}" not in kept else []))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -69,8 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         images, captions = single_shape_set(args.out / "single_shapes" / "images")
     image_set = open_image_set(images, captions, args.labels, args.out / "sample_images")
     study = studies.get("attention-cancellation")
-    options = study.Options(settings=args.settings or default_settings(model.vision.cfg.n_layers),
-                            captioner=args.captioner or (zoo.CAPTIONER_NAME if tiny else None))
+    options = study.Options(settings=args.settings, captioner=args.captioner or (zoo.CAPTIONER_NAME if tiny else None))
     tables = studies.run_study(study, model, image_set, options, studies.Target(args.out, args.overwrite, not args.quiet),
                                model_label=label, sources={"images": images or image_set.source, "captions": captions})
     write_index(args.out, f"Attention cancellation in the vision tower of {label}", REPRODUCES)

@@ -26,6 +26,7 @@ from clip_lens.cli.common import add_model_flags, add_output_flags, model_from_a
 from clip_lens.data.image_sets import open_image_set
 from clip_lens.data.shapes import single_shape_set
 from clip_lens.report import write_index
+from clip_lens.studies.attribution import TINY_CLIP
 
 REPRODUCES = [
     (f"{tower}/{name}", f"{what} ({tower} tower)") for tower in ("vision", "text") for name, what in (
@@ -61,7 +62,7 @@ def options_for(args: argparse.Namespace, tower: str, tiny: bool):
     """The attribution study's options: the study's defaults, what was given, and for the tiny CLIP
     an SAE and a deletion range sized to its 64-wide, 4-head towers."""
     study = studies.get("attribution")
-    sized = dict(sae_latents=64, sae_k=4, ks=(0, 1, 2, 4, 8), concept_template="There is a {}.") if tiny else {}
+    sized = TINY_CLIP if tiny else {}
     given = {key: getattr(args, key) for key in ("sae_latents", "sae_k", "sae_steps", "limit")
              if getattr(args, key) is not None}
     return study.Options(**{**sized, **given, "tower": tower})

@@ -57,12 +57,6 @@ def test_latent_attribution(tmp_path):
     assert "`vision/reliance.csv`" in index and "Not run this time: `text/" in index
 
 
-def test_the_default_settings_follow_the_depth():
-    module = reproduction("attention_cancellation")
-    assert module.default_settings(12) == module.STUDY_SETTINGS
-    assert module.default_settings(3) == "1 2 3 1-3"
-
-
 @pytest.mark.parametrize("spec", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.stem)
 def test_the_sweep_specs_read(spec):
     read = read_spec(spec)

@@ -70,10 +70,10 @@ def attribution(demo: Demo, images: Path, captions: Path) -> None:
     """Attribution to heads, neurons and SAE latents on one-shape scenes (out/attribution/)."""
     from clip_lens import studies
     from clip_lens.data.image_sets import open_image_set
+    from clip_lens.studies.attribution import TINY_CLIP
 
     image_set = open_image_set(images, captions, None, demo.args.out / "sample_images")
-    options = studies.get("attribution").Options(concept_template="There is a {}.", sae_latents=64, sae_k=4,
-                                                 ks=(0, 1, 2, 4, 8))
+    options = studies.get("attribution").Options(**TINY_CLIP)
     areas = demo.run("attribution", "attribution", image_set, options,
                      {"images": images, "captions": captions})["deletion_areas"].set_index("method")["area"]
     print("attribution on one-shape scenes, area under the deletion curves (smaller = more faithful): "

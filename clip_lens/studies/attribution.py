@@ -67,6 +67,11 @@ class Options(StudyOptions):
             raise OptionError(f"concept_template={self.concept_template!r}: give a text with {{}} for the class name")
 
 
+# options sized to clip_lens/tiny-shapes (64-wide towers of 4 heads, captions "There is a red circle."),
+# for the demo and the reproduction: Options(**TINY_CLIP)
+TINY_CLIP = dict(sae_latents=64, sae_k=4, ks=(0, 1, 2, 4, 8), concept_template="There is a {}.")
+
+
 @dataclass
 class AttributionData:
     """The image set, and `on_sae_trained(sae)`, called with the SAE the run trains (not with a
