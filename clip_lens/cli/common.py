@@ -4,7 +4,6 @@ through `clip_lens.studies.run_study` with a summary printed at the end."""
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -87,7 +86,3 @@ def run_command(args: argparse.Namespace, study, make_data: Callable[[Any, Any],
         print(text)
     print(f"wrote {args.out}/report.html and {len(tables)} tables in {time.perf_counter() - start:.1f}s")
     return 0
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
