@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from transformer_lens import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
 from clip_lens.config import TowerConfig
@@ -145,6 +146,16 @@ class Attention(nn.Module):
     def b_O(self) -> Float[Tensor, " d_model"]:
         return self.out_bias
 
+    @property
+    def QK(self) -> FactoredMatrix:
+        """W_Q @ W_K^T per head, [head, d_model, d_model], factored (as TransformerLens's)."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """W_V @ W_O per head, [head, d_model, d_model], factored (as TransformerLens's)."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
     # forward ---------------------------------------------------------------------------------
     def forward(
         self,
@@ -171,6 +182,31 @@ class Attention(nn.Module):
         q, k, v = (  # shape = 3 x [batch, pos, head, d_head]
             t.view(batch, pos, self.n_heads, self.d_head) for t in qkv.chunk(3, dim=-1)
         )
+        return self.attend(q, k, v, past_kv)
+
+    def forward_per_head(
+        self,
+        q_input: Float[Tensor, "batch pos head d_model"],
+        k_input: Float[Tensor, "batch pos head d_model"],
+        v_input: Float[Tensor, "batch pos head d_model"],
+        past_kv: Optional[tuple[Tensor, Tensor]] = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Attention output when each head reads its own (normalised) copy of the residual for its
+        queries, keys and values (TransformerLens's split inputs)."""
+        q = torch.einsum("bphm,hmd->bphd", q_input, self.W_Q) + self.b_Q
+        k = torch.einsum("bphm,hmd->bphd", k_input, self.W_K) + self.b_K
+        v = torch.einsum("bphm,hmd->bphd", v_input, self.W_V) + self.b_V
+        return self.attend(q, k, v, past_kv)
+
+    def attend(
+        self,
+        q: Float[Tensor, "batch pos head d_head"],
+        k: Float[Tensor, "batch pos head d_head"],
+        v: Float[Tensor, "batch pos head d_head"],
+        past_kv: Optional[tuple[Tensor, Tensor]] = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The attention output from queries, keys and values (the hooks from hook_q on fire)."""
+        pos = q.shape[1]
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         prefix = 0
         if past_kv is not None and past_kv[0].shape[1] > 0:
@@ -179,7 +215,7 @@ class Attention(nn.Module):
         # [batch, head, pos, d_head] @ [batch, head, d_head, key_pos]
         scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) / math.sqrt(self.d_head)
         if self.causal:
-            mask = torch.ones(pos, prefix + pos, dtype=torch.bool, device=x.device).triu_(prefix + 1)
+            mask = torch.ones(pos, prefix + pos, dtype=torch.bool, device=q.device).triu_(prefix + 1)
             scores = scores.masked_fill(mask, float("-inf"))
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(scores.softmax(dim=-1))
@@ -258,6 +294,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: TowerConfig):
         super().__init__()
+        self.n_heads = cfg.n_heads
         self.ln1 = LayerNorm(cfg.d_model, cfg.eps)
         self.attn = Attention(cfg)
         self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
@@ -272,19 +309,53 @@ class TransformerBlock(nn.Module):
         self.hook_resid_mid = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        # optional, as in TransformerLens: they fire only when the tower's set_use_* turns them on
+        self.hook_q_input = HookPoint()  # [batch, pos, head, d_model]
+        self.hook_k_input = HookPoint()  # [batch, pos, head, d_model]
+        self.hook_v_input = HookPoint()  # [batch, pos, head, d_model]
+        self.hook_attn_in = HookPoint()  # [batch, pos, head, d_model]
+        self.hook_mlp_in = HookPoint()   # [batch, pos, d_model]
+        self.split_qkv_input = self.attn_in = self.mlp_in = False
+        self.set_flags(cfg)
+
+    def set_flags(self, cfg: TowerConfig) -> None:
+        """Which optional hook points fire (the tower's `set_use_*` methods keep them in step with
+        its cfg)."""
+        self.attn.use_attn_result = cfg.use_attn_result
+        self.split_qkv_input, self.attn_in, self.mlp_in = cfg.use_split_qkv_input, cfg.use_attn_in, cfg.use_hook_mlp_in
+
+    @property
+    def uses_optional_hooks(self) -> bool:
+        return self.split_qkv_input or self.attn_in or self.mlp_in
+
+    def _per_head(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos head d_model"]:
+        return resid[:, :, None].expand(-1, -1, self.n_heads, -1).clone()
+
+    def _attention(self, resid_pre: Float[Tensor, "batch pos d_model"],
+                   past_kv: Optional[tuple[Tensor, Tensor]]) -> Float[Tensor, "batch pos d_model"]:
+        """attn(ln1(resid_pre)), with each head's own input when split inputs are on."""
+        if self.split_qkv_input:
+            inputs = [hook(self._per_head(resid_pre)) for hook in (self.hook_q_input, self.hook_k_input,
+                                                                   self.hook_v_input)]
+            return self.attn.forward_per_head(*(self.ln1(x) for x in inputs), past_kv)
+        if self.attn_in:
+            normed = self.ln1(self.hook_attn_in(self._per_head(resid_pre)))
+            return self.attn.forward_per_head(normed, normed, normed, past_kv)
+        return self.attn(self.ln1(resid_pre), past_kv)
 
     def attn_half(self, resid_pre: Float[Tensor, "batch pos d_model"],
                   past_kv: Optional[tuple[Tensor, Tensor]] = None) -> Float[Tensor, "batch pos d_model"]:
         """resid_pre -> resid_mid. See `Attention.forward` for `past_kv`."""
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.attn(self.ln1(resid_pre), past_kv)
+        attn_out = self._attention(resid_pre, past_kv)
         if self.ls1 is not None:
             attn_out = attn_out * self.ls1
         return self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
 
     def mlp_half(self, resid_mid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         """resid_mid -> resid_post."""
-        mlp_out = self.mlp(self.ln2(resid_mid))
+        mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.mlp_in else resid_mid
+        mlp_out = self.mlp(self.ln2(mlp_in))
         if self.ls2 is not None:
             mlp_out = mlp_out * self.ls2
         return self.hook_resid_post(resid_mid + self.hook_mlp_out(mlp_out))
@@ -295,7 +366,7 @@ class TransformerBlock(nn.Module):
 
     # in place, for the patching engine: x is a buffer it owns --------------------------------
     def _residual_hooks_attached(self) -> bool:
-        return hooks_attached(self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid, self.hook_mlp_out,
+        return self.uses_optional_hooks or hooks_attached(self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid, self.hook_mlp_out,
                               self.hook_resid_post)
 
     def attn_half_(self, x: Float[Tensor, "batch pos d_model"], past_kv: Optional[tuple[Tensor, Tensor]] = None) -> None:

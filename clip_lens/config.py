@@ -9,7 +9,9 @@ functions run on `model.text` and `model.vision` unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from typing import Any, Literal, Optional, Tuple
+
+import torch
 
 ActFn = Literal["gelu", "gelu_tanh", "quick_gelu"]
 
@@ -38,6 +40,14 @@ class TowerConfig:
         n_key_value_heads: always None (no grouped-query attention); read by TransformerLens.
         normalization_type, attn_only, final_rms: what TransformerLens's ActivationCache reads for
             residual decompositions and `apply_ln` (CLIP: pre-LayerNorm blocks with MLPs).
+        dtype: dtype of the weights; kept in step with the module by the tower, like `device`.
+        use_attn_result, use_split_qkv_input, use_attn_in, use_hook_mlp_in: which optional hook
+            points fire; set them with the tower's `set_use_*` methods, as in TransformerLens.
+        d_vocab: vocabulary size (text); -1 ("not set", TransformerLens's value) for vision.
+        positional_embedding_type, gated_mlp, uses_rms_norm, n_devices, default_prepend_bos,
+        tokenizer_prepends_bos, original_architecture, model_name: TransformerLens's names for
+            facts fixed by CLIP's architecture (learnt absolute positions, plain MLPs, LayerNorm,
+            one device, a start-of-text token always added by the tokenizer).
     """
 
     n_layers: int
@@ -58,6 +68,20 @@ class TowerConfig:
     normalization_type: str = "LN"
     attn_only: bool = False
     final_rms: bool = False
+    dtype: torch.dtype = torch.float32
+    use_attn_result: bool = False
+    use_split_qkv_input: bool = False
+    use_attn_in: bool = False
+    use_hook_mlp_in: bool = False
+    d_vocab: int = -1
+    positional_embedding_type: str = "standard"
+    gated_mlp: bool = False
+    uses_rms_norm: bool = False
+    n_devices: int = 1
+    default_prepend_bos: bool = True
+    tokenizer_prepends_bos: bool = True
+    original_architecture: str = "CLIP"
+    model_name: str = "clip"
 
     def __post_init__(self) -> None:
         if self.d_head * self.n_heads != self.d_model:
@@ -100,3 +124,40 @@ class VisionConfig(TowerConfig):
     def n_patches(self) -> int:
         gh, gw = self.grid_size
         return gh * gw
+
+
+# TransformerLens's config fields whose value differs between CLIP's two towers: on the joint
+# `HookedCLIP.cfg` they are refused with a pointer to the tower's own cfg.
+PER_TOWER_FIELDS = frozenset(TowerConfig.__dataclass_fields__) | {"d_vocab", "image_size", "patch_size"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CLIPConfig:
+    """`HookedCLIP.cfg`: the two towers' configs and what they share.
+
+    Attributes:
+        text, vision: each tower's own config (also `model.text.cfg`, `model.vision.cfg`).
+        d_embed: width of the joint embedding space.
+        device, dtype: where the towers' weights are and their precision (the logit scale and bias
+            stay float32).
+        model_name: the model's label.
+
+    TransformerLens's per-model fields (`n_layers`, `d_model`, `n_heads`, ...) belong to one tower:
+    reading one here raises an AttributeError naming `cfg.text.<field>` and `cfg.vision.<field>`.
+    """
+
+    text: TextConfig
+    vision: VisionConfig
+    d_embed: int
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    model_name: str = "clip"
+
+    def __getattr__(self, name: str) -> Any:
+        if name in PER_TOWER_FIELDS:
+            raise AttributeError(
+                f"HookedCLIP.cfg.{name}: CLIP has two towers, each with its own {name}; read "
+                f"model.cfg.text.{name} or model.cfg.vision.{name} (or model.text.cfg.{name}), and run "
+                "TransformerLens's tools on model.text / model.vision or on cache.text / cache.vision"
+            )
+        raise AttributeError(f"CLIPConfig has no field {name!r}")

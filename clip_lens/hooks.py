@@ -287,8 +287,12 @@ class HookedModule(HookedRootModule):
         if metric is not None:
             raise ValueError("metric= is for run_with_cache(incl_bwd=True)")
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
-        has_batch_dim = not kwargs.get("remove_batch_dim", False)
-        return out, self.cache_class(cache_dict, self, has_batch_dim=has_batch_dim)
+        return out, self.make_cache(cache_dict, model_args, kwargs)
+
+    def make_cache(self, cache_dict: dict, model_args: tuple, kwargs: dict) -> ActivationCache:
+        """The `cache_class` object over a run's activations (a tower adds what it knows about the
+        run's inputs, e.g. the text tower its tokens)."""
+        return self.cache_class(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
 
     def _run_with_cache_and_grads(self, model_args: tuple, metric, kwargs: dict):
         if metric is None:
@@ -306,7 +310,7 @@ class HookedModule(HookedRootModule):
             if not isinstance(value, Tensor) or value.numel() != 1:
                 raise ValueError(f"metric must return a scalar tensor; got {getattr(value, 'shape', type(value).__name__)}")
             value.backward()
-        return out, self.cache_class(cache_dict, self, has_batch_dim=not options.get("remove_batch_dim", False))
+        return out, self.make_cache(cache_dict, model_args, {**kwargs, **options})
 
 
 def _run_to_the_end(step: Callable[[], None]) -> None:

@@ -10,6 +10,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from clip_lens import loading
+from clip_lens.caches import CLIPActivationCache
+from clip_lens.config import CLIPConfig
 from clip_lens.hooks import TOWER_PREFIXES, HookContext, HookedModule
 from clip_lens.images import ImageLike, build_transform, default_preprocess_cfg, to_pixels
 from clip_lens.towers import HookedTextTower, HookedTower, HookedVisionTower
@@ -68,10 +70,25 @@ class HookedCLIP(HookedModule):
             for name, hook_point in tower.hook_dict.items():
                 self.hook_dict[f"{prefix}.{name}"] = hook_point
 
+    cache_class = CLIPActivationCache
+
     @property
     def dtype(self) -> torch.dtype:
         """The towers' dtype (the logit scale and bias stay in float32, see `_apply`)."""
         return self.text.dtype
+
+    @property
+    def cfg(self) -> CLIPConfig:
+        """Both towers' configs (`cfg.text`, `cfg.vision`) and what they share; TransformerLens's
+        per-model fields are read on a tower (`model.text.cfg.n_layers`)."""
+        return CLIPConfig(text=self.text.cfg, vision=self.vision.cfg, d_embed=self.text.cfg.d_embed,
+                          device=str(self.device), dtype=self.dtype, model_name=self.name or "clip")
+
+    def make_cache(self, cache_dict: dict, model_args: tuple, kwargs: dict) -> CLIPActivationCache:
+        cache = super().make_cache(cache_dict, model_args, kwargs)
+        text = model_args[0] if model_args else kwargs.get("text")
+        cache.text_inputs = None if text is None else self.tower_input(text, name="text")[1]
+        return cache
 
     # The logit scale and bias stay in float32 when the towers move to half precision: in bfloat16,
     # log(100) = 4.6052 rounds to 4.59375 and every score would be 1.1% too small.
@@ -145,8 +162,21 @@ class HookedCLIP(HookedModule):
         """Token ids [batch, pos], trimmed after the longest EOT of the batch by default."""
         return self.text.to_tokens(texts, trim=trim)
 
-    def to_str_tokens(self, text: Union[str, Tensor]) -> list[str]:
-        return self.text.to_str_tokens(text)
+    def to_str_tokens(self, input: Union[str, Sequence[str], Tensor]) -> Union[list[str], list[list[str]]]:
+        """See `HookedTextTower.to_str_tokens`."""
+        return self.text.to_str_tokens(input)
+
+    def to_string(self, tokens: Union[Sequence[int], Tensor]) -> Union[str, list[str]]:
+        """See `HookedTextTower.to_string`."""
+        return self.text.to_string(tokens)
+
+    def to_single_token(self, string: str) -> int:
+        """See `HookedTextTower.to_single_token`."""
+        return self.text.to_single_token(string)
+
+    def get_token_position(self, single_token: Union[str, int], input: Union[str, Tensor], mode: str = "first") -> int:
+        """See `HookedTextTower.get_token_position`."""
+        return self.text.get_token_position(single_token, input, mode)
 
     def to_pixels(self, images: Union[ImageLike, Sequence[ImageLike]]) -> Float[Tensor, "batch 3 height width"]:
         """Preprocess PIL images, image paths or raw image tensors [3, H, W] with the model's own
@@ -194,13 +224,23 @@ class HookedCLIP(HookedModule):
         logits = self.logit_scale.exp() * F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T
         return logits + self.logit_bias if self.logit_bias is not None else logits
 
-    def forward(self, text: Optional[Tensor] = None, image: Optional[Tensor] = None) -> Tensor:
+    def _input_of(self, tower: HookedTower, value: Any, name: str) -> Tensor:
+        found, inputs = self.tower_input(value, name=name)
+        if found is not tower:
+            raise ValueError(f"{name}= takes {'texts or tokens' if tower is self.text else 'images or pixels'}; "
+                             f"got {found.modality} inputs")
+        return inputs
+
+    def forward(self, text: Any = None, image: Any = None) -> Tensor:
         """Logits [n_images, n_texts] when both are given (open_clip's image logits); the
-        embeddings of the one given otherwise ([batch, d_embed], unnormalised)."""
+        embeddings of the one given otherwise ([batch, d_embed], unnormalised).
+
+        `text` is tokens [batch, pos] or texts; `image` is pixels [batch, 3, H, W] or images (PIL
+        images, paths, raw tensors), preprocessed with the model's own transform."""
         if text is None and image is None:
             raise ValueError("HookedCLIP needs text=tokens, image=pixels, or both")
-        text_emb = self.encode_text(text) if text is not None else None
-        image_emb = self.encode_image(image) if image is not None else None
+        text_emb = self.encode_text(self._input_of(self.text, text, "text")) if text is not None else None
+        image_emb = self.encode_image(self._input_of(self.vision, image, "image")) if image is not None else None
         if text_emb is None:
             return image_emb
         if image_emb is None:

@@ -21,14 +21,14 @@ from typing import Optional, Sequence, Union
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens import ActivationCache
+from transformer_lens import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
-from transformer_lens.utilities import Slice
 
+from clip_lens.caches import TextActivationCache, VisionActivationCache
 from clip_lens.checks import is_integer
 from clip_lens.components import LayerNorm, PatchEmbed, Projection, TokenEmbed, TransformerBlock
 from clip_lens.config import TextConfig, TowerConfig, VisionConfig
-from clip_lens.hooks import HookedModule, act_name
+from clip_lens.hooks import HookedModule
 from clip_lens.tokenization import Tokenizer
 
 # Normalised pixels ((x - mean) / std of [0, 1] values) stay within about +-3; 0-255 values do not.
@@ -48,23 +48,154 @@ class HookedTower(HookedModule):
         self.cfg = cfg
         self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
 
-    # Keep cfg.device in step with the weights (TransformerLens reads model.cfg.device).
+    # Keep cfg.device and cfg.dtype in step with the weights (TransformerLens reads both).
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         some_param = next(self.parameters(), None)
-        if some_param is not None and str(some_param.device) != self.cfg.device:
-            self.cfg = replace(self.cfg, device=str(some_param.device))
+        if some_param is not None and (str(some_param.device), some_param.dtype) != (self.cfg.device, self.cfg.dtype):
+            self.cfg = replace(self.cfg, device=str(some_param.device), dtype=some_param.dtype)
         return out
+
+    # optional hook points, as TransformerLens's setters (each off by default: they cost time) ----
+    def _set_flag(self, flag: str, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False; got {value!r}")
+        self.cfg = replace(self.cfg, **{flag: value})
+        for block in self.blocks:
+            block.set_flags(self.cfg)
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """Compute each head's output separately and fire `blocks.{l}.attn.hook_result`
-        ([batch, pos, head, d_model]). Off by default: it costs memory and time."""
-        for block in self.blocks:
-            block.attn.use_attn_result = use_attn_result
+        ([batch, pos, head, d_model])."""
+        self._set_flag("use_attn_result", use_attn_result)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Give each head its own copy of the residual for its queries, keys and values, and fire
+        `blocks.{l}.hook_q_input` / `hook_k_input` / `hook_v_input` ([batch, pos, head, d_model],
+        before ln1)."""
+        self._set_flag("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Give each head its own copy of the residual and fire `blocks.{l}.hook_attn_in`
+        ([batch, pos, head, d_model], before ln1)."""
+        self._set_flag("use_attn_in", use_attn_in)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Fire `blocks.{l}.hook_mlp_in` ([batch, pos, d_model], the MLP's input before ln2)."""
+        self._set_flag("use_hook_mlp_in", use_hook_mlp_in)
 
     @property
     def use_attn_result(self) -> bool:
-        return bool(self.blocks[0].attn.use_attn_result) if len(self.blocks) else False
+        return self.cfg.use_attn_result
+
+    # weights stacked over layers, as TransformerLens exposes them -----------------------------
+    def _stack(self, get) -> Tensor:
+        return torch.stack([get(block) for block in self.blocks])
+
+    @property
+    def W_Q(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_Q)
+
+    @property
+    def W_K(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_K)
+
+    @property
+    def W_V(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_V)
+
+    @property
+    def W_O(self) -> Float[Tensor, "n_layers n_heads d_head d_model"]:
+        return self._stack(lambda b: b.attn.W_O)
+
+    @property
+    def b_Q(self) -> Float[Tensor, "n_layers n_heads d_head"]:
+        return self._stack(lambda b: b.attn.b_Q)
+
+    @property
+    def b_K(self) -> Float[Tensor, "n_layers n_heads d_head"]:
+        return self._stack(lambda b: b.attn.b_K)
+
+    @property
+    def b_V(self) -> Float[Tensor, "n_layers n_heads d_head"]:
+        return self._stack(lambda b: b.attn.b_V)
+
+    @property
+    def b_O(self) -> Float[Tensor, "n_layers d_model"]:
+        return self._stack(lambda b: b.attn.b_O)
+
+    @property
+    def W_in(self) -> Float[Tensor, "n_layers d_model d_mlp"]:
+        return self._stack(lambda b: b.mlp.W_in)
+
+    @property
+    def W_out(self) -> Float[Tensor, "n_layers d_mlp d_model"]:
+        return self._stack(lambda b: b.mlp.W_out)
+
+    @property
+    def b_in(self) -> Float[Tensor, "n_layers d_mlp"]:
+        return self._stack(lambda b: b.mlp.b_in)
+
+    @property
+    def b_out(self) -> Float[Tensor, "n_layers d_model"]:
+        return self._stack(lambda b: b.mlp.b_out)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """W_Q @ W_K^T per layer and head, [n_layers, n_heads, d_model, d_model], factored."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """W_V @ W_O per layer and head, [n_layers, n_heads, d_model, d_model], factored."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def __getattr__(self, name: str):
+        if name in ("W_U", "b_U", "unembed"):
+            raise AttributeError(f"a CLIP tower has no unembedding ({name}): its output is an embedding in the joint "
+                                 "space. tokens_to_residual_directions(embeddings) gives the residual direction of a "
+                                 "score with the other tower's embeddings (docs/transformer_lens.md)")
+        return super().__getattr__(name)
+
+    # the joint space, read back into the residual stream ---------------------------------------
+    def _check_linear_readout(self) -> None:
+        if self.proj is None:
+            raise ValueError("this tower has no projection into a joint space")
+        if self.modality == "vision" and (not self.pools_class_token or self.cfg.final_ln_after_pool):
+            raise ValueError("residual directions need the embedding read at one position through a per-position "
+                             f"final norm; this vision tower pools by {self.cfg.pooling!r}"
+                             f"{' and normalises after pooling' if self.cfg.final_ln_after_pool else ''}")
+
+    def tokens_to_residual_directions(
+        self,
+        target: Float[Tensor, "*n d_embed"],
+        own_embeddings: Optional[Float[Tensor, "batch d_embed"]] = None,
+        scale: Union[float, Tensor] = 1.0,
+    ) -> Float[Tensor, "*batch d_model"]:
+        """The residual direction of a score with `target` (embeddings of the other tower, one or
+        one per input), defined in docs/methods.md#residual-directions-in-the-joint-space:
+        scale * w_final ⊙ (W_proj @ target / |target|), divided by each input's own embedding
+        norm when `own_embeddings` are given. The final-normed (centred, scaled) residual at the
+        pooled position dotted with it is the score scale * cos(embedding, target), less what
+        `joint_offset` carries. Without `own_embeddings`: [d_model] or [n, d_model]; with them:
+        [batch, d_model]."""
+        self._check_linear_readout()
+        target = target.to(device=self.proj.W.device, dtype=torch.float32)
+        unit = target / target.norm(dim=-1, keepdim=True)
+        direction = torch.as_tensor(scale).float() * self.final_norm.w.float() * (unit @ self.proj.W.float().T)
+        if own_embeddings is None:
+            return direction
+        if direction.ndim == 2 and own_embeddings.shape[0] != 1 and direction.shape[0] not in (1, own_embeddings.shape[0]):
+            raise ValueError(f"{direction.shape[0]} targets for {own_embeddings.shape[0]} inputs: give one target, "
+                             "or one per input")
+        return direction / own_embeddings.float().norm(dim=-1, keepdim=True).to(direction.device)
+
+    def joint_offset(self) -> Float[Tensor, " d_embed"]:
+        """What the embedding holds whatever the residual: the final norm's bias through the
+        projection, plus the projection's bias."""
+        self._check_linear_readout()
+        offset = self.final_norm.b.float() @ self.proj.W.float()
+        return offset + self.proj.b.float() if self.proj.b is not None else offset
 
     def check_layer(self, layer: int, *, name: str = "layer") -> int:
         """`layer` as a non-negative index in 0..n_layers, or a ValueError naming it."""
@@ -155,6 +286,7 @@ class HookedTextTower(HookedTower):
 
     cfg: TextConfig
     modality = "text"
+    cache_class = TextActivationCache
 
     def __init__(self, cfg: TextConfig, tokenizer: Optional[Tokenizer] = None):
         super().__init__(cfg)
@@ -197,11 +329,78 @@ class HookedTextTower(HookedTower):
                               f"{self.cfg.n_ctx} token slots and may have been cut to fit", stacklevel=3)
         return self.trim(tokens) if trim else tokens
 
-    def to_str_tokens(self, text: Union[str, Tensor]) -> list[str]:
-        """The tokens of one text (or one row of tokens) as strings, up to and including EOT."""
-        tokens = self.to_tokens(text)[0] if isinstance(text, str) else text.reshape(-1)
-        end = int(self.pooled_positions(tokens[None])[0]) + 1 if self.can_trim else len(tokens)
-        return [self.tokenizer.decode_token(int(t)) for t in tokens[:end]]
+    def to_str_tokens(self, input: Union[str, Sequence[str], Tensor]) -> Union[list[str], list[list[str]]]:
+        """Tokens as strings, as TransformerLens's: a text, or tokens [pos] / [1, pos], give one
+        list; a list of texts, or tokens [batch, pos] with batch > 1, give one list per text. Each
+        list runs up to and including the text's EOT (the padding after it is not part of it)."""
+        if isinstance(input, str):
+            return self._str_tokens_of_row(self.to_tokens(input)[0])
+        if isinstance(input, (list, tuple)):
+            return [self._str_tokens_of_row(row) for row in self.to_tokens(list(input))]
+        tokens = self._as_token_rows(input, "input")
+        rows = [self._str_tokens_of_row(row) for row in tokens]
+        return rows[0] if input.ndim == 1 or len(rows) == 1 else rows
+
+    def to_string(self, tokens: Union[Sequence[int], Tensor]) -> Union[str, list[str]]:
+        """The text of tokens, special tokens included, up to each row's EOT: one string for
+        [pos], one per row for [batch, pos] (TransformerLens's `to_string`)."""
+        rows = self._as_token_rows(torch.as_tensor(tokens), "tokens")
+        texts = [self.tokenizer.decode(row[: self._row_length(row)]) for row in rows]
+        return texts[0] if torch.as_tensor(tokens).ndim == 1 else texts
+
+    def to_single_token(self, string: str) -> int:
+        """The id of `string`, which must be exactly one token (no start or end token)."""
+        if not isinstance(string, str):
+            raise TypeError(f"to_single_token takes a string; got {type(string).__name__}")
+        ids = self.tokenizer.encode_plain(string)
+        if len(ids) != 1:
+            pieces = [self.tokenizer.decode_token(i) for i in ids]
+            raise ValueError(f"{string!r} is {len(ids)} tokens ({pieces}), not one")
+        return int(ids[0])
+
+    def get_token_position(self, single_token: Union[str, int], input: Union[str, Tensor],
+                           mode: str = "first") -> int:
+        """The position of `single_token` (a string of one token, or an id) in `input` (a text, or
+        tokens [pos] / [1, pos]); `mode` "first" or "last" when it occurs more than once."""
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode={mode!r}: use 'first' or 'last'")
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        row = self.to_tokens(input)[0] if isinstance(input, str) else self._as_token_rows(input, "input")
+        if row.ndim == 2:
+            if row.shape[0] != 1:
+                raise ValueError(f"get_token_position takes one text; input has {row.shape[0]} rows")
+            row = row[0]
+        found = (row[: self._row_length(row)] == token).nonzero().flatten().tolist()
+        if not found:
+            raise ValueError(f"token {token} ({self.tokenizer.decode_token(token)!r}) is not in the input "
+                             f"{self.to_str_tokens(row)}")
+        return found[0] if mode == "first" else found[-1]
+
+    def _as_token_rows(self, tokens: Tensor, name: str) -> Int[Tensor, "batch pos"]:
+        if not isinstance(tokens, Tensor) or tokens.ndim not in (1, 2) or tokens.is_floating_point():
+            raise ValueError(f"{name}: expected a text, texts, or integer tokens [pos] or [batch, pos]; got "
+                             f"{type(tokens).__name__} {tuple(getattr(tokens, 'shape', ()))}")
+        return tokens.reshape(1, -1) if tokens.ndim == 1 else tokens
+
+    def _row_length(self, row: Int[Tensor, " pos"]) -> int:
+        """Positions of one row up to and including its EOT (all of them without EOT pooling)."""
+        return int(self.sequence_lengths(row[None])[0]) if self.can_trim else len(row)
+
+    def _str_tokens_of_row(self, row: Int[Tensor, " pos"]) -> list[str]:
+        return [self.tokenizer.decode_token(int(t)) for t in row[: self._row_length(row)]]
+
+    def input_tokens(self, inputs: Union[str, Sequence[str], Tensor]) -> Int[Tensor, "batch pos"]:
+        """Texts tokenized, or tokens checked, ready for the tower (trimmed to the longest EOT)."""
+        if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs
+                                      and all(isinstance(t, str) for t in inputs)):
+            return self.to_tokens(inputs)
+        return self.trim(self.check_tokens(inputs))
+
+    def make_cache(self, cache_dict: dict, model_args: tuple, kwargs: dict) -> TextActivationCache:
+        cache = super().make_cache(cache_dict, model_args, kwargs)
+        tokens = model_args[0] if model_args else kwargs.get("tokens")
+        cache.inputs = None if tokens is None else self.input_tokens(tokens)
+        return cache
 
     @property
     def can_trim(self) -> bool:
@@ -241,11 +440,39 @@ class HookedTextTower(HookedTower):
             row, pos = (int(i) for i in bad[0])
             raise ValueError(f"token id {int(tokens[row, pos])} at row {row}, position {pos} is outside the vocabulary "
                              f"(0..{self.cfg.d_vocab - 1})")
+        self._check_eot(tokens)
         return tokens
+
+    @property
+    def eot_token_id(self) -> Optional[int]:
+        """The id the embedding is pooled at: the config's for "eos" pooling; the tokenizer's
+        end-of-text for "argmax" pooling (CLIP's EOT is its largest id); None otherwise."""
+        if self.cfg.pooling == "eos":
+            return self.cfg.eot_token_id
+        if self.cfg.pooling == "argmax":
+            return self.tokenizer.eot_token_id
+        return None
+
+    def _check_eot(self, tokens: Int[Tensor, "batch pos"]) -> None:
+        """Each row must hold the EOT token: without it the embedding would be read elsewhere
+        (argmax pooling picks the largest other id, SOT for CLIP) without a word."""
+        eot = self.eot_token_id
+        if eot is None:
+            return
+        missing = (tokens[torch.arange(tokens.shape[0], device=tokens.device), self.pooled_positions(tokens)] != eot)
+        if bool(missing.any()):
+            rows = missing.nonzero().flatten().tolist()
+            raise ValueError(f"token row(s) {rows[:5]} hold no end-of-text token (id {eot}), where the text embedding "
+                             "is read; tokenize with model.to_tokens(texts)")
 
     @property
     def attends_causally(self) -> bool:
         return self.cfg.causal
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        """The token embedding."""
+        return self.embed.W_E
 
     def n_positions(self, inputs: Int[Tensor, "batch pos"]) -> int:
         return inputs.shape[1]
@@ -296,12 +523,13 @@ class HookedTextTower(HookedTower):
         """Text embeddings [batch, d_embed], as open_clip's `encode_text` (unnormalised).
 
         Args:
-            tokens: [batch, pos]; always needed, since they locate the pooled (EOT) position.
+            tokens: [batch, pos], or texts (tokenized with `to_tokens`); always needed, since they
+                locate the pooled (EOT) position.
             residual: the residual stream at `start_at_layer` to resume from, instead of the
                 embeddings (positions as in the trimmed tokens).
             stop_at_layer: return the residual stream at this layer instead of the embedding.
         """
-        tokens = self.trim(self.check_tokens(tokens))
+        tokens = self.input_tokens(tokens)
         if residual is None:
             if start_at_layer != 0:
                 raise ValueError("start_at_layer > 0 needs the residual stream to start from (residual=...)")
@@ -312,47 +540,6 @@ class HookedTextTower(HookedTower):
         if stop_at_layer is not None:
             return resid
         return self.pool(resid, tokens)
-
-
-def _as_slice(value) -> Slice:
-    return value if isinstance(value, Slice) else Slice(value)
-
-
-class VisionActivationCache(ActivationCache):
-    """A vision tower's cache for TransformerLens's residual tools. The vision residual at layer 0
-    is ln_pre's output, not the sum of the embedding hooks, so decompositions start from that
-    residual (labelled "embed"), and the final norm is `ln_post`."""
-
-    def decompose_resid(self, layer: Optional[int] = None, mlp_input: bool = False, mode: str = "all",
-                        apply_ln: bool = False, pos_slice=None, incl_embeds: bool = True, return_labels: bool = False):
-        """As TransformerLens's: the residual at `layer` split into the layer-0 residual and each
-        block's attention and MLP outputs, which sum to it."""
-        layer = self.model.cfg.n_layers if layer is None or layer == -1 else layer
-        parts, labels = [], []
-        if incl_embeds:
-            parts, labels = [_as_slice(pos_slice).apply(self[act_name("resid_pre", 0)], dim=-2)], ["embed"]
-        if layer > 0 or (mlp_input and mode != "mlp"):
-            rest, rest_labels = super().decompose_resid(layer, mlp_input, mode, apply_ln=False, pos_slice=pos_slice,
-                                                        incl_embeds=False, return_labels=True)
-            parts, labels = parts + list(rest), labels + rest_labels
-        components = torch.stack(parts)
-        if apply_ln:
-            components = self.apply_ln_to_stack(components, layer, pos_slice=pos_slice, mlp_input=mlp_input)
-        return (components, labels) if return_labels else components
-
-    def get_full_resid_decomposition(self, *args, **kwargs):
-        raise NotImplementedError("get_full_resid_decomposition reads the embedding hooks of a decoder; a vision "
-                                  "tower's layer-0 residual comes after ln_pre: use decompose_resid, "
-                                  "stack_head_results and stack_neuron_results")
-
-    def _get_cached_ln_scale(self, layer, mlp_input, pos_slice, batch_slice=None):
-        if layer is not None and layer != self.model.cfg.n_layers:
-            return super()._get_cached_ln_scale(layer, mlp_input, pos_slice, batch_slice)
-        if self.model.cfg.final_ln_after_pool:
-            raise ValueError("this vision tower applies ln_post to the pooled vector only, so a final norm per "
-                             "position is not defined: apply the norm at an earlier layer, or apply_ln=False")
-        scale = _as_slice(pos_slice).apply(self[act_name("scale", None, "ln_post")], dim=-2)
-        return _as_slice(batch_slice).apply(scale) if batch_slice is not None and self.has_batch_dim else scale
 
 
 class HookedVisionTower(HookedTower):
@@ -451,6 +638,12 @@ class HookedVisionTower(HookedTower):
     def ln_final(self) -> LayerNorm:
         """TransformerLens's name for the final norm (its residual tools apply it by this name)."""
         return self.ln_post
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_patch d_model"]:
+        """The patch embedding as a matrix: a flattened patch (3 * ph * pw values, channel-major
+        then row-major within the patch, as `PatchEmbed` reads them) times W_E is its embedding."""
+        return self.patch_embed.weight.reshape(self.cfg.d_model, -1).T
 
     def pooled_positions(self, inputs: Tensor) -> Int[Tensor, " batch"]:
         if self.cfg.pooling != "tok":
