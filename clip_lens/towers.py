@@ -445,12 +445,14 @@ class HookedTextTower(HookedTower):
 
     @property
     def eot_token_id(self) -> Optional[int]:
-        """The id the embedding is pooled at: the config's for "eos" pooling; the tokenizer's
-        end-of-text for "argmax" pooling (CLIP's EOT is its largest id); None otherwise."""
+        """The id the embedding is pooled at: the config's for "eos" pooling; for "argmax" pooling
+        the end-of-text id of the tower's tokenizer (CLIP's EOT is its largest id); None otherwise,
+        and for a tower built without a tokenizer."""
         if self.cfg.pooling == "eos":
             return self.cfg.eot_token_id
-        if self.cfg.pooling == "argmax":
-            return self.tokenizer.eot_token_id
+        if self.cfg.pooling == "argmax" and self._tokenizer is not None:
+            eot = self._tokenizer.eot_token_id
+            return eot if eot is not None and eot < self.cfg.d_vocab else None
         return None
 
     def _check_eot(self, tokens: Int[Tensor, "batch pos"]) -> None:
