@@ -15,6 +15,7 @@ from conftest import fresh_open_clip, perturb_, tiny_hf_config
 import clip_lens
 from clip_lens import loading, zoo
 from clip_lens.config import TextConfig
+from clip_lens.lens import joint_space_directions
 from clip_lens.model import as_dtype
 from clip_lens.model_sources import ModelSource
 from clip_lens.towers import HookedTextTower
@@ -98,6 +99,10 @@ def test_hooks_that_keep_their_meaning(tiny_model, tiny_inputs):
     # fold_ln: the pooled vector is the final norm's x_hat (no gain, no bias)
     pooled = after["text.hook_pooled"]
     assert pooled.mean(-1).abs().max() < 1e-5 and not torch.allclose(pooled, before["text.hook_pooled"], atol=1e-3)
+    # weight-based reading of a direction in the joint space is unchanged
+    directions = torch.randn(3, tiny_model.vision.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(joint_space_directions(processed.vision, directions),
+                               joint_space_directions(tiny_model.vision, directions), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("modality", ["text", "vision"])
