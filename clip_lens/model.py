@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from clip_lens import loading
+from clip_lens import loading, weight_processing
 from clip_lens.caches import CLIPActivationCache
 from clip_lens.config import CLIPConfig
 from clip_lens.hooks import TOWER_PREFIXES, HookContext, HookedModule
@@ -21,6 +21,22 @@ Device = Optional[Union[str, torch.device]]
 
 # the precisions a model can be loaded in, by name (the CLI's --dtype, a sweep model's dtype)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DtypeLike = Optional[Union[str, torch.dtype]]
+
+
+def as_dtype(value: DtypeLike, name: str = "dtype", allow_none: bool = True) -> Optional[torch.dtype]:
+    """The torch dtype `value` names: a key of `DTYPES` ("float32", "bfloat16", "float16") or one of
+    those torch dtypes; None stays None (the source's dtype) where `allow_none`. Anything else is a
+    ValueError naming the argument `name` and the allowed values."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    allowed = ", ".join(f"{key!r} or torch.{key}" for key in DTYPES)
+    raise ValueError(f"{name}={value!r}: use one of {allowed}")
+
 
 class HookedCLIP(HookedModule):
     """CLIP with TransformerLens hooks in both towers.
@@ -103,32 +119,46 @@ class HookedCLIP(HookedModule):
 
     # loading (the parts come from clip_lens.loading) ---------------------------------------------
     @classmethod
-    def from_parts(cls, parts: loading.Parts, device: Device = None, dtype: Optional[torch.dtype] = None) -> "HookedCLIP":
+    def from_parts(cls, parts: loading.Parts, device: Device = None, dtype: DtypeLike = None, *,
+                   fold_ln: bool = False, center_writing_weights: bool = False,
+                   fold_value_biases: bool = False) -> "HookedCLIP":
         """A HookedCLIP from its towers and the source's weights mapped into them, on `device` in
-        `dtype` (default: the source's)."""
+        `dtype` (default: the source's), its weights processed as asked (see `process_weights_`;
+        done in the source's precision, before the conversion to `dtype`)."""
+        dtype = as_dtype(dtype)
         hooked = cls(parts.text, parts.vision, **parts.kwargs)
         loading.apply_table(hooked, parts.state_dict, parts.table)
+        hooked.process_weights_(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                fold_value_biases=fold_value_biases)
         return hooked.to(device=device or parts.device, dtype=dtype or parts.dtype).eval()
 
     @classmethod
     def from_open_clip(cls, model: nn.Module, tokenizer: Any = None, preprocess_cfg: Optional[dict] = None,
-                       name: Optional[str] = None, device: Device = None,
-                       dtype: Optional[torch.dtype] = None) -> "HookedCLIP":
+                       name: Optional[str] = None, device: Device = None, dtype: DtypeLike = None, *,
+                       fold_ln: bool = False, center_writing_weights: bool = False,
+                       fold_value_biases: bool = False) -> "HookedCLIP":
         """From an open_clip `CLIP` / `CustomTextCLIP` object (weights copied; `model` unchanged).
 
         Args:
             device, dtype: where and in what precision the hooked model lives (default: the
-                source's). Scores (S, d, patching metrics) are computed in float32 whatever `dtype`.
+                source's); dtype "float32", "bfloat16", "float16" or the torch dtype. Scores (S, d,
+                patching metrics) are computed in float32 whatever `dtype`.
             tokenizer: an open_clip tokenizer or a `clip_lens.Tokenizer`; default: open_clip's BPE
                 tokenizer with the model's context length.
             preprocess_cfg: image preprocessing; default: the model's own (`model.visual.preprocess_cfg`).
+            fold_ln, center_writing_weights, fold_value_biases: TransformerLens's weight processing
+                (default off; see `process_weights_`).
         """
-        return cls.from_parts(loading.open_clip_parts(model, tokenizer, preprocess_cfg, name), device, dtype)
+        dtype = as_dtype(dtype)
+        return cls.from_parts(loading.open_clip_parts(model, tokenizer, preprocess_cfg, name), device, dtype,
+                              fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                              fold_value_biases=fold_value_biases)
 
     @classmethod
     def from_pretrained(cls, name: str, pretrained: Optional[str] = None, cache_dir: Optional[str] = None,
-                        device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
-                        **open_clip_kwargs: Any) -> "HookedCLIP":
+                        device: Union[str, torch.device] = "cpu", dtype: DtypeLike = None, *,
+                        fold_ln: bool = False, center_writing_weights: bool = False,
+                        fold_value_biases: bool = False, **open_clip_kwargs: Any) -> "HookedCLIP":
         """From an open_clip architecture name (e.g. "ViT-B-32") or a model that ships with
         clip_lens ("clip_lens/tiny-shapes", its weights by default).
 
@@ -138,20 +168,47 @@ class HookedCLIP(HookedModule):
                 weights. A tag whose weights are not cached fails at once when the hub is
                 unreachable, with the ways to provide the weights.
             cache_dir: where open_clip / huggingface_hub look for and keep downloaded weights.
-            device, dtype: where the model lives, and its precision (default float32; e.g.
-                torch.bfloat16). The weights are read in float32 and converted once.
+            device, dtype: where the model lives, and its precision (default float32; "bfloat16",
+                "float16" or the torch dtype). The weights are read in float32 and converted once.
+            fold_ln, center_writing_weights, fold_value_biases: TransformerLens's weight processing,
+                done by clip_lens in float32 before the conversion (default off, unlike
+                TransformerLens; see `process_weights_`).
             open_clip_kwargs: passed to `open_clip.create_model` (e.g. force_quick_gelu=True).
         """
+        dtype = as_dtype(dtype)
+        weight_processing.check_loading_kwargs(open_clip_kwargs)
         oc_model, tokenizer, label = loading.create_open_clip(name, pretrained, cache_dir, device, **open_clip_kwargs)
-        return cls.from_open_clip(oc_model, tokenizer=tokenizer, name=label, dtype=dtype)
+        return cls.from_open_clip(oc_model, tokenizer=tokenizer, name=label, dtype=dtype, fold_ln=fold_ln,
+                                  center_writing_weights=center_writing_weights, fold_value_biases=fold_value_biases)
 
     @classmethod
     def from_huggingface(cls, model_or_path: Any, tokenizer: Any = None, device: Device = None,
-                         dtype: Optional[torch.dtype] = None) -> "HookedCLIP":
+                         dtype: DtypeLike = None, *, fold_ln: bool = False, center_writing_weights: bool = False,
+                         fold_value_biases: bool = False) -> "HookedCLIP":
         """From a `transformers` `CLIPModel` or a local directory holding one (as written by
         `save_pretrained`; its tokenizer is used when the directory has one), on `device` in
-        `dtype` (default: the source's)."""
-        return cls.from_parts(loading.huggingface_parts(model_or_path, tokenizer), device, dtype)
+        `dtype` (default: the source's; "float32", "bfloat16", "float16" or the torch dtype), its
+        weights processed as asked (see `process_weights_`)."""
+        dtype = as_dtype(dtype)
+        return cls.from_parts(loading.huggingface_parts(model_or_path, tokenizer), device, dtype, fold_ln=fold_ln,
+                              center_writing_weights=center_writing_weights, fold_value_biases=fold_value_biases)
+
+    def process_weights_(self, fold_ln: bool = False, center_writing_weights: bool = False,
+                         fold_value_biases: bool = False) -> "HookedCLIP":
+        """TransformerLens's weight processing on both towers, in place (returns the model).
+        Each tower's embedding, and so the logits, are unchanged up to float rounding; what some
+        hooks hold changes. See `clip_lens.weight_processing`:
+
+            fold_ln: each LayerNorm's gain and bias folded into the map that reads it (q/k/v, MLP
+                input, the projection); the vision ln_pre is left (its output is the residual stream).
+            center_writing_weights: weights writing into the residual stream lose their mean over
+                d_model (LayerScale folded into the output weights first).
+            fold_value_biases: each block's value biases moved into its attention output bias.
+        """
+        weight_processing.process_towers_((self.text, self.vision), fold_ln=fold_ln,
+                                          center_writing_weights=center_writing_weights,
+                                          fold_value_biases=fold_value_biases)
+        return self
 
     # inputs ---------------------------------------------------------------------------------
     @property

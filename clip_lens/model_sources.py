@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from clip_lens import zoo
-from clip_lens.model import DTYPES, HookedCLIP, random_model_pair
+from clip_lens.model import DTYPES, HookedCLIP, as_dtype, random_model_pair
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class ModelSource:
             CLIP directory.
         pretrained: an open_clip tag or a checkpoint file; None: the shipped weights for
             clip_lens/tiny-shapes, random weights (seeded by `seed`) for an open_clip architecture.
-        dtype: a key of `clip_lens.model.DTYPES`.
+        dtype: a key of `clip_lens.model.DTYPES` ("float32", "bfloat16", "float16"); the torch dtype
+            is taken too and kept by that name.
     """
 
     name: str
@@ -41,8 +42,9 @@ class ModelSource:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        # a torch dtype is kept by its name in DTYPES (labels and run identities read the name)
+        dtype = as_dtype(self.dtype, name="dtype", allow_none=False)
+        object.__setattr__(self, "dtype", next(key for key, value in DTYPES.items() if value == dtype))
 
     @property
     def is_huggingface(self) -> bool:

@@ -84,6 +84,17 @@ class HookedTower(HookedModule):
         """Fire `blocks.{l}.hook_mlp_in` ([batch, pos, d_model], the MLP's input before ln2)."""
         self._set_flag("use_hook_mlp_in", use_hook_mlp_in)
 
+    def process_weights_(self, fold_ln: bool = False, center_writing_weights: bool = False,
+                         fold_value_biases: bool = False) -> "HookedTower":
+        """TransformerLens's weight processing on this tower, in place (returns the tower); its
+        embedding is unchanged up to float rounding. See `HookedCLIP.process_weights_` and
+        `clip_lens.weight_processing`."""
+        from clip_lens.weight_processing import process_tower_
+
+        process_tower_(self, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                       fold_value_biases=fold_value_biases)
+        return self
+
     @property
     def use_attn_result(self) -> bool:
         return self.cfg.use_attn_result
