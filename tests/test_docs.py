@@ -67,3 +67,9 @@ def test_sweeps_docs_spec_reads_and_python_example_runs(monkeypatch, tmp_path):
     assert sweep.run(sweep.read_spec(small, base=tmp_path), progress=False).ok
     namespace = run_python_blocks(ROOT / "docs" / "sweeps.md", 1)
     assert set(namespace["tables"]) >= {"accuracy", "localisation", "heads", "image_ablation", "manifest"}
+
+
+def test_transformer_lens_docs_examples_run():
+    namespace = run_python_blocks(ROOT / "docs" / "transformer_lens.md", 6)
+    assert namespace["attrs"].shape == (len(namespace["labels"]), 2)
+    assert namespace["at_eot"].shape == (4, 2, 64)
