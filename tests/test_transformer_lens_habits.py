@@ -282,3 +282,19 @@ def test_a_tower_run_alone_attributes_the_cosine(tiny_model):
     torch.testing.assert_close(total, F.cosine_similarity(emb, target[None]), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="texts and images need a HookedCLIP run"):
         cache.logit_attrs(stack, ["a red circle"], pos_slice=cache.pooled_slice)
+
+
+def test_logit_attrs_still_sum_to_the_score_after_weight_processing(tiny_model):
+    """Folding the final norm moves its gain and bias into the projection (which gains a bias):
+    the directions and the remainder follow, and the sum is still S."""
+    import copy
+
+    processed = copy.deepcopy(tiny_model)
+    processed.process_weights_(fold_ln=True, center_writing_weights=True, fold_value_biases=True)
+    with torch.no_grad():
+        logits, cache = processed.run_with_cache(text=TEXTS, image=pixels_for(processed))
+    text = cache.text
+    stack = text.decompose_resid(pos_slice=text.pooled_slice)
+    image = cache["vision.hook_embedding"][1]
+    total = text.logit_attrs(stack, image, pos_slice=text.pooled_slice).sum(0) + text.score_remainder(image)
+    torch.testing.assert_close(total, logits[1], atol=1e-4, rtol=0)
