@@ -412,11 +412,20 @@ class PatchEmbed(nn.Module):
         self.weight = nn.Parameter(torch.empty(d_model, 3, *patch_size))
 
     def forward(self, pixels: Float[Tensor, "batch 3 height width"]) -> Float[Tensor, "batch n_patches d_model"]:
+        return self.embed_flat(self.flatten(pixels))
+
+    def flatten(self, pixels: Float[Tensor, "batch 3 height width"]) -> Float[Tensor, "batch n_patches d_patch"]:
+        """Each patch as one vector of d_patch = 3 * ph * pw values, in (channel, row, column)
+        order; patches in row-major order of the grid. A remainder of the image is dropped, as by
+        the convolution."""
         ph, pw = self.patch_size
-        gh, gw = pixels.shape[-2] // ph, pixels.shape[-1] // pw  # a remainder is dropped, as by the convolution
+        gh, gw = pixels.shape[-2] // ph, pixels.shape[-1] // pw
         pixels = pixels[..., : gh * ph, : gw * pw]
         # shape = [batch, 3, gh * ph, gw * pw] -> [batch, gh * gw, 3 * ph * pw]
-        patches = einops.rearrange(pixels, "batch c (gh ph) (gw pw) -> batch (gh gw) (c ph pw)", ph=ph, pw=pw)
+        return einops.rearrange(pixels, "batch c (gh ph) (gw pw) -> batch (gh gw) (c ph pw)", ph=ph, pw=pw)
+
+    def embed_flat(self, patches: Float[Tensor, "batch n_patches d_patch"]) -> Float[Tensor, "batch n_patches d_model"]:
+        """The embedding of patches already flattened by `flatten` (the same matrix product)."""
         # shape = [d_model, 3, ph, pw] -> [d_model, 3 * ph * pw]
         return patches @ self.weight.reshape(self.weight.shape[0], -1).T
 

@@ -18,6 +18,7 @@ import warnings
 from dataclasses import replace
 from typing import Optional, Sequence, Union
 
+import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
@@ -30,6 +31,12 @@ from clip_lens.components import LayerNorm, PatchEmbed, Projection, TokenEmbed, 
 from clip_lens.config import TextConfig, TowerConfig, VisionConfig
 from clip_lens.hooks import HookedModule
 from clip_lens.tokenization import Tokenizer
+from clip_lens.transformer_lens_patching import (
+    called_from_tl_patching,
+    first_input,
+    hooks_from_tl_patching,
+    pixels_refusal,
+)
 
 # Normalised pixels ((x - mean) / std of [0, 1] values) stay within about +-3; 0-255 values do not.
 PIXEL_LIMIT = 10.0
@@ -563,6 +570,11 @@ class HookedVisionTower(HookedTower):
     is layer 0, `blocks.0.hook_resid_pre`); the block hooks; ln_post.hook_*; hook_pooled
     [batch, d_model]; hook_embedding [batch, d_embed] (what `encode_image` returns).
     Position 0 is the class token, positions 1.. the patches in row-major order.
+
+    Inputs: pixels [batch, 3, H, W], or the same pixels as patch tokens [batch, d_patch, n_ctx]
+    (`to_patch_tokens`), whose last axis is the positions: TransformerLens's patching functions
+    count positions along the last axis of their input, so they take patch tokens, and refuse pixels
+    with an error (`run_with_hooks`).
     """
 
     cfg: VisionConfig
@@ -592,6 +604,10 @@ class HookedVisionTower(HookedTower):
                 f"image must be a pixel tensor of shape [batch, {expected[0]}, {expected[1]}, {expected[2]}] "
                 f"(use model.to_pixels(images)); got {type(pixels).__name__} {tuple(getattr(pixels, 'shape', ()))}"
             )
+        return self._check_pixel_values(pixels)
+
+    def _check_pixel_values(self, pixels: Tensor) -> Tensor:
+        """`pixels` (or patch tokens) with a batch > 0 of finite, normalised floats."""
         if pixels.shape[0] == 0:
             raise ValueError("pixels hold no image (batch of 0)")
         if not pixels.is_floating_point():
@@ -621,12 +637,87 @@ class HookedVisionTower(HookedTower):
 
     def embed_pixels(self, pixels: Float[Tensor, "batch 3 height width"]) -> Float[Tensor, "batch pos d_model"]:
         """Residual stream at layer 0: class token and patches, plus positions, through ln_pre."""
-        batch = pixels.shape[0]
-        patches = self.hook_patch_embed(self.patch_embed(pixels.to(self.W_pos.dtype)))
+        return self._embed_patches(self.patch_embed(pixels.to(self.W_pos.dtype)))
+
+    def embed_patch_tokens(self, tokens: Float[Tensor, "batch d_patch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """`embed_pixels` from the patch tokens of the same pixels (`to_patch_tokens`): bit-identical,
+        the patch embedding being the same matrix product over the same patch vectors."""
+        flat = tokens[:, :, 1:].transpose(1, 2).to(self.W_pos.dtype).contiguous()
+        return self._embed_patches(self.patch_embed.embed_flat(flat))
+
+    def _embed_patches(self, patches: Float[Tensor, "batch n_patches d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        """Layer 0 from the embedded patches: class token prepended, positions added, ln_pre."""
+        batch = patches.shape[0]
+        patches = self.hook_patch_embed(patches)
         cls = self.hook_class_embed(self.class_embedding.view(1, 1, -1).expand(batch, -1, -1).clone())
         pos_embed = self.hook_pos_embed(self.W_pos.expand(batch, -1, -1).clone())
         x = torch.cat([cls, patches], dim=1) + pos_embed
         return self.ln_pre(x) if self.ln_pre is not None else x
+
+    def embed_image(self, image: Tensor) -> Float[Tensor, "batch pos d_model"]:
+        """Residual stream at layer 0 of pixels [batch, 3, H, W] or patch tokens [batch, d_patch, pos]
+        (a 3-d tensor), each checked."""
+        if isinstance(image, Tensor) and image.ndim == 3:
+            return self.embed_patch_tokens(self.check_patch_tokens(image))
+        return self.embed_pixels(self.check_pixels(image))
+
+    # patch tokens: the input layout whose last axis is the positions -----------------------------
+    @property
+    def d_patch(self) -> int:
+        """Values of one flattened patch: 3 * patch height * patch width."""
+        ph, pw = self.cfg.patch_size
+        return 3 * ph * pw
+
+    def to_patch_tokens(self, pixels: Float[Tensor, "batch 3 height width"]) -> Float[Tensor, "batch d_patch pos"]:
+        """The pixels as patch tokens, an input layout whose last axis is the tower's positions, for
+        TransformerLens's patching functions (which count positions as `input.shape[-1]`).
+
+        Layout: [batch, d_patch, n_ctx], d_patch = 3 * ph * pw, n_ctx = 1 + n_patches. Column 0 is
+        the class token's slot and holds zeros (the class token is a learnt embedding, not pixels);
+        column 1 + p is patch p of the grid in row-major order (as position 1 + p of the residual
+        stream), its values in (channel, row within the patch, column within the patch) order, the
+        order in which the patch embedding reads them. The tower (forward, run_with_hooks,
+        run_with_cache) takes patch tokens wherever it takes pixels, with the same result bit for
+        bit; `from_patch_tokens` gives the pixels back."""
+        flat = self.patch_embed.flatten(self.check_pixels(pixels))  # [batch, n_patches, d_patch]
+        slot = flat.new_zeros(flat.shape[0], 1, flat.shape[2])
+        return torch.cat([slot, flat], dim=1).transpose(1, 2).contiguous()
+
+    def from_patch_tokens(self, tokens: Float[Tensor, "batch d_patch pos"]) -> Float[Tensor, "batch 3 height width"]:
+        """The pixels [batch, 3, gh * ph, gw * pw] of patch tokens (`to_patch_tokens`' inverse)."""
+        tokens = self.check_patch_tokens(tokens)
+        (ph, pw), (gh, gw) = self.cfg.patch_size, self.cfg.grid_size
+        return einops.rearrange(tokens[:, :, 1:], "batch (c ph pw) (gh gw) -> batch c (gh ph) (gw pw)",
+                                c=3, ph=ph, pw=pw, gh=gh, gw=gw)
+
+    def check_patch_tokens(self, tokens: Tensor) -> Float[Tensor, "batch d_patch pos"]:
+        """`tokens` as the tower takes patch tokens: [batch, d_patch, n_ctx] normalised floats,
+        finite, with a zero class-token slot (column 0), or a ValueError."""
+        expected = (self.d_patch, self.cfg.n_ctx)
+        if not isinstance(tokens, Tensor) or tokens.ndim != 3 or tuple(tokens.shape[1:]) != expected:
+            h, w = self.cfg.image_size
+            raise ValueError(
+                f"patch tokens must be a tensor of shape [batch, {expected[0]}, {expected[1]}] ([batch, 3 * ph * pw, "
+                f"1 + n_patches]; use model.vision.to_patch_tokens(pixels)); got {type(tokens).__name__} "
+                f"{tuple(getattr(tokens, 'shape', ()))} (one image's pixels? give a batch: [1, 3, {h}, {w}])"
+            )
+        tokens = self._check_pixel_values(tokens)
+        nonzero = (tokens[:, :, 0] != 0).any(dim=1)
+        if bool(nonzero.any()):
+            raise ValueError(f"patch tokens of image {int(nonzero.nonzero()[0])}: column 0 is the class token's slot and "
+                             "must hold zeros (the class token is not made from pixels; patches are columns 1..)")
+        return tokens
+
+    # TransformerLens's patching functions ------------------------------------------------------
+    def run_with_hooks(self, *model_args, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True,
+                       clear_contexts: bool = False, **model_kwargs):
+        """As TransformerLens's; refuses pixels in a run made by TransformerLens's patching functions
+        (`clip_lens.transformer_lens_patching`), whose position grid must come from patch tokens."""
+        image = first_input(model_args, model_kwargs)
+        if isinstance(image, Tensor) and image.ndim == 4 and (hooks_from_tl_patching(fwd_hooks) or called_from_tl_patching()):
+            raise ValueError(pixels_refusal(self.cfg.n_ctx, self.cfg.n_patches, self.d_patch, image.shape[-1]))
+        return super().run_with_hooks(*model_args, fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks),
+                                      reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts, **model_kwargs)
 
     def pool(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch d_embed"]:
         """ln_post, pooling (class token or mean of patches) and projection, in open_clip's order."""
@@ -671,7 +762,7 @@ class HookedVisionTower(HookedTower):
 
     def forward(
         self,
-        pixels: Optional[Float[Tensor, "batch 3 height width"]] = None,
+        pixels: Optional[Union[Float[Tensor, "batch 3 height width"], Float[Tensor, "batch d_patch pos"]]] = None,
         *,
         residual: Optional[Float[Tensor, "batch pos d_model"]] = None,
         start_at_layer: int = 0,
@@ -680,7 +771,8 @@ class HookedVisionTower(HookedTower):
         """Image embeddings [batch, d_embed], as open_clip's `encode_image` (unnormalised).
 
         Args:
-            pixels: preprocessed images [batch, 3, H, W] (see `HookedCLIP.to_pixels`).
+            pixels: preprocessed images [batch, 3, H, W] (see `HookedCLIP.to_pixels`), or their
+                patch tokens [batch, d_patch, n_ctx] (`to_patch_tokens`), with the same result.
             residual: the residual stream at `start_at_layer` to resume from instead of pixels.
             stop_at_layer: return the residual stream at this layer instead of the embedding.
         """
@@ -689,7 +781,7 @@ class HookedVisionTower(HookedTower):
                 raise ValueError("start_at_layer > 0 needs the residual stream to start from (residual=...)")
             if pixels is None:
                 raise ValueError("HookedVisionTower needs pixels or a residual stream")
-            residual = self.embed_pixels(self.check_pixels(pixels))
+            residual = self.embed_image(pixels)
         resid = self.run_blocks(residual, start_at_layer, stop_at_layer)
         if stop_at_layer is not None:
             return resid
