@@ -123,6 +123,15 @@ def test_a_pairs_run_with_every_pair_excluded_fails_with_the_reasons(study, tmp_
     assert not (out / "report.html").exists()
 
 
+def test_a_comparison_whose_every_task_keeps_no_pair_fails_with_the_reasons(tmp_path, capsys):
+    pd.DataFrame({"caption": ["There is a red circle.", "A cat."],
+                  "foil": ["There is no red circle at all.", "A big cat here."]}).to_csv(tmp_path / "p.csv", index=False)
+    assert main(["compare-tasks", "--model", "clip_lens/tiny-shapes", "--pairs", str(tmp_path / "p.csv"), "--out",
+                 str(tmp_path / "out"), "--quiet"]) != 0
+    assert "every pair was excluded (2 in 1 task(s)), so there is nothing to run. Exclusions per reason: unequal " \
+           "token lengths: 2" in capsys.readouterr().err
+
+
 # --- 6. captioners --------------------------------------------------------------------------------
 def test_a_captioner_with_its_own_tower_refuses_a_model(tiny_model):
     from test_captioning import vision_encoder_decoder

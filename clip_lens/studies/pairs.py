@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.express as px
 from torch import Tensor
 
-from clip_lens.data import MinimalPairs, read_pairs_file
+from clip_lens.data import MinimalPairs, read_pairs_file, refuse_if_none_kept
 from clip_lens.model import HookedCLIP
 from clip_lens.plot import DIVERGING, head_heatmap, style
 from clip_lens.report import Report
@@ -72,7 +72,7 @@ def compute(model: HookedCLIP, data: Sequence[PairsFile], options: Options, *, c
             progress: bool = True) -> Tables:
     """pairs and excluded (per file, column task), heads, causal_tracing, ablation (each for the
     chosen studies), files (each file's path and counts)."""
-    refuse_if_nothing_kept(data)
+    refuse_if_none_kept([item.pairs for item in data])
     chosen = options.chosen()
     parts: dict[str, list] = {"pairs": [], "excluded": [], "heads": [], "causal_tracing": [], "ablation": []}
     for item in data:
@@ -92,20 +92,6 @@ def compute(model: HookedCLIP, data: Sequence[PairsFile], options: Options, *, c
                                     "pairs": [len(item.pairs) for item in data],
                                     "excluded": [len(item.pairs.excluded) for item in data]})
     return tables
-
-
-def refuse_if_nothing_kept(data: Sequence[PairsFile]) -> None:
-    """A ValueError when no file keeps a pair: the count of exclusions per reason, over all files
-    (an empty report would otherwise look like a finished run)."""
-    if any(len(item.pairs) for item in data):
-        return
-    excluded = pd.concat([item.pairs.excluded for item in data], ignore_index=True) if data else pd.DataFrame()
-    if excluded.empty:
-        raise ValueError("no pair to run: no pairs file was given")
-    counts = excluded["reason"].value_counts()
-    reasons = "; ".join(f"{reason}: {count}" for reason, count in counts.items())
-    raise ValueError(f"every pair was excluded ({len(excluded)} in {len(data)} file(s)), so there is nothing to "
-                     f"run. Exclusions per reason: {reasons}")
 
 
 def _one_file(model: HookedCLIP, item: PairsFile, options: Options) -> dict[str, pd.DataFrame]:
