@@ -56,7 +56,8 @@ def test_text_interventions_equal_hook_loop(setup, kind, intervention):
     layers = [0, 4, 12] if kind == "resid" else [0, 5, 11]
     mean = torch.randn(len(layers), 512) * 0.1 if intervention == "mean" else None
     result = clip_lens.patch(model, target=POS, source=NEG if intervention in ("patch", "mean") else None, image=image,
-                             hook=kind, layers=layers, heads=[1, 6], intervention=intervention, mean=mean, progress=False)
+                             hook=kind, layers=layers, intervention=intervention, mean=mean, progress=False,
+                             **(dict(heads=[1, 6]) if kind == "z" else {}))
     with torch.no_grad():
         _, src_cache = tower.run_with_cache(sources)
         _, tgt_cache = tower.run_with_cache(targets)

@@ -32,11 +32,24 @@ class Captioner(nn.Module):
     reads: str
     special: Special
     max_new_tokens: int = 20
+    reads_model: bool = True  # it reads the studied CLIP's vision tower (model= required); False: its own tower
 
     def vision_tower(self, model=None) -> HookedVisionTower:
         """The tower whose output this captioner reads (hooks go on it). `model` is the HookedCLIP
-        studied, for captioners that read a CLIP's own tower."""
+        studied, for captioners that read a CLIP's own tower (`reads_model`); a captioner with its
+        own tower refuses it (`check_model`)."""
         raise NotImplementedError
+
+    def check_model(self, model) -> None:
+        """`model` as this captioner can use it: required when it reads the CLIP's tower, refused
+        when it reads its own (hooks on `model.vision` would not reach it: a silent no-op)."""
+        name = getattr(self, "name", "") or type(self).__name__
+        if self.reads_model and model is None:
+            raise ValueError(f"{name} reads a CLIP's vision tower: pass the HookedCLIP (model=...)")
+        if not self.reads_model and model is not None:
+            raise ValueError(f"model= is not read by {name}: it captions from its own vision tower "
+                             "(captioner.vision), so hooks on model.vision would not change its captions; leave "
+                             "model out and put hooks on captioner.vision_tower()")
 
     def to_pixels(self, images: Union[ImageLike, Sequence[ImageLike]], model=None) -> Float[Tensor, "batch 3 height width"]:
         """Images preprocessed for `vision_tower(model)`."""

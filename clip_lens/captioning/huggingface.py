@@ -29,6 +29,7 @@ class HuggingFaceCaptioner(Captioner):
     """Captions from every output token of a hooked CLIP vision tower (`reads = "tokens"`)."""
 
     reads = "tokens"
+    reads_model = False  # its own encoder, rebuilt as `self.vision`: `model=` is refused
 
     def __init__(self, model: Any, tokenizer: Any = None, preprocess_cfg: Optional[dict] = None, name: str = ""):
         super().__init__()
@@ -85,9 +86,11 @@ class HuggingFaceCaptioner(Captioner):
         return cls(model, tokenizer, preprocess, name=str(path))
 
     def vision_tower(self, model=None) -> HookedVisionTower:
+        self.check_model(model)
         return self.vision
 
     def to_pixels(self, images: Union[ImageLike, Sequence[ImageLike]], model=None) -> Float[Tensor, "batch 3 height width"]:
+        self.check_model(model)
         if self._transform is None:
             self._transform = build_transform(self.preprocess_cfg)
         return to_pixels(images, self._transform, device=self.vision.W_pos.device)

@@ -9,6 +9,7 @@ from clip_lens.data.pairs import (
     check_pairs,
     load_valse_pieces,
     read_pairs_file,
+    refuse_if_none_kept,
     valse_existence_pairs,
     valse_pairs,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "check_pairs",
     "load_valse_pieces",
     "read_pairs_file",
+    "refuse_if_none_kept",
     "valse_existence_pairs",
     "valse_pairs",
     "ExistencePairs",

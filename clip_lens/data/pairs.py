@@ -51,6 +51,23 @@ class MinimalPairs:
         return pd.concat([kept, reasons], ignore_index=True)
 
 
+def refuse_if_none_kept(found: Sequence[MinimalPairs], what: str = "file") -> None:
+    """A ValueError when none of `found` keeps a pair, with the count of exclusions per reason over
+    all of them: a study on no pair would write an empty report that looks like a finished run.
+
+    Args:
+        what: what each `MinimalPairs` came from, for the message ("file", "task").
+    """
+    if any(len(pairs) for pairs in found):
+        return
+    excluded = [pairs.excluded for pairs in found if len(pairs.excluded)]
+    if not excluded:
+        raise ValueError(f"no pair to run: the {what}s given hold no pairs")
+    reasons = pd.concat(excluded, ignore_index=True)["reason"].value_counts()
+    raise ValueError(f"every pair was excluded ({int(reasons.sum())} in {len(found)} {what}(s)), so there is nothing "
+                     "to run. Exclusions per reason: " + "; ".join(f"{reason}: {n}" for reason, n in reasons.items()))
+
+
 def check_pairs(name: str, rows: pd.DataFrame, tokenize: Tokenize) -> MinimalPairs:
     """Keep the rows (id, a, b, correct, image) whose texts are different, fit the context, have
     the same token length and differ in one contiguous span of tokens; the others join the

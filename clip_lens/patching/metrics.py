@@ -27,6 +27,7 @@ def other_embeddings(model: HookedCLIP, tower: HookedTower, other: Any, n: int) 
     d_embed = model.text.cfg.d_embed
     if isinstance(other, Tensor) and other.ndim == 2 and other.is_floating_point() and other.shape[1] == d_embed:
         emb = other
+        check_finite_rows(emb, argument)
     else:
         other_tower, value = model.tower_input(other, name=argument)
         if other_tower is tower:
@@ -38,6 +39,15 @@ def other_embeddings(model: HookedCLIP, tower: HookedTower, other: Any, n: int) 
     if emb.shape[0] != n:
         raise ValueError(f"{emb.shape[0]} embeddings of the other modality for {n} pairs (give 1 or {n})")
     return emb.detach().to(tower.device)
+
+
+def check_finite_rows(emb: Tensor, argument: str) -> None:
+    """A ValueError naming `argument` and the first row of `emb` [n, d] with a NaN or infinite value
+    (it would turn every score of its pairs into NaN)."""
+    bad = (~torch.isfinite(emb)).any(dim=-1).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"{argument}: embedding row {int(bad[0])} has NaN or infinite values ({len(bad)} of "
+                         f"{emb.shape[0]} rows); every score against it would be NaN")
 
 
 def score_function(model: HookedCLIP, metric: Metric) -> Score:

@@ -20,7 +20,7 @@ from clip_lens.hooks import split_tower_prefix
 from clip_lens.model import HookedCLIP
 from clip_lens.patching.metrics import Metric, Score, in_float32, other_embeddings, score_function
 from clip_lens.patching.result import PatchResult
-from clip_lens.patching.sites import SAE_HOOKS, HookKind, kind_of
+from clip_lens.patching.sites import KINDS, SAE_HOOKS, HookKind, kind_of
 from clip_lens.towers import HookedTower
 
 EXACT_INTERVENTIONS = ("patch", "zero", "mean", "resample")
@@ -123,6 +123,9 @@ def build_request(model: HookedCLIP, *, target, source, image, text, hook, layer
             raise ValueError("method='integrated_gradients' does not split activations into SAE latents; use "
                              "method='attribution' or 'exact' with sae=")
     _check_unused(intervention, source, mean)
+    _check_unit_selections(kinds, heads=heads, neurons=neurons, latents=latents, sae=sae)
+    if mean is not None and not bool(torch.isfinite(torch.as_tensor(mean)).all()):
+        raise ValueError("mean= has NaN or infinite values; every effect of a 'mean' intervention would be NaN")
     tower, target, source = _tower_inputs(model, target, source, intervention)
     embedding_metric = isinstance(metric, str) and metric == "embedding"
     other_input = image if tower.modality == "text" else text
@@ -174,6 +177,22 @@ def _check_unused(intervention, source, mean) -> None:
         raise ValueError(f"mean= is read only by intervention='mean', not by intervention={name!r}")
     if source is not None and (is_hook_function(intervention) or intervention == "zero"):
         raise ValueError(f"source= is not read by intervention={name!r}; leave it out")
+
+
+def _check_unit_selections(kinds: list[HookKind], *, heads, neurons, latents, sae) -> None:
+    """heads=, neurons= and latents= are refused where no chosen hook kind splits into those units
+    (heads=[1] with hook="resid" would otherwise patch the whole activation, every head at once)."""
+    readers = {"heads": [kind.name for kind in KINDS.values() if kind.unit_axis == "head"],
+               "neurons": [kind.name for kind in KINDS.values() if kind.unit_axis == "neuron"]}
+    chosen = "hook=" + (repr(kinds[0].name) if len(kinds) == 1 else repr([kind.name for kind in kinds]))
+    for name, value in (("heads", heads), ("neurons", neurons)):
+        takes = any(kind.name in readers[name] for kind in kinds)
+        if not (isinstance(value, str) and value == "all") and not takes:
+            whom = " or ".join(f"hook={n!r}" for n in readers[name])
+            raise ValueError(f"{name}={value!r} is read only by {whom}, not by {chosen}; leave it out")
+    if sae is None and not (isinstance(latents, str) and latents == "all"):
+        raise ValueError(f"latents={latents!r} is read only with sae= (an SAE splitting a {'/'.join(SAE_HOOKS)} "
+                         "activation); leave it out or pass sae=")
 
 
 def _tower_inputs(model: HookedCLIP, target, source, intervention) -> tuple[HookedTower, Tensor, Optional[Tensor]]:

@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from clip_lens.checks import is_integer
 from clip_lens.components import TransformerBlock
 from clip_lens.hooks import BLOCK_HOOKS, act_name
 from clip_lens.towers import HookedTower
@@ -133,8 +134,17 @@ def kind_of(name: str) -> HookKind:
 
 def hook_name(kind: str, layer: int, n_layers: int) -> str:
     """The tower hook name of hook kind `kind` at `layer` in a tower of `n_layers` blocks, e.g.
-    hook_name("resid", 12, 12) -> "blocks.11.hook_resid_post" (docs/methods.md#layer-numbering)."""
-    return kind_of(kind).hook_name(layer, n_layers)
+    hook_name("resid", 12, 12) -> "blocks.11.hook_resid_post" (docs/methods.md#layer-numbering).
+    An unknown kind, or a layer outside the kind's range (0..n_layers for "resid", else
+    0..n_layers - 1), is a ValueError naming it."""
+    found = kind_of(kind)
+    if not is_integer(n_layers) or n_layers < 1:
+        raise ValueError(f"n_layers={n_layers!r}: a tower has at least one block")
+    valid = found.layers(int(n_layers))
+    if not is_integer(layer) or int(layer) not in valid:
+        raise ValueError(f"layer {layer!r} is outside the layers of hook kind {kind!r} in a tower of {n_layers} "
+                         f"blocks ({valid.start}..{valid.stop - 1})")
+    return found.hook_name(int(layer), int(n_layers))
 
 
 def hook_site(name: str, n_layers: int) -> tuple[str, int]:

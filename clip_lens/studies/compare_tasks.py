@@ -19,7 +19,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 from tqdm.auto import tqdm
 
-from clip_lens.data import MinimalPairs
+from clip_lens.data import MinimalPairs, refuse_if_none_kept
 from clip_lens.model import HookedCLIP
 from clip_lens.plot import DIVERGING, style
 from clip_lens.report import Report
@@ -59,6 +59,7 @@ def compute(model: HookedCLIP, data: TaskSet, options: Options, *, checkpoints=N
         raise ValueError("give at least one task")
     if len(set(names)) != len(names):
         raise ValueError(f"task names repeat: {names}")
+    refuse_if_none_kept([task.pairs for task in data.tasks], what="task")
     parts: dict[str, list] = {"selectivity": [], "localisation": [], "ablation": []}
     counts = []
     for task in tqdm(data.tasks, desc="tasks", disable=not progress):

@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.express as px
 from torch import Tensor
 
-from clip_lens.data import MinimalPairs, read_pairs_file
+from clip_lens.data import MinimalPairs, read_pairs_file, refuse_if_none_kept
 from clip_lens.model import HookedCLIP
 from clip_lens.plot import DIVERGING, head_heatmap, style
 from clip_lens.report import Report
@@ -72,6 +72,7 @@ def compute(model: HookedCLIP, data: Sequence[PairsFile], options: Options, *, c
             progress: bool = True) -> Tables:
     """pairs and excluded (per file, column task), heads, causal_tracing, ablation (each for the
     chosen studies), files (each file's path and counts)."""
+    refuse_if_none_kept([item.pairs for item in data])
     chosen = options.chosen()
     parts: dict[str, list] = {"pairs": [], "excluded": [], "heads": [], "causal_tracing": [], "ablation": []}
     for item in data:

@@ -225,7 +225,8 @@ def generate_captions(model: HookedCLIP, captioner, settings: dict[str, tuple[in
     `pixels` are used when the captioner reads `model.vision`; a captioner with its own tower
     (a Hugging Face vision-encoder-decoder) preprocesses `images` itself.
     """
-    tower = captioner.vision_tower(model)
+    reader = model if captioner.reads_model else None  # a captioner with its own tower refuses model=
+    tower = captioner.vision_tower(reader)
     n_layers = tower.cfg.n_layers
     for name, layers in settings.items():
         if layers and max(layers) >= n_layers:
@@ -234,7 +235,7 @@ def generate_captions(model: HookedCLIP, captioner, settings: dict[str, tuple[in
     if tower is model.vision and pixels is not None:
         inputs = pixels
     elif len(images):
-        inputs = captioner.to_pixels(list(images), model)
+        inputs = captioner.to_pixels(list(images), reader)
     else:
         raise ValueError("the captioner reads its own vision tower and needs the images (paths or PIL images), not "
                          "the CLIP's pixels")
@@ -242,7 +243,7 @@ def generate_captions(model: HookedCLIP, captioner, settings: dict[str, tuple[in
     for layers in tqdm(settings.values(), desc="generating captions", disable=not progress):
         hooks = [(hook_name("pattern", layer, n_layers), value_only_attention) for layer in layers]
         with tower.hooks(fwd_hooks=hooks):
-            out.append(captioner.caption(inputs, model, beams=beams, max_new_tokens=max_new_tokens))
+            out.append(captioner.caption(inputs, reader, beams=beams, max_new_tokens=max_new_tokens))
     return out
 
 
