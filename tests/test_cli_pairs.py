@@ -62,3 +62,14 @@ def test_pairs_options_refuse_a_bad_value_by_name(bad, message):
 
     with pytest.raises(OptionError, match=message.replace("[", r"\[").replace("]", r"\]")):
         pairs.Options(**bad)
+
+
+@pytest.mark.parametrize("limit", ["0", "-2"])
+def test_pairs_limit_zero_is_refused_on_the_command_line(tmp_path, capsys, limit):
+    """`--limit 0` once meant every pair; it names the option and what it takes instead."""
+    scenes_file(tmp_path, 4, seed=3, name="s.csv")
+    code = main(["pairs", "heads", "--model", "clip_lens/tiny-shapes", "--pairs", str(tmp_path / "s.csv"),
+                 "--limit", limit, "--out", str(tmp_path / "out"), "--quiet"])
+    assert code != 0
+    assert f"limit={limit}: give an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
