@@ -59,11 +59,18 @@ def test_cfg_follows_the_weights_dtype(tiny_model):
 
 
 # weights ----------------------------------------------------------------------------------------
-def test_stacked_weights_give_the_cached_activations(clip):
-    tokens = clip.to_tokens(TEXTS)
+def tower_and_inputs(clip, modality):
+    """(tower, its inputs): the text tower with TEXTS' tokens, or the vision tower with two images."""
+    if modality == "text":
+        return clip.text, clip.to_tokens(TEXTS)
+    return clip.vision, pixels_for(clip)
+
+
+@pytest.mark.parametrize("modality", ["text", "vision"])
+def test_stacked_weights_give_the_cached_activations(clip, modality):
+    text, tokens = tower_and_inputs(clip, modality)
     with torch.no_grad():
-        _, cache = clip.text.run_with_cache(tokens)
-    text = clip.text
+        _, cache = text.run_with_cache(tokens)
     layer = text.cfg.n_layers - 1
     normed = cache[f"blocks.{layer}.ln1.hook_normalized"]
     for name, hook in (("Q", "q"), ("K", "k"), ("V", "v")):
@@ -76,7 +83,8 @@ def test_stacked_weights_give_the_cached_activations(clip):
     torch.testing.assert_close(out, cache["mlp_out", layer], atol=1e-4, rtol=1e-4)
     z_out = torch.einsum("bphd,hdm->bpm", cache["z", layer], text.W_O[layer]) + text.b_O[layer]
     torch.testing.assert_close(z_out, cache["attn_out", layer], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(text.W_E[tokens], cache["hook_embed"])
+    if modality == "text":
+        torch.testing.assert_close(text.W_E[tokens], cache["hook_embed"])
     # OV and QK as TransformerLens's factored matrices: W_V @ W_O and W_Q @ W_K^T per layer and head
     ov, qk = text.OV, text.QK
     assert tuple(ov.shape) == (text.cfg.n_layers, text.cfg.n_heads, text.cfg.d_model, text.cfg.d_model)
@@ -104,9 +112,9 @@ def test_a_tower_has_no_unembedding(clip):
 # optional hook points ---------------------------------------------------------------------------
 @pytest.mark.parametrize("setter", ["set_use_split_qkv_input", "set_use_attn_in", "set_use_hook_mlp_in",
                                     "set_use_attn_result"])
-def test_optional_hook_points_fire_and_change_nothing(clip, setter):
-    tower = clip.text
-    tokens = clip.to_tokens(TEXTS)
+@pytest.mark.parametrize("modality", ["text", "vision"])
+def test_optional_hook_points_fire_and_change_nothing(clip, setter, modality):
+    tower, tokens = tower_and_inputs(clip, modality)
     with torch.no_grad():
         plain = tower(tokens)
         getattr(tower, setter)(True)
@@ -117,8 +125,8 @@ def test_optional_hook_points_fire_and_change_nothing(clip, setter):
         finally:
             getattr(tower, setter)(False)
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
-    batch, pos, heads, d = tokens.shape[0], tokens.shape[1], tower.cfg.n_heads, tower.cfg.d_model
     resid_pre, resid_mid = cache["resid_pre", 1], cache["resid_mid", 1]
+    (batch, pos, d), heads = resid_pre.shape, tower.cfg.n_heads
     expected = {
         "set_use_split_qkv_input": {"blocks.1.hook_q_input": resid_pre, "blocks.1.hook_v_input": resid_pre},
         "set_use_attn_in": {"blocks.1.hook_attn_in": resid_pre},
