@@ -72,3 +72,36 @@ def test_an_interrupt_at_every_step_of_entering_hooks_leaves_the_level_and_no_ho
     with tower.hooks(fwd_hooks=fwd_hooks):  # still usable, and levels still nest
         assert tower.context_level == 1
     assert tower.context_level == 0
+
+
+# EdgeScores.top: never an edge off the graph --------------------------------------------------------
+def _edge_scores(graph):
+    import torch
+
+    from clip_lens.circuits import EdgeScores
+
+    scores = torch.where(graph.valid, torch.rand(graph.valid.shape, generator=torch.Generator().manual_seed(0)),
+                         torch.tensor(float("nan")))
+    return EdgeScores(graph, scores, "eap", 1, None, baseline=torch.zeros(2), corrupted=torch.ones(2))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_edge_scores_top_returns_at_most_the_graphs_edges(signed):
+    from clip_lens.circuits.graph import Graph
+
+    graph = Graph(2, 2)
+    scores = _edge_scores(graph)
+    for n in (graph.n_edges, graph.n_edges + 1, graph.n_edges * 10):
+        top = scores.top(n, signed=signed)
+        assert len(top) == graph.n_edges
+        assert all(bool(graph.valid[s, r]) for s, r in top)
+        assert len(set(top)) == len(top)
+    assert scores.top(0, signed=signed) == []
+
+
+@pytest.mark.parametrize("n", [-1, 1.5, "3", None])
+def test_edge_scores_top_refuses_a_count_that_is_not_a_non_negative_integer(n):
+    from clip_lens.circuits.graph import Graph
+
+    with pytest.raises(ValueError, match=r"n="):
+        _edge_scores(Graph(1, 1)).top(n)
