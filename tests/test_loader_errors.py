@@ -105,3 +105,83 @@ def test_edge_scores_top_refuses_a_count_that_is_not_a_non_negative_integer(n):
 
     with pytest.raises(ValueError, match=r"n="):
         _edge_scores(Graph(1, 1)).top(n)
+
+
+# pairs files: read without guessing, every problem named by file and line ---------------------------
+def _tokenize(texts):
+    """A word tokenizer (ids from each word's characters, EOT the largest id), padded to 40."""
+    import torch
+
+    ids = torch.zeros(len(texts), 40, dtype=torch.long)
+    for i, text in enumerate(texts):
+        codes = [1 + sum(map(ord, word)) % 900 for word in text.split()[:38]]
+        ids[i, : len(codes)] = torch.tensor(codes, dtype=torch.long)
+        ids[i, len(codes)] = 1000
+    return ids
+
+
+def _read(path):
+    from clip_lens.data import read_pairs_file
+
+    return read_pairs_file(path, _tokenize)
+
+
+BAD_PAIRS = {  # file name, bytes, what the error must say
+    "unquoted comma": ("p.csv", b"caption,foil\nthe red dog.,the blue dog.\na dog, big.,a cat.\n", r"p\.csv, line 3: 3 fields"),
+    "unquoted comma on every row": ("p.csv", b"caption,foil\na dog, big.,a cat.\na cat, big.,a dog.\n",
+                                    r"p\.csv, line 2: 3 fields.*must be quoted"),
+    "unterminated quote": ("p.csv", b'caption,foil\n"a dog.,a cat.\n', r"p\.csv, line \d+: not valid CSV"),
+    "latin-1 csv": ("p.csv", "caption,foil\na caf\u00e9.,a bar.\n".encode("latin-1"), r"p\.csv, line 2: not UTF-8.*UTF-8"),
+    "empty csv": ("p.csv", b"", r"p\.csv holds no pairs"),
+    "header only csv": ("p.csv", b"caption,foil\n", r"p\.csv holds no pairs"),
+    "repeated column": ("p.csv", b"caption,foil,foil\na,b,c\n", r"p\.csv, line 1: .*'foil' more than once"),
+    "bad jsonl line": ("p.jsonl", b'{"caption": "a dog.", "foil": "a cat."}\n{"caption": "a dog.", \n',
+                       r"p\.jsonl, line 2: not valid JSON"),
+    "jsonl line not an object": ("p.jsonl", b'{"caption": "a dog.", "foil": "a cat."}\n["a", "b"]\n',
+                                 r"p\.jsonl, line 2: expected a JSON object"),
+    "empty jsonl": ("p.jsonl", b"\n\n", r"p\.jsonl holds no pairs"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PAIRS))
+def test_a_malformed_pairs_file_is_named_with_its_line(tmp_path, case):
+    name, content, message = BAD_PAIRS[case]
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        _read(tmp_path / name)
+
+
+def test_a_folder_given_as_a_pairs_file_is_named(tmp_path):
+    (tmp_path / "p.csv").mkdir()
+    with pytest.raises(ValueError, match=r"p\.csv is a folder, not a pairs file"):
+        _read(tmp_path / "p.csv")
+
+
+@pytest.mark.parametrize("name, content", [
+    ("bom.jsonl", b'\xef\xbb\xbf{"caption": "the red dog.", "foil": "the blue dog."}\n'),
+    ("bom.csv", b"\xef\xbb\xbfcaption,foil\nthe red dog.,the blue dog.\n"),
+    ("utf16.csv", "caption,foil\nthe red dog.,the blue dog.\n".encode("utf-16")),
+    ("quoted.csv", b'caption,foil\n"the red dog, big.","the blue dog, big."\n'),
+    ("crlf.csv", b"caption,foil\r\nthe red dog.,the blue dog.\r\n\r\n"),
+    ("line_separator.jsonl", '{"caption": "the red\u2028dog.", "foil": "the blue\u2028dog."}\n'.encode()),
+])
+def test_a_pairs_file_with_a_bom_utf16_or_quoted_commas_is_read(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    pairs = _read(tmp_path / name)
+    assert len(pairs.pairs) == 1 and pairs.pairs["a"].iloc[0].startswith("the red")
+    assert pairs.pairs["b"].iloc[0].startswith("the blue")
+
+
+def test_csv_values_are_kept_as_written(tmp_path):
+    (tmp_path / "p.csv").write_text("id,caption,foil\n007,the red dog.,the blue dog.\n")
+    assert _read(tmp_path / "p.csv").pairs["id"].tolist() == ["007"]
+
+
+def test_the_cli_reports_a_malformed_pairs_file_in_one_line(tmp_path, capsys):
+    from clip_lens.cli import main
+
+    (tmp_path / "p.csv").write_bytes(BAD_PAIRS["unquoted comma"][1])
+    assert main(["pairs", "heads", "--model", "clip_lens/tiny-shapes", "--pairs", str(tmp_path / "p.csv"),
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "p.csv, line 3: 3 fields" in err and "Traceback" not in err
