@@ -185,3 +185,163 @@ def test_the_cli_reports_a_malformed_pairs_file_in_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "p.csv, line 3: 3 fields" in err and "Traceback" not in err
+
+
+# sizes in a file's metadata checked against the file before anything is allocated -------------------
+BIG = 10_000_000  # elements: more than any weight of the tiny files below
+
+
+class _NoBigTensors:
+    """Within it, creating tensors of more than BIG elements in all anywhere but on the meta device
+    is an AssertionError, raised before the memory is taken (each size is found on the meta device)."""
+
+    def __enter__(self):
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        factories = {torch.empty, torch.zeros, torch.ones, torch.randn, torch.rand, torch.full}
+        total = [0]
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func in factories and str(kwargs.get("device", "cpu")) != "meta":
+                    probe = {k: v for k, v in kwargs.items() if k != "generator"}
+                    total[0] += func(*args, **{**probe, "device": "meta"}).numel()
+                    assert total[0] <= BIG, f"{func.__name__}: {total[0]:,} elements in all"
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def test_the_allocation_guard_catches_a_big_tensor_and_lets_small_ones_through():
+    import torch
+
+    with _NoBigTensors():
+        assert torch.zeros(3).sum() == 0
+        with torch.device("meta"):
+            torch.nn.Linear(10_000, 10_000)
+            torch.empty(BIG * 10)
+        with pytest.raises(AssertionError, match="elements"):
+            torch.nn.Linear(10_000, 10_000)
+
+
+def _captioner_file(path, config: dict, tensors=None):
+    """A safetensors file with a prefix captioner's metadata holding `config` (a dict, or a text
+    written as is) and `tensors` (default: the weights of a tiny captioner)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from clip_lens.captioning import PrefixCaptioner, PrefixConfig
+    from clip_lens.captioning.prefix import FORMAT
+
+    if tensors is None:
+        tiny = PrefixCaptioner(PrefixConfig(**TINY_CAPTIONER))
+        tensors = {k: v.detach().contiguous() for k, v in tiny.state_dict().items()}
+    text = config if isinstance(config, str) else json.dumps(config)
+    save_file(tensors or {"x": torch.zeros(1)}, str(path), metadata={"format": FORMAT, "config": text})
+    return path
+
+
+TINY_CAPTIONER = dict(d_embed=8, words=["a", "red", "dog"], prefix_length=2, d_model=16, n_layers=1, n_heads=2,
+                      max_new_tokens=3, clip="")
+
+
+def test_a_tiny_captioner_file_round_trips_under_the_guard(tmp_path):
+    from clip_lens.captioning import PrefixCaptioner
+
+    with _NoBigTensors():
+        loaded = PrefixCaptioner.load(_captioner_file(tmp_path / "c.safetensors", TINY_CAPTIONER))
+    assert loaded.cfg.d_model == 16
+
+
+@pytest.mark.parametrize("change, tensors, message", [
+    (dict(d_model=2048), {}, r"n_layers .* is 1, but the file holds the weights of 0 layers"),
+    (dict(d_model=2048), None, r"field d_model in its metadata disagrees with the file: .* is \[64\] in the file"),
+    (dict(n_layers=100_000), None, r"n_layers in its metadata is 100000, but the file holds the weights of 1 layers"),
+    (dict(max_new_tokens=10**9), None, r"field max_new_tokens in its metadata disagrees"),
+    (dict(prefix_length=10**6), None, r"prefix_length.* in its metadata disagrees"),
+    (dict(d_embed=10**8), None, r"field d_embed in its metadata disagrees"),
+    (dict(words=[f"w{i}" for i in range(100_000)]), None, r"field words in its metadata disagrees"),
+])
+def test_captioner_sizes_are_checked_against_the_file_before_any_allocation(tmp_path, change, tensors, message):
+    from clip_lens.captioning import PrefixCaptioner
+
+    path = _captioner_file(tmp_path / "c.safetensors", {**TINY_CAPTIONER, **change}, tensors)
+    with _NoBigTensors(), pytest.raises(ValueError, match=r"c\.safetensors: .*" + message):
+        PrefixCaptioner.load(path)
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{not json", r"the config in its metadata is not JSON"),
+    ("[1, 2]", r"the config in its metadata is a list, not an object"),
+    ({k: v for k, v in TINY_CAPTIONER.items() if k != "d_embed"}, r"lacks d_embed"),
+    ({**TINY_CAPTIONER, "dropout": 0.1}, r"has unknown keys dropout"),
+    ({**TINY_CAPTIONER, "d_model": "16"}, r"field d_model .* must be a positive integer, got '16'"),
+    ({**TINY_CAPTIONER, "n_layers": 1.0}, r"field n_layers .* must be a positive integer, got 1\.0"),
+    ({**TINY_CAPTIONER, "n_heads": True}, r"field n_heads .* must be a positive integer, got True"),
+    ({**TINY_CAPTIONER, "words": "a red dog"}, r"field words .* must be a list of texts"),
+    ({**TINY_CAPTIONER, "words": ["a", 3]}, r"field words .* must be a list of texts"),
+    ({**TINY_CAPTIONER, "clip": 5}, r"field clip .* must be a text"),
+    ({**TINY_CAPTIONER, "n_heads": 3}, r"not divisible by n_heads 3"),
+])
+def test_malformed_captioner_metadata_is_named(tmp_path, config, message):
+    from clip_lens.captioning import PrefixCaptioner
+
+    path = _captioner_file(tmp_path / "c.safetensors", config)
+    with pytest.raises(ValueError, match=r"c\.safetensors: .*" + message):
+        PrefixCaptioner.load(path)
+
+
+def _sae_files(folder, config: str, shapes: dict):
+    import torch
+    from safetensors.torch import save_file
+
+    (folder / "sae.json").write_text(config)
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(folder / "sae.safetensors"))
+    return folder / "sae"
+
+
+SAE_SHAPES = {"W_dec": (6, 4), "W_enc": (4, 6), "b_enc": (6,), "b_dec": (4,)}
+
+
+def test_a_tiny_sae_round_trips_under_the_guard(tmp_path):
+    from clip_lens.sae import TopKSAE
+
+    with _NoBigTensors():
+        sae = TopKSAE.load(_sae_files(tmp_path, '{"d_in": 4, "n_latents": 6, "k": 2, "hook": null}', SAE_SHAPES))
+    assert sae.config() == {"d_in": 4, "n_latents": 6, "k": 2, "hook": None}
+
+
+@pytest.mark.parametrize("config, message", [
+    ('{"d_in":100000,"n_latents":100000,"k":1}', r"sae\.json's d_in and n_latents imply W_dec of shape \[100000, 100000\], "
+                                               r"but .*sae\.safetensors holds \[6, 4\]"),
+    ('{"d_in": 4, "n_latents": 6}', r"sae\.json: the SAE config lacks k"),
+    ('{"d_in": 4, "n_latents": 6, "k": 2, "device": "cuda"}', r"sae\.json: the SAE config has unknown keys device"),
+    ('{"d_in": "4", "n_latents": 6, "k": 2}', r"sae\.json: d_in must be a positive integer, got '4'"),
+    ('{"d_in": 4, "n_latents": 6, "k": 7}', r"sae\.json: k=7 must lie in 1\.\.n_latents=6"),
+    ('{"d_in": 4, "n_latents": 6, "k": 2, "hook": 3}', r"sae\.json: hook must be a hook name or null"),
+    ('[4, 6, 2]', r"sae\.json: an SAE config is a JSON object, not a list"),
+    ('{"d_in": 4,', r"sae\.json is not a JSON SAE config"),
+])
+def test_sae_config_is_checked_by_key_and_against_the_weights_before_any_allocation(tmp_path, config, message):
+    from clip_lens.sae import TopKSAE
+
+    path = _sae_files(tmp_path, config, SAE_SHAPES)
+    with _NoBigTensors(), pytest.raises(ValueError, match=message):
+        TopKSAE.load(path)
+
+
+def test_sae_weights_with_other_tensors_are_named(tmp_path):
+    from clip_lens.sae import TopKSAE
+
+    path = _sae_files(tmp_path, '{"d_in": 4, "n_latents": 6, "k": 2}', {"W_dec": (6, 4)})
+    with pytest.raises(ValueError, match=r"sae\.safetensors holds tensors \['W_dec'\], an SAE has"):
+        TopKSAE.load(path)
