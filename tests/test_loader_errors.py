@@ -345,3 +345,63 @@ def test_sae_weights_with_other_tensors_are_named(tmp_path):
     path = _sae_files(tmp_path, '{"d_in": 4, "n_latents": 6, "k": 2}', {"W_dec": (6, 4)})
     with pytest.raises(ValueError, match=r"sae\.safetensors holds tensors \['W_dec'\], an SAE has"):
         TopKSAE.load(path)
+
+
+# Hugging Face directories: what is missing, named ----------------------------------------------------
+@pytest.mark.parametrize("files, message", [
+    ({}, r"empty has no config\.json: a Hugging Face model directory holds config\.json"),
+    ({"model.safetensors": b"x"}, r"empty has no config\.json"),
+    ({"config.json": b"{not json"}, r"config\.json is not JSON"),
+    ({"config.json": b"[]"}, r"config\.json names no model_type"),
+    ({"config.json": b'{"model_type": "clip"}'}, r"empty holds no weights: expected model\.safetensors"),
+])
+def test_a_hugging_face_directory_missing_its_config_or_weights_is_named(tmp_path, files, message):
+    import clip_lens
+    from clip_lens.captioning import load_captioner
+
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        clip_lens.HookedCLIP.from_huggingface(folder)
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        load_captioner(folder)
+
+
+def _vision_encoder_decoder_folder(folder, tokens: dict):
+    """A tiny CLIP-encoder + GPT-2 captioner saved in `folder`, its special token ids set to
+    `tokens` (in config.json, the decoder's config and generation_config.json)."""
+    import torch
+    from transformers import CLIPVisionConfig, GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+    torch.manual_seed(0)
+    enc = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8)
+    dec = GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=12, n_positions=16, add_cross_attention=True,
+                     is_decoder=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = VisionEncoderDecoderModel(VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec))
+    for holder in (model.config, model.generation_config):
+        for key in ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(holder, key, tokens.get(key))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("tokens, message", [
+    ({}, r"names no decoder start token and no end token"),
+    ({"decoder_start_token_id": 0}, r"names no end token"),
+    ({"decoder_start_token_id": 0, "eos_token_id": 99}, r"end token eos_token_id in its generation_config\.json is 99: "
+                                                        r"give a token id in 0\.\.11"),
+    ({"decoder_start_token_id": -1, "eos_token_id": 1}, r"start token decoder_start_token_id .* is -1"),
+])
+def test_a_captioner_directory_without_valid_start_and_end_tokens_is_named(tmp_path, tokens, message):
+    import warnings
+
+    from clip_lens.captioning import load_captioner
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folder = _vision_encoder_decoder_folder(tmp_path / "ved", tokens)
+        with pytest.raises(ValueError, match=r"ved:? " + message):
+            load_captioner(folder)
