@@ -178,9 +178,13 @@ class HookedModule(HookedRootModule):
         half done: the clean-up runs to its end, then the interrupt is raised. It also removes
         hooks torch holds but TransformerLens never recorded that were added inside the block (an
         interrupt between the two steps of adding a hook leaves one); a torch hook the user
-        registered before the block stays."""
-        self.context_level += 1
-        level = self.context_level
+        registered before the block stays.
+
+        Nothing the block changes happens before its `try`: the level is raised inside it, and
+        the clean-up sets it back to the level found on entry (whether or not the raise happened),
+        so an interrupt at any step of entering leaves the level as it was."""
+        outer = self.context_level
+        level = outer + 1
         finished = set()
         before = self._torch_hook_keys()
 
@@ -189,9 +193,10 @@ class HookedModule(HookedRootModule):
                 self.reset_hooks(clear_contexts, including_permanent=False, level=level)
                 self.remove_untracked_hooks(keep=before)
                 finished.add("hooks")
-            self.context_level = level - 1
+            self.context_level = outer
 
         try:
+            self.context_level = level
             for name, hook in fwd_hooks:
                 self._enable_hook(name=name, hook=hook, dir="fwd")
             for name, hook in bwd_hooks:

@@ -462,6 +462,28 @@ def huggingface_configs(config: Any) -> tuple[TextConfig, VisionConfig]:
     return text_cfg, huggingface_vision_config(v, config.projection_dim)
 
 
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_huggingface_directory(path: Path, weight_files: tuple[str, ...]) -> None:
+    """Refuse, naming what is missing, a path that is not a model directory as `save_pretrained`
+    writes it: a folder with config.json (a JSON object) and one of `weight_files`."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"No Hugging Face model directory at {path}")
+    config = path / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: a Hugging Face model directory holds config.json and "
+                                f"its weights ({weight_files[0]}), as save_pretrained writes them")
+    try:
+        values = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config} is not JSON ({error})") from None
+    if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
+        raise ValueError(f"{config} names no model_type (a Hugging Face config is a JSON object with model_type)")
+    if not any((path / name).is_file() for name in weight_files):
+        raise FileNotFoundError(f"{path} holds no weights: expected {' or '.join(weight_files)}")
+
+
 def huggingface_parts(model_or_path: Any, tokenizer: Any = None) -> Parts:
     """The parts of a HookedCLIP from a transformers `CLIPModel` or a local directory with one
     (config and weights, as written by `save_pretrained`). Its tokenizer is used when the
@@ -471,8 +493,7 @@ def huggingface_parts(model_or_path: Any, tokenizer: Any = None) -> Parts:
     path = None
     if isinstance(model_or_path, (str, os.PathLike)):
         path = Path(model_or_path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"No Hugging Face model directory at {path}")
+        check_huggingface_directory(path, HF_WEIGHT_FILES)
         model_or_path = CLIPModel.from_pretrained(path, local_files_only=True)
     hf = model_or_path
     if type(hf).__name__ != "CLIPModel":

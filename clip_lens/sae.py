@@ -90,18 +90,73 @@ class TopKSAE(nn.Module):
         os.replace(config.with_suffix(".json.tmp"), config)
         return weights
 
+    @staticmethod
+    def parameter_shapes(d_in: int, n_latents: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each weight of an SAE of these sizes, as its state dict holds them."""
+        return {"W_dec": (n_latents, d_in), "W_enc": (d_in, n_latents), "b_enc": (n_latents,), "b_dec": (d_in,)}
+
     @classmethod
     def load(cls, path: Union[str, Path]) -> "TopKSAE":
+        """An SAE saved by `save`: `path.json` (its config, each key checked by name and type) and
+        `path.safetensors` (its weights, whose shapes in the file's header must be those the config
+        implies); every problem is refused, naming the file, before anything is allocated."""
         from safetensors.torch import load_file
 
         path = Path(path)
         config_path, weights_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
         for p in (config_path, weights_path):
             if not p.is_file():
-                raise FileNotFoundError(f"SAE file not found: {p}")
-        sae = cls(**json.loads(config_path.read_text()))
+                raise FileNotFoundError(f"SAE file not found: {p}" + (" (it is a folder)" if p.is_dir() else ""))
+        config = _sae_config(config_path)
+        _check_sae_weights(weights_path, config_path, cls.parameter_shapes(config["d_in"], config["n_latents"]))
+        sae = cls(**config)
         sae.load_state_dict(load_file(str(weights_path)))
         return sae
+
+
+SAE_SIZES = ("d_in", "n_latents", "k")
+
+
+def _sae_config(path: Path) -> dict:
+    """An SAE's JSON config: d_in, n_latents, k (positive integers, k <= n_latents) and hook (a
+    hook name or null); anything else is a ValueError naming the file and key."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a JSON SAE config ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: an SAE config is a JSON object, not a {type(config).__name__}")
+    missing = [key for key in SAE_SIZES if key not in config]
+    unknown = sorted(set(config) - set(SAE_SIZES) - {"hook"})
+    if missing or unknown:
+        what = "lacks " + ", ".join(missing) if missing else "has unknown keys " + ", ".join(unknown)
+        raise ValueError(f"{path}: the SAE config {what} (it has d_in, n_latents, k and hook)")
+    for key in SAE_SIZES:
+        if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
+            raise ValueError(f"{path}: {key} must be a positive integer, got {config[key]!r}")
+    if config["k"] > config["n_latents"]:
+        raise ValueError(f"{path}: k={config['k']} must lie in 1..n_latents={config['n_latents']}")
+    if config.get("hook") is not None and not isinstance(config["hook"], str):
+        raise ValueError(f"{path}: hook must be a hook name or null, got {config['hook']!r}")
+    return config
+
+
+def _check_sae_weights(weights: Path, config: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a weights file whose tensors (read from its header, none loaded) are not the ones
+    the config implies."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for a file that is not safetensors
+        raise ValueError(f"{weights} is not a safetensors file: {error}") from None
+    if set(found) != set(expected):
+        raise ValueError(f"{weights} holds tensors {sorted(found)}, an SAE has {sorted(expected)}")
+    for key, shape in expected.items():
+        if found[key] != shape:
+            raise ValueError(f"{config}'s d_in and n_latents imply {key} of shape {list(shape)}, but {weights} holds "
+                             f"{list(found[key])}")
 
 
 @dataclass

@@ -69,8 +69,7 @@ class HuggingFaceCaptioner(Captioner):
         from transformers import AutoConfig, VisionEncoderDecoderModel
 
         path = Path(model_or_path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"no Hugging Face model directory at {path}")
+        loading.check_huggingface_directory(path, ("model.safetensors", "model.safetensors.index.json"))
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         encoder_type = getattr(getattr(config, "encoder", None), "model_type", None)
         if config.model_type != "vision-encoder-decoder" or encoder_type not in CLIP_ENCODERS:
@@ -135,17 +134,37 @@ def _cache_argument(decoder: Any) -> str:
 
 
 def _special_tokens(model: Any, name: str) -> Special:
-    """Start, end and pad ids from the model's config, as transformers' `generate` takes them."""
-    gen, dec = model.generation_config, model.config.decoder
+    """Start, end and pad ids from the model's config, as transformers' `generate` takes them: the
+    first given of generation_config.json's and config.json's fields, each an id in the decoder's
+    vocabulary (a list gives its first id). A missing or malformed id is a ValueError naming it."""
+    gen, config, dec = model.generation_config, model.config, model.config.decoder
+    name = name or "the vision-encoder-decoder"
+    vocab = int(dec.vocab_size)
 
-    def first(*values):
-        return next((int(v if not isinstance(v, (list, tuple)) else v[0]) for v in values if v is not None), None)
+    def first(role: str, *sources: tuple[str, Any, str]) -> Optional[int]:
+        for file, holder, key in sources:
+            value = getattr(holder, key, None)
+            if value is not None:
+                return _token_id(value, vocab, f"{name}: {role} token {key} in its {file}")
+        return None
 
-    start = first(getattr(gen, "decoder_start_token_id", None), model.config.decoder_start_token_id,
-                  getattr(gen, "bos_token_id", None), dec.bos_token_id)
-    end = first(getattr(gen, "eos_token_id", None), model.config.eos_token_id, dec.eos_token_id)
-    pad = first(getattr(gen, "pad_token_id", None), model.config.pad_token_id, dec.pad_token_id, end)
-    if start is None or end is None:
-        raise ValueError(f"{name or 'the vision-encoder-decoder'} names no decoder start token or end token in its "
-                         "config (set config.decoder_start_token_id and eos_token_id)")
-    return Special(start=start, end=end, pad=pad)
+    start = first("start", ("generation_config.json", gen, "decoder_start_token_id"),
+                  ("config.json", config, "decoder_start_token_id"), ("generation_config.json", gen, "bos_token_id"),
+                  ("decoder's config", dec, "bos_token_id"))
+    end = first("end", ("generation_config.json", gen, "eos_token_id"), ("config.json", config, "eos_token_id"),
+                ("decoder's config", dec, "eos_token_id"))
+    pad = first("pad", ("generation_config.json", gen, "pad_token_id"), ("config.json", config, "pad_token_id"),
+                ("decoder's config", dec, "pad_token_id"))
+    missing = [role for role, value in (("decoder start token", start), ("end token", end)) if value is None]
+    if missing:
+        raise ValueError(f"{name} names no {' and no '.join(missing)} in its config (set decoder_start_token_id and "
+                         "eos_token_id in config.json or generation_config.json)")
+    return Special(start=start, end=end, pad=end if pad is None else pad)
+
+
+def _token_id(value: Any, vocab: int, what: str) -> int:
+    """One token id (the first of a list) in 0..vocab-1, or a ValueError naming `what`."""
+    first = value[0] if isinstance(value, (list, tuple)) and value else value
+    if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first < vocab:
+        raise ValueError(f"{what} is {value!r}: give a token id in 0..{vocab - 1} (the decoder's vocabulary)")
+    return first

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -148,23 +148,110 @@ class PrefixCaptioner(Captioner):
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None) -> "PrefixCaptioner":
-        """A captioner saved by `save` (safetensors only: nothing in the file is executed)."""
-        from safetensors import safe_open
+        """A captioner saved by `save` (safetensors only: nothing in the file is executed). Its
+        metadata is checked by key and type, and the weights its config implies against the
+        tensors the file holds, before anything is allocated; each problem names the file."""
         from safetensors.torch import load_file
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no captioner file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-        except Exception as error:  # safetensors raises its own error types for a file that is not safetensors
-            raise ValueError(f"{path} is not a safetensors file: {error}") from None
+            raise FileNotFoundError(f"no captioner file at {path}" + (" (it is a folder)" if path.is_dir() else ""))
+        metadata, shapes = _safetensors_header(path)
         if metadata.get("format") != FORMAT or "config" not in metadata:
             raise ValueError(f"{path} is not a clip_lens prefix captioner (its metadata has no {FORMAT!r} config)")
-        captioner = cls(PrefixConfig(**json.loads(metadata["config"])))
+        cfg = _config_from_metadata(path, metadata["config"])
+        _check_weights_fit(path, cfg, shapes)
+        captioner = cls(cfg)
         missing, unexpected = captioner.load_state_dict(load_file(str(path)), strict=False)
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
         captioner.name = str(path)
         return captioner.eval().to(device or "cpu")
+
+
+SIZE_FIELDS = ("d_embed", "prefix_length", "d_model", "n_layers", "n_heads", "max_new_tokens")
+
+
+def _safetensors_header(path: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """A safetensors file's metadata and the shape of each tensor it holds, read from its header
+    (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}, {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for a file that is not safetensors
+        raise ValueError(f"{path} is not a safetensors file: {error}") from None
+
+
+def _config_from_metadata(path: Path, text: str) -> PrefixConfig:
+    """The PrefixConfig in a captioner file's metadata, each key checked by name and type."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: the config in its metadata is not JSON ({error.msg})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: the config in its metadata is a {type(values).__name__}, not an object")
+    missing = [key for key in SIZE_FIELDS + ("words",) if key not in values]
+    unknown = sorted(set(values) - set(SIZE_FIELDS) - {"words", "clip"})
+    if missing or unknown:
+        what = "lacks " + ", ".join(missing) if missing else "has unknown keys " + ", ".join(unknown)
+        raise ValueError(f"{path}: the config in its metadata {what} (a prefix captioner's config has "
+                         f"{', '.join(SIZE_FIELDS)}, words and clip)")
+    for key in SIZE_FIELDS:
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: config field {key} in its metadata must be a positive integer, got {value!r}")
+    if not isinstance(values["words"], list) or not all(isinstance(w, str) for w in values["words"]):
+        raise ValueError(f"{path}: config field words in its metadata must be a list of texts")
+    if not isinstance(values.get("clip", ""), str):
+        raise ValueError(f"{path}: config field clip in its metadata must be a text, got {values['clip']!r}")
+    try:
+        cfg = PrefixConfig(**values)
+        WordVocabulary(cfg.words)
+        return cfg
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _check_weights_fit(path: Path, cfg: PrefixConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a config whose weights differ from the tensors in the file, before any is allocated:
+    the layer count first (from the tensors' names), then every shape of a captioner built on the
+    meta device (shapes without memory)."""
+    layers = {key.split(".")[2] for key in shapes if key.startswith("blocks.layers.")}
+    if cfg.n_layers != len(layers):
+        raise ValueError(f"{path}: config field n_layers in its metadata is {cfg.n_layers}, but the file holds the "
+                         f"weights of {len(layers)} layers")
+    expected = _weight_shapes(cfg)
+    if set(expected) != set(shapes):
+        names = sorted(set(expected) ^ set(shapes))
+        raise ValueError(f"{path}: its tensors do not match its config (first of {len(names)} differing names: {names[0]!r})")
+    wrong = {key for key in expected if expected[key] != shapes[key]}
+    if wrong:
+        key = min(wrong)
+        sizes = {name: getattr(cfg, name) for name in SIZE_FIELDS}
+        sizes["words"] = len(cfg.words)
+        raise ValueError(f"{path}: config field {' or '.join(_fields_sizing_only(cfg, wrong)) or 'sizes'} in its metadata "
+                         f"disagrees with the file: {key} is {list(shapes[key])} in the file, the config ("
+                         f"{', '.join(f'{f}={v}' for f, v in sizes.items())}) implies {list(expected[key])}")
+
+
+def _weight_shapes(cfg: PrefixConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of each weight of a captioner of this config, from one built on the meta device."""
+    with torch.device("meta"):
+        return {key: tuple(value.shape) for key, value in PrefixCaptioner(cfg).state_dict().items()}
+
+
+def _fields_sizing_only(cfg: PrefixConfig, wrong: set[str]) -> list[str]:
+    """The config fields that size exactly the weights in `wrong` (else those that size only weights
+    in `wrong`): the fields a file's shapes contradict. A field's weights are those whose shapes
+    change when it grows."""
+    base = _weight_shapes(cfg)
+    grown = {"d_embed": cfg.d_embed + 1, "prefix_length": cfg.prefix_length + 1, "d_model": cfg.d_model + cfg.n_heads,
+             "max_new_tokens": cfg.max_new_tokens + 1, "words": cfg.words + ("an unseen word",)}
+    sized = {}
+    for name, value in grown.items():  # n_heads sizes no weight; n_layers adds weights (checked before)
+        other = _weight_shapes(replace(cfg, **{name: value}))
+        sized[name] = {key for key in base if other[key] != base[key]}
+    exact = [name for name, keys in sized.items() if keys == wrong]
+    return exact or [name for name, keys in sized.items() if keys and keys <= wrong]

@@ -83,9 +83,10 @@ class EdgeScores:
         return torch.where(self.graph.valid, value.nan_to_num(0.0), torch.tensor(-1.0, device="cpu"))
 
     def top(self, n: int, signed: bool = False) -> list[tuple[int, int]]:
-        """The n most important edges (see `importance`), as (sender, receiver) indices, first first;
-        with `signed`, only edges of positive importance (so possibly fewer than n)."""
-        check_count(n, "n")
+        """The n most important edges (see `importance`), as (sender, receiver) indices, first first:
+        at most the graph's edges, never a pair off the graph; with `signed`, only edges of
+        positive importance (so possibly fewer than n)."""
+        n = min(check_count(n, "n"), self.graph.n_edges)
         importance = self.importance(signed)
         if signed:
             n = min(n, int((importance > 0).sum()))

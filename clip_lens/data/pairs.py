@@ -9,6 +9,9 @@ rephrasing (`valse_existence_pairs`), and a user's CSV or JSONL file (`read_pair
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -151,25 +154,19 @@ def read_pairs_file(path: Union[str, Path], tokenize: Tokenize, images: Optional
     """A user's pairs: a CSV or JSONL file with columns `caption` (the correct text), `foil`, and
     optionally `image` (a path, relative to `images` or else to the file's folder), and `id`.
 
-    A missing column, an empty text, a pair whose texts are equal or an image that does not exist
-    is an error naming the file and row (rows count from 1, after the CSV header); pairs that the
-    tokenizer finds unequal in length or differing in more than one span are excluded with the
-    reason."""
+    The file is UTF-8 (a byte-order mark is allowed) or UTF-16 with its byte-order mark. A file
+    that cannot be read as such, a CSV line with more or fewer fields than the header (a text
+    holding a comma must be quoted), a JSONL line that is not a JSON object, and an empty file are
+    errors naming the file and line (`read_pairs_table`). A missing column, an empty text, a pair
+    whose texts are equal or an image that does not exist is an error naming the file and row
+    (rows count from 1, after the CSV header); pairs that the tokenizer finds unequal in length or
+    differing in more than one span are excluded with the reason."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pairs file {path} does not exist")
-    if path.suffix.lower() in (".jsonl", ".json"):
-        frame = pd.read_json(path, lines=True)
-    elif path.suffix.lower() == ".csv":
-        frame = pd.read_csv(path, keep_default_na=False)
-    else:
-        raise ValueError(f"{path}: pairs files are .csv or .jsonl")
+    frame = read_pairs_table(path)
     for column in ("caption", "foil"):
         if column not in frame.columns:
             raise ValueError(f"{path} has no column {column!r} (columns: {', '.join(map(str, frame.columns))}); a "
                              "pairs file needs caption and foil, and may have image and id")
-    if frame.empty:
-        raise ValueError(f"{path} holds no pairs")
     folder = Path(images) if images is not None else path.parent
     has_image = "image" in frame.columns
     for row, record in enumerate(frame.to_dict("records"), start=1):
@@ -185,6 +182,87 @@ def read_pairs_file(path: Union[str, Path], tokenize: Tokenize, images: Optional
     rows = pd.DataFrame({"id": ids, "a": frame["caption"], "b": frame["foil"], "correct": "a",
                          "image": [str(folder / str(i)) for i in frame["image"]] if has_image else None})
     return check_pairs(name or path.stem, rows, tokenize)
+
+
+def read_pairs_table(path: Union[str, Path]) -> pd.DataFrame:
+    """The rows of a pairs file (.csv or .jsonl), one per pair, as written (CSV values are texts,
+    JSONL values as JSON gives them); no column is taken for an index. Every problem reading it is
+    a ValueError (a FileNotFoundError when it does not exist) naming the file, and the line where
+    there is one."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a pairs file: give a .csv or .jsonl file")
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json"):
+        raise ValueError(f"{path}: pairs files are .csv or .jsonl")
+    text = _pairs_text(path)
+    frame = _csv_rows(path, text) if suffix == ".csv" else _jsonl_rows(path, text)
+    if frame.empty:
+        raise ValueError(f"{path} holds no pairs")
+    return frame
+
+
+def _pairs_text(path: Path) -> str:
+    """The file's text: UTF-16 when it starts with UTF-16's byte-order mark, else UTF-8 (a UTF-8
+    byte-order mark dropped); anything else is a ValueError naming the file and line."""
+    data = path.read_bytes()
+    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1 if encoding == "utf-8-sig" else None
+        where = f", line {line}" if line is not None else ""
+        raise ValueError(f"{path}{where}: not {encoding.removesuffix('-sig').upper()} text ({error.reason} at byte "
+                         f"{error.start}); save the pairs file as UTF-8") from None
+
+
+def _csv_rows(path: Path, text: str) -> pd.DataFrame:
+    """A CSV's records under its header (blank lines skipped); a record with more or fewer fields
+    than the header, a repeated column or a quoting error is a ValueError naming the line."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header, rows = None, []
+    try:
+        for record in reader:
+            if not record:
+                continue
+            if header is None:
+                header = _csv_header(path, record, reader.line_num)
+            elif len(record) != len(header):
+                raise ValueError(
+                    f"{path}, line {reader.line_num}: {len(record)} fields, but the header has {len(header)} "
+                    f"({', '.join(header)}); a text holding a comma must be quoted (\"a, b\")")
+            else:
+                rows.append(record)
+    except csv.Error as error:
+        raise ValueError(f"{path}, line {reader.line_num}: not valid CSV ({error})") from None
+    return pd.DataFrame(rows, columns=header or [], dtype=object)
+
+
+def _csv_header(path: Path, header: list[str], line: int) -> list[str]:
+    """The column names, each once."""
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{path}, line {line}: the header names column {repeated[0]!r} more than once")
+    return header
+
+
+def _jsonl_rows(path: Path, text: str) -> pd.DataFrame:
+    """One JSON object per non-blank line; anything else is a ValueError naming the line."""
+    records = []
+    for line, content in enumerate(text.split("\n"), start=1):  # not splitlines: JSON texts may hold U+2028
+        if not content.strip():
+            continue
+        try:
+            record = json.loads(content)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {line}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {line}: expected a JSON object with caption and foil, got "
+                             f"{type(record).__name__}")
+        records.append(record)
+    return pd.DataFrame.from_records(records) if records else pd.DataFrame()
 
 
 def cannot_pairs(paths, tokenize: Tokenize, spacy_model: str = "en_core_web_sm", nlp=None,
