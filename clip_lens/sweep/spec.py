@@ -148,7 +148,10 @@ def _absolute(value: Any, base: Path, where: str) -> Any:
     """A path key's value with its paths made absolute strings (names, tags and other types as
     they are: the entry's check refuses a wrong type)."""
     if isinstance(value, str) and value not in ("generated", "random") and not value.startswith("clip_lens/"):
-        return str(_path(value, base, where))
+        path = _path(value, base, where)
+        if path.resolve().parent == path.resolve():  # a dataset's folder is hashed file by file: never the whole disk
+            raise SpecError(f"{where}={value!r} is a filesystem root; give the folder or file itself")
+        return str(path)
     if isinstance(value, list):
         return [_absolute(v, base, where) for v in value]
     return value
@@ -160,7 +163,7 @@ def _is_path_key(key: str, value: Any) -> bool:
 
     if key == "pretrained" and isinstance(value, str) and is_tag(value):
         return False
-    return key in PATH_KEYS or key == "paths"
+    return key in PATH_KEYS or (key == "paths" and isinstance(value, list))  # a string there: "give a list"
 
 
 def _entries(raw: dict, key: str, base: Path, source: str, check) -> tuple[Entry, ...]:
