@@ -150,10 +150,11 @@ def test_an_unknown_architecture_is_refused_with_the_closest_names(tmp_path, arc
 def test_architectures_that_are_known_or_a_directory_are_accepted(tmp_path):
     hf = tmp_path / "hf-clip"
     hf.mkdir()
+    (hf / "config.json").write_text("{}")
     for name in ("ViT-B-32", "clip_lens/tiny-shapes", str(hf)):
         read_spec(spec(tmp_path, model=f'[[models]]\nname = "m"\narchitecture = "{name}"\n'), base=tmp_path)
     refused(tmp_path, spec(tmp_path, model=f'[[models]]\nname = "m"\narchitecture = "{tmp_path / "gone"}"\n'),
-            "model 'm'", "no directory at")
+            "model 'm'", "no transformers CLIP directory (with its config.json) at")
 
 
 @pytest.mark.parametrize("model, fragments", [

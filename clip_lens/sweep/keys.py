@@ -41,15 +41,15 @@ def _closest(word: str, names: list[str]) -> str:
 
 
 def check_architecture(architecture: str) -> None:
-    """An open_clip architecture, a CLIP shipped with clip_lens, or an existing transformers CLIP
-    directory; anything else is refused with the closest names."""
+    """An open_clip architecture, a CLIP shipped with clip_lens, or a transformers CLIP directory
+    (its config.json there); anything else is refused with the closest names."""
     names = known_architectures()
     if architecture in names:
         return
     looks_like_path = ("/" in architecture or "\\" in architecture) and not architecture.startswith("clip_lens/")
-    if looks_like_path and Path(architecture).is_dir():
+    if looks_like_path and (Path(architecture) / "config.json").is_file():
         return
-    where = f"no directory at {architecture}, and " if looks_like_path else ""
+    where = f"no transformers CLIP directory (with its config.json) at {architecture}, and " if looks_like_path else ""
     raise OptionError(f"architecture={architecture!r}: {where}not an open_clip architecture nor a model shipped with "
                       f"clip_lens{_closest(architecture, names)}; open_clip.list_models() names them all")
 
