@@ -145,7 +145,7 @@ def _mutate_table(draw, table: dict, fixed_keys=()) -> str:
     if how == "drop":
         del table[key]
     else:
-        table[key] = draw(VALUES if how == "value" else st.sampled_from(plausible(key)))
+        table[key] = copy.deepcopy(draw(VALUES if how == "value" else st.sampled_from(plausible(key))))  # never BASE's own
     return key
 
 
