@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
 from clip_lens.checks import is_integer
+
+INT64 = 2**63  # integers lie in [-INT64, INT64)
 
 
 class OptionError(ValueError):
@@ -104,16 +107,17 @@ def _sequence_item(hint: Any) -> Optional[Any]:
 def _describe(kind: Any, meta: Mapping) -> str:
     if meta["choices"] is not None:
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
-    name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
+    name = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
     bounds = [f">= {meta['minimum']:g}"] if meta["minimum"] is not None else []
     bounds += [f"<= {meta['maximum']:g}"] if meta["maximum"] is not None else []
     return name + (" " + " and ".join(bounds) if bounds else "")
 
 
 def _scalar(name: str, value: Any, kind: Any, meta: Mapping, allowed: str) -> Any:
-    """`value` checked against a scalar type (int, float, bool, str) and the field's bounds."""
-    ok = {int: is_integer(value),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+    """`value` checked against a scalar type (int, float, bool, str) and the field's bounds: an
+    integer fits 64 bits (TOML's integers, torch's seeds), a number is finite."""
+    ok = {int: is_integer(value) and -INT64 <= value < INT64,
+          float: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
           bool: isinstance(value, bool), str: isinstance(value, str)}.get(kind, True)
     if not ok:
         raise OptionError(f"{name}={value!r}: give {allowed}")

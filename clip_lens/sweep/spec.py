@@ -100,24 +100,70 @@ def read_spec(path_or_text: Union[str, Path], *, base: Union[str, Path, None] = 
     models = _entries(raw, "models", base, source, lambda e: _check_model(e, source))
     datasets = _entries(raw, "datasets", base, source, lambda e: _check_dataset(e, source))
     studies = _entries(raw, "studies", base, source, lambda e: _check_study(e, source))
-    if not isinstance(raw["out"], str) or not raw["out"].strip():
-        raise SpecError(f"{source}: out must be a folder path (a string), got {raw['out']!r}")
-    return Spec(_absolute(raw["out"], base), models, datasets, studies, dict(resources), retries, source)
+    return Spec(out_folder(raw["out"], base, source), models, datasets, studies, dict(resources), retries, source)
 
 
-def _absolute(value: Any, base: Path) -> Any:
-    if isinstance(value, str) and value not in ("generated", "random") and not value.startswith("clip_lens/"):
+def out_folder(value: Any, base: Path, source: str) -> Path:
+    """The spec's output folder, absolute; refused unless it is new, empty or a sweep's folder
+    (not a filesystem root, not a file, not a folder of other things)."""
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(f"{source}: out must be a folder path (a string), got {value!r}")
+    folder = _path(value, base, f"{source}: out")
+    resolved = folder.resolve()
+    if resolved.parent == resolved:
+        raise SpecError(f"{source}: out={value!r} is a filesystem root; give a folder of its own for the sweep")
+    if folder.exists() and not folder.is_dir():
+        raise SpecError(f"{source}: out={value!r}: {folder} is a file, not a folder")
+    if folder.is_dir() and not is_sweep_folder(folder):
+        names = sorted(p.name for p in folder.iterdir())
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise SpecError(f"{source}: out={value!r}: {folder} holds other things than a sweep ({shown}); give a new or "
+                        "empty folder, or an earlier run's")
+    return folder
+
+
+def is_sweep_folder(folder: Path) -> bool:
+    """A folder a sweep may write to: one an earlier run wrote (its manifest or tasks folder), or
+    one holding nothing but hidden files."""
+    from clip_lens.sweep.storage import MANIFEST
+
+    if (folder / MANIFEST).is_file() or (folder / "tasks").is_dir():
+        return True
+    return all(p.name.startswith(".") for p in folder.iterdir())
+
+
+def _path(value: str, base: Path, where: str) -> Path:
+    """`value` as an absolute path (relative ones read from `base`, "~" expanded); refused when it
+    cannot name a file (empty, a NUL character, an unknown user's "~name")."""
+    if not value.strip() or "\0" in value:
+        raise SpecError(f"{where}={value!r}: give a path (a non-empty string without NUL characters)")
+    try:
         path = Path(value).expanduser()
-        return path if path.is_absolute() else (base / path)
+    except RuntimeError:
+        raise SpecError(f"{where}={value!r}: cannot expand ~ (no such user or no home folder)") from None
+    return path if path.is_absolute() else (base / path)
+
+
+def _absolute(value: Any, base: Path, where: str) -> Any:
+    """A path key's value with its paths made absolute strings (names, tags and other types as
+    they are: the entry's check refuses a wrong type)."""
+    if isinstance(value, str) and value not in ("generated", "random") and not value.startswith("clip_lens/"):
+        path = _path(value, base, where)
+        if path.resolve().parent == path.resolve():  # a dataset's folder is hashed file by file: never the whole disk
+            raise SpecError(f"{where}={value!r} is a filesystem root; give the folder or file itself")
+        return str(path)
     if isinstance(value, list):
-        return [_absolute(v, base) for v in value]
+        return [_absolute(v, base, where) for v in value]
     return value
 
 
-def _is_tag(value: Any) -> bool:
-    """An open_clip pretrained tag ("openai", "laion2b_s34b_b79k") rather than a checkpoint path."""
-    text = str(value)
-    return "/" not in text and "\\" not in text and not text.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+def _is_path_key(key: str, value: Any) -> bool:
+    """Whether an entry's key holds paths (a pretrained tag does not)."""
+    from clip_lens.sweep.keys import is_tag
+
+    if key == "pretrained" and isinstance(value, str) and is_tag(value):
+        return False
+    return key in PATH_KEYS or (key == "paths" and isinstance(value, list))  # a string there: "give a list"
 
 
 def _entries(raw: dict, key: str, base: Path, source: str, check) -> tuple[Entry, ...]:
@@ -132,12 +178,12 @@ def _entries(raw: dict, key: str, base: Path, source: str, check) -> tuple[Entry
         if name in names:
             raise SpecError(f"{source}: two {key} are named {name!r}")
         names.add(name)
-        options = {k: (_absolute(v, base) if (k in PATH_KEYS and not (k == "pretrained" and _is_tag(v))) or k == "paths"
-                       else v) for k, v in item.items() if k != "name"}
+        where = f"{source}: {key[:-1]} {name!r}: key"
+        options = {k: (_absolute(v, base, f"{where} {k}") if _is_path_key(k, v) else v) for k, v in item.items()
+                   if k != "name"}
         if key == "datasets" and options.get("kind") == "valse" and "images" not in options:
             raise SpecError(f"{source}: dataset {name!r} needs images (a folder, or \"generated\")")
-        entry = Entry(name, {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) and
-                                  v and isinstance(v[0], Path) else v) for k, v in options.items()})
+        entry = Entry(name, options)
         check(entry)
         entries.append(entry)
     return tuple(entries)
@@ -156,7 +202,7 @@ def _check_dataset(entry: Entry, source: str) -> None:
     from clip_lens.sweep.keys import DATASET_KINDS
 
     kind = entry.get("kind")
-    if kind not in DATASET_KINDS:
+    if not isinstance(kind, str) or kind not in DATASET_KINDS:
         raise SpecError(f"{source}: dataset {entry.name!r} has kind {kind!r}; use one of {', '.join(DATASET_KINDS)}")
     keys = {k: v for k, v in entry.options.items() if k != "kind"}
     checked = _checked_keys(DATASET_KINDS[kind], keys, f"{source}: dataset {entry.name!r} ({kind})")
