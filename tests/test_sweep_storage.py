@@ -274,7 +274,7 @@ def test_two_sweeps_on_one_folder_the_second_is_refused(finished, tmp_path, data
 
 def test_a_task_another_writer_marked_running_is_not_reported_as_failed_nan(finished, tmp_path, data, monkeypatch):
     """The cause of "failed: nan": a second writer's `start` set a finished task back to running
-    with no error, and pandas reads that missing error as NaN among the others' strings. The lock
+    with no error, read back as NaN among other tasks' error strings (None otherwise). The lock
     stops the second writer; the summary names an unfinished task's status and never says nan."""
     from clip_lens.sweep import executors
 
