@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -76,12 +80,39 @@ def cmd_train_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill PID`) stops the block like Ctrl-C does, so that its clean-up runs (the output
+    folder's lock, Ray's processes, the running task recorded as interrupted)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Run a sweep spec; exit 1 when a task failed (the summary names each one)."""
+    """Run a sweep spec; exit 1 when a task failed (the summary names each one), 130 when stopped
+    by Ctrl-C (or SIGTERM) with one line saying how to resume."""
     from clip_lens import sweep
 
     executor = "ray" if args.ray or args.ray_address else "local"
-    result = sweep.run(args.spec, executor, ray_address=args.ray_address, workers=args.workers, progress=not args.quiet)
+    try:
+        with _terminate_as_interrupt():
+            result = sweep.run(args.spec, executor, ray_address=args.ray_address, workers=args.workers,
+                               progress=not args.quiet)
+    except KeyboardInterrupt:
+        command = shlex.join(["clip-lens", *getattr(args, "argv", ["sweep", str(args.spec)])])
+        print(f"\nclip-lens sweep: stopped; finished tasks are kept. Resume with the same command: {command}",
+              file=sys.stderr)
+        return 130
     print(result.summary())
     if result.report is not None:
         print(f"report: {result.report}")

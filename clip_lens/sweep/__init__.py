@@ -6,7 +6,8 @@ results that survive a kill; one cross-model report (docs/sweeps.md).
     tables = clip_lens.sweep.load("runs/sweep")                    # one long DataFrame per table
 
 - `spec`: the TOML spec, checked entry by entry;
-- `storage`: task ids, Parquet tables written atomically, the SQLite manifest, `load`;
+- `storage`: task ids, Parquet tables written atomically with their checksums, the SQLite manifest,
+  the output folder's lock, `load`;
 - `executors`: `run_task`, the local and Ray executors;
 - `studies`: what a task runs (the only library module besides the CLI that drives the studies);
 - `report`: the cross-model report.
@@ -15,17 +16,18 @@ results that survive a kill; one cross-model report (docs/sweeps.md).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 import pandas as pd
 
 from clip_lens.sweep.spec import Spec, SpecError, read_spec
-from clip_lens.sweep.storage import Manifest, Task, identify, load
+from clip_lens.sweep.storage import Manifest, StorageError, SweepLocked, Task, identify, load, output_lock, remove_temporary_files
 
 EXECUTORS = ("local", "ray")
-__all__ = ["run", "load", "plan", "read_spec", "Spec", "SpecError", "Task", "SweepResult", "EXECUTORS"]
+__all__ = ["run", "load", "plan", "read_spec", "Spec", "SpecError", "Task", "SweepResult", "StorageError", "SweepLocked",
+           "EXECUTORS"]
 
 
 def plan(spec: Spec) -> list[Task]:
@@ -54,8 +56,9 @@ def plan(spec: Spec) -> list[Task]:
 
 @dataclass
 class SweepResult:
-    """What a run did: tasks in the spec, skipped (already done), ran, failed (a frame with the
-    task and its error), wall seconds, and the manifest rows of the spec's tasks."""
+    """What a run did: tasks in the spec, skipped (already done, tables verified), ran, failed (a
+    frame with each task not done at the end: its status and error), wall seconds, the manifest
+    rows of the spec's tasks, and one line per task rerun because a table was missing or damaged."""
 
     tasks: int
     skipped: int
@@ -64,6 +67,7 @@ class SweepResult:
     seconds: float
     manifest: pd.DataFrame
     report: Optional[Path] = None
+    repaired: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -72,15 +76,21 @@ class SweepResult:
     def summary(self) -> str:
         text = (f"{self.tasks} tasks: {self.skipped} already done, {self.ran} run, {len(self.failed)} failed "
                 f"({self.seconds:.1f} s)")
+        for line in self.repaired:
+            text += f"\n  rerun, its tables did not verify: {line}"
         for row in self.failed.itertuples():
-            text += f"\n  failed: {row.model} / {row.dataset} / {row.study} ({row.task_id}): {row.error}"
+            error = "no error recorded" if pd.isna(row.error) else row.error
+            outcome = "failed" if row.status == "failed" else f"not finished ({row.status})"
+            text += f"\n  {outcome}: {row.model} / {row.dataset} / {row.study} ({row.task_id}): {error}"
         return text
 
 
 def run(spec: Union[str, Path, Spec], executor: str = "local", *, ray_address: Optional[str] = None,
         workers: Optional[int] = None, report: bool = True, progress: bool = True) -> SweepResult:
-    """Run the spec's tasks that are not done yet (missing, failed, or changed since), then write
-    out/report.html over all of the spec's finished tasks.
+    """Run the spec's tasks that are not done yet (missing, failed, changed since, or whose tables
+    no longer match their checksums), then write out/report.html over all of the spec's tasks.
+    One process writes an output folder at a time: while another holds its lock, this raises
+    `SweepLocked` naming the holder.
 
     Args:
         executor: "local" (in this process, one task after another) or "ray".
@@ -88,30 +98,38 @@ def run(spec: Union[str, Path, Spec], executor: str = "local", *, ray_address: O
             Ray instance for the run.
         workers: with "ray": at most this many workers (default: as many as the resources allow).
     """
-    from clip_lens.sweep import executors
-
     if executor not in EXECUTORS:
         raise ValueError(f"executor {executor!r}: use one of {EXECUTORS}")
     if executor == "local" and (ray_address is not None or workers is not None):
         given = "ray_address" if ray_address is not None else "workers"
         raise ValueError(f"{given} is for the ray executor; the local one runs its tasks in this process, one at a time")
     spec = spec if isinstance(spec, Spec) else read_spec(spec)
+    with output_lock(spec.out):
+        return _run_locked(spec, executor, dict(address=ray_address, workers=workers), report, progress)
+
+
+def _run_locked(spec: Spec, executor: str, ray_options: dict, report: bool, progress: bool) -> SweepResult:
+    """`run` while holding the output folder's lock."""
+    from clip_lens.sweep import executors
+
     start = time.perf_counter()
     tasks = plan(spec)
+    ids = [task.task_id for task in tasks]
+    remove_temporary_files(spec.out)  # left by a killed run; no one else writes here now
     manifest = Manifest(spec.out)
-    done = manifest.done(spec.out)
+    done, damaged = manifest.verify(ids)
     todo = [task for task in tasks if task.task_id not in done]
     if executor == "local":
         executors.run_local(todo, spec.out, manifest, threads=spec.resources.get("cpus"), progress=progress)
     elif todo:
-        executors.run_ray(todo, spec.out, manifest, address=ray_address, resources=spec.resources,
-                          retries=spec.retries, workers=workers, progress=progress)
-    ids = [task.task_id for task in tasks]
+        executors.run_ray(todo, spec.out, manifest, resources=spec.resources, retries=spec.retries, progress=progress,
+                          **ray_options)
     rows = manifest.frame(ids)
-    failed = rows[rows["status"] != "done"][["task_id", "model", "dataset", "study", "error"]].reset_index(drop=True)
+    failed = rows[rows["status"] != "done"][["task_id", "model", "dataset", "study", "status", "error"]]
     written = None
     if report:
         from clip_lens.sweep.report import write_report
 
         written = write_report(spec.out, ids)
-    return SweepResult(len(tasks), len(tasks) - len(todo), len(todo), failed, time.perf_counter() - start, rows, written)
+    return SweepResult(len(tasks), len(tasks) - len(todo), len(todo), failed.reset_index(drop=True),
+                       time.perf_counter() - start, rows, written, damaged)

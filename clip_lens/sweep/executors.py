@@ -3,7 +3,9 @@ each keep their loaded model for the next task of the same model (`ray`).
 
 Both call `run_task`, which runs one task, writes its tables and returns a record for the
 manifest; a task that raises is recorded with its error and the sweep goes on. On Ray a worker
-process that dies is restarted, and its task retried, up to `spec.retries` times.
+process that dies is restarted, and its task retried, up to `spec.retries` times. A task's warnings
+are shown once each, prefixed with the task, however often its study raised them. Ctrl-C records
+the running tasks as interrupted and propagates; a Ray instance started for the run is shut down.
 """
 
 from __future__ import annotations
@@ -12,15 +14,20 @@ import json
 import os
 import resource
 import socket
+import subprocess
+import sys
 import time
+import warnings
 from collections import deque
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from tqdm.auto import tqdm
 
+from clip_lens.report import write_text_atomically
 from clip_lens.sweep.spec import Entry
-from clip_lens.sweep.storage import Manifest, Task, task_folder, write_task_tables
+from clip_lens.sweep.storage import Manifest, StorageError, Task, task_folder, write_task_tables
 
 Record = dict
 
@@ -48,12 +55,40 @@ class ModelCache:
 def _attempt(out: Path, task: Task) -> int:
     """Count this attempt in the task's folder (so retries by Ray and reruns are both counted)."""
     counter = task_folder(out, task) / ".attempts"
-    counter.parent.mkdir(parents=True, exist_ok=True)
-    attempts = int(counter.read_text()) + 1 if counter.is_file() else 1
-    tmp = counter.with_name(f".attempts.{os.getpid()}.tmp")  # a kill never leaves half a count behind
-    tmp.write_text(str(attempts))
-    os.replace(tmp, counter)
+    attempts = _read_count(counter) + 1
+    write_text_atomically(counter, str(attempts))  # a kill never leaves half a count behind
     return attempts
+
+
+def _read_count(counter: Path) -> int:
+    """The count in a task's .attempts file (0 when there is none)."""
+    if not counter.is_file():
+        return 0
+    text = counter.read_text(errors="replace").strip()
+    if not text.isdigit():
+        raise StorageError(f"{counter} holds {text[:40]!r}, not a count of attempts: delete it (the task's count "
+                           "restarts at 1) and rerun the sweep")
+    return int(text)
+
+
+@contextmanager
+def warnings_once(label: str) -> Iterator[None]:
+    """Collect the block's warnings and show each distinct one once, prefixed with `label` (a study
+    that tokenizes several times would otherwise repeat, for example, a truncation warning per call).
+    Shown through the caller's filters, so an "ignore" or "error" filter still applies."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    seen = set()
+    for warning in caught:
+        key = (warning.category, str(warning.message))
+        if key not in seen:
+            seen.add(key)
+            warnings.warn_explicit(f"{label}: {warning.message}", warning.category, warning.filename, warning.lineno)
+
+
+def _failed(record: Record, error: BaseException) -> Record:
+    return {**record, "status": "failed", "error": f"{type(error).__name__}: {error}", "tables": {}}
 
 
 def run_task(task: Task, out: Path, cache: ModelCache, worker: str = "local", threads: Optional[int] = None) -> Record:
@@ -62,7 +97,11 @@ def run_task(task: Task, out: Path, cache: ModelCache, worker: str = "local", th
 
     from clip_lens.sweep.studies import as_plain, run_study
 
-    attempts = _attempt(out, task)
+    record: Record = {"task_id": task.task_id, "host": socket.gethostname(), "worker": worker, "attempts": 1}
+    try:
+        record["attempts"] = _attempt(out, task)
+    except StorageError as error:  # a damaged counter: the task fails, naming the file and the fix
+        return _failed(record, error)
     marker = task.config["study"]["options"].get("crash_once_marker")
     if marker and not Path(marker).exists():  # fault injection for tests: the process dies, once
         Path(marker).write_text(f"{task.task_id} crashed its worker (pid {os.getpid()}) on purpose\n")
@@ -70,19 +109,23 @@ def run_task(task: Task, out: Path, cache: ModelCache, worker: str = "local", th
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    record: Record = {"task_id": task.task_id, "host": socket.gethostname(), "worker": worker, "attempts": attempts}
     try:
-        model = cache.get(Entry(task.model, task.config["model"]["options"]))
-        tables = run_study(model, Entry(task.dataset, task.config["dataset"]["options"]),
-                           Entry(task.study, task.config["study"]["options"]))
+        with warnings_once(_label(task)):
+            model = cache.get(Entry(task.model, task.config["model"]["options"]))
+            tables = run_study(model, Entry(task.dataset, task.config["dataset"]["options"]),
+                               Entry(task.study, task.config["study"]["options"]))
         record["tables"] = write_task_tables(out, task, {name: as_plain(t) for name, t in tables.items()})
         record["status"] = "done"
     except Exception as error:  # noqa: BLE001 - recorded with its type; the sweep goes on
-        record.update(status="failed", error=f"{type(error).__name__}: {error}", tables=[])
+        record = _failed(record, error)
     record["seconds"] = time.perf_counter() - start
     record["model_loads"] = cache.loads  # models this worker has loaded so far
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak so far
     return record
+
+
+INTERRUPTED = {"status": "interrupted", "error": "KeyboardInterrupt: the run was stopped (Ctrl-C) during this task",
+               "tables": {}}
 
 
 def _label(task: Task) -> str:
@@ -101,7 +144,11 @@ def run_local(tasks: list[Task], out: Path, manifest: Manifest, *, threads: Opti
         for task in bar:
             bar.set_postfix_str(_label(task))
             manifest.start(task, "local")
-            record = run_task(task, out, cache, "local", threads)
+            try:
+                record = run_task(task, out, cache, "local", threads)
+            except KeyboardInterrupt:
+                manifest.finish(task, {**INTERRUPTED, "worker": "local"})
+                raise
             manifest.finish(task, record)
             records.append(record)
             if on_record:
@@ -135,25 +182,88 @@ def run_ray(tasks: list[Task], out: Path, manifest: Manifest, *, address: Option
     resources = resources or {}
     cpus, gpus = resources.get("cpus", 1), resources.get("gpus", 0)
     started_here = not ray.is_initialized()
-    if started_here:
-        kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        if address:
-            kwargs["address"] = address
-        ray.init(**kwargs)
+    with _ray_reaper(enabled=started_here and not address) as watch:
+        try:  # Ray's processes end with the run however it ends (an exception, Ctrl-C)
+            if started_here:
+                kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+                if address:
+                    kwargs["address"] = address
+                ray.init(**kwargs)
+            watch()
+            options = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=retries, max_task_retries=retries)
+            if resources.get("memory_gb"):
+                options["memory"] = int(resources["memory_gb"] * 2**30)
+            Worker = ray.remote(**options)(_Worker)
+            capacity = int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1e-9))
+            if gpus:
+                capacity = min(capacity, int(ray.cluster_resources().get("GPU", 0) // gpus))
+            n_workers = max(1, min(len(tasks), workers or capacity))
+            actors = [Worker.remote(str(out), int(cpus) if cpus >= 1 else 1) for _ in range(n_workers)]
+            return _dispatch(ray, actors, tasks, manifest, progress)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+# Run as its own process beside a driver that started a local Ray instance: it reads the PIDs of
+# Ray's processes, and if the driver's end of the pipe closes without "done" (the driver was killed
+# and shut nothing down), it kills those still running a Ray program. Ray's raylet and GCS die with
+# the driver on their own, but its dashboard and runtime-env agents do not.
+REAPER = """
+import os, signal, sys
+pids = set()
+for line in sys.stdin:
+    if line.strip() == "done":
+        sys.exit(0)
+    pids.update(int(pid) for pid in line.split())
+for pid in pids:
     try:
-        options = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=retries, max_task_retries=retries)
-        if resources.get("memory_gb"):
-            options["memory"] = int(resources["memory_gb"] * 2**30)
-        Worker = ray.remote(**options)(_Worker)
-        capacity = int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1e-9))
-        if gpus:
-            capacity = min(capacity, int(ray.cluster_resources().get("GPU", 0) // gpus))
-        n_workers = max(1, min(len(tasks), workers or capacity))
-        actors = [Worker.remote(str(out), int(cpus) if cpus >= 1 else 1) for _ in range(n_workers)]
-        return _dispatch(ray, actors, tasks, manifest, progress)
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            if b"ray" in cmdline.read():
+                os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+def _descendants(root: int) -> set[int]:
+    """The PIDs of every process below `root` (from /proc; empty where there is none)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@contextmanager
+def _ray_reaper(enabled: bool) -> Iterator[Callable[[], None]]:
+    """Yield `watch()`, which hands the reaper (`REAPER`) the PIDs of the processes this driver has
+    started so far; on a normal end (an exception and Ctrl-C included) the reaper is told "done"."""
+    if not enabled or not Path("/proc").is_dir():
+        yield lambda: None
+        return
+    reaper = subprocess.Popen([sys.executable, "-c", REAPER], stdin=subprocess.PIPE, text=True, start_new_session=True)
+
+    def send(line: str) -> None:
+        try:
+            reaper.stdin.write(line + "\n")
+            reaper.stdin.flush()
+        except OSError:  # the reaper is gone; nothing to hand over
+            pass
+
+    try:
+        yield lambda: send(" ".join(map(str, _descendants(os.getpid()) - {reaper.pid})))
     finally:
-        if started_here:
-            ray.shutdown()
+        send("done")
+        with suppress(OSError):
+            reaper.stdin.close()
+        reaper.wait(timeout=30)
 
 
 def _dispatch(ray, actors, tasks: list[Task], manifest: Manifest, progress: bool) -> list[Record]:
@@ -182,20 +292,26 @@ def _dispatch(ray, actors, tasks: list[Task], manifest: Manifest, progress: bool
 
     for i in range(len(actors)):
         assign(i)
-    while running:
-        bar.set_postfix_str("; ".join(f"w{i}: {label}" for i, label in sorted(doing.items())))
-        ready, _ = ray.wait(list(running), num_returns=1)
-        i, task = running.pop(ready[0])
-        doing.pop(i, None)
-        try:
-            record = ray.get(ready[0])
-        except ray.exceptions.RayError as error:  # the worker died more often than it may be restarted
-            record = {"task_id": task.task_id, "status": "failed", "worker": f"worker {i}", "tables": [],
-                      "error": f"{type(error).__name__}: worker lost ({str(error).splitlines()[0][:300]})"}
-        manifest.finish(task, record)
-        records.append(record)
-        bar.update(1)
-        assign(i)
-    bar.close()
+    try:
+        while running:
+            bar.set_postfix_str("; ".join(f"w{i}: {label}" for i, label in sorted(doing.items())))
+            ready, _ = ray.wait(list(running), num_returns=1)
+            i, task = running.pop(ready[0])
+            doing.pop(i, None)
+            try:
+                record = ray.get(ready[0])
+            except ray.exceptions.RayError as error:  # the worker died more often than it may be restarted
+                record = {"task_id": task.task_id, "status": "failed", "worker": f"worker {i}", "tables": {},
+                          "error": f"{type(error).__name__}: worker lost ({str(error).splitlines()[0][:300]})"}
+            manifest.finish(task, record)
+            records.append(record)
+            bar.update(1)
+            assign(i)
+    except KeyboardInterrupt:
+        for i, task in running.values():
+            manifest.finish(task, {**INTERRUPTED, "worker": f"worker {i}"})
+        raise
+    finally:
+        bar.close()
     return records
 

@@ -73,13 +73,22 @@ def head_ablation_figure(table: pd.DataFrame) -> go.Figure:
     return style(fig, "Accuracy with each model's most selective heads ablated, against random heads", height=420)
 
 
+def task_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Every task of the manifest, failed and unfinished ones first, with its status and error."""
+    columns = ["model", "dataset", "study", "status", "attempts", "seconds", "peak_rss_mb", "host", "error"]
+    order = manifest["status"].eq("done")  # False (not done) sorts first
+    return manifest.assign(_done=order).sort_values(["_done", "model", "dataset", "study"], kind="stable")[columns]
+
+
 def build_report(tables: dict[str, pd.DataFrame], title: str = "Sweep across models") -> Report:
     report = Report(title)
     manifest = tables["manifest"]
+    not_done = int((manifest["status"] != "done").sum())
     report.section("Tasks").text(f"{len(manifest)} tasks over {manifest['model'].nunique()} models, "
-                                 f"{manifest['dataset'].nunique()} datasets and {manifest['study'].nunique()} studies.")
-    report.table(manifest[["model", "dataset", "study", "status", "seconds", "peak_rss_mb", "host", "error"]],
-                 max_rows=200, caption="The manifest (out/manifest.sqlite)")
+                                 f"{manifest['dataset'].nunique()} datasets and {manifest['study'].nunique()} studies; "
+                                 f"{len(manifest) - not_done} done, {not_done} failed or not finished.")
+    report.table(task_table(manifest), max_rows=max(200, len(manifest)),
+                 caption="Every task with its status and error (out/manifest.sqlite)")
     sections = (("Accuracy", "accuracy", accuracy_figure),
                 ("Causal-tracing localisation", "localisation", localisation_figure),
                 ("Selective heads", "heads", lambda t: heads_figure(top_heads(t))),
@@ -100,5 +109,6 @@ def build_report(tables: dict[str, pd.DataFrame], title: str = "Sweep across mod
 
 
 def write_report(out: Union[str, Path], task_ids: Optional[Iterable[str]] = None) -> Path:
-    """out/report.html over the finished tasks (only `task_ids` if given)."""
+    """out/report.html: every task's status and error, and figures over the finished tasks (only
+    `task_ids` if given)."""
     return build_report(load(out, task_ids)).write(Path(out) / "report.html")
