@@ -207,6 +207,7 @@ def hf_clip():
 def test_huggingface_embeddings_are_unchanged(hf_clip, flags):
     model = clip_lens.HookedCLIP.from_huggingface(hf_clip)
     tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    tokens[:, -1] = model.text.eot_token_id  # the text embedding is read at each row's end-of-text token
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     check_processing(model, flags, tokens, pixels, build=lambda f: clip_lens.HookedCLIP.from_huggingface(hf_clip, **f))
 
