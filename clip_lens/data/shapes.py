@@ -16,7 +16,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Collection, Iterator, Optional, Union
 
 from PIL import Image, ImageDraw
 
@@ -61,13 +61,21 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(tuple(shapes))
 
 
-def render(scene: Scene, rng: Optional[random.Random] = None) -> Image.Image:
-    """The scene as a 64 x 64 RGB image on a light, slightly varied background."""
+def render(scene: Scene, rng: Optional[random.Random] = None, omit: Collection[Shape] = ()) -> Image.Image:
+    """The scene as a 64 x 64 RGB image on a light, slightly varied background.
+
+    Args:
+        omit: shapes of the scene left undrawn; the background (drawn from `rng` first) and every
+            other shape are as in the full render; where no shape overlaps another (as in
+            `random_scene`), the image differs from the full one only in the omitted shapes' pixels.
+    """
     rng = rng or random.Random(0)
     shade = rng.randint(225, 250)
     image = Image.new("RGB", (SIZE, SIZE), (shade, shade, shade - rng.randint(0, 10)))
     draw = ImageDraw.Draw(image)
     for s in scene.shapes:
+        if s in omit:
+            continue
         box = (s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r)
         fill = COLOURS[s.colour]
         if s.kind == "circle":
@@ -180,8 +188,9 @@ def examples(n: int, seed: int = 0, kinds: tuple[str, ...] = ("existence",)) -> 
         made += 1
 
 
-def image_of(example: Example) -> Image.Image:
-    return render(example.scene, random.Random(example.seed + 1))
+def image_of(example: Example, omit: Collection[Shape] = ()) -> Image.Image:
+    """The example's image (its scene rendered with the example's own seed), `omit`'s shapes left out."""
+    return render(example.scene, random.Random(example.seed + 1), omit=omit)
 
 
 def export_valse(folder: Union[str, Path], n: int, seed: int = 1) -> Path:

@@ -1,16 +1,18 @@
 """Image ablation in the vision encoder (docs/methods.md#image-ablation).
 
 The output of the attention block (MHA) or the MLP of one layer, at every position, is replaced by
-its value on the mean-colour version of the image; d* is the caption-foil difference of that run
-and IAE = d - d*: how much of d the component's image-specific output carries (positive: the
-ablation made the instance worse). All ablations run through `clip_lens.patch`, each resuming from
+its value on the mean-colour version of the image (`run`), or on another baseline image per
+instance such as the subject-removed image (`run_with_baseline`,
+docs/methods.md#subject-removed-baseline); d* is the caption-foil difference of that run and
+IAE = d - d*: how much of d the component's image-specific output carries (positive: the ablation
+made the instance worse). All ablations run through `clip_lens.patch`, each resuming from
 the cached residual of its (half-)layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from clip_lens import plot
 from clip_lens.checkpoints import Checkpoints, concatenate
-from clip_lens.images import mean_colour_pixels
+from clip_lens.images import ImageLike, mean_colour_pixels
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import patch
 from clip_lens.scores import difference_metric
@@ -95,8 +97,9 @@ ENGINE = {"batch_size": 64, "pair_chunk": 32}  # the patching engine's defaults 
 
 def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Tensor] = None, grey: bool = False,
         layers="all", checkpoints: Optional[Checkpoints] = None, progress: bool = True, **engine: int) -> ImageAblation:
-    """IAE of MHA and MLP in every layer for every instance, `pair_chunk` instances at a time (each
-    chunk saved to `checkpoints` as it finishes, and read from there by a resumed run).
+    """IAE of MHA and MLP in every layer for every instance, against each image's mean-colour image,
+    `pair_chunk` instances at a time (each chunk saved to `checkpoints` as it finishes, and read from
+    there by a resumed run). `run_with_baseline` takes other baseline images.
 
     Args:
         pixels: [n, 3, H, W] model inputs row-aligned with the instances (default: read from the
@@ -106,6 +109,55 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Te
         engine: `batch_size` (ablations per forward pass, default 64) and `pair_chunk` (instances
             whose runs are cached at a time, and saved to `checkpoints` as one chunk; default 32).
     """
+    mean, std = model.preprocess_cfg["mean"], model.preprocess_cfg["std"]
+    source = Source("image_ablation", lambda lo, hi, target: mean_colour_pixels(target, mean, std, grey=grey))
+    return _ablate(model, instances, source, pixels, layers, checkpoints, progress, engine)
+
+
+def run_with_baseline(model: HookedCLIP, instances: ExistenceInstances, baseline: Union[Tensor, Sequence[ImageLike]], *,
+                      pixels: Optional[Tensor] = None, layers="all", checkpoints: Optional[Checkpoints] = None,
+                      progress: bool = True, **engine: int) -> ImageAblation:
+    """`run` against given baseline images instead of the mean-colour ones: one per instance, e.g.
+    the subject-removed images of `clip_lens.baselines` (docs/methods.md#subject-removed-baseline).
+
+    Args:
+        baseline: [n, 3, H, W] model inputs, or n images (paths, PIL images), row-aligned with the
+            instances; images are preprocessed by the model a chunk at a time.
+        pixels, layers, checkpoints, progress, engine: as in `run`. Checkpoints are kept apart from
+            `run`'s (study "image_ablation_baseline").
+
+    An instance whose baseline equals its own pixels exactly (a subject-removed image of a scene
+    without the subject) gets d* = d: IAE exactly 0, outcome "unchanged".
+    """
+    if len(baseline) != len(instances.frame):
+        raise ValueError(f"baseline has {len(baseline)} images for {len(instances.frame)} instances; give one per instance")
+
+    def baseline_pixels(lo: int, hi: int, target: Tensor) -> Tensor:
+        chunk = baseline[lo:hi] if isinstance(baseline, Tensor) else model.to_pixels(list(baseline[lo:hi]))
+        if chunk.shape != target.shape:
+            raise ValueError(f"baseline images {lo}..{hi - 1} have shape {tuple(chunk.shape)}; the instances' "
+                             f"pixels have {tuple(target.shape)}")
+        return chunk.to(device=target.device, dtype=target.dtype)
+
+    source = Source("image_ablation_baseline", baseline_pixels, identical_unchanged=True)
+    return _ablate(model, instances, source, pixels, layers, checkpoints, progress, engine)
+
+
+class Source(NamedTuple):
+    """Where a run's baseline images come from: `pixels(lo, hi, target)` -> the baseline model
+    inputs of instances lo..hi - 1 (target: their own pixels); `study` names its checkpoints. With
+    `identical_unchanged`, an instance whose baseline equals its own pixels exactly gets d* = d
+    (each activation replaced by itself), not d up to the float noise of a second forward pass."""
+
+    study: str
+    pixels: Callable[[int, int, Tensor], Tensor]
+    identical_unchanged: bool = False
+
+
+def _ablate(model: HookedCLIP, instances: ExistenceInstances, source: Source, pixels: Optional[Tensor], layers,
+            checkpoints: Optional[Checkpoints], progress: bool, engine: dict) -> ImageAblation:
+    """The IAE engine of `run` and `run_with_baseline`: each component's output replaced by its
+    value on `source`'s images."""
     unknown = set(engine) - set(ENGINE)
     if unknown:
         raise TypeError(f"run() got unexpected keyword arguments {sorted(unknown)}; engine knobs: {sorted(ENGINE)}")
@@ -118,13 +170,17 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Te
 
     def chunk(lo: int, hi: int) -> dict:
         target = pixels[lo:hi] if pixels is not None else model.to_pixels(list(frame["image_path"][lo:hi]))
-        source = mean_colour_pixels(target, model.preprocess_cfg["mean"], model.preprocess_cfg["std"], grey=grey)
-        # Both components in one call: the target and mean-colour runs are cached once for both.
-        result = patch(model, target=target, source=source, text=difference[lo:hi], hook=list(COMPONENTS.values()),
+        # Both components in one call: the target and baseline runs are cached once for both.
+        baseline = source.pixels(lo, hi, target)
+        result = patch(model, target=target, source=baseline, text=difference[lo:hi], hook=list(COMPONENTS.values()),
                        layers=layers, positions="sequence", metric=difference_metric(model), batch_size=batch_size,
                        pair_chunk=pair_chunk, progress=False)
-        return {"d_star": result.effects.numpy(), "layers": np.asarray(result.layers)}
+        d_star = result.effects.numpy()
+        if source.identical_unchanged:
+            same = (baseline == target).flatten(1).all(dim=1).cpu().numpy()
+            d_star[same] = frame["d"].to_numpy()[lo:hi][same, None, None]
+        return {"d_star": d_star, "layers": np.asarray(result.layers)}
 
-    chunks = (checkpoints or Checkpoints(None)).chunks("image_ablation", len(frame), pair_chunk, chunk, progress,
+    chunks = (checkpoints or Checkpoints(None)).chunks(source.study, len(frame), pair_chunk, chunk, progress,
                                                         ids=list(frame["id"]))
     return ImageAblation(instances.instances_table(), concatenate(chunks, "d_star"), chunks[0]["layers"].tolist())
