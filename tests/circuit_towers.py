@@ -163,3 +163,73 @@ def count_image(n: int) -> torch.Tensor:
     image = torch.zeros(n, 32)
     image[:, 0], image[:, 1], image[:, 6], image[:, 7] = 1.0, -1.0, -1.0, 1.0
     return image
+
+
+XOR_LAYER, XOR_POSITION = 1, 2   # the block that computes the planted feature, and the token position it is written at
+XOR_A_WORDS = (("red", "green", "black", "white"), ("blue", "yellow", "pink", "brown"))   # bit 0, bit 1
+XOR_B_WORDS = (("cat", "dog", "cow", "fox"), ("pig", "hen", "owl", "bee"))
+XOR_C_WORDS = ("runs", "sits", "eats", "sleeps")
+
+
+def xor_texts() -> tuple[list[str], list[int]]:
+    """Every "<a> <b> <c>" text (tokens SOT, a, b, c, EOT at positions 0..4) and its label, the XOR
+    of the bits of its a-word and b-word: each word alone (and so every position but b's, which
+    sees a only through attention) says nothing of the label."""
+    texts, labels = [], []
+    for a_bit, a_words in enumerate(XOR_A_WORDS):
+        for b_bit, b_words in enumerate(XOR_B_WORDS):
+            for a in a_words:
+                for b in b_words:
+                    for c in XOR_C_WORDS:
+                        texts.append(f"{a} {b} {c}")
+                        labels.append(a_bit ^ b_bit)
+    return texts, labels
+
+
+def xor_probe_tower() -> HookedTextTower:
+    """A 3-layer text tower whose blocks are all zero but two planted parts of block `XOR_LAYER`, so
+    that the label of `xor_texts` (a XOR b) is linearly decodable from the residual only at
+    (layer XOR_LAYER + 1 and later, position XOR_POSITION), and from the MLP output only at (block
+    XOR_LAYER, position XOR_POSITION):
+
+    - a-words carry their bit on dims 2 / 3 (+6 / -6 for bit 0, -6 / +6 for bit 1) and a marker
+      (dim 4); b-words their bit on dim 5 (+6 / -6); every token the constant features (dims 0 / 1)
+      and random ones (9..);
+    - head h0 of block XOR_LAYER finds the a-word through its key (a constant query against the
+      marker: a saturated softmax) and copies its bit (dims 2 - 3, zero for every other token, so
+      nothing else is copied) into dims 6 / 7 of every later position;
+    - the MLP of that block computes |x - y| from the copied bit x (dims 6 - 7) and the position's
+      own b-bit y (dim 5), through two GELU units of opposite sign, into dim 8: large where the
+      bits differ, small where they agree; at positions without a b-bit it is a function of the
+      a-word alone.
+
+    Before block XOR_LAYER every position holds its own token only (one word: independent of the
+    label); after it, each position but XOR_POSITION holds its own token and the a-word (again
+    independent of the label), and XOR_POSITION holds both bits. Block 2 is zero, so the residual
+    at layer 3 (the last block's output) still holds the feature there."""
+    tower = planted_blank(seed=2)
+    tokenizer, d = tower.tokenizer, tower.cfg.d_model
+    with torch.no_grad():
+        for block in tower.blocks:
+            for param in (*block.attn.parameters(), *block.mlp.parameters()):
+                param.zero_()
+        embed = tower.embed.W_E
+        for bit, group in enumerate(XOR_A_WORDS):
+            for word in group:
+                token = int(tokenizer([word])[0, 1])
+                embed[token, 2], embed[token, 3], embed[token, 4] = -6.0 if bit else 6.0, 6.0 if bit else -6.0, 6.0
+        for bit, group in enumerate(XOR_B_WORDS):
+            for word in group:
+                embed[int(tokenizer([word])[0, 1]), 5] = -6.0 if bit else 6.0
+        attn = tower.blocks[XOR_LAYER].attn
+        q, k, v = (i * d for i in range(3))     # head 0's first query, key and value rows
+        attn.qkv_weight[q, 0], attn.qkv_weight[q, 1] = 3.0, -3.0                    # a constant query
+        attn.qkv_weight[k, 4] = 3.0                                                  # the a-word marker as the key
+        attn.qkv_weight[v, 2], attn.qkv_weight[v, 3] = 1.0, -1.0                     # the a-bit as the value
+        attn.out_weight[6, 0], attn.out_weight[7, 0] = 0.5, -0.5
+        mlp = tower.blocks[XOR_LAYER].mlp
+        for unit, sign in ((0, 3.0), (1, -3.0)):
+            mlp.in_weight[unit, 6], mlp.in_weight[unit, 7], mlp.in_weight[unit, 5] = sign, -sign, -sign
+            mlp.out_weight[8, unit] = 0.1
+        tower.proj.W.copy_(torch.eye(d))
+    return tower.eval()
