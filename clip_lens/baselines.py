@@ -9,24 +9,20 @@ subject of the caption:
 - on photos approximately: `fill_box(image, box)` paints the subject's box from the image's own
   pixels around it (a smooth diffusion fill, or the mean colour of a ring around the box).
 
-`improvement_rates` sets image-ablation results under several baselines side by side: how often
-ablating one component makes an instance better (the outcome tables' `change == "better"`).
+`clip_lens.studies.analyses.image_ablation.improvement_rates` sets image-ablation results under
+several baselines side by side.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from clip_lens.checks import is_integer
 from clip_lens.data import shapes
-
-if TYPE_CHECKING:  # typing only: the analysis imports the model stack
-    from clip_lens.studies.analyses.image_ablation import ImageAblation
 
 FILL_METHODS = ("diffusion", "ring")
 RING_WIDTH = 3  # pixels around the box whose mean colour the "ring" fill takes
@@ -160,25 +156,3 @@ def _harmonic_fill(values: np.ndarray, box: tuple[int, int, int, int], tolerance
 
 
 # --- comparing baselines -----------------------------------------------------------------------
-def improvement_rates(ablations: Mapping[str, "ImageAblation"]) -> pd.DataFrame:
-    """How often ablating one component improves an instance, per baseline x negation placement x
-    component: over every instance x layer, the share whose outcome (`ImageAblation.table()`) is
-    `better` (d* > d), `worse` (d* < d) or `unchanged`, and the share that ablation `fixes`
-    (d <= 0 < d*) or `breaks` (d* <= 0 < d). `cases` counts the instance x layer rows.
-
-    Args:
-        ablations: {baseline name: image-ablation result}, e.g. {"mean colour": ..., "subject removed": ...}.
-    """
-    rows = []
-    for name, ablation in ablations.items():
-        table = ablation.table()
-        table["fixes"] = (table["d"] <= 0) & (table["d_star"] > 0)
-        table["breaks"] = (table["d"] > 0) & (table["d_star"] <= 0)
-        for change in ("better", "worse", "unchanged"):
-            table[change] = table["change"] == change
-        shares = (table.groupby(["negation_in", "component"], sort=False)
-                  [["better", "worse", "unchanged", "fixes", "breaks"]].mean())
-        shares.insert(0, "cases", table.groupby(["negation_in", "component"], sort=False).size())
-        rows.append(shares.reset_index().assign(baseline=name))
-    frame = pd.concat(rows, ignore_index=True)
-    return frame[["baseline", "negation_in", "component", "cases", "better", "worse", "unchanged", "fixes", "breaks"]]

@@ -2,7 +2,9 @@
 segments on VALSE existence, causal tracing in the text encoder (CTE by layer and aligned position,
 localisation), negator-selective attention heads on VALSE and on CANNOT, the preliminary analyses
 (sequence length, caption-foil similarity, subject size), image ablation in the vision encoder,
-and, beyond the source, the dataset covariates it names as open (subject size x caption length).
+and, beyond the source, the dataset covariates it names as open (subject size x caption length) and
+the follow-up experiments it names (`negation-followups`): probes by layer and slot, a
+subject-removed image baseline for image ablation, and a joint fit of image and caption covariates.
 
     python experiments/negation_in_clip.py --model clip_lens/tiny-shapes --out runs/negation_in_clip
     python experiments/negation_in_clip.py --model ViT-B-32 --pretrained openai \\
@@ -27,7 +29,7 @@ from clip_lens.data import load_cannot
 from clip_lens.data.shapes import export_valse
 from clip_lens.report import write_index
 
-V, C, K = "valse_existence", "cannot", "covariates"
+V, C, K, F = "valse_existence", "cannot", "covariates", "followups"
 REPRODUCES = [
     (f"{V}/accuracy.csv", "accuracy and the correct / ambiguous / incorrect segments, by where the negation is"),
     (f"{V}/excluded.csv", "the instances excluded by the rephrasing, with the reason"),
@@ -47,6 +49,13 @@ REPRODUCES = [
     (f"{C}/selection.csv", "how the CANNOT sentences were selected (dependency parse)"),
     (f"{K}/grid.csv", "beyond the source: accuracy and mean d by subject size x caption length"),
     (f"{K}/effects.csv", "beyond the source: the fitted effect of each covariate on d"),
+    (f"{F}/probes.csv", "follow-up, 'is negation linearly readable where causal tracing localises it?': probe "
+                        "accuracy per layer and aligned slot, with its control task"),
+    (f"{F}/baselines.csv", "follow-up, 'does ablation improve classification because the mean-colour image is off "
+                           "distribution?': improvement rates against the mean-colour and subject-removed baselines"),
+    (f"{F}/coefficients.csv", "follow-up, 'what predicts d when image and caption features are fitted together?': "
+                              "coefficients with 95% intervals"),
+    (f"{F}/r2.csv", "follow-up: R² of each covariate alone and of all together"),
 ]
 
 
@@ -61,6 +70,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy pipeline for CANNOT's parse")
     parser.add_argument("--limit", type=int, default=None, help="use the first N instances of each dataset")
     parser.add_argument("--covariate-scenes", type=int, default=100, help="scenes per subject size (0: skip)")
+    parser.add_argument("--followup-scenes", type=int, default=100,
+                        help="synthetic scenes for the follow-up experiments (0: skip)")
     return parser.parse_args(argv)
 
 
@@ -92,6 +103,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run("cannot", C, load_cannot(args.cannot), options, {"cannot": args.cannot})
     if args.covariate_scenes:
         run("covariates", K, None, studies.get("covariates").Options(scenes=args.covariate_scenes), {})
+    if args.followup_scenes:
+        options = studies.get("negation-followups").Options(scenes=args.followup_scenes,
+                                                          covariate_scenes=4 * args.followup_scenes)
+        run("negation-followups", F, None, options, {})
     write_index(args.out, f"Negation in the text encoder of {label}", REPRODUCES)
     print(f"wrote {args.out}/README.md (what each output reproduces)")
     return 0

@@ -169,7 +169,7 @@ def test_subject_removed_against_mean_colour(tiny_model, scenes):
     ablations = {"mean colour": image_ablation.run(tiny_model, instances, pixels=pixels, progress=False),
                  "subject removed": image_ablation.run_with_baseline(tiny_model, instances, removed, pixels=pixels,
                                                                      progress=False)}
-    rates = baselines.improvement_rates(ablations)
+    rates = image_ablation.improvement_rates(ablations)
     layers = tiny_model.vision.cfg.n_layers
     assert list(rates.columns) == ["baseline", "negation_in", "component", "cases", "better", "worse", "unchanged",
                                    "fixes", "breaks"]

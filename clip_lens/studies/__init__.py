@@ -31,6 +31,7 @@ MODULES = {
     "pairs": "pairs",
     "compare-tasks": "compare_tasks",
     "covariates": "covariates",
+    "negation-followups": "negation_followups",
     "accuracy": "pair_tasks",
     "causal-tracing": "pair_tasks",
     "selective-heads": "pair_tasks",

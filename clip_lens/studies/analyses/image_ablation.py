@@ -12,7 +12,7 @@ the cached residual of its (half-)layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -184,3 +184,27 @@ def _ablate(model: HookedCLIP, instances: ExistenceInstances, source: Source, pi
     chunks = (checkpoints or Checkpoints(None)).chunks(source.study, len(frame), pair_chunk, chunk, progress,
                                                         ids=list(frame["id"]))
     return ImageAblation(instances.instances_table(), concatenate(chunks, "d_star"), chunks[0]["layers"].tolist())
+
+
+def improvement_rates(ablations: Mapping[str, ImageAblation]) -> pd.DataFrame:
+    """How often ablating one component improves an instance, per baseline x negation placement x
+    component: over every instance x layer, the share whose outcome (`ImageAblation.table()`) is
+    `better` (d* > d), `worse` (d* < d) or `unchanged`, and the share that ablation `fixes`
+    (d <= 0 < d*) or `breaks` (d* <= 0 < d). `cases` counts the instance x layer rows.
+
+    Args:
+        ablations: {baseline name: image-ablation result}, e.g. {"mean colour": ..., "subject removed": ...}.
+    """
+    rows = []
+    for name, ablation in ablations.items():
+        table = ablation.table()
+        table["fixes"] = (table["d"] <= 0) & (table["d_star"] > 0)
+        table["breaks"] = (table["d"] > 0) & (table["d_star"] <= 0)
+        for change in ("better", "worse", "unchanged"):
+            table[change] = table["change"] == change
+        shares = (table.groupby(["negation_in", "component"], sort=False)
+                  [["better", "worse", "unchanged", "fixes", "breaks"]].mean())
+        shares.insert(0, "cases", table.groupby(["negation_in", "component"], sort=False).size())
+        rows.append(shares.reset_index().assign(baseline=name))
+    frame = pd.concat(rows, ignore_index=True)
+    return frame[["baseline", "negation_in", "component", "cases", "better", "worse", "unchanged", "fixes", "breaks"]]

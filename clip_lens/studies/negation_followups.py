@@ -1,0 +1,133 @@
+"""Study "negation-followups": follow-up experiments to the negation studies, each answering a
+question the causal-tracing and image-ablation results leave open, on synthetic scenes generated from
+`seed` (`data` is None):
+
+- Is negation linearly readable where causal tracing localises it? Linear probes at the aligned
+  slots of every layer, negated sentence against its non-negated partner
+  (docs/methods.md#linear-probes).
+- Does ablation "improve" classification because the mean-colour baseline takes the model off
+  its distribution? Image ablation against the mean-colour image and against the same scene
+  rendered without its subject (docs/methods.md#subject-removed-baseline).
+- What predicts d once image and caption features are held fixed together? A joint least-squares
+  fit of d on brightness, contrast, colourfulness, subject size, caption length and the number of
+  objects (docs/methods.md#joint-covariate-fit).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+from clip_lens import baselines
+from clip_lens.data import shapes
+from clip_lens.plot import style
+from clip_lens.probes import PROBE_HOOKS, probe_grid
+from clip_lens.report import Report
+from clip_lens.studies.analyses import covariates, existence, image_ablation
+from clip_lens.studies.options import StudyOptions, option
+from clip_lens.studies.runner import Study, Tables
+
+QUESTIONS = {
+    "probes": "Is negation linearly readable where causal tracing localises it?",
+    "baselines": "Does ablation 'improve' classification because the mean-colour baseline is off distribution?",
+    "covariates": "Which image and caption features predict d when fitted together?",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options(StudyOptions):
+    scenes: int = option(100, "synthetic existence scenes for the probes and the baselines", minimum=8)
+    covariate_scenes: int = option(400, "varied synthetic scenes for the joint covariate fit", minimum=10)
+    seed: int = option(1, "seed of the scenes and of the probes' split", minimum=0)
+    probe_hook: str = option("resid", "the activations probed (resid: the residual at layers 0..L)",
+                             choices=tuple(PROBE_HOOKS))
+    test_fraction: float = option(0.3, "share of the probe texts held out", minimum=0.1, maximum=0.9)
+
+
+def probe_table(model, instances: existence.ExistenceInstances, options: Options) -> pd.DataFrame:
+    """Probe test accuracy per (layer, aligned slot): each instance's negated sentence (label 1)
+    and its non-negated partner (label 0)."""
+    frame = instances.frame
+    negated_is_caption = frame["negation_in"] == "caption"
+    negated = frame["caption"].where(negated_is_caption, frame["foil"])
+    plain = frame["foil"].where(negated_is_caption, frame["caption"])
+    texts = list(negated) + list(plain)
+    labels = [1] * len(negated) + [0] * len(plain)
+    return probe_grid(model, texts, labels, hook=options.probe_hook, positions="aligned",
+                      test_fraction=options.test_fraction, seed=options.seed)
+
+
+def baseline_table(model, instances: existence.ExistenceInstances, examples: list, progress: bool) -> pd.DataFrame:
+    """How often ablating MHA or MLP improves an instance, against each baseline image."""
+    ablations = {
+        "mean colour": image_ablation.run(model, instances, progress=progress),
+        "subject removed": image_ablation.run_with_baseline(
+            model, instances, [baselines.subject_removed(example) for example in examples], progress=progress),
+    }
+    return image_ablation.improvement_rates(ablations)
+
+
+def compute(model, data: None, options: Options, *, checkpoints=None, progress: bool = True) -> Tables:
+    """probes (layer x slot accuracies), baselines (improvement rates per baseline), coefficients
+    and r2 (the joint covariate fit), covariate_instances (its scenes' covariates and d)."""
+    if data is not None:
+        raise ValueError("the negation-followups study generates its own scenes: give data=None")
+    with tempfile.TemporaryDirectory() as folder:
+        path = shapes.export_valse(folder, options.scenes, seed=options.seed)
+        instances = existence.prepare(model, path, images=f"{folder}/images", progress=progress)
+        examples = list(shapes.examples(options.scenes, seed=options.seed))
+        tables = {"probes": probe_table(model, instances, options),
+                  "baselines": baseline_table(model, instances, examples, progress)}
+    fit = covariates.joint_covariate_fit(covariates.clip_scorer(model), n=options.covariate_scenes, seed=options.seed,
+                                         count_tokens=covariates.token_counter(model))
+    return {**tables, "coefficients": fit["coefficients"], "r2": fit["r2"], "covariate_instances": fit["instances"]}
+
+
+def probes_figure(probes: pd.DataFrame) -> go.Figure:
+    """Held-out probe accuracy by layer and aligned slot."""
+    table = probes.pivot_table(index="layer", columns="position", values="test_accuracy", sort=False)
+    fig = px.imshow(table, text_auto=".2f", zmin=0, zmax=1, color_continuous_scale="Viridis",
+                    labels=dict(x="aligned slot", y="layer", color="accuracy"))
+    return style(fig, "Probe accuracy on held-out texts (negated or not)", height=380)
+
+
+def coefficients_figure(coefficients: pd.DataFrame) -> go.Figure:
+    rows = coefficients[coefficients["term"] != "intercept"]
+    fig = go.Figure(go.Scatter(x=rows["coefficient"], y=rows["term"], mode="markers",
+                               error_x=dict(type="data", symmetric=False, array=rows["high"] - rows["coefficient"],
+                                            arrayminus=rows["coefficient"] - rows["low"])))
+    fig.add_vline(x=0, line_dash="dot")
+    fig.update_layout(xaxis_title="change in d per standard deviation (95% interval)")
+    return style(fig, "Joint fit of d", height=360)
+
+
+def report(tables: Tables, options: Options) -> Report:
+    out = Report("Negation: follow-up experiments")
+    out.section(QUESTIONS["probes"]).text(
+        f"{options.scenes} synthetic existence scenes (seed {options.seed}); each negated sentence against its "
+        f"non-negated partner, a linear probe per layer and aligned slot on `{options.probe_hook}`, "
+        f"{options.test_fraction:.0%} of the texts held out. Read each accuracy against its control task (the same "
+        "probe on shuffled labels) and against causal tracing's localisation.")
+    out.figure(probes_figure(tables["probes"]))
+    out.table(tables["probes"][["layer", "position", "test_accuracy", "control_accuracy", "chance"]],
+              caption="Probe and control accuracy")
+    out.section(QUESTIONS["baselines"]).text(
+        "Each instance x layer ablated against the mean-colour image and against the scene rendered without its "
+        "subject. Where the negation is in the caption the subject is absent from the image, so the subject-removed "
+        "image is the image itself and nothing changes: the mean colour's improvements there do not come from the "
+        "subject.")
+    out.table(tables["baselines"], caption="Share of instance x layer cases that ablation improves, worsens, fixes "
+                                           "or breaks")
+    out.section(QUESTIONS["covariates"]).text(
+        f"{options.covariate_scenes} varied synthetic scenes; d fitted by least squares on the standardised covariates "
+        "together.")
+    out.figure(coefficients_figure(tables["coefficients"]))
+    out.table(tables["r2"], caption="R² of each covariate alone and of all together")
+    return out
+
+
+STUDY = Study("negation-followups", Options, compute, report, data="none: the study generates its own scenes")

@@ -1,0 +1,59 @@
+"""The negation-followups study (issue 31): its tables on the tiny CLIP keep their invariants, and
+the command line runs it."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clip_lens.cli import main
+from clip_lens.studies import OptionError, negation_followups
+
+
+@pytest.fixture(scope="module")
+def tables(tiny_model):
+    options = negation_followups.Options(scenes=24, covariate_scenes=40, seed=2)
+    return negation_followups.compute(tiny_model, None, options, progress=False)
+
+
+def test_probe_grid_covers_every_layer_and_slot(tables, tiny_model):
+    probes = tables["probes"]
+    assert sorted(probes["layer"].unique()) == list(range(tiny_model.text.cfg.n_layers + 1))
+    assert probes.groupby("layer").size().nunique() == 1
+    for column in ("test_accuracy", "control_accuracy", "chance"):
+        assert probes[column].between(0, 1).all()
+    # the negator slot's embedding differs between "no" and "a" at layer 0 already: decodable there
+    assert float(probes.query("layer == 0 and position == 'negator'")["test_accuracy"].iloc[0]) == 1.0
+
+
+def test_the_subject_removed_baseline_changes_nothing_where_the_subject_is_absent(tables):
+    """With the negation in the caption the subject is not in the image: removing it leaves the image,
+    so ablating against it changes no instance."""
+    rates = tables["baselines"]
+    assert set(rates["baseline"]) == {"mean colour", "subject removed"}
+    absent = rates[(rates["baseline"] == "subject removed") & (rates["negation_in"] == "caption")]
+    assert len(absent) == 2 and (absent["unchanged"] == 1).all()
+    shares = rates[["better", "worse", "unchanged"]].sum(axis=1)
+    np.testing.assert_allclose(shares, 1.0)
+
+
+def test_the_joint_fit_has_every_covariate(tables):
+    coefficients, r2 = tables["coefficients"], tables["r2"]
+    assert set(coefficients["term"]) >= {"intercept", "brightness", "contrast", "colourfulness", "size", "length",
+                                         "objects"}
+    assert ((coefficients["low"] <= coefficients["coefficient"]) & (coefficients["coefficient"] <= coefficients["high"])).all()
+    assert r2["r2"].between(0, 1).all() and int(r2["n"].iloc[0]) == 40
+
+
+def test_options_are_checked_by_name():
+    with pytest.raises(OptionError, match="probe_hook='logits'"):
+        negation_followups.Options(probe_hook="logits")
+    with pytest.raises(OptionError, match="scenes=4"):
+        negation_followups.Options(scenes=4)
+
+
+def test_the_command_runs_and_writes_the_report(tmp_path):
+    out = tmp_path / "followups"
+    assert main(["negation-followups", "--model", "clip_lens/tiny-shapes", "--scenes", "16", "--covariate-scenes", "30",
+                 "--out", str(out), "--quiet"]) == 0
+    assert (out / "report.html").exists()
+    assert len(pd.read_csv(out / "baselines.csv")) == 8
