@@ -25,6 +25,15 @@ def test_probe_grid_covers_every_layer_and_slot(tables, tiny_model):
     assert float(probes.query("layer == 0 and position == 'negator'")["test_accuracy"].iloc[0]) == 1.0
 
 
+def test_probes_sit_beside_the_causal_tracing_of_the_same_cells(tables, tiny_model):
+    cells, correlation = tables["probes_and_tracing"], tables["probe_tracing_correlation"]
+    assert len(cells) == len(tables["probes"]) and cells["cte"].notna().all()
+    expected = cells["test_accuracy"].rank().corr(cells["cte"].rank())  # Spearman: Pearson of the ranks
+    assert abs(float(correlation["value"].iloc[0]) - expected) < 1e-12 and int(correlation["cells"].iloc[0]) == len(cells)
+    # SOT cannot be changed by the negation under the causal mask: restoring it has no effect
+    assert (cells.loc[cells["position"] == "SOT", "cte"].abs() < 1e-5).all()
+
+
 def test_the_subject_removed_baseline_changes_nothing_where_the_subject_is_absent(tables):
     """With the negation in the caption the subject is not in the image: removing it leaves the image,
     so ablating against it changes no instance."""

@@ -4,7 +4,8 @@ question the causal-tracing and image-ablation results leave open, on synthetic 
 
 - Is negation linearly readable where causal tracing localises it? Linear probes at the aligned
   slots of every layer, negated sentence against its non-negated partner
-  (docs/methods.md#linear-probes).
+  (docs/methods.md#linear-probes), beside the mean causal-tracing effect of the same cells on the
+  same instances, with their rank correlation.
 - Does ablation "improve" classification because the mean-colour baseline takes the model off
   its distribution? Image ablation against the mean-colour image and against the same scene
   rendered without its subject (docs/methods.md#subject-removed-baseline).
@@ -24,10 +25,11 @@ import plotly.graph_objects as go
 
 from clip_lens import baselines
 from clip_lens.data import shapes
+from clip_lens.data.valse import ALIGNED_SLOTS, weighted_slot_mean
 from clip_lens.plot import style
 from clip_lens.probes import PROBE_HOOKS, probe_grid
 from clip_lens.report import Report
-from clip_lens.studies.analyses import covariates, existence, image_ablation
+from clip_lens.studies.analyses import causal_tracing, covariates, existence, image_ablation
 from clip_lens.studies.options import StudyOptions, option
 from clip_lens.studies.runner import Study, Tables
 
@@ -61,6 +63,19 @@ def probe_table(model, instances: existence.ExistenceInstances, options: Options
                       test_fraction=options.test_fraction, seed=options.seed)
 
 
+def probes_beside_tracing(model, instances: existence.ExistenceInstances, probes: pd.DataFrame,
+                          progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(cells, correlation): each probed (layer, slot) with the mean CTE of causal tracing on the
+    same instances, and the Spearman rank correlation of probe accuracy with CTE over the cells."""
+    tracing = causal_tracing.run(model, instances, progress=progress)
+    means = weighted_slot_mean(tracing.cte, tracing.further_counts)  # [layers, 8]
+    cte = pd.DataFrame([(layer, slot, float(means[layer, s])) for layer in range(means.shape[0])
+                        for s, slot in enumerate(ALIGNED_SLOTS)], columns=["layer", "position", "cte"])
+    cells = probes[["layer", "position", "test_accuracy", "control_accuracy"]].merge(cte, on=["layer", "position"])
+    rho = cells["test_accuracy"].corr(cells["cte"], method="spearman")
+    return cells, pd.DataFrame({"measure": ["spearman(probe accuracy, mean CTE)"], "value": [rho], "cells": [len(cells)]})
+
+
 def baseline_table(model, instances: existence.ExistenceInstances, examples: list, progress: bool) -> pd.DataFrame:
     """How often ablating MHA or MLP improves an instance, against each baseline image."""
     ablations = {
@@ -72,7 +87,8 @@ def baseline_table(model, instances: existence.ExistenceInstances, examples: lis
 
 
 def compute(model, data: None, options: Options, *, checkpoints=None, progress: bool = True) -> Tables:
-    """probes (layer x slot accuracies), baselines (improvement rates per baseline), coefficients
+    """probes (layer x slot accuracies), probes_and_tracing (each cell's accuracy and mean CTE) and
+    probe_tracing_correlation, baselines (improvement rates per baseline), coefficients
     and r2 (the joint covariate fit), covariate_instances (its scenes' covariates and d)."""
     if data is not None:
         raise ValueError("the negation-followups study generates its own scenes: give data=None")
@@ -80,7 +96,9 @@ def compute(model, data: None, options: Options, *, checkpoints=None, progress: 
         path = shapes.export_valse(folder, options.scenes, seed=options.seed)
         instances = existence.prepare(model, path, images=f"{folder}/images", progress=progress)
         examples = list(shapes.examples(options.scenes, seed=options.seed))
-        tables = {"probes": probe_table(model, instances, options),
+        probes = probe_table(model, instances, options)
+        cells, correlation = probes_beside_tracing(model, instances, probes, progress)
+        tables = {"probes": probes, "probes_and_tracing": cells, "probe_tracing_correlation": correlation,
                   "baselines": baseline_table(model, instances, examples, progress)}
     fit = covariates.joint_covariate_fit(covariates.clip_scorer(model), n=options.covariate_scenes, seed=options.seed,
                                          count_tokens=covariates.token_counter(model))
@@ -113,8 +131,10 @@ def report(tables: Tables, options: Options) -> Report:
         f"{options.test_fraction:.0%} of the texts held out. Read each accuracy against its control task (the same "
         "probe on shuffled labels) and against causal tracing's localisation.")
     out.figure(probes_figure(tables["probes"]))
-    out.table(tables["probes"][["layer", "position", "test_accuracy", "control_accuracy", "chance"]],
-              caption="Probe and control accuracy")
+    correlation = tables["probe_tracing_correlation"]
+    out.table(tables["probes_and_tracing"], caption="Probe and control accuracy beside the mean causal-tracing effect "
+                                                    "of the same cell")
+    out.table(correlation, caption="Rank correlation over the cells")
     out.section(QUESTIONS["baselines"]).text(
         "Each instance x layer ablated against the mean-colour image and against the scene rendered without its "
         "subject. Where the negation is in the caption the subject is absent from the image, so the subject-removed "
