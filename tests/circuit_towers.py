@@ -118,6 +118,18 @@ def two_head_path_tower(mlp_share: float = 0.05) -> HookedTextTower:
     return tower.eval()
 
 
+
+def attention_only_tower() -> HookedTextTower:
+    """`two_head_path_tower` with every MLP zero (weights and biases): "no" reaches the output only
+    through attention (a0.h0 copies it forward, a2.h1 reads it into the output dims 6 / 7), and every
+    MLP writes 0 in every run, so nothing flows through the MLPs."""
+    tower = two_head_path_tower(mlp_share=0.0)
+    with torch.no_grad():
+        for block in tower.blocks:
+            for param in block.mlp.parameters():
+                param.zero_()
+    return tower
+
 COUNT_HEAD = (1, 2)  # (layer, head)
 COUNTS_CORRECT, COUNTS_CHANGED = ("two", "four", "six"), ("three", "five", "seven")
 
