@@ -11,7 +11,7 @@ from clip_lens.studies import OptionError, negation_followups
 
 @pytest.fixture(scope="module")
 def tables(tiny_model):
-    options = negation_followups.Options(scenes=24, covariate_scenes=40, seed=2)
+    options = negation_followups.Options(scenes=24, covariate_scenes=40, seed=2, severed_pairs=6)
     return negation_followups.compute(tiny_model, None, options, progress=False)
 
 
@@ -32,6 +32,16 @@ def test_probes_sit_beside_the_causal_tracing_of_the_same_cells(tables, tiny_mod
     assert abs(float(correlation["value"].iloc[0]) - expected) < 1e-12 and int(correlation["cells"].iloc[0]) == len(cells)
     # SOT cannot be changed by the negation under the causal mask: restoring it has no effect
     assert (cells.loc[cells["position"] == "SOT", "cte"].abs() < 1e-5).all()
+
+
+def test_severed_tracing_keeps_its_invariants(tables):
+    """Severing leaves layer 0's negator effect where 'none' has it, and nothing can be severed after
+    the last block: at layer L every severing equals plain tracing."""
+    severed = tables["severed"].set_index(["severed", "layer", "slot"])["mean_effect"]
+    assert set(severed.index.get_level_values("severed")) == {"none", "mlp", "attn"}
+    last = severed.index.get_level_values("layer").max()
+    for kind in ("mlp", "attn"):
+        np.testing.assert_allclose(severed[kind, last, "EOT"], severed["none", last, "EOT"], atol=1e-6)
 
 
 def test_the_subject_removed_baseline_changes_nothing_where_the_subject_is_absent(tables):

@@ -6,6 +6,9 @@ question the causal-tracing and image-ablation results leave open, on synthetic 
   slots of every layer, negated sentence against its non-negated partner
   (docs/methods.md#linear-probes), beside the mean causal-tracing effect of the same cells on the
   same instances, with their rank correlation.
+- Does the effect at a position reach the score through later attention or through later MLPs?
+  Severed causal tracing: each restoration repeated with the later MLPs, or the later attention
+  layers, held at the corrupted run's values (docs/methods.md#severed-causal-tracing).
 - Does ablation "improve" classification because the mean-colour baseline takes the model off
   its distribution? Image ablation against the mean-colour image and against the same scene
   rendered without its subject (docs/methods.md#subject-removed-baseline).
@@ -19,22 +22,25 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
 from clip_lens import baselines
 from clip_lens.data import shapes
-from clip_lens.data.valse import ALIGNED_SLOTS, weighted_slot_mean
+from clip_lens.data.valse import ALIGNED_SLOTS, NEGATOR_POSITION, weighted_slot_mean
 from clip_lens.plot import style
 from clip_lens.probes import PROBE_HOOKS, probe_grid
 from clip_lens.report import Report
+from clip_lens.severed_tracing import severed_trace
 from clip_lens.studies.analyses import causal_tracing, covariates, existence, image_ablation
 from clip_lens.studies.options import StudyOptions, option
 from clip_lens.studies.runner import Study, Tables
 
 QUESTIONS = {
     "probes": "Is negation linearly readable where causal tracing localises it?",
+    "severed": "Does the effect reach the score through later attention or through later MLPs?",
     "baselines": "Does ablation 'improve' classification because the mean-colour baseline is off distribution?",
     "covariates": "Which image and caption features predict d when fitted together?",
 }
@@ -48,6 +54,8 @@ class Options(StudyOptions):
     probe_hook: str = option("resid", "the activations probed (resid: the residual at layers 0..L)",
                              choices=tuple(PROBE_HOOKS))
     test_fraction: float = option(0.3, "share of the probe texts held out", minimum=0.1, maximum=0.9)
+    severed_pairs: int = option(20, "instances traced with later MLPs or attention severed (one forward run per "
+                                    "layer, position and severing: slower than plain tracing)", minimum=1)
 
 
 def probe_table(model, instances: existence.ExistenceInstances, options: Options) -> pd.DataFrame:
@@ -76,6 +84,19 @@ def probes_beside_tracing(model, instances: existence.ExistenceInstances, probes
     return cells, pd.DataFrame({"measure": ["spearman(probe accuracy, mean CTE)"], "value": [rho], "cells": [len(cells)]})
 
 
+def severed_table(model, instances: existence.ExistenceInstances, pairs: int) -> pd.DataFrame:
+    """Mean severed-tracing effect per severing x layer at the negator and at EOT (and over the
+    other positions), on the first `pairs` instances."""
+    frame = instances.frame.head(pairs)
+    rows = severed_trace(model, target=list(frame["non_negated"]), source=list(frame["negated"]),
+                         image=instances.image_emb[: len(frame)])
+    eot = model.to_tokens(list(frame["non_negated"])).argmax(-1).cpu().numpy()
+    slot = np.where(rows["position"] == NEGATOR_POSITION, "negator",
+                    np.where(rows["position"] == eot[rows["pair"]], "EOT", "other"))
+    means = rows.assign(slot=slot).groupby(["severed", "layer", "slot"], sort=False)["effect"].mean()
+    return means.rename("mean_effect").reset_index()
+
+
 def baseline_table(model, instances: existence.ExistenceInstances, examples: list, progress: bool) -> pd.DataFrame:
     """How often ablating MHA or MLP improves an instance, against each baseline image."""
     ablations = {
@@ -88,7 +109,8 @@ def baseline_table(model, instances: existence.ExistenceInstances, examples: lis
 
 def compute(model, data: None, options: Options, *, checkpoints=None, progress: bool = True) -> Tables:
     """probes (layer x slot accuracies), probes_and_tracing (each cell's accuracy and mean CTE) and
-    probe_tracing_correlation, baselines (improvement rates per baseline), coefficients
+    probe_tracing_correlation, severed (mean severed-tracing effect per severing, layer and slot),
+    baselines (improvement rates per baseline), coefficients
     and r2 (the joint covariate fit), covariate_instances (its scenes' covariates and d)."""
     if data is not None:
         raise ValueError("the negation-followups study generates its own scenes: give data=None")
@@ -99,6 +121,7 @@ def compute(model, data: None, options: Options, *, checkpoints=None, progress: 
         probes = probe_table(model, instances, options)
         cells, correlation = probes_beside_tracing(model, instances, probes, progress)
         tables = {"probes": probes, "probes_and_tracing": cells, "probe_tracing_correlation": correlation,
+                  "severed": severed_table(model, instances, options.severed_pairs),
                   "baselines": baseline_table(model, instances, examples, progress)}
     fit = covariates.joint_covariate_fit(covariates.clip_scorer(model), n=options.covariate_scenes, seed=options.seed,
                                          count_tokens=covariates.token_counter(model))
@@ -135,6 +158,15 @@ def report(tables: Tables, options: Options) -> Report:
     out.table(tables["probes_and_tracing"], caption="Probe and control accuracy beside the mean causal-tracing effect "
                                                     "of the same cell")
     out.table(correlation, caption="Rank correlation over the cells")
+    out.section(QUESTIONS["severed"]).text(
+        f"The first {options.severed_pairs} instances traced three ways: plainly ('none'), with every later MLP held at "
+        "the non-negated run's output ('mlp'), and with every later attention layer held ('attn'). An effect that "
+        "survives 'mlp' but not 'attn' reaches the score through attention.")
+    severed = tables["severed"]
+    fig = px.line(severed[severed["slot"] != "other"], x="layer", y="mean_effect", color="severed", facet_col="slot",
+                  markers=True, labels=dict(mean_effect="mean effect"))
+    out.figure(style(fig, "Severed causal tracing", height=360))
+    out.table(severed, caption="Mean effect per severing, layer and position")
     out.section(QUESTIONS["baselines"]).text(
         "Each instance x layer ablated against the mean-colour image and against the scene rendered without its "
         "subject. Where the negation is in the caption the subject is absent from the image, so the subject-removed "
