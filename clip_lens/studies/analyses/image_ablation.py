@@ -12,11 +12,12 @@ the cached residual of its (half-)layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
@@ -208,3 +209,134 @@ def improvement_rates(ablations: Mapping[str, ImageAblation]) -> pd.DataFrame:
         rows.append(shares.reset_index().assign(baseline=name))
     frame = pd.concat(rows, ignore_index=True)
     return frame[["baseline", "negation_in", "component", "cases", "better", "worse", "unchanged", "fixes", "breaks"]]
+
+
+# --- image ablation over windows of consecutive layers (docs/methods.md#image-ablation-over-layer-windows) ---
+
+
+def layer_windows(k, n_layers: int) -> list[tuple[int, ...]]:
+    """The windows of `k` consecutive blocks of an `n_layers`-block tower, one per start
+    l = 0..n_layers - k: (l, ..., l + k - 1)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k={k!r}: the window size must be an integer number of blocks (1..{n_layers})")
+    if not 1 <= int(k) <= n_layers:
+        raise ValueError(f"k={k}: the window size must be between 1 and the tower's {n_layers} blocks")
+    return [tuple(range(start, start + int(k))) for start in range(n_layers - int(k) + 1)]
+
+
+@dataclass
+class WindowAblation(ImageAblation):
+    """Result of `run_windows`: an `ImageAblation` whose last axis runs over windows of `k`
+    consecutive blocks; `layers` holds each window's first block, and `table()` adds its last
+    (`last_layer`) and the window size `k`. With k = 1 it is the single-block `ImageAblation`."""
+
+    k: int = 1
+
+    def table(self) -> pd.DataFrame:
+        frame = super().table()
+        frame.insert(frame.columns.get_loc("layer") + 1, "last_layer", frame["layer"] + self.k - 1)
+        frame["k"] = self.k
+        return frame
+
+
+def run_windows(model: HookedCLIP, instances: ExistenceInstances, *, k: int, pixels: Optional[Tensor] = None,
+                grey: bool = False, checkpoints: Optional[Checkpoints] = None, progress: bool = True,
+                **engine: int) -> WindowAblation:
+    """`run` with MHA (or MLP) of `k` consecutive blocks ablated together, for every window start
+    l = 0..L - k, against each image's mean-colour image (docs/methods.md#image-ablation-over-layer-windows).
+
+    Args:
+        k: the window size, 1..L (k = 1 gives `run`'s d* up to float noise).
+        pixels, grey, checkpoints, progress: as in `run` (checkpoints kept per k).
+        engine: as in `run`; `batch_size` matters for k = 1 only (longer windows run a chunk of
+            `pair_chunk` instances in one pass per window).
+    """
+    mean, std = model.preprocess_cfg["mean"], model.preprocess_cfg["std"]
+    source = Source(f"image_ablation_windows_k{k}", lambda lo, hi, target: mean_colour_pixels(target, mean, std, grey=grey))
+    return _ablate_windows(model, instances, source, k, pixels, checkpoints, progress, engine)
+
+
+def run_windows_with_baseline(model: HookedCLIP, instances: ExistenceInstances, baseline: Union[Tensor, Sequence[ImageLike]],
+                              *, k: int, pixels: Optional[Tensor] = None, checkpoints: Optional[Checkpoints] = None,
+                              progress: bool = True, **engine: int) -> WindowAblation:
+    """`run_windows` against given baseline images, one per instance, as `run_with_baseline` takes
+    them; an instance whose baseline equals its own pixels gets d* = d (IAE exactly 0)."""
+    if len(baseline) != len(instances.frame):
+        raise ValueError(f"baseline has {len(baseline)} images for {len(instances.frame)} instances; give one per instance")
+
+    def baseline_pixels(lo: int, hi: int, target: Tensor) -> Tensor:
+        chunk = baseline[lo:hi] if isinstance(baseline, Tensor) else model.to_pixels(list(baseline[lo:hi]))
+        if chunk.shape != target.shape:
+            raise ValueError(f"baseline images {lo}..{hi - 1} have shape {tuple(chunk.shape)}; the instances' "
+                             f"pixels have {tuple(target.shape)}")
+        return chunk.to(device=target.device, dtype=target.dtype)
+
+    source = Source(f"image_ablation_baseline_windows_k{k}", baseline_pixels, identical_unchanged=True)
+    return _ablate_windows(model, instances, source, k, pixels, checkpoints, progress, engine)
+
+
+def replace_with(cache: dict) -> Callable[[Tensor, Any], Tensor]:
+    """Hook function: the activation at hook `hook.name` replaced, at every position, by `cache[hook.name]`
+    (the same instances' run on their baseline images)."""
+    def replace(activation: Tensor, hook) -> Tensor:
+        value = cache[hook.name]
+        if value.shape != activation.shape:
+            raise ValueError(f"{hook.name}: baseline activation {tuple(value.shape)} does not match the "
+                             f"target's {tuple(activation.shape)}")
+        return value.to(activation.dtype)
+    return replace
+
+
+def _window_d_star(model: HookedCLIP, target: Tensor, baseline: Tensor, difference: Tensor, windows: list,
+                   batch_size: int) -> np.ndarray:
+    """d* [instances, 2, windows] of `target` with MHA / MLP of each window's blocks replaced by
+    their outputs on `baseline`. Windows of one block take `run`'s exact path (the same numbers as
+    `run`); longer ones `patch`'s hook-function path, the window's blocks intervened together."""
+    if all(len(window) == 1 for window in windows):
+        result = patch(model, target=target, source=baseline, text=difference, hook=list(COMPONENTS.values()),
+                       layers=[window[0] for window in windows], positions="sequence", metric=difference_metric(model),
+                       batch_size=batch_size, pair_chunk=len(target), progress=False)
+        return result.effects.numpy()
+    return _hook_d_star(model, target, baseline, difference, windows)
+
+
+def _hook_d_star(model: HookedCLIP, target: Tensor, baseline: Tensor, difference: Tensor, windows: list) -> np.ndarray:
+    """`_window_d_star` through hook functions: the baseline run's MHA / MLP outputs cached, and
+    each window's blocks given them in one run of the target resumed at the window's first block."""
+    n_layers = model.vision.cfg.n_layers
+    names = [f"blocks.{layer}.hook_{hook}" for hook in COMPONENTS.values() for layer in range(n_layers)]
+    with torch.no_grad():
+        _, cache = model.vision.run_with_cache(baseline, names_filter=names)
+    replace = replace_with({name: cache[name] for name in names})
+    d_star = [patch(model, target=target, text=difference, hook=hook, layers=windows, intervention=replace,
+                    metric=difference_metric(model), pair_chunk=len(target), progress=False).effects.numpy()
+              for hook in COMPONENTS.values()]
+    return np.stack(d_star, axis=1)
+
+
+def _ablate_windows(model: HookedCLIP, instances: ExistenceInstances, source: Source, k, pixels: Optional[Tensor],
+                    checkpoints: Optional[Checkpoints], progress: bool, engine: dict) -> WindowAblation:
+    """The engine of `run_windows` and `run_windows_with_baseline`."""
+    windows = layer_windows(k, model.vision.cfg.n_layers)
+    unknown = set(engine) - set(ENGINE)
+    if unknown:
+        raise TypeError(f"run_windows() got unexpected keyword arguments {sorted(unknown)}; engine knobs: {sorted(ENGINE)}")
+    batch_size, pair_chunk = ({**ENGINE, **engine}[name] for name in ("batch_size", "pair_chunk"))
+    frame = instances.frame
+    if pixels is None and "image_path" not in frame:
+        raise ValueError("give pixels, or instances prepared from an image folder")
+    caption_emb, foil_emb = instances.text_embeddings(model)
+    difference = F.normalize(caption_emb.float(), dim=-1) - F.normalize(foil_emb.float(), dim=-1)
+
+    def chunk(lo: int, hi: int) -> dict:
+        target = pixels[lo:hi] if pixels is not None else model.to_pixels(list(frame["image_path"][lo:hi]))
+        baseline = source.pixels(lo, hi, target)
+        d_star = _window_d_star(model, target, baseline, difference[lo:hi], windows, batch_size)
+        if source.identical_unchanged:
+            same = (baseline == target).flatten(1).all(dim=1).cpu().numpy()
+            d_star[same] = frame["d"].to_numpy()[lo:hi][same, None, None]
+        return {"d_star": d_star}
+
+    chunks = (checkpoints or Checkpoints(None)).chunks(source.study, len(frame), pair_chunk, chunk, progress,
+                                                        ids=list(frame["id"]))
+    return WindowAblation(instances.instances_table(), concatenate(chunks, "d_star"), [w[0] for w in windows], k=int(k))
