@@ -51,6 +51,10 @@ REPRODUCES = [
     (f"{K}/effects.csv", "beyond the source: the fitted effect of each covariate on d"),
     (f"{F}/probes.csv", "follow-up, 'is negation linearly readable where causal tracing localises it?': probe "
                         "accuracy per layer and aligned slot, with its control task"),
+    (f"{F}/severed.csv", "follow-up, 'does the effect reach the score through later attention or later MLPs?': "
+                         "severed causal tracing at the negator and EOT"),
+    (f"{F}/windows.csv", "follow-up, 'what do consecutive vision layers do together?': image ablation of windows "
+                         "of blocks"),
     (f"{F}/baselines.csv", "follow-up, 'does ablation improve classification because the mean-colour image is off "
                            "distribution?': improvement rates against the mean-colour and subject-removed baselines"),
     (f"{F}/coefficients.csv", "follow-up, 'what predicts d when image and caption features are fitted together?': "

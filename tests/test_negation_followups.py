@@ -44,6 +44,18 @@ def test_severed_tracing_keeps_its_invariants(tables):
         np.testing.assert_allclose(severed[kind, last, "EOT"], severed["none", last, "EOT"], atol=1e-6)
 
 
+def test_windows_cover_every_start(tables, tiny_model):
+    windows = tables["windows"]
+    starts = [row for row in windows["layer"] if str(row).isdigit()]
+    assert [int(x) for x in starts] == list(range(tiny_model.vision.cfg.n_layers - 2 + 1))
+
+
+def test_a_window_wider_than_the_tower_is_refused_by_name(tiny_model):
+    options = negation_followups.Options(scenes=8, covariate_scenes=10, window=9, severed_pairs=1)
+    with pytest.raises(ValueError, match="k=9"):
+        negation_followups.compute(tiny_model, None, options, progress=False)
+
+
 def test_the_subject_removed_baseline_changes_nothing_where_the_subject_is_absent(tables):
     """With the negation in the caption the subject is not in the image: removing it leaves the image,
     so ablating against it changes no instance."""

@@ -9,6 +9,8 @@ question the causal-tracing and image-ablation results leave open, on synthetic 
 - Does the effect at a position reach the score through later attention or through later MLPs?
   Severed causal tracing: each restoration repeated with the later MLPs, or the later attention
   layers, held at the corrupted run's values (docs/methods.md#severed-causal-tracing).
+- What do several vision layers do together? Image ablation of MHA (or MLP) in windows of `window`
+  consecutive blocks at once (docs/methods.md#image-ablation-over-layer-windows).
 - Does ablation "improve" classification because the mean-colour baseline takes the model off
   its distribution? Image ablation against the mean-colour image and against the same scene
   rendered without its subject (docs/methods.md#subject-removed-baseline).
@@ -41,6 +43,7 @@ from clip_lens.studies.runner import Study, Tables
 QUESTIONS = {
     "probes": "Is negation linearly readable where causal tracing localises it?",
     "severed": "Does the effect reach the score through later attention or through later MLPs?",
+    "windows": "What do consecutive vision layers do together?",
     "baselines": "Does ablation 'improve' classification because the mean-colour baseline is off distribution?",
     "covariates": "Which image and caption features predict d when fitted together?",
 }
@@ -54,6 +57,7 @@ class Options(StudyOptions):
     probe_hook: str = option("resid", "the activations probed (resid: the residual at layers 0..L)",
                              choices=tuple(PROBE_HOOKS))
     test_fraction: float = option(0.3, "share of the probe texts held out", minimum=0.1, maximum=0.9)
+    window: int = option(2, "consecutive vision blocks ablated together (at most the tower's blocks)", minimum=1)
     severed_pairs: int = option(20, "instances traced with later MLPs or attention severed (one forward run per "
                                     "layer, position and severing: slower than plain tracing)", minimum=1)
 
@@ -110,10 +114,12 @@ def baseline_table(model, instances: existence.ExistenceInstances, examples: lis
 def compute(model, data: None, options: Options, *, checkpoints=None, progress: bool = True) -> Tables:
     """probes (layer x slot accuracies), probes_and_tracing (each cell's accuracy and mean CTE) and
     probe_tracing_correlation, severed (mean severed-tracing effect per severing, layer and slot),
+    windows (mean IAE of MHA and MLP per window of `window` blocks, by its first block),
     baselines (improvement rates per baseline), coefficients
     and r2 (the joint covariate fit), covariate_instances (its scenes' covariates and d)."""
     if data is not None:
         raise ValueError("the negation-followups study generates its own scenes: give data=None")
+    image_ablation.layer_windows(options.window, model.vision.cfg.n_layers)  # a window wider than the tower: refused now
     with tempfile.TemporaryDirectory() as folder:
         path = shapes.export_valse(folder, options.scenes, seed=options.seed)
         instances = existence.prepare(model, path, images=f"{folder}/images", progress=progress)
@@ -122,6 +128,8 @@ def compute(model, data: None, options: Options, *, checkpoints=None, progress: 
         cells, correlation = probes_beside_tracing(model, instances, probes, progress)
         tables = {"probes": probes, "probes_and_tracing": cells, "probe_tracing_correlation": correlation,
                   "severed": severed_table(model, instances, options.severed_pairs),
+                  "windows": image_ablation.run_windows(model, instances, k=options.window,
+                                                        progress=progress).mha_vs_mlp(),
                   "baselines": baseline_table(model, instances, examples, progress)}
     fit = covariates.joint_covariate_fit(covariates.clip_scorer(model), n=options.covariate_scenes, seed=options.seed,
                                          count_tokens=covariates.token_counter(model))
@@ -167,6 +175,11 @@ def report(tables: Tables, options: Options) -> Report:
                   markers=True, labels=dict(mean_effect="mean effect"))
     out.figure(style(fig, "Severed causal tracing", height=360))
     out.table(severed, caption="Mean effect per severing, layer and position")
+    out.section(QUESTIONS["windows"]).text(
+        f"MHA (or MLP) of {options.window} consecutive vision blocks ablated at once against the mean-colour image; "
+        "each row is a window by its first block. Set beside the single-block IAE of the same instances (window 1) "
+        "to see whether the blocks act together.")
+    out.table(tables["windows"], caption=f"Mean IAE per window of {options.window} blocks")
     out.section(QUESTIONS["baselines"]).text(
         "Each instance x layer ablated against the mean-colour image and against the scene rendered without its "
         "subject. Where the negation is in the caption the subject is absent from the image, so the subject-removed "
