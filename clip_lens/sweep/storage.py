@@ -33,6 +33,7 @@ from typing import Iterable, Iterator, Optional, Union
 
 import pandas as pd
 
+from clip_lens.model_sources import file_digest
 from clip_lens.report import write_atomically, write_text_atomically
 
 MANIFEST = "manifest.sqlite"
@@ -67,15 +68,6 @@ def identify(identity: dict) -> str:
 
 def task_folder(out: Union[str, Path], task: Union[Task, str]) -> Path:
     return Path(out) / "tasks" / (task.task_id if isinstance(task, Task) else task)
-
-
-def file_digest(path: Path) -> str:
-    """The SHA-256 of the file's bytes, in hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_table(path: Path, frame: pd.DataFrame) -> str:

@@ -115,6 +115,24 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Te
     return _ablate(model, instances, source, pixels, layers, checkpoints, progress, engine)
 
 
+def baseline_source(model: HookedCLIP, instances: ExistenceInstances, baseline: Union[Tensor, Sequence[ImageLike]],
+                    name: str) -> Source:
+    """The ablation source of given baseline images, one per instance (pixels [n, 3, H, W], or
+    images preprocessed by the model a chunk at a time); checkpoints kept under `name`. An instance
+    whose baseline equals its own pixels gets d* = d."""
+    if len(baseline) != len(instances.frame):
+        raise ValueError(f"baseline has {len(baseline)} images for {len(instances.frame)} instances; give one per instance")
+
+    def baseline_pixels(lo: int, hi: int, target: Tensor) -> Tensor:
+        chunk = baseline[lo:hi] if isinstance(baseline, Tensor) else model.to_pixels(list(baseline[lo:hi]))
+        if chunk.shape != target.shape:
+            raise ValueError(f"baseline images {lo}..{hi - 1} have shape {tuple(chunk.shape)}; the instances' "
+                             f"pixels have {tuple(target.shape)}")
+        return chunk.to(device=target.device, dtype=target.dtype)
+
+    return Source(name, baseline_pixels, identical_unchanged=True)
+
+
 def run_with_baseline(model: HookedCLIP, instances: ExistenceInstances, baseline: Union[Tensor, Sequence[ImageLike]], *,
                       pixels: Optional[Tensor] = None, layers="all", checkpoints: Optional[Checkpoints] = None,
                       progress: bool = True, **engine: int) -> ImageAblation:
@@ -130,17 +148,7 @@ def run_with_baseline(model: HookedCLIP, instances: ExistenceInstances, baseline
     An instance whose baseline equals its own pixels exactly (a subject-removed image of a scene
     without the subject) gets d* = d: IAE exactly 0, outcome "unchanged".
     """
-    if len(baseline) != len(instances.frame):
-        raise ValueError(f"baseline has {len(baseline)} images for {len(instances.frame)} instances; give one per instance")
-
-    def baseline_pixels(lo: int, hi: int, target: Tensor) -> Tensor:
-        chunk = baseline[lo:hi] if isinstance(baseline, Tensor) else model.to_pixels(list(baseline[lo:hi]))
-        if chunk.shape != target.shape:
-            raise ValueError(f"baseline images {lo}..{hi - 1} have shape {tuple(chunk.shape)}; the instances' "
-                             f"pixels have {tuple(target.shape)}")
-        return chunk.to(device=target.device, dtype=target.dtype)
-
-    source = Source("image_ablation_baseline", baseline_pixels, identical_unchanged=True)
+    source = baseline_source(model, instances, baseline, "image_ablation_baseline")
     return _ablate(model, instances, source, pixels, layers, checkpoints, progress, engine)
 
 
@@ -261,17 +269,7 @@ def run_windows_with_baseline(model: HookedCLIP, instances: ExistenceInstances, 
                               progress: bool = True, **engine: int) -> WindowAblation:
     """`run_windows` against given baseline images, one per instance, as `run_with_baseline` takes
     them; an instance whose baseline equals its own pixels gets d* = d (IAE exactly 0)."""
-    if len(baseline) != len(instances.frame):
-        raise ValueError(f"baseline has {len(baseline)} images for {len(instances.frame)} instances; give one per instance")
-
-    def baseline_pixels(lo: int, hi: int, target: Tensor) -> Tensor:
-        chunk = baseline[lo:hi] if isinstance(baseline, Tensor) else model.to_pixels(list(baseline[lo:hi]))
-        if chunk.shape != target.shape:
-            raise ValueError(f"baseline images {lo}..{hi - 1} have shape {tuple(chunk.shape)}; the instances' "
-                             f"pixels have {tuple(target.shape)}")
-        return chunk.to(device=target.device, dtype=target.dtype)
-
-    source = Source(f"image_ablation_baseline_windows_k{k}", baseline_pixels, identical_unchanged=True)
+    source = baseline_source(model, instances, baseline, f"image_ablation_baseline_windows_k{k}")
     return _ablate_windows(model, instances, source, k, pixels, checkpoints, progress, engine)
 
 
