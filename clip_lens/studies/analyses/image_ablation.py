@@ -24,6 +24,7 @@ from torch import Tensor
 
 from clip_lens import plot
 from clip_lens.checkpoints import Checkpoints, concatenate
+from clip_lens.hooks import act_name
 from clip_lens.images import ImageLike, mean_colour_pixels
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import patch
@@ -112,7 +113,8 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Te
     """
     mean, std = model.preprocess_cfg["mean"], model.preprocess_cfg["std"]
     source = Source("image_ablation", lambda lo, hi, target: mean_colour_pixels(target, mean, std, grey=grey))
-    return _ablate(model, instances, source, pixels, layers, checkpoints, progress, engine)
+    return ImageAblation(*_ablate(model, instances, source, pixels, checkpoints, progress, engine,
+                                  _single_layers(model, layers)))
 
 
 def baseline_source(model: HookedCLIP, instances: ExistenceInstances, baseline: Union[Tensor, Sequence[ImageLike]],
@@ -149,7 +151,8 @@ def run_with_baseline(model: HookedCLIP, instances: ExistenceInstances, baseline
     without the subject) gets d* = d: IAE exactly 0, outcome "unchanged".
     """
     source = baseline_source(model, instances, baseline, "image_ablation_baseline")
-    return _ablate(model, instances, source, pixels, layers, checkpoints, progress, engine)
+    return ImageAblation(*_ablate(model, instances, source, pixels, checkpoints, progress, engine,
+                                  _single_layers(model, layers)))
 
 
 class Source(NamedTuple):
@@ -163,13 +166,22 @@ class Source(NamedTuple):
     identical_unchanged: bool = False
 
 
-def _ablate(model: HookedCLIP, instances: ExistenceInstances, source: Source, pixels: Optional[Tensor], layers,
-            checkpoints: Optional[Checkpoints], progress: bool, engine: dict) -> ImageAblation:
-    """The IAE engine of `run` and `run_with_baseline`: each component's output replaced by its
-    value on `source`'s images."""
+# (target pixels, baseline pixels, caption - foil direction, batch_size, pair_chunk) of one chunk of
+# instances -> (d* [instances, 2, layers or windows], the layers or windows' first blocks)
+ChunkAblation = Callable[[Tensor, Tensor, Tensor, int, int], tuple[np.ndarray, list]]
+
+
+def _ablate(model: HookedCLIP, instances: ExistenceInstances, source: Source, pixels: Optional[Tensor],
+            checkpoints: Optional[Checkpoints], progress: bool, engine: dict,
+            ablate: ChunkAblation) -> tuple[pd.DataFrame, np.ndarray, list]:
+    """What every image ablation shares: the engine knobs checked, the instances `pair_chunk` at a
+    time (each chunk saved to `checkpoints`), their baseline images from `source`, d* of each chunk
+    from `ablate`, and d* = d where a baseline equals its image (`Source.identical_unchanged`).
+    Returns (instances table, d* [n, 2, layers], layers)."""
     unknown = set(engine) - set(ENGINE)
     if unknown:
-        raise TypeError(f"run() got unexpected keyword arguments {sorted(unknown)}; engine knobs: {sorted(ENGINE)}")
+        raise TypeError(f"image ablation got unexpected keyword arguments {sorted(unknown)}; engine knobs: "
+                        f"{sorted(ENGINE)}")
     batch_size, pair_chunk = ({**ENGINE, **engine}[name] for name in ("batch_size", "pair_chunk"))
     frame = instances.frame
     if pixels is None and "image_path" not in frame:
@@ -179,20 +191,27 @@ def _ablate(model: HookedCLIP, instances: ExistenceInstances, source: Source, pi
 
     def chunk(lo: int, hi: int) -> dict:
         target = pixels[lo:hi] if pixels is not None else model.to_pixels(list(frame["image_path"][lo:hi]))
-        # Both components in one call: the target and baseline runs are cached once for both.
         baseline = source.pixels(lo, hi, target)
-        result = patch(model, target=target, source=baseline, text=difference[lo:hi], hook=list(COMPONENTS.values()),
-                       layers=layers, positions="sequence", metric=difference_metric(model), batch_size=batch_size,
-                       pair_chunk=pair_chunk, progress=False)
-        d_star = result.effects.numpy()
+        d_star, layers = ablate(target, baseline, difference[lo:hi], batch_size, pair_chunk)
         if source.identical_unchanged:
             same = (baseline == target).flatten(1).all(dim=1).cpu().numpy()
             d_star[same] = frame["d"].to_numpy()[lo:hi][same, None, None]
-        return {"d_star": d_star, "layers": np.asarray(result.layers)}
+        return {"d_star": d_star, "layers": np.asarray(layers)}
 
     chunks = (checkpoints or Checkpoints(None)).chunks(source.study, len(frame), pair_chunk, chunk, progress,
                                                         ids=list(frame["id"]))
-    return ImageAblation(instances.instances_table(), concatenate(chunks, "d_star"), chunks[0]["layers"].tolist())
+    return instances.instances_table(), concatenate(chunks, "d_star"), chunks[0]["layers"].tolist()
+
+
+def _single_layers(model: HookedCLIP, layers) -> ChunkAblation:
+    """Each component of each of `layers` replaced alone: both components in one `patch` call, so
+    the target and baseline runs are cached once for both."""
+    def ablate(target: Tensor, baseline: Tensor, difference: Tensor, batch_size: int, pair_chunk: int):
+        result = patch(model, target=target, source=baseline, text=difference, hook=list(COMPONENTS.values()),
+                       layers=layers, positions="sequence", metric=difference_metric(model), batch_size=batch_size,
+                       pair_chunk=pair_chunk, progress=False)
+        return result.effects.numpy(), list(result.layers)
+    return ablate
 
 
 def improvement_rates(ablations: Mapping[str, ImageAblation]) -> pd.DataFrame:
@@ -285,56 +304,34 @@ def replace_with(cache: dict) -> Callable[[Tensor, Any], Tensor]:
     return replace
 
 
-def _window_d_star(model: HookedCLIP, target: Tensor, baseline: Tensor, difference: Tensor, windows: list,
-                   batch_size: int) -> np.ndarray:
-    """d* [instances, 2, windows] of `target` with MHA / MLP of each window's blocks replaced by
-    their outputs on `baseline`. Windows of one block take `run`'s exact path (the same numbers as
-    `run`); longer ones `patch`'s hook-function path, the window's blocks intervened together."""
+def _windows(model: HookedCLIP, windows: list) -> ChunkAblation:
+    """MHA / MLP of each window's blocks replaced together. Windows of one block take the single-layer
+    path (the same numbers as `run`); longer ones `_hooked_windows`."""
     if all(len(window) == 1 for window in windows):
-        result = patch(model, target=target, source=baseline, text=difference, hook=list(COMPONENTS.values()),
-                       layers=[window[0] for window in windows], positions="sequence", metric=difference_metric(model),
-                       batch_size=batch_size, pair_chunk=len(target), progress=False)
-        return result.effects.numpy()
-    return _hook_d_star(model, target, baseline, difference, windows)
+        return _single_layers(model, [window[0] for window in windows])
+    return _hooked_windows(model, windows)
 
 
-def _hook_d_star(model: HookedCLIP, target: Tensor, baseline: Tensor, difference: Tensor, windows: list) -> np.ndarray:
-    """`_window_d_star` through hook functions: the baseline run's MHA / MLP outputs cached, and
-    each window's blocks given them in one run of the target resumed at the window's first block."""
-    n_layers = model.vision.cfg.n_layers
-    names = [f"blocks.{layer}.hook_{hook}" for hook in COMPONENTS.values() for layer in range(n_layers)]
-    with torch.no_grad():
-        _, cache = model.vision.run_with_cache(baseline, names_filter=names)
-    replace = replace_with({name: cache[name] for name in names})
-    d_star = [patch(model, target=target, text=difference, hook=hook, layers=windows, intervention=replace,
-                    metric=difference_metric(model), pair_chunk=len(target), progress=False).effects.numpy()
-              for hook in COMPONENTS.values()]
-    return np.stack(d_star, axis=1)
+def _hooked_windows(model: HookedCLIP, windows: list) -> ChunkAblation:
+    """`patch`'s hook-function path: the baseline run's MHA / MLP outputs cached, and each window's
+    blocks given them together in one run of the target resumed at the window's first block."""
+    names = [act_name(hook, layer) for hook in COMPONENTS.values() for layer in range(model.vision.cfg.n_layers)]
+
+    def ablate(target: Tensor, baseline: Tensor, difference: Tensor, batch_size: int, pair_chunk: int):
+        with torch.no_grad():
+            _, cache = model.vision.run_with_cache(baseline, names_filter=names)
+        replace = replace_with({name: cache[name] for name in names})
+        d_star = [patch(model, target=target, text=difference, hook=hook, layers=windows, intervention=replace,
+                        metric=difference_metric(model), pair_chunk=len(target), progress=False).effects.numpy()
+                  for hook in COMPONENTS.values()]
+        return np.stack(d_star, axis=1), [window[0] for window in windows]
+    return ablate
 
 
 def _ablate_windows(model: HookedCLIP, instances: ExistenceInstances, source: Source, k, pixels: Optional[Tensor],
                     checkpoints: Optional[Checkpoints], progress: bool, engine: dict) -> WindowAblation:
     """The engine of `run_windows` and `run_windows_with_baseline`."""
     windows = layer_windows(k, model.vision.cfg.n_layers)
-    unknown = set(engine) - set(ENGINE)
-    if unknown:
-        raise TypeError(f"run_windows() got unexpected keyword arguments {sorted(unknown)}; engine knobs: {sorted(ENGINE)}")
-    batch_size, pair_chunk = ({**ENGINE, **engine}[name] for name in ("batch_size", "pair_chunk"))
-    frame = instances.frame
-    if pixels is None and "image_path" not in frame:
-        raise ValueError("give pixels, or instances prepared from an image folder")
-    caption_emb, foil_emb = instances.text_embeddings(model)
-    difference = F.normalize(caption_emb.float(), dim=-1) - F.normalize(foil_emb.float(), dim=-1)
-
-    def chunk(lo: int, hi: int) -> dict:
-        target = pixels[lo:hi] if pixels is not None else model.to_pixels(list(frame["image_path"][lo:hi]))
-        baseline = source.pixels(lo, hi, target)
-        d_star = _window_d_star(model, target, baseline, difference[lo:hi], windows, batch_size)
-        if source.identical_unchanged:
-            same = (baseline == target).flatten(1).all(dim=1).cpu().numpy()
-            d_star[same] = frame["d"].to_numpy()[lo:hi][same, None, None]
-        return {"d_star": d_star}
-
-    chunks = (checkpoints or Checkpoints(None)).chunks(source.study, len(frame), pair_chunk, chunk, progress,
-                                                        ids=list(frame["id"]))
-    return WindowAblation(instances.instances_table(), concatenate(chunks, "d_star"), [w[0] for w in windows], k=int(k))
+    table, d_star, starts = _ablate(model, instances, source, pixels, checkpoints, progress, engine,
+                                    _windows(model, windows))
+    return WindowAblation(table, d_star, starts, k=int(k))
