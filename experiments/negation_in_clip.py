@@ -74,8 +74,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy pipeline for CANNOT's parse")
     parser.add_argument("--limit", type=int, default=None, help="use the first N instances of each dataset")
     parser.add_argument("--covariate-scenes", type=int, default=100, help="scenes per subject size (0: skip)")
-    parser.add_argument("--followup-scenes", type=int, default=100,
-                        help="synthetic scenes for the follow-up experiments (0: skip)")
+    parser.add_argument("--followup-scenes", type=int, default=studies.get("negation-followups").Options().scenes,
+                        help="synthetic scenes for the follow-up experiments (0: skip; default: the study's)")
     return parser.parse_args(argv)
 
 
@@ -108,9 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.covariate_scenes:
         run("covariates", K, None, studies.get("covariates").Options(scenes=args.covariate_scenes), {})
     if args.followup_scenes:
-        options = studies.get("negation-followups").Options(scenes=args.followup_scenes,
-                                                          covariate_scenes=4 * args.followup_scenes)
-        run("negation-followups", F, None, options, {})
+        run("negation-followups", F, None, studies.get("negation-followups").Options(scenes=args.followup_scenes), {})
     write_index(args.out, f"Negation in the text encoder of {label}", REPRODUCES)
     print(f"wrote {args.out}/README.md (what each output reproduces)")
     return 0
