@@ -90,6 +90,17 @@ def tiny_hf_config():
                                    projection_dim=16)
 
 
+def existence_scenes(model, folder, n: int, seed: int):
+    """Existence instances of `n` synthetic scenes (`clip_lens.data.shapes.export_valse` into
+    `folder`), scored by `model`."""
+    from clip_lens.data import shapes
+    from clip_lens.studies.analyses import existence
+
+    path = shapes.export_valse(folder, n, seed=seed)
+    with torch.no_grad():
+        return existence.prepare(model, path, images=folder / "images", progress=False)
+
+
 def random_pixels(n: int, size: int = 224, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 

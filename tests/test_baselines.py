@@ -6,13 +6,13 @@ import random
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from conftest import existence_scenes
 from PIL import Image
 
 from clip_lens import baselines
 from clip_lens.data import shapes
 from clip_lens.data.shapes import Example, Scene, Shape
-from clip_lens.studies.analyses import existence, image_ablation
+from clip_lens.studies.analyses import image_ablation
 
 RED_CIRCLE, BLUE_SQUARE, RED_SQUARE = Shape("circle", "red", 15, 15, 8), Shape("square", "blue", 45, 45, 9), \
     Shape("square", "red", 45, 15, 7)
@@ -134,10 +134,7 @@ N_SCENES = 8
 @pytest.fixture(scope="module")
 def scenes(tiny_model, tmp_path_factory):
     """Existence instances of N_SCENES synthetic scenes, their pixels and their examples (row-aligned)."""
-    folder = tmp_path_factory.mktemp("scenes")
-    path = shapes.export_valse(folder, N_SCENES, seed=2)
-    with torch.no_grad():
-        instances = existence.prepare(tiny_model, path, images=folder / "images", progress=False)
+    instances = existence_scenes(tiny_model, tmp_path_factory.mktemp("scenes"), N_SCENES, seed=2)
     examples = list(shapes.examples(N_SCENES, seed=2))
     assert list(instances.frame["id"]) == [f"shapes_{i:05d}" for i in range(N_SCENES)]
     return instances, tiny_model.to_pixels(list(instances.frame["image_path"])), examples

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import existence_scenes
 
-from clip_lens.data import shapes
 from clip_lens.images import mean_colour_pixels
 from clip_lens.scores import difference_metric
-from clip_lens.studies.analyses import existence, image_ablation
+from clip_lens.studies.analyses import image_ablation
 from clip_lens.studies.analyses.image_ablation import Source
 
 N_SCENES = 6
@@ -20,10 +20,7 @@ N_SCENES = 6
 @pytest.fixture(scope="module")
 def scenes(tiny_model, tmp_path_factory):
     """Existence instances of N_SCENES synthetic scenes and their pixels (row-aligned)."""
-    folder = tmp_path_factory.mktemp("window_scenes")
-    path = shapes.export_valse(folder, N_SCENES, seed=3)
-    with torch.no_grad():
-        instances = existence.prepare(tiny_model, path, images=folder / "images", progress=False)
+    instances = existence_scenes(tiny_model, tmp_path_factory.mktemp("window_scenes"), N_SCENES, seed=3)
     return instances, tiny_model.to_pixels(list(instances.frame["image_path"]))
 
 
