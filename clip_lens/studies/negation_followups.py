@@ -94,7 +94,7 @@ def severed_table(model, instances: existence.ExistenceInstances, pairs: int) ->
     frame = instances.frame.head(pairs)
     rows = severed_trace(model, target=list(frame["non_negated"]), source=list(frame["negated"]),
                          image=instances.image_emb[: len(frame)])
-    eot = model.to_tokens(list(frame["non_negated"])).argmax(-1).cpu().numpy()
+    eot = model.text.pooled_positions(model.to_tokens(list(frame["non_negated"]))).cpu().numpy()
     slot = np.where(rows["position"] == NEGATOR_POSITION, "negator",
                     np.where(rows["position"] == eot[rows["pair"]], "EOT", "other"))
     means = rows.assign(slot=slot).groupby(["severed", "layer", "slot"], sort=False)["effect"].mean()
