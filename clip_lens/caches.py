@@ -166,10 +166,13 @@ class TowerActivationCache(ActivationCache):
         directions = self.residual_directions(tokens)
         if incorrect_tokens is not None:
             directions = directions - self.residual_directions(incorrect_tokens)
-        scaled = self.apply_ln_to_stack(residual_stack, layer=-1, pos_slice=pos_slice, has_batch_dim=has_batch_dim)
         if not has_batch_dim or not self.has_batch_dim:
+            if directions.shape[0] != 1:
+                raise ValueError(f"a residual stack without a batch dimension takes one input and one target; this "
+                                 f"gives {directions.shape[0]} directions (inputs x targets): keep the batch dimension")
             directions = directions[0]
-        elif scaled.ndim == 4:  # [component, batch, pos, d_model]: one direction per input, every position
+        scaled = self.apply_ln_to_stack(residual_stack, layer=-1, pos_slice=pos_slice, has_batch_dim=has_batch_dim)
+        if directions.ndim == 2 and scaled.ndim == 4:  # [component, batch, pos, d_model]: one direction per input, every position
             directions = directions[:, None]
         return (scaled * directions.to(scaled)).sum(-1)
 

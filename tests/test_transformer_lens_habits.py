@@ -306,3 +306,18 @@ def test_logit_attrs_still_sum_to_the_score_after_weight_processing(tiny_model):
     image = cache["vision.hook_embedding"][1]
     total = text.logit_attrs(stack, image, pos_slice=text.pooled_slice).sum(0) + text.score_remainder(image)
     torch.testing.assert_close(total, logits[1], atol=1e-4, rtol=0)
+
+
+def test_a_stack_without_a_batch_dimension_takes_one_input_and_one_target(clip):
+    """A stack with no batch dimension has one input; given two targets, whose attribution it is
+    cannot be said, so it is refused rather than read against the first target's direction."""
+    with torch.no_grad():
+        _, cache = clip.run_with_cache(text=TEXTS[:1], image=pixels_for(clip))
+    view = cache.text
+    stack = view.decompose_resid(pos_slice=view.pooled_slice)[:, 0]  # [component, d_model]
+    images = cache["vision.hook_embedding"]                           # two targets
+    with pytest.raises(ValueError, match="without a batch dimension takes one input and one target"):
+        view.logit_attrs(stack, images, pos_slice=view.pooled_slice, has_batch_dim=False)
+    one = view.logit_attrs(stack, images[1], pos_slice=view.pooled_slice, has_batch_dim=False)
+    batched = view.logit_attrs(stack[:, None], images[1], pos_slice=view.pooled_slice)
+    torch.testing.assert_close(one, batched[:, 0])
