@@ -8,7 +8,7 @@
 from clip_lens.config import TextConfig, TowerConfig, VisionConfig
 from clip_lens.loading import UnsupportedArchitecture
 from clip_lens.model import HookedCLIP
-from clip_lens.patching import PatchResult, hook_name, patch, value_only_attention
+from clip_lens.patching import PatchResult, hook_name, interaction_table, patch, value_only_attention
 from clip_lens.tokenization import Tokenizer
 from clip_lens.towers import HookedTextTower, HookedVisionTower
 
@@ -21,6 +21,7 @@ __all__ = [
     "hook_name",
     "PatchResult",
     "patch",
+    "interaction_table",
     "value_only_attention",
     "HookedTextTower",
     "HookedVisionTower",

@@ -3,8 +3,9 @@ segments on VALSE existence, causal tracing in the text encoder (CTE by layer an
 localisation), negator-selective attention heads on VALSE and on CANNOT, the preliminary analyses
 (sequence length, caption-foil similarity, subject size), image ablation in the vision encoder,
 and, beyond the source, the dataset covariates it names as open (subject size x caption length) and
-the follow-up experiments it names (`negation-followups`): probes by layer and slot, a
-subject-removed image baseline for image ablation, and a joint fit of image and caption covariates.
+the follow-up experiments it names (`negation-followups`): probes by layer and slot, joint
+restorations of two positions and their interaction, severed causal tracing, image ablation over
+windows of layers and against a subject-removed image, and a joint fit of image and caption covariates.
 
     python experiments/negation_in_clip.py --model clip_lens/tiny-shapes --out runs/negation_in_clip
     python experiments/negation_in_clip.py --model ViT-B-32 --pretrained openai \\
@@ -51,6 +52,8 @@ REPRODUCES = [
     (f"{K}/effects.csv", "beyond the source: the fitted effect of each covariate on d"),
     (f"{F}/probes.csv", "follow-up, 'is negation linearly readable where causal tracing localises it?': probe "
                         "accuracy per layer and aligned slot, with its control task"),
+    (f"{F}/interactions.csv", "follow-up, 'do two positions carry the negation together?': joint restorations of "
+                              "two positions against each alone, and their interaction, per layer"),
     (f"{F}/severed.csv", "follow-up, 'does the effect reach the score through later attention or later MLPs?': "
                          "severed causal tracing at the negator and EOT"),
     (f"{F}/windows.csv", "follow-up, 'what do consecutive vision layers do together?': image ablation of windows "

@@ -245,3 +245,53 @@ def xor_probe_tower() -> HookedTextTower:
             mlp.out_weight[8, unit] = 0.1
         tower.proj.W.copy_(torch.eye(d))
     return tower.eval()
+
+
+AND_TARGET = ["a cat sees a dog", "a man has a hat", "a bird and a tree"]   # SOT, a, w, w, a, w, EOT
+AND_SOURCE = ["no cat sees no dog", "no man has no hat", "no bird and no tree"]
+AND_POSITIONS = (1, 4)   # the two tokens that differ: the output needs both
+
+
+def and_tower() -> HookedTextTower:
+    """A 3-layer text tower whose output feature (dims 6 - 7, `linear_metric`) is an AND of two
+    tokens: it rises only where both AND_POSITIONS hold "no".
+
+    - "no" carries the negation feature (+6 / -6 on dims 2 / 3); "a" holds +6 / +6 there (the same
+      norm, no feature); position embeddings and every other token are zero on dims 2..8;
+    - head h0 of block 0 attends uniformly (zero queries and keys) and its value reads dims 2 - 3
+      into dim 4 of every later position: at EOT, dim 4 counts the "no" tokens (0, 1 or 2);
+    - neuron 0 of block 1's MLP reads dim 4 at a threshold between one and two "no" tokens
+      (calibrated on AND_SOURCE's first text: pre-activation -10 at one, +10 at two) and writes
+      dim 6; every other weight of the blocks is zero.
+
+    So replacing either "no" position alone moves the output by GELU(-10) (about 1e-22), the pair by
+    the whole difference; after block 0 EOT already holds the count, so intervening on the two
+    positions there changes nothing."""
+    tower = planted_blank(seed=3)
+    tokenizer, d = tower.tokenizer, tower.cfg.d_model
+    with torch.no_grad():
+        for block in tower.blocks:
+            for param in (*block.attn.parameters(), *block.mlp.parameters()):
+                param.zero_()
+        tower.W_pos[:, 2:9] = 0.0
+        for word, (x2, x3) in (("no", (6.0, -6.0)), ("a", (6.0, 6.0))):
+            token = int(tokenizer([word])[0, 1])
+            tower.embed.W_E[token, 2], tower.embed.W_E[token, 3] = x2, x3
+        attn = tower.blocks[0].attn
+        attn.qkv_weight[2 * d, 2], attn.qkv_weight[2 * d, 3] = 1.0, -1.0       # head 0's first value row
+        attn.out_weight[4, 0] = 1.0
+        mlp = tower.blocks[1].mlp
+        mlp.in_weight[0, 4] = 1.0
+        mlp.out_weight[6, 0] = 1.0
+        tower.proj.W.copy_(torch.eye(d))
+        one, two = (_neuron_input(tower, text) for text in ("no cat sees a dog", AND_SOURCE[0]))
+        scale = 20.0 / (two - one)
+        mlp.in_weight[0, 4], mlp.in_bias[0] = scale, -scale * (one + two) / 2
+    return tower.eval()
+
+
+def _neuron_input(tower: HookedTextTower, text: str) -> float:
+    """Block 1's MLP neuron 0 pre-activation at EOT for `text`."""
+    _, cache = tower.run_with_cache(tower.to_tokens([text]), names_filter="blocks.1.mlp.hook_pre")
+    pre = cache["blocks.1.mlp.hook_pre"][0]
+    return float(pre[int(tower.pooled_positions(tower.to_tokens([text]))[0]), 0])

@@ -88,3 +88,16 @@ def test_the_command_runs_and_writes_the_report(tmp_path):
                  "--out", str(out), "--quiet"]) == 0
     assert (out / "report.html").exists()
     assert len(pd.read_csv(out / "baselines.csv")) == 8
+
+
+def test_interactions_cover_every_layer_and_vanish_after_the_last_block(tables, tiny_model):
+    """At layer L only EOT reaches the embedding: restoring the negator, subject or next position there
+    changes nothing, alone or together. The interaction is joint - alone by definition."""
+    table = tables["interactions"]
+    n_layers = tiny_model.text.cfg.n_layers
+    assert set(table["positions"]) == {"negator+subject", "negator+next", "subject+next"}
+    assert sorted(table["layer"].unique()) == list(range(n_layers + 1))
+    np.testing.assert_allclose(table["interaction"], table["joint"] - table["alone"], atol=1e-6)
+    last = table[table["layer"] == n_layers]
+    np.testing.assert_allclose(last[["joint", "alone", "interaction"]].to_numpy(), 0, atol=1e-6)
+    assert table[table["layer"] == 0]["joint"].abs().max() > 0.05

@@ -21,9 +21,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clip_lens.hooks import act_name
-from clip_lens.patching.request import Plan, Request
+from clip_lens.patching.request import Plan, Request, as_group
 from clip_lens.patching.result import PatchResult
-from clip_lens.patching.resume import cached_at_class_token_only, cached_names, resume, run_cached
+from clip_lens.patching.resume import LaterEdit, cached_at_class_token_only, cached_names, resume, run_cached
 from clip_lens.towers import HookedTower
 
 
@@ -31,7 +31,7 @@ class Intervention:
     """One exact intervention of one pair: where it resumes and how to build the residual it
     starts from."""
 
-    __slots__ = ("pair", "key", "start", "make_state", "suffix", "rows", "row")
+    __slots__ = ("pair", "key", "start", "make_state", "suffix", "rows", "row", "edits")
 
     def __init__(self, pair: int, key: tuple, start: int, make_state: Callable[[], Tensor], suffix: int, rows: int,
                  row: Optional[int]):
@@ -42,6 +42,7 @@ class Intervention:
         self.suffix = suffix          # first position computed (causal towers); 0 otherwise
         self.rows = rows              # positions computed
         self.row = row                # the pooled position within the suffix (causal towers), else None
+        self.edits: list[tuple] = []  # (hook name, rows, edit) at later layers of a joint intervention
 
 
 def replacement(plan: Plan, act_t: Tensor, act_s: Optional[Tensor], mean: Optional[Tensor]) -> Tensor:
@@ -87,60 +88,156 @@ def _latent_replacements(plan: Plan, act_t: Tensor, act_s: Optional[Tensor]) -> 
     # shape = [..., n_latents] -> [rows, n_latents]: the latents whose code changes anywhere
     changed = set((delta != 0).reshape(-1, delta.shape[-1]).any(0).nonzero().flatten().tolist())
     for ui, latent in enumerate(plan.units):
-        yield ui, (functools.partial(_with_latent, plan.sae, act_t, delta, latent) if latent in changed else None)
+        changes = not changed.isdisjoint(as_group(latent))
+        yield ui, (functools.partial(_with_latent, plan.sae, act_t, delta, latent) if changes else None)
 
 
-def _with_latent(sae, act_t: Tensor, delta: Tensor, latent: int) -> Tensor:
-    return (act_t + delta[..., latent, None] * sae.W_dec[latent].detach()).to(act_t.dtype)  # the SAE may be float32
+def _with_latent(sae, act_t: Tensor, delta: Tensor, latent) -> Tensor:
+    """act_t + (c_rep_j - c_j) W_dec[j], for latent j or (a tuple) each latent of a group."""
+    if isinstance(latent, tuple):
+        moved = delta[..., list(latent)] @ sae.W_dec[list(latent)].detach()
+    else:
+        moved = delta[..., latent, None] * sae.W_dec[latent].detach()
+    return (act_t + moved).to(act_t.dtype)  # the SAE may be float32
 
 
 def build_interventions(plan: Plan, tower: HookedTower, pair: int, length: int, cache_t: dict,
                         cache_s: Optional[dict], src_pair: int, means: dict) -> tuple[list[Intervention], list[tuple]]:
     """The interventions of one pair of a chunk (`length` its own positions), and the keys of
-    those that change nothing."""
+    those that change nothing. A layer or position given as a tuple is one joint intervention."""
     items, noops = [], []
-    unit_keys = [(ui,) for ui in range(len(plan.units))] if plan.units is not None else [()]
     positions = plan.positions if plan.positions is not None else [None]
     for li, layer in enumerate(plan.layers):
-        name = plan.kind.hook_name(layer, tower.cfg.n_layers)
-        act_t = cache_t[name][pair]
-        act_s = cache_s[name][src_pair] if cache_s is not None else None
-        class_token_row = cached_at_class_token_only(tower, name)  # other positions reach nothing
         for pi, pos in enumerate(positions):
-            if pos is not None and pos >= length:
-                continue
+            if pos is not None and max(as_group(pos)) >= length:
+                continue  # a position of the pair's padding: the cell stays NaN
             key = (li,) + ((pi,) if plan.positions is not None else ())
-            if class_token_row and pos is not None and pos > 0:
-                noops += [key + unit_key for unit_key in unit_keys]
-                continue
-            # the whole sequence is the pair's own tokens (not the padding of a shorter text)
-            sel = slice(0, 1 if class_token_row else length) if pos is None else pos
-            new, new_noops = _at_site(plan, tower, pair, length, layer, pos, sel, key, act_t, act_s, cache_t, means)
+            site = Site(plan, tower, pair, length, pos, cache_t, cache_s, src_pair, means)
+            new, new_noops = site.joint(as_group(layer), key)
             items.extend(new)
             noops.extend(new_noops)
     return items, noops
 
 
-def _at_site(plan: Plan, tower: HookedTower, pair: int, length: int, layer: int, pos: Optional[int], sel, key: tuple,
-             act_t: Tensor, act_s: Optional[Tensor], cache_t: dict, means: dict) -> tuple[list[Intervention], list[tuple]]:
-    """The interventions (one per unit) at one layer and position (`sel` of the activations)."""
-    act_t, act_s = act_t[sel], (act_s[sel] if act_s is not None else None)
-    if act_s is not None and act_s.shape != act_t.shape:
-        raise ValueError(f"pair {pair}: source and target differ in length, which a positional patch needs equal")
-    causal = tower.attends_causally
-    suffix = pos if (causal and pos is not None) else 0  # a causal run recomputes positions suffix.. only
-    # the cached residual it resumes from has `length` rows, or one (a class-token tower's last block)
-    rows = min(length, cache_t[plan.kind.resumed_name(layer, tower.cfg.n_layers)].shape[1])
-    items, noops = [], []
-    for ui, make_rep in unit_replacements(plan, act_t, act_s, means.get(layer)):
-        unit_key = key + ((ui,) if ui is not None else ())
-        if make_rep is None:
-            noops.append(unit_key)
-            continue
-        make_state = functools.partial(_suffix_state, plan, tower, layer, make_rep, cache_t, pair, sel, suffix, length)
-        items.append(Intervention(pair, unit_key, plan.kind.start_step(layer), make_state, suffix, rows - suffix,
-                                  (length - 1 - suffix) if causal else None))
-    return items, noops
+class Site:
+    """One pair's activations at one position entry (a position, a tuple of them, or None: the
+    whole sequence), from which the interventions at a layer entry are built."""
+
+    def __init__(self, plan: Plan, tower: HookedTower, pair: int, length: int, pos, cache_t: dict,
+                 cache_s: Optional[dict], src_pair: int, means: dict):
+        self.plan, self.tower, self.pair, self.length, self.pos = plan, tower, pair, length, pos
+        self.cache_t, self.cache_s, self.src_pair, self.means = cache_t, cache_s, src_pair, means
+        # a causal run recomputes positions suffix.. only; a non-causal one every position
+        self.suffix = min(as_group(pos)) if (tower.attends_causally and pos is not None) else 0
+
+    def selection(self, layer: int):
+        """Which rows of the layer's cached activation the intervention replaces: an int, a list
+        (a tuple of positions) or a slice (the whole sequence); None where none of them reaches
+        the embedding (a class-token tower's last block keeps its class token only)."""
+        name = self.plan.kind.hook_name(layer, self.tower.cfg.n_layers)
+        class_token_row = cached_at_class_token_only(self.tower, name)  # other positions reach nothing
+        if self.pos is None:  # the whole sequence is the pair's own tokens (not a shorter text's padding)
+            return slice(0, 1 if class_token_row else self.length)
+        if isinstance(self.pos, tuple):
+            kept = [p for p in self.pos if not class_token_row or p == 0]
+            return kept or None
+        return None if (class_token_row and self.pos > 0) else self.pos
+
+    def activations(self, layer: int, sel) -> tuple[Tensor, Optional[Tensor]]:
+        """(target's, source's) activation at `layer`, rows `sel`."""
+        name = self.plan.kind.hook_name(layer, self.tower.cfg.n_layers)
+        act_t = self.cache_t[name][self.pair][sel]
+        act_s = self.cache_s[name][self.src_pair][sel] if self.cache_s is not None else None
+        if act_s is not None and act_s.shape != act_t.shape:
+            raise ValueError(f"pair {self.pair}: source and target differ in length, which a positional patch needs equal")
+        return act_t, act_s
+
+    def joint(self, layers: tuple, key: tuple) -> tuple[list[Intervention], list[tuple]]:
+        """The interventions (one per unit) at `layers` together. A run equals the target's up to
+        the first layer whose replacement changes something: it resumes there, and the later
+        layers' replacements are made as the run reaches them (`resume.LaterEdit`)."""
+        unit_keys = [key + (ui,) for ui in range(len(self.plan.units))] if self.plan.units is not None else [key]
+        pending = set(unit_keys)  # units whose run still equals the target's
+        items = []
+        for j, layer in enumerate(layers):
+            sel = self.selection(layer)
+            if sel is None:
+                continue
+            new, unchanged = self.at_layer(layer, sel, key)
+            for item in new:
+                if len(layers) == 1 or item.key in pending:
+                    unit = self.plan.units[item.key[-1]] if self.plan.units is not None else None
+                    item.edits = [edit for later in layers[j + 1:] for edit in self.later_edit(later, unit)]
+                    items.append(item)
+            if len(layers) == 1:
+                return items, unchanged
+            pending &= set(unchanged)
+            if not pending:
+                break
+        return items, [unit_key for unit_key in unit_keys if unit_key in pending]
+
+    def at_layer(self, layer: int, sel, key: tuple) -> tuple[list[Intervention], list[tuple]]:
+        """The interventions (one per unit) resuming at `layer`, replacing rows `sel`."""
+        plan, tower, length = self.plan, self.tower, self.length
+        act_t, act_s = self.activations(layer, sel)
+        causal, suffix = tower.attends_causally, self.suffix
+        # the cached residual it resumes from has `length` rows, or one (a class-token tower's last block)
+        rows = min(length, self.cache_t[plan.kind.resumed_name(layer, tower.cfg.n_layers)].shape[1])
+        items, noops = [], []
+        for ui, make_rep in unit_replacements(plan, act_t, act_s, self.means.get(layer)):
+            unit_key = key + ((ui,) if ui is not None else ())
+            if make_rep is None:
+                noops.append(unit_key)
+                continue
+            make_state = functools.partial(_suffix_state, plan, tower, layer, make_rep, self.cache_t, self.pair, sel,
+                                           suffix, length)
+            items.append(Intervention(self.pair, unit_key, plan.kind.start_step(layer), make_state, suffix,
+                                      rows - suffix, (length - 1 - suffix) if causal else None))
+        return items, noops
+
+    def later_edit(self, layer: int, unit) -> list[tuple]:
+        """[(hook name, rows of the run, edit)] of `unit` at a layer after the run's start; empty
+        where no position of the entry reaches the embedding from that layer."""
+        sel = self.selection(layer)
+        if sel is None:
+            return []
+        act_t, act_s = self.activations(layer, sel)
+        if isinstance(sel, slice):  # the whole sequence: suffix is 0
+            rows = sel
+        else:
+            rows = [p - self.suffix for p in sel] if isinstance(sel, list) else sel - self.suffix
+        edit = later_replacement(self.plan, unit, act_t, act_s, self.means.get(layer))
+        return [(self.plan.kind.hook_name(layer, self.tower.cfg.n_layers), rows, edit)]
+
+
+def later_replacement(plan: Plan, unit, act_t: Tensor, act_s: Optional[Tensor],
+                      mean: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
+    """live activation -> its replacement, for a layer a run reaches after it resumed (its live
+    activation then differs from the target's cached `act_t`, which gives the shape only).
+    `act_t` / `act_s` / live: [rows, (head,) d]."""
+    if plan.sae is not None:
+        with torch.no_grad():
+            codes_rep = torch.zeros_like(plan.sae.encode(act_t)) if plan.intervention == "zero" else plan.sae.encode(act_s)
+        return functools.partial(_latent_set_to, plan.sae, unit, codes_rep)
+    rep = replacement(plan, act_t, act_s, mean)
+    if unit is None:
+        return functools.partial(_constant, rep)
+    return functools.partial(_unit_set_to, plan, unit, plan.kind.unit(rep, unit))
+
+
+def _constant(rep: Tensor, live: Tensor) -> Tensor:
+    return rep
+
+
+def _unit_set_to(plan: Plan, unit, value: Tensor, live: Tensor) -> Tensor:
+    return plan.kind.with_unit(live, unit, value)
+
+
+def _latent_set_to(sae, latent, codes_rep: Tensor, live: Tensor) -> Tensor:
+    """`live` with latent(s) `latent` at their codes in `codes_rep` (the reconstruction error kept)."""
+    with torch.no_grad():
+        delta = codes_rep - sae.encode(live)
+    return _with_latent(sae, live, delta, latent)
 
 
 def _suffix_state(plan: Plan, tower: HookedTower, layer: int, make_rep: RepFactory, cache_t: dict, pair: int, sel,
@@ -154,7 +251,7 @@ def run_exact(request: Request, result: PatchResult) -> None:
     """Exact interventions of every plan (hook kind), sharing the cached target and source runs;
     with several plans, each cell's key starts with the plan's index (the "hook" axis)."""
     tower, plans, n_pairs = request.tower, request.plans, request.n_pairs
-    names_s = {plan.kind.hook_name(layer, tower.cfg.n_layers) for plan in plans for layer in plan.layers}
+    names_s = {plan.kind.hook_name(layer, tower.cfg.n_layers) for plan in plans for layer in plan.layers_named}
     names_t = cached_names(tower, names_s)
     lengths = tower.sequence_lengths(request.target)
     means = [plan_means(plan, tower, _dataset(request), request.mean, request.pair_chunk)
@@ -222,8 +319,9 @@ def run_items(request: Request, items: list[Intervention], cache_t: dict, offset
                       for blk in range(n_layers)]
             states = torch.stack([it.make_state() for it in batch])          # [N, suffix length, d_model]
             rows = torch.tensor([it.row for it in batch], device=tower.device) if causal else None
+            edits = [LaterEdit(run, *edit) for run, it in enumerate(batch) for edit in it.edits]
             with torch.no_grad():
-                emb = resume(tower, states, [it.start for it in batch], kv, rows)
+                emb = resume(tower, states, [it.start for it in batch], kv, rows, edits)
                 values = request.score(emb, request.other[offset + pairs]).cpu()  # one copy per batch
             # every key of a call has one length: write the batch's cells with one indexed assignment
             cells = torch.tensor([(offset + it.pair, *it.key) for it in batch], device="cpu")  # [N, index dims]
@@ -236,13 +334,15 @@ def plan_means(plan: Plan, tower: HookedTower, inputs: Tensor, mean: Optional[Te
     n_layers = tower.cfg.n_layers
     if mean is not None:
         mean = torch.as_tensor(mean, device=tower.device, dtype=tower.dtype)
-        site_ndim = 2 if plan.kind.unit_axis == "head" else 1  # one position's activation: [head, d_head] or [d]
+        site_ndim = plan.kind.site_ndim  # one position's activation: [head, d_head] or [d]
         per_layer = mean.ndim == site_ndim + 1  # decided by rank alone: a [head, d_head] mean is never read per layer
         if mean.ndim not in (site_ndim, site_ndim + 1) or (per_layer and mean.shape[0] != len(plan.layers)):
             raise ValueError(f"mean= has shape {tuple(mean.shape)}; {plan.hook} takes one position's activation "
                              f"({site_ndim} axes) or one per layer ([{len(plan.layers)}, ...])")
-        return {layer: mean[i] if per_layer else mean for i, layer in enumerate(plan.layers)}
-    names = {plan.kind.hook_name(layer, n_layers) for layer in plan.layers}
+        if per_layer:  # no groups here (refused when the request was built)
+            return {layer: mean[i] for i, layer in enumerate(plan.layers)}
+        return {layer: mean for layer in plan.layers_named}
+    names = {plan.kind.hook_name(layer, n_layers) for layer in plan.layers_named}
     lengths = tower.sequence_lengths(inputs)
     sums, count = {}, 0
     for lo in range(0, inputs.shape[0], pair_chunk):
@@ -253,4 +353,4 @@ def plan_means(plan: Plan, tower: HookedTower, inputs: Tensor, mean: Optional[Te
         for name, act in cache.items():  # summed in float32, whatever the model's dtype
             sums[name] = sums.get(name, 0) + act[valid].float().sum(0)
         count += int(valid.sum())
-    return {layer: (sums[plan.kind.hook_name(layer, n_layers)] / count).to(tower.dtype) for layer in plan.layers}
+    return {layer: (sums[plan.kind.hook_name(layer, n_layers)] / count).to(tower.dtype) for layer in plan.layers_named}

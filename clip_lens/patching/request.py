@@ -45,6 +45,16 @@ class Plan:
         return self.kind.name
 
     @property
+    def layers_named(self) -> list[int]:
+        """Every layer the grid intervenes on, groups (joint interventions) opened, ascending."""
+        return sorted({layer for entry in self.layers for layer in as_group(entry)})
+
+    @property
+    def has_groups(self) -> bool:
+        """Whether any layer, position or unit entry is a tuple: a joint intervention."""
+        return any(isinstance(entry, tuple) for entry in (*self.layers, *(self.positions or ()), *(self.units or ())))
+
+    @property
     def unit_axis(self) -> Optional[str]:
         """"head", "neuron" or "latent": the axis of `units`; None without units."""
         if self.units is None:
@@ -107,6 +117,11 @@ class Request:
             extra={"resample_pairs": self.resample_pairs.cpu()} if self.resample_pairs is not None else {})
 
 
+def as_group(entry) -> tuple:
+    """A grid entry as the ascending tuple of what it names: 4 -> (4,), (6, 4) -> (4, 6)."""
+    return tuple(sorted(entry)) if isinstance(entry, tuple) else (entry,)
+
+
 def is_hook_function(intervention: Any) -> bool:
     return callable(intervention) or intervention == "value_only"
 
@@ -135,6 +150,7 @@ def build_request(model: HookedCLIP, *, target, source, image, text, hook, layer
         other = other_embeddings(model, tower, other_input, target.shape[0])
     score = functools.partial(in_float32, score_function(model, metric))
     plans = _plans(tower, kinds, target, source, layers, positions, heads, neurons, sae, latents, intervention)
+    _check_groups(plans, method, mean)
     dims, shape = _dims_and_shape(plans, tower, target.shape[0], embedding_metric)
     _warn_if_large(plans, shape, method, embedding_metric)
     perm = _resample_pairs(tower, target, source, seed) if intervention == "resample" else None
@@ -226,7 +242,13 @@ def check_list(values, valid: range, what: str) -> list:
     out = []
     for v in values:
         if isinstance(v, (tuple, list, range)):
-            out.append(tuple(check_list(list(v), valid, what)))
+            group = tuple(check_list(list(v), valid, what))
+            if any(isinstance(member, tuple) for member in group):
+                raise ValueError(f"{what} group {v!r} holds a group: a joint intervention is one flat tuple of {what}s")
+            if len(set(group)) != len(group):
+                twice = next(member for member in group if group.count(member) > 1)
+                raise ValueError(f"{what} group {v!r} names {what} {twice} twice")
+            out.append(group)
             continue
         if not is_integer(v) or int(v) not in valid:
             raise ValueError(f"{what} {v!r} is out of range ({valid.start}..{valid.stop - 1})")
@@ -242,8 +264,6 @@ def _plans(tower: HookedTower, kinds: list[HookKind], target: Tensor, source: Op
     layer_list = check_list(layers, kinds[0].layers(n_layers), "layer")
     if any(kind.layers(n_layers) != kinds[0].layers(n_layers) for kind in kinds):
         raise ValueError(f"hook kinds {[kind.name for kind in kinds]} have different layer ranges; patch them separately")
-    if not by_hook_function and any(isinstance(layer, tuple) for layer in layer_list):
-        raise ValueError("layer groups (tuples) are for hook-function interventions")
     if by_hook_function:
         _check_whole_activation(intervention, positions=positions, heads=heads, neurons=neurons, sae=sae, latents=latents)
     position_list = None if by_hook_function else _positions(positions, target, tower)
@@ -251,6 +271,19 @@ def _plans(tower: HookedTower, kinds: list[HookKind], target: Tensor, source: Op
     if tower.modality == "text" and source is not None and intervention == "patch":
         _check_equal_lengths(tower, source, target)
     return [Plan(kind, layer_list, position_list, units, intervention, sae) for kind in kinds]
+
+
+def _check_groups(plans: list[Plan], method: str, mean) -> None:
+    """Joint interventions (tuples of layers, positions or units) are exact: a gradient method
+    estimates single sites, and a per-layer `mean` has no row for a group."""
+    plan = plans[0]
+    if not plan.has_groups or is_hook_function(plan.intervention):
+        return
+    if method in GRADIENT_METHODS:
+        raise ValueError(f"method={method!r} estimates single sites; tuples of layers, positions or units are joint "
+                         "interventions, which method='exact' runs")
+    if mean is not None and torch.as_tensor(mean).ndim == plan.kind.site_ndim + 1:
+        raise ValueError("mean= has one row per layer, but layers has groups (tuples); give one mean for all layers")
 
 
 def _check_whole_activation(intervention, **selections) -> None:

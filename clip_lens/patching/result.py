@@ -53,7 +53,9 @@ class PatchResult:
         if "position" not in self.dims or self.lengths is None:
             return torch.ones(shape, dtype=torch.bool, device=self.effects.device)
         axis = self.dims.index("position")
-        inside = torch.tensor(self.positions, device=self.lengths.device)[None] < self.lengths[:, None]           # [pair, position]
+        # a joint intervention (a tuple of positions) exists where its last position does
+        last = [max(p) if isinstance(p, tuple) else p for p in self.positions]
+        inside = torch.tensor(last, device=self.lengths.device)[None] < self.lengths[:, None]           # [pair, position]
         view = [inside.shape[0]] + [1] * (len(shape) - 1)
         view[axis] = inside.shape[1]
         return inside.view(view).expand(shape)
@@ -77,7 +79,10 @@ class PatchResult:
             raise ValueError("effects are embeddings (metric='embedding'); score them, then tabulate")
         labels = {"pair": list(range(self.effects.shape[0])), "hook": self.hook.split("+"), "layer": self.layers,
                   "position": self.positions, "head": self.heads, "neuron": self.neurons, "latent": self.latents}
-        index = pd.MultiIndex.from_product([labels[d] for d in self.dims], names=list(self.dims))
+        # tuples (joint interventions) stay single labels, not index levels of their own
+        levels = [pd.Index(labels[d], tupleize_cols=False, dtype=object)
+                  if any(isinstance(label, tuple) for label in labels[d]) else labels[d] for d in self.dims]
+        index = pd.MultiIndex.from_product(levels, names=list(self.dims))
         measured = self.measured().reshape(-1).numpy()
         frame = pd.DataFrame({"metric": self.effects.detach().cpu().reshape(-1).numpy()}, index=index).reset_index()
         frame = frame[measured]

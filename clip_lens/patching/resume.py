@@ -8,7 +8,9 @@ after the last block.
 from __future__ import annotations
 
 import bisect
-from typing import Optional
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
@@ -72,8 +74,28 @@ def _run_cached_class_token(tower: HookedTower, inputs: Tensor, names: set[str])
     return emb, store
 
 
+@dataclass(frozen=True)
+class LaterEdit:
+    """A replacement one resumed run makes after its start: the part of a joint intervention
+    (several layers at once) that lies beyond the layer the run resumes from.
+
+    Attributes:
+        run: the run's index within the batch of `resume`.
+        hook: the hook name whose activation it replaces (a later layer of the same hook kind).
+        index: the positions it replaces, counted within the run's computed rows (a causal run
+            computes its suffix only; a class-token tower's last block its class token only).
+        apply: the activation at those positions as the run computed it -> its replacement.
+    """
+
+    run: int
+    hook: str
+    index: Union[list, slice]
+    apply: Callable[[Tensor], Tensor]
+
+
 def resume(tower: HookedTower, states: Float[Tensor, "N S d_model"], starts: list[int],
-           kv: Optional[list[tuple[Tensor, Tensor]]], rows: Optional[Tensor]) -> Float[Tensor, "N d_embed"]:
+           kv: Optional[list[tuple[Tensor, Tensor]]], rows: Optional[Tensor],
+           edits: Sequence[LaterEdit] = ()) -> Float[Tensor, "N d_embed"]:
     """Embeddings of N runs resumed at half-layer steps, in one batch.
 
     Args:
@@ -83,7 +105,42 @@ def resume(tower: HookedTower, states: Float[Tensor, "N S d_model"], starts: lis
         kv: per block, cached (keys, values) [N, prefix, head, d_head] of the positions before
             the suffix (causal towers), or None when the suffix is the whole sequence.
         rows: [N], the pooled position within the suffix (text), or None (the tower pools itself).
+        edits: replacements at layers after a run's start (joint interventions): residual-stream
+            edits are written into the stream before the step that reads it, the others through
+            hooks on the tower (removed on exit).
     """
+    residual, hooked = _split_edits(tower, edits)
+    if not hooked:
+        return _resume(tower, states, starts, kv, rows, residual)
+    with tower.hooks(fwd_hooks=[(name, functools.partial(_apply_edits, group)) for name, group in hooked.items()]):
+        return _resume(tower, states, starts, kv, rows, residual)
+
+
+def _split_edits(tower: HookedTower, edits: Sequence[LaterEdit]) -> tuple[dict, dict]:
+    """({half-layer step: edits of the residual read at that step}, {hook name: edits through hooks}).
+    The residual after the last block (step 2L) is edited after the loop."""
+    n_layers = tower.cfg.n_layers
+    steps = {act_name("resid_pre", b): 2 * b for b in range(n_layers)}
+    steps[act_name("resid_post", n_layers - 1)] = 2 * n_layers
+    residual: dict[int, list[LaterEdit]] = {}
+    hooked: dict[str, list[LaterEdit]] = {}
+    for edit in edits:
+        if edit.hook in steps:
+            residual.setdefault(steps[edit.hook], []).append(edit)
+        else:
+            hooked.setdefault(edit.hook, []).append(edit)
+    return residual, hooked
+
+
+def _apply_edits(edits: list[LaterEdit], act: Tensor, hook=None) -> Tensor:
+    """Each edit written into its run's rows of `act` [active runs, positions, ...] (in place)."""
+    for edit in edits:
+        act[edit.run, edit.index] = edit.apply(act[edit.run, edit.index])
+    return act
+
+
+def _resume(tower: HookedTower, states: Tensor, starts: list[int], kv, rows: Optional[Tensor],
+            residual: dict) -> Tensor:
     x = states
     n_steps = 2 * tower.cfg.n_layers
     # a class-token tower needs only the class token's row out of the last block
@@ -91,13 +148,16 @@ def resume(tower: HookedTower, states: Float[Tensor, "N S d_model"], starts: lis
     for step in range(starts[0], n_steps - 2 if class_token_only else n_steps):
         active = bisect.bisect_right(starts, step)  # runs that have joined by this step
         block = tower.blocks[step // 2]
+        _apply_edits(residual.get(step, ()), x)
         if step % 2 == 0:
             past = (kv[step // 2][0][:active], kv[step // 2][1][:active]) if kv is not None else None
             block.attn_half_(x[:active], past)
         else:
             block.mlp_half_(x[:active])
     if class_token_only:
-        return tower.pool(last_block_at_class_token(tower, x, starts))
+        _apply_edits(residual.get(n_steps - 2, ()), x)  # the last block's input, read by every key
+        x = last_block_at_class_token(tower, x, starts)
+    _apply_edits(residual.get(n_steps, ()), x)
     if rows is None:
         return tower.pool(x)
     return tower.pool_rows(x[torch.arange(x.shape[0], device=x.device), rows])

@@ -72,16 +72,24 @@ class HookKind:
             return act_name("resid_post", n_layers - 1)
         return act_name(self.act, layer)
 
+    @property
+    def site_ndim(self) -> int:
+        """Axes of one position's activation: 2 for per-head kinds ([head, d_head]), else 1."""
+        return 2 if self.unit_axis == "head" else 1
+
     def n_units(self, tower: HookedTower) -> int:
         return {"head": tower.cfg.n_heads, "neuron": tower.cfg.d_mlp}[self.unit_axis]
 
-    def unit(self, act: Tensor, unit: int) -> Tensor:
-        """One unit of `act` [..., (head,) d]: a head's [..., d_head] or a neuron's [...]."""
+    def unit(self, act: Tensor, unit) -> Tensor:
+        """One unit of `act` [..., (head,) d]: a head's [..., d_head] or a neuron's [...]; a tuple
+        of units (a joint intervention) keeps their axis: [..., units, d_head] or [..., units]."""
+        unit = list(unit) if isinstance(unit, tuple) else unit
         return act[..., unit, :] if self.unit_axis == "head" else act[..., unit]
 
-    def with_unit(self, act: Tensor, unit: int, value: Tensor) -> Tensor:
-        """A copy of `act` with one unit set to `value`."""
+    def with_unit(self, act: Tensor, unit, value: Tensor) -> Tensor:
+        """A copy of `act` with one unit (or a tuple of them) set to `value`."""
         out = act.clone()
+        unit = list(unit) if isinstance(unit, tuple) else unit
         if self.unit_axis == "head":
             out[..., unit, :] = value
         else:

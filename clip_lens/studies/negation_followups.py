@@ -6,6 +6,9 @@ question the causal-tracing and image-ablation results leave open, on synthetic 
   slots of every layer, negated sentence against its non-negated partner
   (docs/methods.md#linear-probes), beside the mean causal-tracing effect of the same cells on the
   same instances, with their rank correlation.
+- Do positions carry the negation together? Joint restorations of two positions at once against
+  the two made one at a time, per layer: their interaction
+  (docs/methods.md#joint-interventions-and-their-interaction).
 - Does the effect at a position reach the score through later attention or through later MLPs?
   Severed causal tracing: each restoration repeated with the later MLPs, or the later attention
   layers, held at the corrupted run's values (docs/methods.md#severed-causal-tracing).
@@ -32,6 +35,7 @@ import plotly.graph_objects as go
 from clip_lens import baselines
 from clip_lens.data import shapes
 from clip_lens.data.valse import ALIGNED_SLOTS, NEGATOR_POSITION, weighted_slot_mean
+from clip_lens.patching import interaction_table
 from clip_lens.plot import style
 from clip_lens.probes import PROBE_HOOKS, probe_grid
 from clip_lens.report import Report
@@ -42,6 +46,7 @@ from clip_lens.studies.runner import Study, Tables
 
 QUESTIONS = {
     "probes": "Is negation linearly readable where causal tracing localises it?",
+    "interactions": "Do two positions carry the negation together?",
     "severed": "Does the effect reach the score through later attention or through later MLPs?",
     "windows": "What do consecutive vision layers do together?",
     "baselines": "Does ablation 'improve' classification because the mean-colour baseline is off distribution?",
@@ -88,6 +93,27 @@ def probes_beside_tracing(model, instances: existence.ExistenceInstances, probes
     return cells, pd.DataFrame({"measure": ["spearman(probe accuracy, mean CTE)"], "value": [rho], "cells": [len(cells)]})
 
 
+# pairs of aligned slots restored together: every instance has them (its EOT lies beyond NEGATOR_POSITION + 2)
+POSITION_GROUPS = {"negator+subject": (NEGATOR_POSITION, NEGATOR_POSITION + 1),
+                   "negator+next": (NEGATOR_POSITION, NEGATOR_POSITION + 2),
+                   "subject+next": (NEGATOR_POSITION + 1, NEGATOR_POSITION + 2)}
+
+
+def interaction_shares(model, instances: existence.ExistenceInstances, progress: bool) -> pd.DataFrame:
+    """Per layer and group of `POSITION_GROUPS`: the negated sentence's residual restored in the
+    non-negated run at both positions (joint), at each alone (summed), and their difference, each
+    as a share of d = S(negated) - S(non-negated) summed over the instances."""
+    frame = instances.frame
+    table = interaction_table(model, target=list(frame["non_negated"]), source=list(frame["negated"]),
+                              image=instances.image_emb, groups=list(POSITION_GROUPS.values()), layers="all",
+                              progress=progress)
+    table["d"] = table["source_baseline"] - table["baseline"]
+    sums = table.groupby(["layer", "group"], sort=False)[["joint", "alone", "interaction", "d"]].sum()
+    shares = sums[["joint", "alone", "interaction"]].div(sums["d"], axis=0).reset_index()
+    names = {group: name for name, group in POSITION_GROUPS.items()}
+    return shares.assign(group=shares["group"].map(names)).rename(columns={"group": "positions"})
+
+
 def severed_table(model, instances: existence.ExistenceInstances, pairs: int) -> pd.DataFrame:
     """Mean severed-tracing effect per severing x layer at the negator and at EOT (and over the
     other positions), on the first `pairs` instances."""
@@ -113,7 +139,8 @@ def baseline_table(model, instances: existence.ExistenceInstances, examples: lis
 
 def compute(model, data: None, options: Options, *, checkpoints=None, progress: bool = True) -> Tables:
     """probes (layer x slot accuracies), probes_and_tracing (each cell's accuracy and mean CTE) and
-    probe_tracing_correlation, severed (mean severed-tracing effect per severing, layer and slot),
+    probe_tracing_correlation, interactions (joint, alone and interaction shares of d per layer and
+    pair of positions), severed (mean severed-tracing effect per severing, layer and slot),
     windows (mean IAE of MHA and MLP per window of `window` blocks, by its first block),
     baselines (improvement rates per baseline), coefficients
     and r2 (the joint covariate fit), covariate_instances (its scenes' covariates and d)."""
@@ -127,6 +154,7 @@ def compute(model, data: None, options: Options, *, checkpoints=None, progress: 
         probes = probe_table(model, instances, options)
         cells, correlation = probes_beside_tracing(model, instances, probes, progress)
         tables = {"probes": probes, "probes_and_tracing": cells, "probe_tracing_correlation": correlation,
+                  "interactions": interaction_shares(model, instances, progress),
                   "severed": severed_table(model, instances, options.severed_pairs),
                   "windows": image_ablation.run_windows(model, instances, k=options.window,
                                                         progress=progress).mha_vs_mlp(),
@@ -166,6 +194,14 @@ def report(tables: Tables, options: Options) -> Report:
     out.table(tables["probes_and_tracing"], caption="Probe and control accuracy beside the mean causal-tracing effect "
                                                     "of the same cell")
     out.table(correlation, caption="Rank correlation over the cells")
+    out.section(QUESTIONS["interactions"]).text(
+        "The negated sentence's residual restored in the non-negated run at two positions at once ('joint') and at "
+        "each alone ('alone', summed), as shares of d. A non-zero interaction (joint - alone) means the positions "
+        "act together: what one carries depends on the other.")
+    fig = px.line(tables["interactions"], x="layer", y="interaction", color="positions", markers=True,
+                  labels=dict(interaction="interaction (share of d)"))
+    out.figure(style(fig, "Interaction of two restored positions", height=340))
+    out.table(tables["interactions"], caption="Joint, alone and interaction shares of d per layer and pair of positions")
     out.section(QUESTIONS["severed"]).text(
         f"The first {options.severed_pairs} instances traced three ways: plainly ('none'), with every later MLP held at "
         "the non-negated run's output ('mlp'), and with every later attention layer held ('attn'). An effect that "
