@@ -6,8 +6,9 @@ subject of the caption:
 
 - on synthetic scenes (`clip_lens.data.shapes`) exactly: `subject_removed(example)` renders the
   same scene, background and seed without the shapes the existence pair names;
-- on photos approximately: `fill_box(image, box)` paints the subject's box from the image's own
-  pixels around it (a smooth diffusion fill, or the mean colour of a ring around the box).
+- on photos approximately: `fill_mask(image, mask)` paints the subject's pixels (a segmentation
+  mask the user gives) from the image's own pixels around them, and `fill_box(image, box)` its
+  bounding box (a smooth diffusion fill, or the mean colour of a ring around it).
 
 `clip_lens.studies.analyses.image_ablation.improvement_rates` sets image-ablation results under
 several baselines side by side.
@@ -85,64 +86,114 @@ def check_box(box: Sequence, size: tuple[int, int]) -> tuple[int, int, int, int]
 
 def fill_box(image: Image.Image, box: Sequence[int], method: str = "diffusion") -> Image.Image:
     """An RGB copy of `image` with the pixels inside `box` (x0, y0, x1, y1; x1, y1 exclusive)
-    replaced by a fill from the pixels around it; every pixel outside the box is kept.
+    replaced by a fill from the pixels around it; every pixel outside the box is kept. As
+    `fill_mask` with the box as the mask."""
+    rgb = image.convert("RGB")
+    x0, y0, x1, y1 = check_box(box, rgb.size)
+    mask = np.zeros((rgb.size[1], rgb.size[0]), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return fill_mask(rgb, mask, method=method)
+
+
+def check_mask(mask, size: tuple[int, int]) -> np.ndarray:
+    """`mask` (a [height, width] boolean array, or a PIL image: non-zero is the subject) as a bool
+    array; a ValueError when its shape is not the image's of `size` (width, height), it is empty,
+    or it covers the whole image (nothing to fill from)."""
+    width, height = size
+    array = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask)
+    if array.shape != (height, width):
+        raise ValueError(f"mask has shape {array.shape}; the image is {width}x{height}, so give [{height}, {width}]")
+    array = array.astype(bool)
+    if not array.any():
+        raise ValueError("mask is empty: it marks no pixel of the subject")
+    if array.all():
+        raise ValueError(f"mask covers the whole {width}x{height} image; no background is left to fill from")
+    return array
+
+
+def box_of(mask) -> tuple[int, int, int, int]:
+    """The bounding box (x0, y0, x1, y1; x1, y1 exclusive) of a segmentation mask's pixels, e.g. to
+    report or to fill a box instead of the mask's outline."""
+    array = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask).astype(bool)
+    if array.ndim != 2 or not array.any():
+        raise ValueError(f"mask of shape {array.shape}: give a [height, width] mask marking at least one pixel")
+    ys, xs = np.nonzero(array)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def fill_mask(image: Image.Image, mask, method: str = "diffusion") -> Image.Image:
+    """An RGB copy of `image` with the pixels the segmentation `mask` marks (the subject) replaced
+    by a fill from the pixels around them; every other pixel is kept.
 
     Args:
+        mask: [height, width] booleans (or a PIL image, non-zero marking the subject).
         method: "diffusion" (default): each filled pixel the average of its four neighbours, the
-            pixels just outside the box held fixed (a harmonic fill: smooth, and continuous with
-            the surroundings on every side); "ring": one flat colour, the mean of the pixels within
-            `RING_WIDTH` pixels outside the box.
+            unmarked pixels held fixed (a harmonic fill: smooth, and continuous with the
+            surroundings on every side); "ring": one flat colour, the mean of the unmarked pixels
+            within `RING_WIDTH` pixels of the mask (Chebyshev distance).
     """
     if method not in FILL_METHODS:
         raise ValueError(f"fill method {method!r}: choose one of {list(FILL_METHODS)}")
     rgb = image.convert("RGB")
-    x0, y0, x1, y1 = check_box(box, rgb.size)
+    marked = check_mask(mask, rgb.size)
     values = np.asarray(rgb, dtype=np.float64).copy()  # [H, W, 3]
-    fill = _harmonic_fill(values, (x0, y0, x1, y1)) if method == "diffusion" else _ring_mean(values, (x0, y0, x1, y1))
-    values[y0:y1, x0:x1] = fill
+    values[marked] = _harmonic_fill(values, marked) if method == "diffusion" else _ring_mean(values, marked)
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "RGB")
 
 
-def _ring_mean(values: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """The mean colour [3] of the image's pixels within RING_WIDTH pixels outside the box."""
-    x0, y0, x1, y1 = box
-    height, width = values.shape[:2]
-    outer = values[max(y0 - RING_WIDTH, 0):min(y1 + RING_WIDTH, height), max(x0 - RING_WIDTH, 0):min(x1 + RING_WIDTH, width)]
-    inner_sum = values[y0:y1, x0:x1].sum(axis=(0, 1))
-    count = outer.shape[0] * outer.shape[1] - (y1 - y0) * (x1 - x0)
-    return (outer.sum(axis=(0, 1)) - inner_sum) / count
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """`mask` grown by `radius` pixels in every direction (a square structuring element)."""
+    out = mask.copy()
+    for axis in (0, 1):
+        grown = out.copy()
+        for step in range(1, radius + 1):
+            shifted = np.zeros_like(out)
+            ahead = [slice(None)] * 2
+            behind = [slice(None)] * 2
+            ahead[axis], behind[axis] = slice(step, None), slice(None, -step)
+            shifted[tuple(ahead)] |= out[tuple(behind)]
+            shifted[tuple(behind)] |= out[tuple(ahead)]
+            grown |= shifted
+        out = grown
+    return out
 
 
-def _harmonic_fill(values: np.ndarray, box: tuple[int, int, int, int], tolerance: float = 1e-3) -> np.ndarray:
-    """The box's pixels [h, w, 3] solving the discrete Laplace equation: each the mean of its
-    neighbours inside the image, the pixels bordering the box fixed (sides on the image's edge
-    have no neighbour there). Solved by conjugate gradients to `tolerance` (in 0..255 units)."""
-    x0, y0, x1, y1 = box
-    height, width = values.shape[:2]
-    h, w = y1 - y0, x1 - x0
-    degree = np.full((h, w), 4.0)
-    known = np.zeros((h, w, 3))
-    for present, rows, cols, border in ((y0 > 0, 0, slice(None), lambda: values[y0 - 1, x0:x1]),
-                                        (y1 < height, -1, slice(None), lambda: values[y1, x0:x1]),
-                                        (x0 > 0, slice(None), 0, lambda: values[y0:y1, x0 - 1]),
-                                        (x1 < width, slice(None), -1, lambda: values[y0:y1, x1])):
-        if present:
-            known[rows, cols] += border()
-        else:
-            degree[rows, cols] -= 1
+def _ring_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The mean colour [3] of the unmarked pixels within RING_WIDTH pixels of the mask."""
+    ring = _dilate(mask, RING_WIDTH) & ~mask
+    return values[ring].mean(axis=0)
 
-    def laplacian(u: np.ndarray) -> np.ndarray:  # degree * u minus the unknown neighbours
-        out = degree[..., None] * u
-        out[1:] -= u[:-1]
-        out[:-1] -= u[1:]
-        out[:, 1:] -= u[:, :-1]
-        out[:, :-1] -= u[:, 1:]
-        return out
 
-    u = np.broadcast_to(_ring_mean(values, box), (h, w, 3)).copy()  # start from the flat fill
+def _neighbour_sum(u: np.ndarray) -> np.ndarray:
+    """Each pixel's sum of its four neighbours' values inside the image ([H, W, 3])."""
+    out = np.zeros_like(u)
+    out[1:] += u[:-1]
+    out[:-1] += u[1:]
+    out[:, 1:] += u[:, :-1]
+    out[:, :-1] += u[:, 1:]
+    return out
+
+
+def _harmonic_fill(values: np.ndarray, mask: np.ndarray, tolerance: float = 1e-3) -> np.ndarray:
+    """The marked pixels' values [marked, 3] solving the discrete Laplace equation: each the mean
+    of its neighbours inside the image, the unmarked pixels fixed (pixels on the image's edge have
+    fewer neighbours). Solved by conjugate gradients to `tolerance` (in 0..255 units), on the
+    mask's bounding box grown by one pixel."""
+    x0, y0, x1, y1 = box_of(mask)
+    height, width = mask.shape
+    y0, x0, y1, x1 = max(y0 - 1, 0), max(x0 - 1, 0), min(y1 + 1, height), min(x1 + 1, width)
+    inside, known_values = mask[y0:y1, x0:x1], values[y0:y1, x0:x1]
+    degree = _neighbour_sum(np.ones(inside.shape + (1,)))[..., 0]
+    # the window's border neighbours outside it are never marked pixels' neighbours (grown by one)
+    known = np.where(inside[..., None], _neighbour_sum(np.where(inside[..., None], 0.0, known_values)), 0.0)
+
+    def laplacian(u: np.ndarray) -> np.ndarray:  # degree * u minus the marked neighbours, on marked pixels
+        return np.where(inside[..., None], degree[..., None] * u - _neighbour_sum(u), 0.0)
+
+    u = np.where(inside[..., None], _ring_mean(values, mask), 0.0)  # start from the flat fill
     residual = known - laplacian(u)
     direction, size = residual.copy(), (residual * residual).sum()
-    for _ in range(20 * (h + w) + 100):
+    for _ in range(20 * (inside.shape[0] + inside.shape[1]) + 100):
         if np.abs(residual).max() < tolerance:
             break
         step = laplacian(direction)
@@ -152,7 +203,7 @@ def _harmonic_fill(values: np.ndarray, box: tuple[int, int, int, int], tolerance
         new_size = (residual * residual).sum()
         direction = residual + (new_size / size) * direction
         size = new_size
-    return u
+    return u[inside]
 
 
 # --- comparing baselines -----------------------------------------------------------------------

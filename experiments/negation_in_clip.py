@@ -60,6 +60,8 @@ REPRODUCES = [
                          "of blocks"),
     (f"{F}/baselines.csv", "follow-up, 'does ablation improve classification because the mean-colour image is off "
                            "distribution?': improvement rates against the mean-colour and subject-removed baselines"),
+    (f"{F}/image_tracing.csv", "follow-up, 'where in the vision tower does the subject's effect on d live?': "
+                               "causal tracing against the subject-removed image, restored share per layer and region"),
     (f"{F}/coefficients.csv", "follow-up, 'what predicts d when image and caption features are fitted together?': "
                               "coefficients with 95% intervals"),
     (f"{F}/r2.csv", "follow-up: R² of each covariate alone and of all together"),

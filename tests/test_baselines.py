@@ -127,6 +127,55 @@ def test_an_unknown_fill_method_is_refused():
         baselines.fill_box(_noise(), (1, 1, 5, 5), method="blur")
 
 
+# --- fill_mask: the subject's own outline from a segmentation ----------------------------------------
+def _disk(cy=15, cx=22, r=7, shape=(30, 40)):
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]]
+    return (ys - cy) ** 2 + (xs - cx) ** 2 <= r * r
+
+
+@pytest.mark.parametrize("method", baselines.FILL_METHODS)
+def test_fill_mask_changes_only_the_marked_pixels(method):
+    image, mask = _noise(), _disk()
+    filled = np.asarray(baselines.fill_mask(image, mask, method=method)).astype(int)
+    assert (filled[~mask] == np.asarray(image)[~mask]).all()
+    assert (filled[mask] != np.asarray(image)[mask]).any()
+
+
+def test_diffusion_fill_of_a_mask_restores_a_linear_gradient():
+    ys, xs = np.mgrid[0:30, 0:40]
+    gradient = np.stack([20 + 6 * ys, 200 - 5 * ys, 100 + 2 * ys + xs], axis=-1)
+    mask = _disk() | _disk(cy=6, cx=6, r=3)              # two disks, neither touching the image's edge
+    filled = np.asarray(baselines.fill_mask(Image.fromarray(gradient.astype(np.uint8)), mask)).astype(int)
+    assert np.abs(filled - gradient).max() <= 1
+
+
+def test_a_box_mask_fills_as_the_box_and_the_ring_is_the_mask_s_surroundings():
+    mask = np.zeros((30, 40), dtype=bool)
+    mask[4:17, 5:20] = True
+    assert baselines.box_of(mask) == (5, 4, 20, 17)
+    for method in baselines.FILL_METHODS:
+        by_mask = np.asarray(baselines.fill_mask(_noise(), Image.fromarray(mask.astype(np.uint8) * 255), method=method))
+        assert by_mask.tobytes() == np.asarray(baselines.fill_box(_noise(), (5, 4, 20, 17), method=method)).tobytes()
+    disk = _disk()
+    ring = np.zeros_like(disk)
+    for dy in range(-3, 4):
+        for dx in range(-3, 4):
+            ring |= np.roll(np.roll(disk, dy, axis=0), dx, axis=1)
+    ring &= ~disk
+    values = np.asarray(_noise()).astype(float)
+    filled = np.asarray(baselines.fill_mask(_noise(), disk, method="ring"))
+    assert (filled[disk] == np.rint(values[ring].mean(axis=0))).all()
+
+
+@pytest.mark.parametrize("mask, says", [
+    (np.zeros((30, 40), dtype=bool), "mask is empty"), (np.ones((30, 40), dtype=bool), "covers the whole 40x30"),
+    (np.ones((40, 30), dtype=bool), r"mask has shape \(40, 30\); the image is 40x30, so give \[30, 40\]"),
+])
+def test_bad_masks_are_refused_by_name(mask, says):
+    with pytest.raises(ValueError, match=says):
+        baselines.fill_mask(_noise(), mask)
+
+
 # --- image ablation against the subject-removed baseline ------------------------------------------
 N_SCENES = 8
 

@@ -101,3 +101,11 @@ def test_interactions_cover_every_layer_and_vanish_after_the_last_block(tables, 
     last = table[table["layer"] == n_layers]
     np.testing.assert_allclose(last[["joint", "alone", "interaction"]].to_numpy(), 0, atol=1e-6)
     assert table[table["layer"] == 0]["joint"].abs().max() > 0.05
+
+
+def test_image_tracing_restores_everything_at_the_last_class_token(tables, tiny_model):
+    shares = tables["image_tracing"].set_index(["layer", "region"])["share"]
+    n_layers = tiny_model.vision.cfg.n_layers
+    assert abs(shares[(n_layers, "class token")] - 1) < 1e-4
+    assert shares[(n_layers, "subject")] == 0 and shares[(n_layers, "background")] == 0
+    assert shares[(0, "class token")] == 0 and shares[(0, "background")] == 0

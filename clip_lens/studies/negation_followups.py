@@ -17,6 +17,9 @@ question the causal-tracing and image-ablation results leave open, on synthetic 
 - Does ablation "improve" classification because the mean-colour baseline takes the model off
   its distribution? Image ablation against the mean-colour image and against the same scene
   rendered without its subject (docs/methods.md#subject-removed-baseline).
+- Where in the vision tower does the subject's effect on d live? Causal tracing in the vision
+  encoder: the original image's residual restored at one (layer, position) in the run on the
+  subject-removed image (docs/methods.md#image-causal-tracing).
 - What predicts d once image and caption features are held fixed together? A joint least-squares
   fit of d on brightness, contrast, colourfulness, subject size, caption length and the number of
   objects (docs/methods.md#joint-covariate-fit).
@@ -40,7 +43,7 @@ from clip_lens.plot import style
 from clip_lens.probes import PROBE_HOOKS, probe_grid
 from clip_lens.report import Report
 from clip_lens.severed_tracing import severed_trace
-from clip_lens.studies.analyses import causal_tracing, covariates, existence, image_ablation
+from clip_lens.studies.analyses import causal_tracing, covariates, existence, image_ablation, image_tracing
 from clip_lens.studies.options import StudyOptions, option
 from clip_lens.studies.runner import Study, Tables
 
@@ -50,6 +53,7 @@ QUESTIONS = {
     "severed": "Does the effect reach the score through later attention or through later MLPs?",
     "windows": "What do consecutive vision layers do together?",
     "baselines": "Does ablation 'improve' classification because the mean-colour baseline is off distribution?",
+    "image_tracing": "Where in the vision tower does the subject's effect on d live?",
     "covariates": "Which image and caption features predict d when fitted together?",
 }
 
@@ -127,14 +131,17 @@ def severed_table(model, instances: existence.ExistenceInstances, pairs: int) ->
     return means.rename("mean_effect").reset_index()
 
 
-def baseline_table(model, instances: existence.ExistenceInstances, examples: list, progress: bool) -> pd.DataFrame:
-    """How often ablating MHA or MLP improves an instance, against each baseline image."""
+def baseline_tables(model, instances: existence.ExistenceInstances, examples: list,
+                    progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(baselines, image_tracing): how often ablating MHA or MLP improves an instance against each
+    baseline image, and the restored share of the subject's effect per vision layer and region."""
+    removed = [baselines.subject_removed(example) for example in examples]
     ablations = {
         "mean colour": image_ablation.run(model, instances, progress=progress),
-        "subject removed": image_ablation.run_with_baseline(
-            model, instances, [baselines.subject_removed(example) for example in examples], progress=progress),
+        "subject removed": image_ablation.run_with_baseline(model, instances, removed, progress=progress),
     }
-    return image_ablation.improvement_rates(ablations)
+    tracing = image_tracing.region_shares(image_tracing.run(model, instances, removed, progress=progress))
+    return image_ablation.improvement_rates(ablations), tracing
 
 
 def compute(model, data: None, options: Options, *, checkpoints=None, progress: bool = True) -> Tables:
@@ -142,7 +149,8 @@ def compute(model, data: None, options: Options, *, checkpoints=None, progress: 
     probe_tracing_correlation, interactions (joint, alone and interaction shares of d per layer and
     pair of positions), severed (mean severed-tracing effect per severing, layer and slot),
     windows (mean IAE of MHA and MLP per window of `window` blocks, by its first block),
-    baselines (improvement rates per baseline), coefficients
+    baselines (improvement rates per baseline), image_tracing (restored share of the subject's
+    effect per vision layer and region), coefficients
     and r2 (the joint covariate fit), covariate_instances (its scenes' covariates and d)."""
     if data is not None:
         raise ValueError("the negation-followups study generates its own scenes: give data=None")
@@ -157,8 +165,8 @@ def compute(model, data: None, options: Options, *, checkpoints=None, progress: 
                   "interactions": interaction_shares(model, instances, progress),
                   "severed": severed_table(model, instances, options.severed_pairs),
                   "windows": image_ablation.run_windows(model, instances, k=options.window,
-                                                        progress=progress).mha_vs_mlp(),
-                  "baselines": baseline_table(model, instances, examples, progress)}
+                                                        progress=progress).mha_vs_mlp()}
+        tables["baselines"], tables["image_tracing"] = baseline_tables(model, instances, examples, progress)
     fit = covariates.joint_covariate_fit(covariates.clip_scorer(model), n=options.covariate_scenes, seed=options.seed,
                                          count_tokens=covariates.token_counter(model))
     return {**tables, "coefficients": fit["coefficients"], "r2": fit["r2"], "covariate_instances": fit["instances"]}
@@ -182,6 +190,14 @@ def coefficients_figure(coefficients: pd.DataFrame) -> go.Figure:
     return style(fig, "Joint fit of d", height=360)
 
 
+def _line_section(out: Report, question: str, table: pd.DataFrame, *, y: str, color: str, text: str, title: str,
+                  caption: str) -> None:
+    """A section of the report: the question, what was done, `y` by layer (one line per `color`), the table."""
+    out.section(QUESTIONS[question]).text(text)
+    out.figure(style(px.line(table, x="layer", y=y, color=color, markers=True), title, height=340))
+    out.table(table, caption=caption)
+
+
 def report(tables: Tables, options: Options) -> Report:
     out = Report("Negation: follow-up experiments")
     out.section(QUESTIONS["probes"]).text(
@@ -194,14 +210,12 @@ def report(tables: Tables, options: Options) -> Report:
     out.table(tables["probes_and_tracing"], caption="Probe and control accuracy beside the mean causal-tracing effect "
                                                     "of the same cell")
     out.table(correlation, caption="Rank correlation over the cells")
-    out.section(QUESTIONS["interactions"]).text(
+    _line_section(out, "interactions", tables["interactions"], color="positions", y="interaction", text=(
         "The negated sentence's residual restored in the non-negated run at two positions at once ('joint') and at "
         "each alone ('alone', summed), as shares of d. A non-zero interaction (joint - alone) means the positions "
-        "act together: what one carries depends on the other.")
-    fig = px.line(tables["interactions"], x="layer", y="interaction", color="positions", markers=True,
-                  labels=dict(interaction="interaction (share of d)"))
-    out.figure(style(fig, "Interaction of two restored positions", height=340))
-    out.table(tables["interactions"], caption="Joint, alone and interaction shares of d per layer and pair of positions")
+        "act together: what one carries depends on the other."),
+        title="Interaction of two restored positions",
+        caption="Joint, alone and interaction shares of d per layer and pair of positions")
     out.section(QUESTIONS["severed"]).text(
         f"The first {options.severed_pairs} instances traced three ways: plainly ('none'), with every later MLP held at "
         "the non-negated run's output ('mlp'), and with every later attention layer held ('attn'). An effect that "
@@ -223,6 +237,12 @@ def report(tables: Tables, options: Options) -> Report:
         "subject.")
     out.table(tables["baselines"], caption="Share of instance x layer cases that ablation improves, worsens, fixes "
                                            "or breaks")
+    _line_section(out, "image_tracing", tables["image_tracing"], color="region", y="share", text=(
+        "Each image whose subject is present: the original image's residual restored at one vision layer and "
+        "position in the run on the image without its subject. The share is the change of d over the subject's "
+        "whole effect on d, summed over the region's cells; after the last block only the class token is read."),
+        title="Causal tracing in the vision encoder",
+        caption="Restored share of the subject's effect per layer and region (cells: instance x position)")
     out.section(QUESTIONS["covariates"]).text(
         f"{options.covariate_scenes} varied synthetic scenes; d fitted by least squares on the standardised covariates "
         "together.")
