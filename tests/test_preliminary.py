@@ -107,3 +107,32 @@ def test_subject_size_with_a_clipseg_checkpoint(tmp_path):
         expected = torch.sigmoid(model(**inputs).logits).mean().item()
     assert sizes.shape == (2,) and ((sizes > 0) & (sizes < 1)).all()
     assert sizes[1] == pytest.approx(expected, abs=1e-5)
+
+
+def test_subject_masks_from_a_clipseg_checkpoint_feed_the_subject_removed_fill(tmp_path):
+    """Each mask is the CLIPSeg probability resized to the image's own size, above the threshold;
+    `fill_mask` then paints those pixels from the image around them."""
+    import torch.nn.functional as F
+    from PIL import Image
+    from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+    from clip_lens import baselines
+
+    ckpt = write_tiny_clipseg(tmp_path / "clipseg")
+    path = tmp_path / "photo.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    processor, model = CLIPSegProcessor.from_pretrained(ckpt), CLIPSegForImageSegmentation.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        logits = model(**processor(text=["red car"], images=[Image.open(path).convert("RGB")], return_tensors="pt")).logits
+    probability = F.interpolate(torch.sigmoid(logits).reshape(1, 1, *logits.shape[-2:]), size=(40, 60), mode="bilinear")[0, 0]
+    threshold = float(probability.median())
+    (mask,) = preliminary.ClipSegSubjectSize(ckpt).masks([str(path)], ["red car"], threshold=threshold, progress=False)
+    assert mask.shape == (40, 60) and mask.dtype == bool
+    np.testing.assert_array_equal(mask, (probability > threshold).numpy())
+    filled = np.asarray(baselines.fill_mask(Image.open(path), mask))
+    assert (filled[~mask] == pixels[~mask]).all() and (filled[mask] != pixels[mask]).any()
+    with pytest.raises(ValueError, match="threshold=1.5"):
+        preliminary.ClipSegSubjectSize(ckpt).masks([str(path)], ["red car"], threshold=1.5)
+    with pytest.raises(ValueError, match="1 images for 2 subjects"):
+        preliminary.ClipSegSubjectSize(ckpt).masks([str(path)], ["red car", "dog"])

@@ -48,7 +48,8 @@ class ClipSegSubjectSize:
     """Relative subject size with a CLIPSeg checkpoint (a local path or a cached hub name): the mean
     over pixels of sigmoid(logits) for the subject prompt.
 
-    Call with image paths and subject phrases; returns [n] sizes in [0, 1].
+    Call with image paths and subject phrases; returns [n] sizes in [0, 1]. `masks` gives the
+    subjects' segmentation masks, for a subject-removed baseline (`clip_lens.baselines.fill_mask`).
     """
 
     def __init__(self, path: Union[str, Path], batch_size: int = 16, device: str = "cpu"):
@@ -58,19 +59,37 @@ class ClipSegSubjectSize:
         self.model = CLIPSegForImageSegmentation.from_pretrained(path).eval().to(device)
         self.batch_size, self.device = batch_size, device
 
-    @torch.no_grad()
     def __call__(self, images: Sequence[str], subjects: Sequence[str], progress: bool = True) -> np.ndarray:
+        sizes = [probabilities.flatten(1).mean(dim=-1) for _, probabilities in self._batches(images, subjects, progress)]
+        return torch.cat(sizes).numpy() if sizes else np.zeros(0)
+
+    def masks(self, images: Sequence[str], subjects: Sequence[str], threshold: float = 0.5,
+              progress: bool = True) -> list[np.ndarray]:
+        """Each image's [height, width] bool mask of its subject: sigmoid(logits) resized to the
+        image's own size (bilinear) above `threshold`."""
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold={threshold!r}: give a probability strictly between 0 and 1")
+        out = []
+        for pil, probabilities in self._batches(images, subjects, progress):
+            for image, probability in zip(pil, probabilities):
+                resized = F.interpolate(probability[None, None], size=(image.height, image.width), mode="bilinear",
+                                        align_corners=False)[0, 0]
+                out.append((resized > threshold).numpy())
+        return out
+
+    @torch.no_grad()
+    def _batches(self, images: Sequence[str], subjects: Sequence[str], progress: bool):
+        """(PIL images, sigmoid(logits) [batch, h, w] on the CPU) per batch of images."""
         from PIL import Image
 
-        sizes = []
+        if len(images) != len(subjects):
+            raise ValueError(f"{len(images)} images for {len(subjects)} subjects; give one subject per image")
         for start in tqdm(range(0, len(images), self.batch_size), desc="subject size", disable=not progress):
-            paths = images[start:start + self.batch_size]
-            pil = [Image.open(p).convert("RGB") for p in paths]
+            pil = [Image.open(p).convert("RGB") for p in images[start:start + self.batch_size]]
             inputs = self.processor(text=list(subjects[start:start + self.batch_size]), images=pil,
                                     padding=True, return_tensors="pt").to(self.device)
-            logits = self.model(**inputs).logits.reshape(len(pil), -1)
-            sizes.append(torch.sigmoid(logits).mean(dim=-1).cpu())
-        return torch.cat(sizes).numpy() if sizes else np.zeros(0)
+            logits = self.model(**inputs).logits  # [batch, h, w], or [h, w] for one image
+            yield pil, torch.sigmoid(logits.reshape(len(pil), *logits.shape[-2:])).float().cpu()
 
 
 @dataclass
