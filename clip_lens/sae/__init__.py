@@ -2,13 +2,16 @@
 
     acts = cache_activations(model, "vision.blocks.11.hook_resid_post", pixels, position=0)  # [N, d_model]
     sae, history = train_sae(acts, n_latents=4096, k=32, steps=5000, checkpoint_dir="runs/sae")
-    sae.save("runs/sae/final"); sae = clip_lens.sae.load("runs/sae/final")
+    clip_lens.sae.save(sae, "runs/sae/final")              # or layout="saelens": a folder SAELens reads
+    sae = clip_lens.sae.load("runs/sae/final")             # either layout
     stats = sae_statistics(sae, acts)      # explained variance, dead latents, mean active
 
 The package, one job a file:
 
 - `architectures`: the SAEs (standard, TopK, BatchTopK, JumpReLU) and what they share;
 - `files`: clip_lens's own file layout (a JSON config beside a safetensors file);
+- `saelens`: SAELens's layout (a folder with cfg.json and sae_weights.safetensors);
+- `layouts`: `load` and `save`, for either layout;
 - `training`: training on activations in memory, with checkpoints and resume;
 - `activations`: one hook's activations collected in memory.
 """
@@ -22,7 +25,8 @@ from clip_lens.sae.architectures import (
     StandardSAE,
     TopKSAE,
 )
+from clip_lens.sae.layouts import LAYOUTS, load, save
 from clip_lens.sae.training import TrainHistory, sae_statistics, train_sae
 
-__all__ = ["ARCHITECTURES", "BatchTopKSAE", "JumpReLUSAE", "SparseAutoencoder", "StandardSAE", "TopKSAE",
+__all__ = ["LAYOUTS", "load", "save", "ARCHITECTURES", "BatchTopKSAE", "JumpReLUSAE", "SparseAutoencoder", "StandardSAE", "TopKSAE",
            "TrainHistory", "cache_activations", "sae_statistics", "train_sae"]
