@@ -45,6 +45,8 @@ def hooks_attached(*points: HookPoint) -> bool:
     through TransformerLens: a hook a user registers with torch's own `register_forward_hook`
     must switch the fused path off too, or it would silently never run."""
     registry = torch.nn.modules.module
+    if any(getattr(p, "always_runs", False) for p in points):  # a hook point that computes (a spliced SAE)
+        return True
     if registry._global_forward_hooks or registry._global_forward_pre_hooks or registry._global_backward_hooks:
         return True
     return any(p._forward_hooks or p._forward_pre_hooks or p._backward_hooks or p._backward_pre_hooks for p in points)

@@ -214,6 +214,7 @@ def _check_unit_selections(kinds: list[HookKind], *, heads, neurons, latents, sa
 def _tower_inputs(model: HookedCLIP, target, source, intervention) -> tuple[HookedTower, Tensor, Optional[Tensor]]:
     """(tower, target, source) with both inputs checked for the tower the target belongs to."""
     tower, target = model.tower_input(target, name="target")
+    _check_no_spliced_sae(tower)
     if source is not None:
         source_tower, source = model.tower_input(source, name="source")
         if source_tower is not tower:
@@ -225,6 +226,15 @@ def _tower_inputs(model: HookedCLIP, target, source, intervention) -> tuple[Hook
     if intervention == "patch" and source.shape[0] != target.shape[0]:
         raise ValueError(f"{source.shape[0]} sources for {target.shape[0]} targets")
     return tower, target, source
+
+
+def _check_no_spliced_sae(tower: HookedTower) -> None:
+    """`patch` resumes runs from cached residuals and skips work a spliced SAE would need: refused."""
+    spliced = [name for name, module in tower.named_modules() if getattr(module, "always_runs", False)]
+    if spliced:
+        raise ValueError(f"the {tower.modality} tower has an SAE spliced in at {spliced[0]}: patch its latents with "
+                         f"patch(sae=...) on the model without it (model.remove_saes()), or edit "
+                         f"{spliced[0]}.hook_sae_acts_post with run_with_hooks")
 
 
 def check_list(values, valid: range, what: str) -> list:
