@@ -27,17 +27,16 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
 from clip_lens.checkpoints import Checkpoints, concatenate
 from clip_lens.hooks import split_tower_prefix
-from clip_lens.lens import joint_space_directions
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import hook_name, hook_site, patch
 from clip_lens.plot import style
+from clip_lens.sae.alignment import latent_alignment  # noqa: F401 (read here by the attribution study)
 from clip_lens.scores import score as clip_score
 
 METHODS = ("attribution patching", "logit lens", "random")
@@ -124,21 +123,6 @@ def components_frame(values: Float[Tensor, "n layer unit"], unit: str, instances
 # ---------------------------------------------------------------------------------------------
 # what latents mean: alignment with concept names, and unexpected reliance
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def latent_alignment(model: HookedCLIP, sae, tower: str, concepts: Sequence[str],
-                     template: str = "a photo of a {}.") -> Float[Tensor, "latent concept"]:
-    """Cosine of each latent's decoder direction, carried into the joint space
-    (`clip_lens.lens.joint_space_directions`), with the text embedding of each concept name
-    (`template` filled with the name).
-
-    Args:
-        tower: "vision" or "text", the tower whose activations the SAE reads.
-    """
-    directions = joint_space_directions(model.vision if tower == "vision" else model.text, sae.W_dec.detach())
-    names = model.encode_text(model.to_tokens([template.format(c) for c in concepts]))
-    return F.cosine_similarity(directions[:, None], names[None], dim=-1)
-
-
 def unexpected_reliance(attributions: Float[Tensor, "n latent"], labels: Sequence[str],
                         alignment: Float[Tensor, "latent concept"], concepts: Sequence[str], top: int = 5,
                         threshold: float = 0.5) -> pd.DataFrame:
