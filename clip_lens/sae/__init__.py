@@ -13,10 +13,14 @@ The package, one job a file:
 - `saelens`: SAELens's layout (a folder with cfg.json and sae_weights.safetensors);
 - `layouts`: `load` and `save`, for either layout;
 - `training`: training on activations in memory, with checkpoints and resume;
-- `activations`: one hook's activations collected in memory.
+- `activations`: one hook's activations collected in memory;
+- `splice`: SAEs spliced into a HookedCLIP (`model.add_sae`), their latents as hook points;
+- `alignment`: each latent's decoder direction against concept words in the joint space;
+- `browser`, `browser_page`: the latent browser, one self-contained HTML page per SAE.
 """
 
 from clip_lens.sae.activations import cache_activations
+from clip_lens.sae.alignment import latent_alignment
 from clip_lens.sae.architectures import (
     ARCHITECTURES,
     BatchTopKSAE,
@@ -25,8 +29,10 @@ from clip_lens.sae.architectures import (
     StandardSAE,
     TopKSAE,
 )
+from clip_lens.sae.browser import browser_data, read_browser_data, write_browser
 from clip_lens.sae.layouts import LAYOUTS, load, save
 from clip_lens.sae.training import TrainHistory, sae_statistics, train_sae
 
-__all__ = ["LAYOUTS", "load", "save", "ARCHITECTURES", "BatchTopKSAE", "JumpReLUSAE", "SparseAutoencoder", "StandardSAE", "TopKSAE",
+__all__ = ["LAYOUTS", "load", "save", "browser_data", "read_browser_data", "write_browser", "latent_alignment",
+           "ARCHITECTURES", "BatchTopKSAE", "JumpReLUSAE", "SparseAutoencoder", "StandardSAE", "TopKSAE",
            "TrainHistory", "cache_activations", "sae_statistics", "train_sae"]
