@@ -7,9 +7,9 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from clip_lens.cli import circuits, demo, negation, pairs, sae_browse, tools, vision
+from clip_lens.cli import circuits, demo, negation, pairs, sae, sae_browse, tools, vision
 
-COMMAND_GROUPS = (tools, negation, vision, demo, circuits, pairs, sae_browse)
+COMMAND_GROUPS = (tools, negation, vision, demo, circuits, pairs, sae, sae_browse)
 
 
 def build_parser() -> argparse.ArgumentParser:

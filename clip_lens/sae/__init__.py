@@ -14,6 +14,7 @@ The package, one job a file:
 - `layouts`: `load` and `save`, for either layout;
 - `training`: training on activations in memory, with checkpoints and resume;
 - `activations`: one hook's activations collected in memory;
+- `store`: the activation store on disk (shards, a manifest, resume, shuffled batches);
 - `splice`: SAEs spliced into a HookedCLIP (`model.add_sae`), their latents as hook points;
 - `alignment`: each latent's decoder direction against concept words in the joint space;
 - `browser`, `browser_page`: the latent browser, one self-contained HTML page per SAE.
@@ -31,8 +32,13 @@ from clip_lens.sae.architectures import (
 )
 from clip_lens.sae.browser import browser_data, read_browser_data, write_browser
 from clip_lens.sae.layouts import LAYOUTS, load, save
+from clip_lens.sae.store import ActivationStore, StoreError, fill_store, write_vectors
 from clip_lens.sae.training import TrainHistory, sae_statistics, train_sae
 
-__all__ = ["LAYOUTS", "load", "save", "browser_data", "read_browser_data", "write_browser", "latent_alignment",
-           "ARCHITECTURES", "BatchTopKSAE", "JumpReLUSAE", "SparseAutoencoder", "StandardSAE", "TopKSAE",
-           "TrainHistory", "cache_activations", "sae_statistics", "train_sae"]
+__all__ = [
+    "ARCHITECTURES", "BatchTopKSAE", "JumpReLUSAE", "SparseAutoencoder", "StandardSAE", "TopKSAE",   # architectures
+    "LAYOUTS", "load", "save",                                                                        # files
+    "ActivationStore", "StoreError", "fill_store", "write_vectors",                                  # the store
+    "TrainHistory", "sae_statistics", "train_sae", "cache_activations",                              # training
+    "browser_data", "read_browser_data", "write_browser", "latent_alignment",                        # browsing
+]
