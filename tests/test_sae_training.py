@@ -136,7 +136,7 @@ def test_a_store_recovers_the_atoms_over_several_epochs():
 
 
 @pytest.mark.parametrize("architecture, extra", [
-    ("topk", {"k": 3, "dead_after": 100}), ("batchtopk", {"k": 3, "dead_after": 100}),
+    ("topk", {"k": 3, "dead_after": 64}), ("batchtopk", {"k": 3, "dead_after": 64}),
     ("jumprelu", {"l0_coefficient": 1e-2}), ("standard", {})])
 def test_resume_equals_an_uninterrupted_run(tmp_path, architecture, extra):
     x, _ = planted(n=500)
