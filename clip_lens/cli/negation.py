@@ -1,5 +1,6 @@
-"""`clip-lens valse-existence`, `clip-lens cannot` and `clip-lens negation-followups`: the negation
-studies (`clip_lens.studies.valse_existence`, `cannot`, `negation_followups`)."""
+"""`clip-lens valse-existence`, `clip-lens cannot`, `clip-lens negation-followups` and `clip-lens
+sentence-sae`: the negation studies (`clip_lens.studies.valse_existence`, `cannot`,
+`negation_followups`, `sentence_sae`)."""
 
 from __future__ import annotations
 
@@ -54,8 +55,26 @@ def cmd_negation_followups(args: argparse.Namespace) -> int:
     return run_command(args, negation_followups.STUDY, lambda model, options: (None, {}), summary)
 
 
+def cmd_sentence_sae(args: argparse.Namespace) -> int:
+    from clip_lens.data.sentences import negation_sentences
+    from clip_lens.studies import sentence_sae
+
+    def make_data(model, options) -> tuple:
+        return (negation_sentences(valse=args.valse, cannot=args.cannot),
+                {"valse": [str(p) for p in args.valse], "cannot": [str(p) for p in args.cannot]})
+
+    def summary(tables: dict) -> str:
+        columns = ["latent", "auc", "fires_in_group", "fires_outside"]
+        evaluation = tables["evaluation"][["hook", "explained_variance", "l0", "dead_fraction"]]
+        separation = tables["separation"][columns].head(5)
+        return "\n".join([evaluation.to_string(index=False), "latents separating negated from plain sentences:",
+                          separation.to_string(index=False)])
+
+    return run_command(args, sentence_sae.STUDY, make_data, summary)
+
+
 def register(sub) -> None:
-    from clip_lens.studies import cannot, negation_followups, valse_existence
+    from clip_lens.studies import cannot, negation_followups, sentence_sae, valse_existence
 
     valse = study_parser(sub, "valse-existence", valse_existence.STUDY, "negation studies on VALSE existence")
     valse.add_argument("study", choices=STUDY_CHOICES,
@@ -73,3 +92,9 @@ def register(sub) -> None:
     study_parser(sub, "negation-followups", negation_followups.STUDY,
                  "follow-up experiments on synthetic scenes: probes by layer and slot, a subject-removed image "
                  "baseline, a joint covariate fit").set_defaults(func=cmd_negation_followups)
+
+    parser = study_parser(sub, "sentence-sae", sentence_sae.STUDY,
+                          "an SAE on the text tower over VALSE and CANNOT sentences, and its negation latents")
+    parser.add_argument("--valse", nargs="*", default=[], type=Path, help="VALSE piece files (captions and foils)")
+    parser.add_argument("--cannot", nargs="*", default=[], type=Path, help="CANNOT .tsv files or folders of them")
+    parser.set_defaults(func=cmd_sentence_sae)

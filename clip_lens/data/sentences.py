@@ -27,14 +27,15 @@ def is_negated(sentence: str) -> bool:
 
 
 def negation_sentences(valse: Sequence[Union[str, Path]] = (), cannot: Sequence[Union[str, Path]] = ()) -> pd.DataFrame:
-    """Every distinct sentence of the VALSE pieces (captions and foils of valid instances) and the
+    """Every distinct sentence of the VALSE pieces (each valid instance's caption, then its foil) and the
     CANNOT files, with its source file and whether it is negated; at least one source is needed."""
     if not valse and not cannot:
         raise ValueError("give VALSE pieces (valse=...) or CANNOT files (cannot=...): there is no sentence to read")
     parts = []
     for path in valse:
         pairs = load_valse(path)
-        parts.append(pd.DataFrame({"sentence": list(pairs["caption"]) + list(pairs["foil"]), "source": str(path)}))
+        interleaved = [text for caption, foil in zip(pairs["caption"], pairs["foil"]) for text in (caption, foil)]
+        parts.append(pd.DataFrame({"sentence": interleaved, "source": str(path)}))
     if cannot:
         parts.append(load_cannot(list(cannot))[["sentence", "source"]])
     frame = pd.concat(parts, ignore_index=True)

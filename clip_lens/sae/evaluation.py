@@ -121,3 +121,17 @@ def _embeddings(model: Any, sae: Any, images: Tensor, prompts: Tensor, condition
         if condition == "reconstruction":
             remove_saes(model, sae.hook)
     return image_emb, class_emb
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model: Any, sae: Any, inputs: Tensor, *, dense_above: float = 0.1,
+                            batch_size: int = 32) -> pd.DataFrame:
+    """The evaluation table of `sae` without a labelled image set: the reconstruction columns on its
+    tower's `inputs` (tokens or pixels), the S and accuracy columns NaN."""
+    hook = getattr(sae, "hook", None)
+    tower, local = split_tower_prefix(hook) if isinstance(hook, str) else (None, None)
+    if tower is None:
+        raise ValueError(f"the SAE's hook {hook!r} does not name a tower's hook point; set sae.hook")
+    row = {"hook": hook, "architecture": sae.architecture, "d_in": sae.d_in, "n_latents": sae.n_latents,
+           **reconstruction_statistics(model, sae, inputs, tower, local, dense_above, batch_size)}
+    return pd.DataFrame([row]).reindex(columns=COLUMNS)

@@ -32,6 +32,7 @@ MODULES = {
     "compare-tasks": "compare_tasks",
     "covariates": "covariates",
     "negation-followups": "negation_followups",
+    "sentence-sae": "sentence_sae",
     "accuracy": "pair_tasks",
     "causal-tracing": "pair_tasks",
     "selective-heads": "pair_tasks",
