@@ -73,3 +73,11 @@ def test_transformer_lens_docs_examples_run():
     namespace = run_python_blocks(ROOT / "docs" / "transformer_lens.md", 6)
     assert namespace["attrs"].shape == (len(namespace["labels"]), 2)
     assert namespace["at_eot"].shape == (4, 2, 64)
+
+
+def test_sae_docs_examples_run():
+    namespace = run_python_blocks(ROOT / "docs" / "sae.md", 6)
+    assert (len(namespace["store"]), namespace["store"].d) == (3120, 64)
+    assert namespace["latents"].shape == (2, 65, 128)
+    assert set(namespace["table"].columns) >= {"S_recovered", "accuracy_recovered"}
+    assert len(namespace["read_browser_data"](namespace["page"])["latents"]) == 128
