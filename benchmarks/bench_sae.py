@@ -112,20 +112,23 @@ def bench_fill(folder: Path, images: int) -> None:
           f"of width {store.d} in {seconds:.1f}s = {len(store) / seconds:,.0f} vectors/s (forward passes included)")
 
 
-def bench_training(store: ActivationStore, steps: int) -> None:
-    # ---- TRAINING STEPS PER SECOND (from the store) --------------------------------------------
-    # `train_sae(store_or_tensor, ...)` trains from an ActivationStore once training reads stores;
-    # until then this line is skipped with the reason.
+def bench_training(store: ActivationStore, n_latents: int, k: int, batch_size: int, steps: int) -> None:
+    """train_sae (TopK) from the store for `steps` steps: steps and vectors per second, the data
+    statistics pass that precedes the first step timed apart."""
     from clip_lens.sae import training
 
-    try:
-        start = time.perf_counter()
-        training.train_sae(store, n_latents=4 * store.d, k=32, steps=steps, batch_size=4096, progress=False)
-        seconds = time.perf_counter() - start
-    except (AttributeError, TypeError) as error:
-        print(f"training: skipped, train_sae does not read an ActivationStore yet ({type(error).__name__}: {error})")
-        return
-    print(f"training: {steps / seconds:.2f} steps/s (TopK, {4 * store.d} latents, k=32, batches of 4096 from the store)")
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    training._mean_and_variance(store, torch.device("cpu"))  # the pass train_sae makes before its first step
+    statistics_s = time.perf_counter() - start
+    reset_peak()
+    start = time.perf_counter()
+    training.train_sae(store, n_latents=n_latents, k=k, steps=steps, batch_size=batch_size, progress=False)
+    seconds = time.perf_counter() - start - statistics_s
+    print(f"training: {steps / seconds:.2f} steps/s = {steps * batch_size / seconds:,.0f} vectors/s (TopK, "
+          f"{n_latents:,} latents, k={k}, batches of {batch_size} from the store, {steps} steps in {seconds:.1f}s, "
+          f"after {statistics_s:.1f}s for the data's mean and variance over {min(len(store), training.STATISTICS_SAMPLE):,} "
+          f"vectors); peak RSS {rss_mb('VmHWM'):,.0f} MB")
 
 
 def main() -> None:
@@ -137,7 +140,9 @@ def main() -> None:
     parser.add_argument("--buffer-shards", type=int, default=4)
     parser.add_argument("--random-seconds", type=float, default=20.0, help="time spent on random access")
     parser.add_argument("--fill-images", type=int, default=64, help="tiny-CLIP images for fill_store (x 65 vectors)")
-    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--train-steps", type=int, default=20, help="TopK training steps timed")
+    parser.add_argument("--train-latents", type=int, default=8192)
+    parser.add_argument("--train-k", type=int, default=32)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_sae_"))
     try:
@@ -154,7 +159,7 @@ def main() -> None:
                 evict(store.folder)
             random_rate = bench_random(store, args.batch_size, args.random_seconds)
             print(f"sequential / random: {sequential / random_rate:.1f}x")
-        bench_training(store, args.train_steps)
+        bench_training(store, args.train_latents, args.train_k, args.batch_size, args.train_steps)
         bench_fill(root / "tiny", args.fill_images)
         print(f"peak RSS of the whole run (ru_maxrss): {__import__('resource').getrusage(0).ru_maxrss / 1024:,.0f} MB")
     finally:
