@@ -52,13 +52,16 @@ def cmd_attention_cancellation(args: argparse.Namespace) -> int:
 
 
 def cmd_attribution(args: argparse.Namespace) -> int:
+    from clip_lens.sae import write_browser
     from clip_lens.studies import attribution
 
     trained: list = []
+    pages: list = []
 
     def make_data(model, options):
         image_set, sources = _image_set(args)
-        return attribution.AttributionData(image_set, trained.append), {**sources, **_file_source(options.sae)}
+        data = attribution.AttributionData(image_set, trained.append, pages.append)
+        return data, {**sources, **_file_source(options.sae)}
 
     def summary(tables: dict) -> str:
         reliance = tables["reliance"]
@@ -68,6 +71,8 @@ def cmd_attribution(args: argparse.Namespace) -> int:
     code = run_command(args, attribution.STUDY, make_data, summary)
     if trained:  # the SAE trained in the run, beside its tables (--sae loads it into another run)
         trained[-1].save(args.out / "sae")
+    if pages:  # the latent browser the report's latents link to
+        write_browser(pages[-1], args.out / attribution.BROWSER_PAGE, title="SAE latents of the attribution run")
     return code
 
 

@@ -4,18 +4,21 @@ attribution patching next to Logit Lens and random); latent alignment with the c
 unexpected reliance (docs/attribution.md).
 
 `data` is an image set (`clip_lens.data.image_sets.ImageSet`, each image scored against its label's
-caption), or `AttributionData` (the image set and a function handed the SAE trained in the run, so
-that a front end can save it: compute writes no file; the command line saves it as
-out/sae.safetensors).
+caption), or `AttributionData` (the image set and functions handed the SAE trained in the run and
+the latent browser's data, so that a front end can write them: compute writes no file; the command
+line writes out/sae.safetensors and out/latents.html, the page each latent of the report links to).
 
 Tables: instances, logit_lens, head_attributions, top_neurons, position_attributions (text tower),
-deletion_curves, deletion_areas, reliance, latent_attributions; and for the report images (each
-instance's path and the model's input size), patch_attributions (vision tower: attribution per
-position) and sae_statistics.
+deletion_curves, deletion_areas, reliance (with a `page` column, `latents.html#latent-N`, when the
+browser's data was asked for), latent_attributions, sae_evaluation (`clip_lens.sae.evaluation.evaluate_sae`
+on the study's images, each scored against its label's caption, with `k` and `trained` added); and
+for the report images (each instance's path and the model's input size) and patch_attributions
+(vision tower: attribution per position).
 """
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -30,7 +33,9 @@ from clip_lens.model import HookedCLIP
 from clip_lens.patching import hook_name
 from clip_lens.plot import head_heatmap
 from clip_lens.report import Report
-from clip_lens.sae import TopKSAE, cache_activations, sae_statistics, train_sae
+from clip_lens.sae import SparseAutoencoder, TopKSAE, browser_data, cache_activations, train_sae
+from clip_lens.sae import load as load_any_sae
+from clip_lens.sae.evaluation import evaluate_sae
 from clip_lens.scores import score as clip_score
 from clip_lens.studies.analyses import attention_maps
 from clip_lens.studies.analyses import component_attribution as attribution
@@ -38,14 +43,17 @@ from clip_lens.studies.options import OptionError, StudyOptions, option
 from clip_lens.studies.runner import Study, Tables, no_checkpoints
 
 # tables the report is drawn from, not results of their own (the sweep leaves them out)
-REPORT_TABLES = ("images", "patch_attributions", "sae_statistics")
+REPORT_TABLES = ("images", "patch_attributions")
+# the latent browser's page, beside report.html (the command line writes it); the report links each latent to
+# BROWSER_PAGE#latent-N
+BROWSER_PAGE = "latents.html"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Options(StudyOptions):
     tower: str = option("vision", "the encoder whose components are attributed", choices=("vision", "text"))
-    sae: Optional[str] = option(None, "a saved TopKSAE, path with or without .safetensors (default: train one on the "
-                                      "study's activations)")
+    sae: Optional[str] = option(None, "a saved SAE: clip_lens's path with or without .safetensors, or a SAELens folder "
+                                      "(default: train a TopK SAE on the study's activations)")
     sae_hook: Optional[str] = option(None, "tower hook the SAE reads (default: the last residual, "
                                            "hook_name('resid', L, L))")
     sae_latents: int = option(256, "latents of the SAE trained here", minimum=1)
@@ -74,11 +82,15 @@ TINY_CLIP = dict(sae_latents=64, sae_k=4, ks=(0, 1, 2, 4, 8), concept_template="
 
 @dataclass
 class AttributionData:
-    """The image set, and `on_sae_trained(sae)`, called with the SAE the run trains (not with a
-    loaded one), for a front end that saves it."""
+    """The image set; `on_sae_trained(sae)`, called with the SAE the run trains (not with a loaded
+    one), for a front end that saves it; and `on_browser_data(data)`, which asks for the latent
+    browser (`clip_lens.sae.browser_data` over the study's images or captions, its concepts and its
+    latent_attributions table) and is handed its data, for a front end that writes it as
+    BROWSER_PAGE beside the report (`clip_lens.sae.write_browser`)."""
 
     images: ImageSet
     on_sae_trained: Optional[Callable[[TopKSAE], None]] = None
+    on_browser_data: Optional[Callable[[dict], None]] = None
 
 
 @dataclass
@@ -124,17 +136,19 @@ def _sae_hook(tower, options: Options) -> str:
     return options.sae_hook or hook_name("resid", n_layers, n_layers)
 
 
-def load_sae(options: Options, tower, device) -> Optional[TopKSAE]:
-    """The saved SAE `options.sae` (None without one), checked against the tower and hook it reads."""
+def load_sae(options: Options, tower, device) -> Optional[SparseAutoencoder]:
+    """The saved SAE `options.sae` (None without one; either layout, `clip_lens.sae.load`), checked
+    against the tower and hook it reads; an SAE that names no hook is taken to read this one."""
     if options.sae is None:
         return None
     hook = _sae_hook(tower, options)
-    sae = TopKSAE.load(Path(options.sae).with_suffix("")).to(device)
+    sae = load_any_sae(options.sae, tower=options.tower).to(device)
     if sae.d_in != tower.cfg.d_model:
         raise ValueError(f"the SAE in {options.sae} reads {sae.d_in}-dimensional activations; {options.tower}.{hook} has "
                          f"{tower.cfg.d_model}")
     if sae.hook is not None and sae.hook != f"{options.tower}.{hook}":
         raise ValueError(f"the SAE in {options.sae} was trained on {sae.hook}, not on {options.tower}.{hook}")
+    sae.hook = f"{options.tower}.{hook}"
     return sae
 
 
@@ -151,13 +165,17 @@ def compute(model: HookedCLIP, data: Union[ImageSet, AttributionData], options: 
     faith = attribution.faithfulness(model, run.inputs, run.other, ks=options.ks, seed=options.seed,
                                      checkpoints=checkpoints)
     tables["deletion_curves"], tables["deletion_areas"] = faith.curves, faith.areas
-    latents, sae_table = _latents(model, run, options, loaded, data, checkpoints, progress)
+    latents, sae = _latents(model, run, options, loaded, data, checkpoints, progress)
     tables.update(latents)
     tables["images"] = pd.DataFrame({"instance": run.names, "image": [str(p) for p in run.frame["image"]],
                                      "height": run.pixels.shape[-2], "width": run.pixels.shape[-1]})
     if options.tower == "vision":
         tables["patch_attributions"] = _patch_table(model, run.names, positions)
-    tables["sae_statistics"] = sae_table
+    tables["sae_evaluation"] = _evaluation(model, sae, run).assign(k=getattr(sae, "k", None), trained=loaded is None)
+    if data.on_browser_data is not None:
+        data.on_browser_data(_browser(model, sae, run, options, tables["latent_attributions"], progress))
+        tables["reliance"] = tables["reliance"].assign(page=[f"{BROWSER_PAGE}#latent-{int(latent)}"
+                                                             for latent in tables["reliance"]["latent"]])
     return tables
 
 
@@ -184,29 +202,56 @@ def _components(model: HookedCLIP, run: _Inputs, options: Options, progress: boo
     return tables, positions
 
 
-def _latents(model: HookedCLIP, run: _Inputs, options: Options, sae: Optional[TopKSAE], data: AttributionData,
-             checkpoints, progress: bool) -> tuple[Tables, pd.DataFrame]:
-    """(reliance and latent_attributions, sae_statistics) of the loaded SAE, or of one trained on
-    the study's own activations at every position."""
+def _latents(model: HookedCLIP, run: _Inputs, options: Options, sae: Optional[SparseAutoencoder],
+             data: AttributionData, checkpoints, progress: bool) -> tuple[Tables, SparseAutoencoder]:
+    """(reliance and latent_attributions, the SAE) of the loaded SAE, or of one trained on the
+    study's own activations at every position."""
     hook = _sae_hook(run.tower, options)
-    acts = _activations(run.tower, hook, run.inputs)
-    trained = sae is None
-    if trained:
+    if sae is None:
         folder = checkpoints.folder / "sae" if checkpoints.folder is not None else None
-        sae, _ = train_sae(acts, n_latents=options.sae_latents, k=min(options.sae_k, options.sae_latents),
-                           steps=options.sae_steps, seed=options.seed, progress=progress,
-                           hook=f"{options.tower}.{hook}", checkpoint_dir=folder)
+        sae, _ = train_sae(_activations(run.tower, hook, run.inputs), n_latents=options.sae_latents,
+                           k=min(options.sae_k, options.sae_latents), steps=options.sae_steps, seed=options.seed,
+                           progress=progress, hook=f"{options.tower}.{hook}", checkpoint_dir=folder)
         if data.on_sae_trained is not None:
             data.on_sae_trained(sae)
-    stats = dict(hook=f"{options.tower}.{hook}", latents=sae.n_latents, k=sae.k, trained=trained,
-                 **sae_statistics(sae, acts))
+    sae.eval()
     latents = attribution.latent_attributions(model, sae, hook, run.inputs, run.other)             # [n, latent]
-    concepts = list(dict.fromkeys(run.frame["label"]))
+    concepts = _concepts(run)
     alignment = attribution.latent_alignment(model, sae, options.tower, concepts, template=options.concept_template)
     reliance = attribution.unexpected_reliance(latents, run.frame["label"], alignment, concepts, top=options.top)
     table = pd.DataFrame(latents.float().cpu().numpy()).assign(instance=run.names, label=list(run.frame["label"])) \
         .melt(id_vars=["instance", "label"], var_name="latent", value_name="attribution")
-    return {"reliance": reliance, "latent_attributions": table[table["attribution"] != 0]}, pd.DataFrame([stats])
+    return {"reliance": reliance, "latent_attributions": table[table["attribution"] != 0]}, sae
+
+
+def _concepts(run: _Inputs) -> list:
+    """The class names latents are aligned with: the instances' labels, in order of appearance."""
+    return list(dict.fromkeys(run.frame["label"]))
+
+
+def _evaluation(model: HookedCLIP, sae: SparseAutoencoder, run: _Inputs) -> pd.DataFrame:
+    """`evaluate_sae` on the study's images, each scored against its own label's caption, the
+    classes of zero-shot accuracy being the distinct captions (so S_clean is the mean S of the
+    instances table)."""
+    captions = list(dict.fromkeys(run.frame["caption"]))
+    labels = [captions.index(caption) for caption in run.frame["caption"]]
+    return evaluate_sae(model, sae, images=run.pixels, labels=labels, classes=captions, template="{}")
+
+
+def _browser(model: HookedCLIP, sae: SparseAutoencoder, run: _Inputs, options: Options,
+             attributions: pd.DataFrame, progress: bool) -> dict:
+    """The latent browser's data: the study's images (vision tower) or its distinct captions (text
+    tower), each latent's best-aligned concepts (the study's class names and concept_template,
+    the cosines of the reliance table) and its attribution per class."""
+    inputs = ([Path(p) for p in run.frame["image"]] if options.tower == "vision"
+              else list(dict.fromkeys(run.frame["caption"])))
+    data = browser_data(model, sae, inputs, attributions=attributions, progress=progress)
+    concepts = _concepts(run)
+    cosines = attribution.latent_alignment(model, sae, options.tower, concepts, template=options.concept_template)
+    values, order = cosines.cpu().topk(min(5, len(concepts)), dim=1)
+    for entry, vs, cs in zip(data["latents"], values, order):
+        entry["concepts"] = [{"concept": concepts[int(c)], "cosine": round(float(v), 4)} for v, c in zip(vs, cs)]
+    return data
 
 
 def _activations(tower, hook: str, inputs) -> torch.Tensor:
@@ -238,7 +283,7 @@ def _patch_table(model: HookedCLIP, names: list, positions: torch.Tensor) -> pd.
 
 # --- report --------------------------------------------------------------------------------------
 def report(tables: Tables, options: Options) -> Report:
-    out = Report(f"Attributing CLIP's scores to components of its {options.tower} encoder")
+    out = _LinkedReport(f"Attributing CLIP's scores to components of its {options.tower} encoder")
     images = tables["images"]
     folders = sorted({str(Path(p).parent) for p in images["image"]})
     out.section("Setup").text(
@@ -299,22 +344,57 @@ def _faithfulness_section(out: Report, tables: Tables) -> None:
              "with a head's output.", note=True)
 
 
-def _sae_section(out: Report, tables: Tables, options: Options) -> None:
+EVALUATION_SHOWN = ["vectors", "explained_variance", "l0", "dead_fraction", "dense_fraction", "S_clean", "S_recovered",
+                    "accuracy_clean", "accuracy_recovered"]
+
+
+def _sae_section(out: "_LinkedReport", tables: Tables, options: Options) -> None:
     out.section("Sparse-autoencoder latents")
-    sae = tables["sae_statistics"].iloc[0]
+    sae = tables["sae_evaluation"].iloc[0]
     origin = ("trained here on the study's own activations at every position (the command line saves it as "
               "sae.safetensors)") if bool(sae["trained"]) else f"loaded from {options.sae}"
-    out.text(f"TopK SAE on {sae['hook']}: {int(sae['latents'])} latents, k = {int(sae['k'])}, {origin}. "
+    k = f", k = {float(sae['k']):g}" if pd.notna(sae["k"]) else ""
+    out.text(f"{sae['architecture']} SAE on {sae['hook']}: {int(sae['n_latents'])} latents{k}, {origin}. "
              "Latent attributions are taken at the pooled position (class token / EOT).")
-    out.table(tables["sae_statistics"].drop(columns=["hook", "latents", "k", "trained"]),
-              caption="SAE statistics on the study's activations")
+    out.table(tables["sae_evaluation"][EVALUATION_SHOWN],
+              caption="SAE evaluation on the study's images, each scored against its label's caption")
+    out.text("How to read it: explained variance (1 at best) and L0 (active latents per vector) say how well and how "
+             "sparsely the SAE reconstructs the hook's activations; dead latents never fire and dense ones fire on "
+             "more than 10% of vectors; S and accuracy recovered are 1 when the reconstruction, spliced in place of "
+             "the activation, keeps the clean score and zero-shot accuracy (over the captions), and 0 when it does "
+             "no better than zeroing the activation (docs/methods.md#evaluating-an-sae).", note=True)
     out.figure(attribution.reliance_figure(tables["reliance"]))
-    out.table(tables["reliance"], max_rows=60,
-              caption="Per class, the latents with the largest mean attribution; alignment = cosine of the decoder "
-                      "direction (through the final norm's linear part and the projection) with the class name's text "
-                      "embedding; unexpected = less aligned with the class than the median latent")
+    caption = ("Per class, the latents with the largest mean attribution; alignment = cosine of the decoder direction "
+               "(through the final norm's linear part and the projection) with the class name's text embedding; "
+               "unexpected = less aligned with the class than the median latent")
+    if "page" in tables["reliance"]:
+        out.linked_table(tables["reliance"], {"latent": "page"}, max_rows=60,
+                         caption=caption + f"; each latent links to its page in the latent browser ({BROWSER_PAGE})")
+    else:
+        out.table(tables["reliance"], max_rows=60, caption=caption)
+
+
+class _LinkedReport(Report):
+    """A Report whose tables can link cells to pages (each relied-on latent to the latent browser)."""
+
+    def linked_table(self, frame: pd.DataFrame, links: dict, max_rows: int = 25, caption: str = "") -> "_LinkedReport":
+        """`frame` drawn as `Report.table` draws it, each cell of column `c` a link to the address
+        in column `links[c]` (those address columns are not shown)."""
+        shown = frame.head(max_rows).drop(columns=list(links.values()))
+        for column in shown.columns:
+            if column in links:
+                shown[column] = [f'<a href="{html.escape(str(url))}">{html.escape(str(value))}</a>'
+                                 for value, url in zip(shown[column], frame.head(max_rows)[links[column]])]
+            elif shown[column].dtype == object:
+                shown[column] = [html.escape(str(value)) for value in shown[column]]
+        more = f" (first {max_rows} of {len(frame)} rows)" if len(frame) > max_rows else ""
+        if caption or more:
+            self.text(f"{caption}{more}", note=True)
+        self._parts.append(shown.to_html(index=False, escape=False, float_format=lambda x: f"{x:.4g}", border=0,
+                                         na_rep="–"))
+        return self
 
 
 STUDY = Study("attribution", Options, compute, report,
-              data="an image set (clip_lens.data.image_sets.ImageSet) or AttributionData (the set and a function "
-                   "handed the SAE trained in the run)")
+              data="an image set (clip_lens.data.image_sets.ImageSet) or AttributionData (the set and functions "
+                   "handed the SAE trained in the run and the latent browser's data)")
