@@ -55,12 +55,18 @@ class Report:
             self._parts[:0] = parts
         return self
 
-    def table(self, frame: pd.DataFrame, max_rows: int = 25, caption: str = "") -> "Report":
+    def table(self, frame: pd.DataFrame, max_rows: int = 25, caption: str = "",
+              links: Optional[dict] = None) -> "Report":
+        """The first `max_rows` rows of `frame`; with `links` ({column: address column}), each cell
+        of a column is a link to the address in its row (the address columns are not shown)."""
         shown = frame.head(max_rows)
         more = f" (first {max_rows} of {len(frame)} rows)" if len(frame) > max_rows else ""
         if caption or more:
             self._parts.append(f'<p class="note">{html.escape(caption)}{more}</p>')
-        self._parts.append(shown.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0, na_rep="–"))
+        if links:
+            shown = _linked(shown, links)
+        self._parts.append(shown.to_html(index=False, escape=not links, float_format=lambda x: f"{x:.4g}", border=0,
+                                         na_rep="–"))
         return self
 
     def figure(self, fig: go.Figure) -> "Report":
@@ -78,6 +84,19 @@ class Report:
 
     def write(self, path: Union[str, Path]) -> Path:
         return write_text_atomically(path, self.to_html())
+
+
+def _linked(frame: pd.DataFrame, links: dict) -> pd.DataFrame:
+    """`frame` with each cell of the columns in `links` an HTML link to its row's address, every
+    other text cell escaped, and the address columns dropped (for `to_html(escape=False)`)."""
+    shown = frame.drop(columns=list(links.values()))
+    for column in shown.columns:
+        if column in links:
+            shown[column] = [f'<a href="{html.escape(str(url))}">{html.escape(str(value))}</a>'
+                             for value, url in zip(shown[column], frame[links[column]])]
+        elif shown[column].dtype == object:
+            shown[column] = [html.escape(str(value)) for value in shown[column]]
+    return shown
 
 
 def write_atomically(path: Union[str, Path], write: Callable[[IO], None], binary: bool = False) -> Path:
@@ -102,7 +121,7 @@ def write_text_atomically(path: Union[str, Path], text: str) -> Path:
 
 
 MANIFEST = "manifest.json"
-RESULT_FILES = ("*.csv", "report.html", MANIFEST, "sae.safetensors", "sae.json")  # what a study writes into its folder
+RESULT_FILES = ("*.csv", "report.html", MANIFEST, "sae.safetensors", "sae.json", "latents.html")  # what a study writes into its folder
 
 
 def claim_output(out: Union[str, Path], *, overwrite: bool = False) -> Path:

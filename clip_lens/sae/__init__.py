@@ -17,7 +17,8 @@ The package, one job a file:
 - `store`: the activation store on disk (shards, a manifest, resume, shuffled batches);
 - `splice`: SAEs spliced into a HookedCLIP (`model.add_sae`), their latents as hook points;
 - `alignment`: each latent's decoder direction against concept words in the joint space;
-- `browser`, `browser_page`: the latent browser, one self-contained HTML page per SAE.
+- `browser`, `browser_page`: the latent browser, one self-contained HTML page per SAE;
+- `evaluation`: one evaluation table for any SAE; `separation`: latents that separate two groups.
 """
 
 from clip_lens.sae.activations import cache_activations
@@ -31,6 +32,7 @@ from clip_lens.sae.architectures import (
     TopKSAE,
 )
 from clip_lens.sae.browser import browser_data, read_browser_data, write_browser
+from clip_lens.sae.evaluation import evaluate_reconstruction, evaluate_sae
 from clip_lens.sae.layouts import LAYOUTS, load, save
 from clip_lens.sae.store import ActivationStore, StoreError, fill_store, write_vectors
 from clip_lens.sae.training import TrainHistory, sae_statistics, train_sae
@@ -40,5 +42,6 @@ __all__ = [
     "LAYOUTS", "load", "save",                                                                        # files
     "ActivationStore", "StoreError", "fill_store", "write_vectors",                                  # the store
     "TrainHistory", "sae_statistics", "train_sae", "cache_activations",                              # training
+    "evaluate_sae", "evaluate_reconstruction",                                                       # evaluation
     "browser_data", "read_browser_data", "write_browser", "latent_alignment",                        # browsing
 ]

@@ -18,7 +18,6 @@ for the report images (each instance's path and the model's input size) and patc
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -283,7 +282,7 @@ def _patch_table(model: HookedCLIP, names: list, positions: torch.Tensor) -> pd.
 
 # --- report --------------------------------------------------------------------------------------
 def report(tables: Tables, options: Options) -> Report:
-    out = _LinkedReport(f"Attributing CLIP's scores to components of its {options.tower} encoder")
+    out = Report(f"Attributing CLIP's scores to components of its {options.tower} encoder")
     images = tables["images"]
     folders = sorted({str(Path(p).parent) for p in images["image"]})
     out.section("Setup").text(
@@ -348,7 +347,7 @@ EVALUATION_SHOWN = ["vectors", "explained_variance", "l0", "dead_fraction", "den
                     "accuracy_clean", "accuracy_recovered"]
 
 
-def _sae_section(out: "_LinkedReport", tables: Tables, options: Options) -> None:
+def _sae_section(out: Report, tables: Tables, options: Options) -> None:
     out.section("Sparse-autoencoder latents")
     sae = tables["sae_evaluation"].iloc[0]
     origin = ("trained here on the study's own activations at every position (the command line saves it as "
@@ -368,31 +367,10 @@ def _sae_section(out: "_LinkedReport", tables: Tables, options: Options) -> None
                "(through the final norm's linear part and the projection) with the class name's text embedding; "
                "unexpected = less aligned with the class than the median latent")
     if "page" in tables["reliance"]:
-        out.linked_table(tables["reliance"], {"latent": "page"}, max_rows=60,
-                         caption=caption + f"; each latent links to its page in the latent browser ({BROWSER_PAGE})")
+        out.table(tables["reliance"], max_rows=60, links={"latent": "page"},
+                  caption=caption + f"; each latent links to its page in the latent browser ({BROWSER_PAGE})")
     else:
         out.table(tables["reliance"], max_rows=60, caption=caption)
-
-
-class _LinkedReport(Report):
-    """A Report whose tables can link cells to pages (each relied-on latent to the latent browser)."""
-
-    def linked_table(self, frame: pd.DataFrame, links: dict, max_rows: int = 25, caption: str = "") -> "_LinkedReport":
-        """`frame` drawn as `Report.table` draws it, each cell of column `c` a link to the address
-        in column `links[c]` (those address columns are not shown)."""
-        shown = frame.head(max_rows).drop(columns=list(links.values()))
-        for column in shown.columns:
-            if column in links:
-                shown[column] = [f'<a href="{html.escape(str(url))}">{html.escape(str(value))}</a>'
-                                 for value, url in zip(shown[column], frame.head(max_rows)[links[column]])]
-            elif shown[column].dtype == object:
-                shown[column] = [html.escape(str(value)) for value in shown[column]]
-        more = f" (first {max_rows} of {len(frame)} rows)" if len(frame) > max_rows else ""
-        if caption or more:
-            self.text(f"{caption}{more}", note=True)
-        self._parts.append(shown.to_html(index=False, escape=False, float_format=lambda x: f"{x:.4g}", border=0,
-                                         na_rep="–"))
-        return self
 
 
 STUDY = Study("attribution", Options, compute, report,
