@@ -222,3 +222,21 @@ def test_cache_activations_command(tiny_model, tmp_path, capsys):
     tokens = tiny_model.to_tokens(TEXTS)
     expected = acts[torch.arange(len(TEXTS)), tiny_model.text.pooled_positions(tokens)]
     torch.testing.assert_close(read_all(tmp_path / "store")[1], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_fill_on_ray_workers_equals_one_in_a_single_process(tmp_path, tiny_model):
+    """Two Ray workers, each its own range of shards, write the store a single process writes."""
+    pytest.importorskip("ray")
+    from clip_lens.model_sources import ModelSource
+    from clip_lens.sae.store import fill_store
+    from clip_lens.sweep.activation_store import fill_store_on_ray
+
+    texts = [f"there is {'no' if i % 3 else 'a'} red circle number {i}" for i in range(24)]
+    hook = "text.blocks.1.hook_resid_post"
+    fill_store(tiny_model, texts, hook, tmp_path / "one", positions="pooled", shard_size=4, progress=False)
+    result = fill_store_on_ray(ModelSource("clip_lens/tiny-shapes"), texts, hook, tmp_path / "ray", workers=2,
+                               positions="pooled", shard_size=4, progress=False)
+    assert result.complete and result.written == list(range(6)) and result.kept == []
+    for shard in sorted((tmp_path / "one").glob("shard_*.npy")):
+        assert shard.read_bytes() == (tmp_path / "ray" / shard.name).read_bytes(), shard.name

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from clip_lens.cli.common import add_model_flags, model_from_args
+from clip_lens.cli.common import add_model_flags, model_from_args, model_source
 
 
 def _positions(value: str):
@@ -32,11 +32,22 @@ def _shard_range(value: str) -> range:
 def cmd_cache_activations(args: argparse.Namespace) -> int:
     from clip_lens.sae.store import ActivationStore, fill_store
 
-    model, label = model_from_args(args)
+    fill = dict(positions=args.positions, shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed,
+                dtype=args.store_dtype)
     start = time.perf_counter()
-    result = fill_store(model, args.images or args.texts, args.hook, args.out, positions=args.positions,
-                        shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed,
-                        dtype=args.store_dtype, progress=not args.quiet, shards=args.shards)
+    if args.ray:
+        from clip_lens.sweep.activation_store import fill_store_on_ray
+
+        if args.shards is not None:
+            raise ValueError("--shards and --ray: Ray hands the workers their shard ranges itself; give one of them")
+        source = model_source(args)
+        label = source.label()
+        result = fill_store_on_ray(source, args.images or args.texts, args.hook, args.out, workers=args.workers,
+                                   address=args.ray_address, progress=not args.quiet, **fill)
+    else:
+        model, label = model_from_args(args)
+        result = fill_store(model, args.images or args.texts, args.hook, args.out, progress=not args.quiet,
+                            shards=args.shards, **fill)
     seconds = time.perf_counter() - start
     print(f"{label}: wrote {len(result.written)} shards, kept {len(result.kept)} already written, in {seconds:.1f}s")
     if result.complete:
@@ -363,6 +374,12 @@ def register(sub) -> None:
     cache.add_argument("--store-dtype", choices=["float32", "float16"], default="float32", help="dtype on disk")
     cache.add_argument("--shards", type=_shard_range, default=None,
                        help="fill only shards A:B (several processes, one range each, fill one store)")
+    cache.add_argument("--ray", action="store_true", help="fill on Ray workers, each its own range of shards "
+                                                          "(pip install 'clip_lens[ray]')")
+    cache.add_argument("--workers", type=_count, default=None, help="with --ray: at most this many workers "
+                                                                   "(default: as many as the cluster's CPUs)")
+    cache.add_argument("--ray-address", default=None, help="with --ray: a running cluster ('auto' or host:port); "
+                                                           "default: a local instance started for the run")
     cache.add_argument("--out", type=Path, required=True, help="the store's folder (a rerun resumes it)")
     cache.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_flags(cache)

@@ -464,6 +464,14 @@ def _already_written(folder: Path, manifest: dict, index: int) -> bool:
     return problem is None
 
 
+def count_shards(model: Any, inputs: Any, hook: str, *, positions: Union[str, int] = "pooled",
+                 shard_size: Optional[int] = None, seed: int = 0, dtype: str = "float32") -> int:
+    """How many shards `fill_store` with these arguments writes (one probe forward pass): what a
+    driver needs to hand workers their `shards=` ranges."""
+    _, plan, _, _ = _config(model, resolve_inputs(inputs), hook, parse_positions(positions), seed, dtype, shard_size)
+    return len(plan)
+
+
 def fill_store(model: Any, inputs: Any, hook: str, folder: Union[str, Path], *,
                positions: Union[str, int] = "pooled", shard_size: Optional[int] = None, batch_size: int = 64,
                seed: int = 0, dtype: str = "float32", progress: bool = True,

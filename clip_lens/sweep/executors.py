@@ -175,34 +175,48 @@ def run_ray(tasks: list[Task], out: Path, manifest: Manifest, *, address: Option
     """Tasks on Ray actors: a local instance (`address` None) or an existing cluster ("auto" or
     "host:port"). Each worker declares `resources` (cpus, default 1; gpus; memory_gb) and runs with
     that many torch threads; it takes the next task of its current model while there is one."""
+    resources = resources or {}
+    cpus, gpus = resources.get("cpus", 1), resources.get("gpus", 0)
+    with ray_session(address) as ray:
+        options = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=retries, max_task_retries=retries)
+        if resources.get("memory_gb"):
+            options["memory"] = int(resources["memory_gb"] * 2**30)
+        Worker = ray.remote(**options)(_Worker)
+        n_workers = max(1, min(len(tasks), workers or ray_capacity(ray, cpus, gpus)))
+        actors = [Worker.remote(str(out), int(cpus) if cpus >= 1 else 1) for _ in range(n_workers)]
+        return _dispatch(ray, actors, tasks, manifest, progress)
+
+
+@contextmanager
+def ray_session(address: Optional[str] = None) -> Iterator:
+    """Ray, initialised: a local instance started here (and shut down, its processes reaped,
+    however the block ends: an exception, Ctrl-C) or the cluster at `address`; a session already
+    open in this process is used as it is."""
     try:
         import ray
     except ImportError:
-        raise RuntimeError("the ray executor needs Ray: pip install 'clip_lens[ray]'") from None
-    resources = resources or {}
-    cpus, gpus = resources.get("cpus", 1), resources.get("gpus", 0)
+        raise RuntimeError("this needs Ray: pip install 'clip_lens[ray]'") from None
     started_here = not ray.is_initialized()
     with _ray_reaper(enabled=started_here and not address) as watch:
-        try:  # Ray's processes end with the run however it ends (an exception, Ctrl-C)
+        try:
             if started_here:
                 kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
                 if address:
                     kwargs["address"] = address
                 ray.init(**kwargs)
             watch()
-            options = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=retries, max_task_retries=retries)
-            if resources.get("memory_gb"):
-                options["memory"] = int(resources["memory_gb"] * 2**30)
-            Worker = ray.remote(**options)(_Worker)
-            capacity = int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1e-9))
-            if gpus:
-                capacity = min(capacity, int(ray.cluster_resources().get("GPU", 0) // gpus))
-            n_workers = max(1, min(len(tasks), workers or capacity))
-            actors = [Worker.remote(str(out), int(cpus) if cpus >= 1 else 1) for _ in range(n_workers)]
-            return _dispatch(ray, actors, tasks, manifest, progress)
+            yield ray
         finally:
             if started_here:
                 ray.shutdown()
+
+
+def ray_capacity(ray, cpus: float, gpus: float = 0) -> int:
+    """How many workers of `cpus` CPUs (and `gpus` GPUs) the cluster holds at once."""
+    capacity = int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1e-9))
+    if gpus:
+        capacity = min(capacity, int(ray.cluster_resources().get("GPU", 0) // gpus))
+    return capacity
 
 
 # Run as its own process beside a driver that started a local Ray instance: it reads the PIDs of
