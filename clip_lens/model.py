@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from clip_lens import loading, weight_processing
+from clip_lens import loading, splicing, weight_processing
 from clip_lens.caches import CLIPActivationCache
 from clip_lens.config import CLIPConfig
 from clip_lens.hooks import TOWER_PREFIXES, HookContext, HookedModule
@@ -242,20 +242,16 @@ class HookedCLIP(HookedModule):
             self._transform = build_transform(self.preprocess_cfg)
         return to_pixels(images, self._transform, device=self.device)
 
-    # -- sparse autoencoders spliced in (clip_lens.sae.splice) -----------------------------------
+    # -- sparse autoencoders spliced in (clip_lens.splicing) -----------------------------------
     def add_sae(self, sae: Any, *, hook: Optional[str] = None, use_error_term: bool = False) -> Any:
         """Splice `sae` in at `hook` (default `sae.hook`): the activation there becomes the SAE's
         reconstruction (with `use_error_term`, stays as it is unless a latent is edited), and the
         latents become hook points, e.g. "vision.blocks.2.hook_resid_post.hook_sae_acts_post"."""
-        from clip_lens.sae.splice import add_sae
-
-        return add_sae(self, sae, hook=hook, use_error_term=use_error_term)
+        return splicing.add_sae(self, sae, hook=hook, use_error_term=use_error_term)
 
     def remove_saes(self, hook: Optional[str] = None) -> None:
         """Remove the SAE spliced at `hook`, or all of them."""
-        from clip_lens.sae.splice import remove_saes
-
-        remove_saes(self, hook)
+        splicing.remove_saes(self, hook)
 
     def tower_input(self, value: Any, *, name: str = "input") -> tuple[HookedTower, Tensor]:
         """The tower an input belongs to, and the input ready for it: texts or tokens [batch, pos]

@@ -1,4 +1,4 @@
-"""SAEs spliced into the model (clip_lens.sae.splice): with the error term every output is the
+"""SAEs spliced into the model (clip_lens.splicing): with the error term every output is the
 unspliced model's; without it the reconstruction flows on; latents are hook points, and editing one
 through its hook point equals `patch(sae=...)` on that latent."""
 

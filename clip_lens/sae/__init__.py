@@ -6,6 +6,8 @@
     sae = clip_lens.sae.load("runs/sae/final")             # either layout
     stats = sae_statistics(sae, acts)      # explained variance, dead latents, mean active
 
+Splicing an SAE into a model (`model.add_sae`) lives below the model, in `clip_lens.splicing`.
+
 The package, one job a file:
 
 - `architectures`: the SAEs (standard, TopK, BatchTopK, JumpReLU) and what they share;
@@ -15,7 +17,6 @@ The package, one job a file:
 - `training`: training on activations in memory, with checkpoints and resume;
 - `activations`: one hook's activations collected in memory;
 - `store`: the activation store on disk (shards, a manifest, resume, shuffled batches);
-- `splice`: SAEs spliced into a HookedCLIP (`model.add_sae`), their latents as hook points;
 - `alignment`: each latent's decoder direction against concept words in the joint space;
 - `browser`, `browser_page`: the latent browser, one self-contained HTML page per SAE;
 - `evaluation`: one evaluation table for any SAE; `separation`: latents that separate two groups.

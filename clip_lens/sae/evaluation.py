@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clip_lens.hooks import split_tower_prefix
-from clip_lens.sae.splice import add_sae, remove_saes
+from clip_lens.splicing import add_sae, remove_saes
 
 CONDITIONS = ("clean", "reconstruction", "zero")
 COLUMNS = ["hook", "architecture", "d_in", "n_latents", "vectors", "explained_variance", "l0", "dead_fraction",

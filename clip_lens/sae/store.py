@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from clip_lens.hooks import split_tower_prefix
+from clip_lens.model_sources import file_digest
 from clip_lens.report import write_atomically
 
 FORMAT, VERSION = "clip_lens activation store", 1
@@ -292,21 +293,13 @@ def shard_files(index: int) -> tuple[str, str]:
     return f"shard_{index:05d}.npy", f"shard_{index:05d}.origins.npy"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shard_problem(folder: Path, record: dict) -> Optional[str]:
     """Why a recorded shard cannot be used (missing, or its bytes not those recorded), or None."""
     for name, key in ((record["file"], "sha256"), (record["origins"], "origins_sha256")):
         path = folder / name
         if not path.is_file():
             return f"{path} is missing"
-        if file_sha256(path) != record[key]:
+        if file_digest(path) != record[key]:
             return f"{path} does not match its SHA-256 in {folder / MANIFEST} (damaged or changed)"
     return None
 
