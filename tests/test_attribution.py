@@ -140,3 +140,21 @@ def test_unexpected_reliance_flags_relied_on_latents_that_mean_another_class():
     flagged = table[table["unexpected"]]
     assert flagged[["class", "latent", "best_concept"]].values.tolist() == [["cat", 2, "car"]]
     assert table.set_index("latent").loc[0, "alignment_percentile"] == 0.75
+
+
+def test_attribution_patching_differentiates_with_respect_to_activations_only(tiny_model):
+    """No weight gets a gradient (none is computed), and frozen weights give the same estimates."""
+    import copy
+
+    import clip_lens
+
+    model = copy.deepcopy(tiny_model)
+    texts, sources = ["there is a red circle", "a blue square"], ["there is no red circle", "no blue square"]
+    kwargs = dict(target=texts, source=sources, image=torch.zeros(1, 64) + 0.1, layers=[0, 2, 3], method="attribution",
+                  progress=False)
+    result = clip_lens.patch(model, **kwargs)
+    assert all(param.grad is None for param in model.parameters())
+    model.requires_grad_(False)
+    frozen = clip_lens.patch(model, **kwargs)
+    torch.testing.assert_close(frozen.effects, result.effects, equal_nan=True, atol=0, rtol=0)
+    assert torch.isfinite(result.contributions[:, :, 1]).all()

@@ -38,32 +38,34 @@ def run_attribution(request: Request, result: PatchResult) -> None:
         acts = _clean_run_with_gradients(request, result, lo, hi, names)
         cache_s = _source_cache(request, result, lo, hi, names)
         for li, (layer, name) in enumerate(zip(plan.layers, names)):
-            act, grad = acts[name].detach(), acts[name].grad
+            act, grad = acts[name]
             act_s = cache_s[name] if cache_s is not None else None
             if request.method == "integrated_gradients":
                 grad = _path_gradient(request, lo, hi, name, act, replacement(plan, act, act_s, means.get(layer)))
             contrib = first_order_contributions(plan, act, grad, cache_s[name] if cache_s is not None else None,
                                                 means.get(layer))             # [batch, pos, (unit)]
             _write(result, plan, contrib, lengths[lo:hi], lo, li)
-        tower.zero_grad(set_to_none=True)
 
 
-def _clean_run_with_gradients(request: Request, result: PatchResult, lo: int, hi: int, names: list[str]) -> dict:
-    """Run pairs lo..hi with gradients, record their baselines, and return the hooked activations
-    with their gradients of the metric."""
+def _clean_run_with_gradients(request: Request, result: PatchResult, lo: int, hi: int,
+                              names: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Run pairs lo..hi with gradients, record their baselines, and return {hook name: (activation,
+    the metric's gradient with respect to it)}. The gradient is taken with respect to the hooked
+    activations only: no parameter's gradient is computed, and none is left on the weights."""
     acts: dict[str, Tensor] = {}
 
     def keep(act: Tensor, hook) -> Tensor:
-        act.retain_grad()
+        if not act.requires_grad:  # weights frozen by the user: the activation becomes where gradients start
+            act = act.detach().requires_grad_(True)
         acts[hook.name] = act
         return act
 
     with torch.enable_grad():
         emb = request.tower.run_with_hooks(request.target[lo:hi], fwd_hooks=[(name, keep) for name in names])
         values = request.score(emb, request.other[lo:hi])
-        values.sum().backward()
+        grads = torch.autograd.grad(values.sum(), [acts[name] for name in names])
     result.baseline[lo:hi] = values.detach().cpu()
-    return acts
+    return {name: (acts[name].detach(), grad) for name, grad in zip(names, grads)}
 
 
 def _path_gradient(request: Request, lo: int, hi: int, name: str, act: Tensor, rep: Tensor) -> Tensor:
