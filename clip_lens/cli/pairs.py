@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from clip_lens.cli.common import run_command, study_parser
 
 
 def cmd_compare_tasks(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from clip_lens.studies import compare_tasks
+
+    built = {}
 
     def make_data(model, options):
         sources = compare_tasks.TaskSources(valse=args.valse, pieces=args.pieces, images=args.images,
                                             generated_images=args.generated_images, cannot=args.cannot,
                                             spacy_model=args.spacy_model, pairs_files=args.pairs or ())
+        start = time.perf_counter()
         tasks = compare_tasks.build_tasks(model, sources, limit=options.limit, seed=options.seed, progress=not args.quiet)
+        built["seconds"] = time.perf_counter() - start
         images = "generated noise images" if args.generated_images else f"images from {args.images}"
         description = (f"{len(tasks)} tasks: " + ", ".join(f"{t.name} ({len(t.pairs)} pairs)" for t in tasks)
                        + f"; VALSE scored against {images}" * (args.valse is not None))
@@ -23,7 +30,10 @@ def cmd_compare_tasks(args: argparse.Namespace) -> int:
 
     def summary(tables: dict) -> str:
         top = tables["selectivity"].sort_values("a_N", ascending=False).groupby("task", sort=False).head(1)
-        return "most selective head per task:\n" + top[["task", "layer", "head", "a_N"]].to_string(index=False)
+        stages = pd.concat([pd.DataFrame([{"task": "all", "stage": "building the tasks (pairs, parse, images)",
+                                           "seconds": built.get("seconds", 0.0)}]), tables["stages"]])
+        return ("most selective head per task:\n" + top[["task", "layer", "head", "a_N"]].to_string(index=False)
+                + "\ntime per stage:\n" + compare_tasks.stage_summary(stages).to_string(index=False))
 
     return run_command(args, compare_tasks.STUDY, make_data, summary)
 

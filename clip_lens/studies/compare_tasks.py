@@ -9,9 +9,11 @@ report. `data` is a `TaskSet` (`build_tasks`, the data preparation of the front 
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -53,7 +55,8 @@ class Options(StudyOptions):
 def compute(model: HookedCLIP, data: TaskSet, options: Options, *, checkpoints=None, progress: bool = True) -> Tables:
     """tasks (pairs kept and excluded, whether there are images), selectivity (every head's a^N per
     task), selectivity_correlation (Spearman between every two tasks), localisation (per layer, tasks
-    with images), ablation (each task's top_k heads against random heads), about (the tasks in words)."""
+    with images), ablation (each task's top_k heads against random heads), about (the tasks in words),
+    stages (seconds per task and stage of this run)."""
     names = [task.name for task in data.tasks]
     if len(names) < 1:
         raise ValueError("give at least one task")
@@ -61,13 +64,13 @@ def compute(model: HookedCLIP, data: TaskSet, options: Options, *, checkpoints=N
         raise ValueError(f"task names repeat: {names}")
     refuse_if_none_kept([task.pairs for task in data.tasks], what="task")
     parts: dict[str, list] = {"selectivity": [], "localisation": [], "ablation": []}
-    counts = []
+    counts, stages = [], StageClock()
     for task in tqdm(data.tasks, desc="tasks", disable=not progress):
         counts.append({"task": task.name, "pairs": len(task.pairs), "excluded": len(task.pairs.excluded),
                        "images": task.image_emb is not None})
-        for key, table in (_one_task(model, task, options) if len(task.pairs) else {}).items():
+        for key, table in (_one_task(model, task, options, stages) if len(task.pairs) else {}).items():
             parts[key].append(table.assign(task=task.name))
-    tables = {"tasks": pd.DataFrame(counts)}
+    tables = {"tasks": pd.DataFrame(counts), "stages": stages.table()}
     for key in ("selectivity", "localisation", "ablation"):
         tables[key] = pd.concat(parts[key], ignore_index=True) if parts[key] else pd.DataFrame()
         if key == "selectivity":
@@ -76,16 +79,44 @@ def compute(model: HookedCLIP, data: TaskSet, options: Options, *, checkpoints=N
     return tables
 
 
-def _one_task(model: HookedCLIP, task: TaskInput, options: Options) -> dict[str, pd.DataFrame]:
-    """One task's selectivity, and with images its localisation and head ablation."""
-    heads = pair_tasks.head_table(model, task)
+class StageClock:
+    """Seconds per (task, stage) of a run, for the stage table every run ends with."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    @contextmanager
+    def stage(self, task: str, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.rows.append({"task": task, "stage": name, "seconds": time.perf_counter() - start})
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["task", "stage", "seconds"])
+
+
+def _one_task(model: HookedCLIP, task: TaskInput, options: Options, clock: StageClock) -> dict[str, pd.DataFrame]:
+    """One task's selectivity, and with images its localisation and head ablation, each stage timed."""
+    with clock.stage(task.name, "selectivity"):
+        heads = pair_tasks.head_table(model, task)
     if task.image_emb is None:
         return {"selectivity": heads}
-    traced = minimal_pairs.trace(model, task.pairs, task.image_emb, task.marked, progress=False).frame()
-    top = pair_tasks.top_heads(heads, options.top_k)
-    ablation = head_interventions.intervention_study(model, task.pairs, task.image_emb, top,
-                                                     random_seeds=options.random_seeds)
+    with clock.stage(task.name, "causal tracing"):
+        traced = minimal_pairs.trace(model, task.pairs, task.image_emb, task.marked, progress=False).frame()
+    with clock.stage(task.name, "head ablation"):
+        ablation = head_interventions.intervention_study(model, task.pairs, task.image_emb,
+                                                         pair_tasks.top_heads(heads, options.top_k),
+                                                         random_seeds=options.random_seeds)
     return {"selectivity": heads, "localisation": pair_tasks.localisation(traced), "ablation": ablation}
+
+
+def stage_summary(stages: pd.DataFrame) -> pd.DataFrame:
+    """Seconds and share of the run per stage, summed over the tasks (largest first)."""
+    totals = stages.groupby("stage", sort=False)["seconds"].sum().sort_values(ascending=False)
+    return pd.DataFrame({"stage": totals.index, "seconds": totals.to_numpy().round(1),
+                         "share": (totals / totals.sum()).to_numpy().round(3) if totals.sum() else 0.0})
 
 
 @dataclass(frozen=True)
