@@ -220,8 +220,9 @@ def test_interaction_table_along_layers_equals_separate_patches(tiny_model):
         for pi, pos in enumerate([2, 3]):
             rows = table[(table["group"] == group) & (table["position"] == pos)].set_index("pair")
             alone = sum(change[:, layer, pi] for layer in group)
-            np.testing.assert_allclose(rows["alone"], alone.numpy(), atol=1e-6)
-            np.testing.assert_allclose(rows["joint"], joint.changes()[:, gi, pi].numpy(), atol=1e-6)
+            # float32 runs batched differently (singles beside groups here): equal to float32 rounding
+            np.testing.assert_allclose(rows["alone"], alone.numpy(), atol=1e-5)
+            np.testing.assert_allclose(rows["joint"], joint.changes()[:, gi, pi].numpy(), atol=1e-5)
     assert not np.allclose(table["interaction"], 0, atol=1e-4)  # mlp outputs at several layers do interact
 
 

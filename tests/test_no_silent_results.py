@@ -330,6 +330,7 @@ def test_the_engine_memory_knobs_reach_the_studies_and_change_no_result(tmp_path
     n = frames[0]["instance"].nunique()
     # one engine call per checkpoint chunk (64 instances by default, 5 when asked), the knobs passed on
     assert n <= 64 and calls == [(256, 64), (3, 2)] + [(256, 2)] * -(-n // 5)
-    # CTE divides by d, so a float-rounding change in S shows up to ~1e-5 where d is small
-    pd.testing.assert_frame_equal(frames[0], frames[1], atol=1e-4, rtol=1e-4)
-    pd.testing.assert_frame_equal(frames[0], frames[2], atol=1e-4, rtol=1e-4)
+    # CTE divides by d (as small as 0.01 here), so a float32 rounding change in S (about 1e-6, from
+    # batching the runs differently) shows up to ~1e-4 in CTE
+    pd.testing.assert_frame_equal(frames[0], frames[1], atol=5e-4, rtol=1e-4)
+    pd.testing.assert_frame_equal(frames[0], frames[2], atol=5e-4, rtol=1e-4)

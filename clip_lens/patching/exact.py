@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from clip_lens.hooks import act_name
 from clip_lens.patching.request import Plan, Request, as_group
 from clip_lens.patching.result import PatchResult
-from clip_lens.patching.resume import LaterEdit, cached_at_class_token_only, cached_names, resume, run_cached
+from clip_lens.patching.resume import LaterEdit, cached_names, reaches_pooled_row_only, resume, run_cached
 from clip_lens.towers import HookedTower
 
 
@@ -130,21 +130,28 @@ class Site:
         # a causal run recomputes positions suffix.. only; a non-causal one every position
         self.suffix = min(as_group(pos)) if (tower.attends_causally and pos is not None) else 0
 
+    def pooled_row_only(self, layer: int) -> bool:
+        """Whether only the pooled row of this layer's activation reaches the embedding (the last
+        block, in a tower pooling one row: `resume.reaches_pooled_row_only`)."""
+        return reaches_pooled_row_only(self.tower, self.plan.kind.hook_name(layer, self.tower.cfg.n_layers))
+
     def selection(self, layer: int):
         """Which rows of the layer's cached activation the intervention replaces: an int, a list
         (a tuple of positions) or a slice (the whole sequence); None where none of them reaches
-        the embedding (a class-token tower's last block keeps its class token only)."""
-        name = self.plan.kind.hook_name(layer, self.tower.cfg.n_layers)
-        class_token_row = cached_at_class_token_only(self.tower, name)  # other positions reach nothing
+        the embedding (in the last block only the pooled row does: the class token, or EOT)."""
+        pooled = 0 if self.tower.pools_class_token else self.length - 1  # the row the tower pools
+        if self.pooled_row_only(layer):
+            if self.pos is None:
+                return slice(pooled, pooled + 1)
+            kept = [p for p in as_group(self.pos) if p == pooled]
+            return None if not kept else (kept if isinstance(self.pos, tuple) else kept[0])
         if self.pos is None:  # the whole sequence is the pair's own tokens (not a shorter text's padding)
-            return slice(0, 1 if class_token_row else self.length)
-        if isinstance(self.pos, tuple):
-            kept = [p for p in self.pos if not class_token_row or p == 0]
-            return kept or None
-        return None if (class_token_row and self.pos > 0) else self.pos
+            return slice(0, self.length)
+        return list(self.pos) if isinstance(self.pos, tuple) else self.pos
 
     def activations(self, layer: int, sel) -> tuple[Tensor, Optional[Tensor]]:
-        """(target's, source's) activation at `layer`, rows `sel`."""
+        """(target's, source's) activation at `layer`, rows `sel` (a class-token tower caches its
+        last block's hooks at the class token only: row 0 is the class token there)."""
         name = self.plan.kind.hook_name(layer, self.tower.cfg.n_layers)
         act_t = self.cache_t[name][self.pair][sel]
         act_s = self.cache_s[name][self.src_pair][sel] if self.cache_s is not None else None
@@ -202,7 +209,9 @@ class Site:
         if sel is None:
             return []
         act_t, act_s = self.activations(layer, sel)
-        if isinstance(sel, slice):  # the whole sequence: suffix is 0
+        if self.pooled_row_only(layer):  # the resumed run computes the pooled row alone there
+            rows = slice(0, 1) if isinstance(sel, slice) else ([0] if isinstance(sel, list) else 0)
+        elif isinstance(sel, slice):  # the whole sequence: suffix is 0
             rows = sel
         else:
             rows = [p - self.suffix for p in sel] if isinstance(sel, list) else sel - self.suffix

@@ -33,6 +33,15 @@ def cached_names(tower: HookedTower, source_names: set[str]) -> set[str]:
     return names | source_names
 
 
+def reaches_pooled_row_only(tower: HookedTower, name: str) -> bool:
+    """Whether hook `name` reaches the embedding at the pooled row only: the hooks of the last block
+    other than its input (and the residual after it), in a tower that pools one row (a class token,
+    or a causal tower's EOT). An intervention at another row there changes nothing."""
+    prefix = f"blocks.{tower.cfg.n_layers - 1}."
+    pools_one_row = tower.pools_class_token or tower.attends_causally
+    return pools_one_row and name.startswith(prefix) and name != act_name("resid_pre", tower.cfg.n_layers - 1)
+
+
 def cached_at_class_token_only(tower: HookedTower, name: str) -> bool:
     """Whether `run_cached(embedding_only=True)` keeps hook `name` at the class token only ([batch, 1, ...]): the hooks
     of a class-token tower's last block other than its input. Their other positions never reach
@@ -143,9 +152,12 @@ def _resume(tower: HookedTower, states: Tensor, starts: list[int], kv, rows: Opt
             residual: dict) -> Tensor:
     x = states
     n_steps = 2 * tower.cfg.n_layers
-    # a class-token tower needs only the class token's row out of the last block
+    # the last block matters at one row only: a class-token tower's class token, or a causal tower's
+    # pooled row, which is each run's last computed row (its suffix ends at EOT)
     class_token_only = rows is None and tower.pools_class_token
-    for step in range(starts[0], n_steps - 2 if class_token_only else n_steps):
+    if rows is not None and not bool((rows == x.shape[1] - 1).all()):
+        raise RuntimeError("resumed causal runs must end at their pooled row")  # run_items guarantees it
+    for step in range(starts[0], n_steps - 2):
         active = bisect.bisect_right(starts, step)  # runs that have joined by this step
         block = tower.blocks[step // 2]
         _apply_edits(residual.get(step, ()), x)
@@ -154,13 +166,40 @@ def _resume(tower: HookedTower, states: Tensor, starts: list[int], kv, rows: Opt
             block.attn_half_(x[:active], past)
         else:
             block.mlp_half_(x[:active])
+    _apply_edits(residual.get(n_steps - 2, ()), x)  # the last block's input, read by every key
     if class_token_only:
-        _apply_edits(residual.get(n_steps - 2, ()), x)  # the last block's input, read by every key
         x = last_block_at_class_token(tower, x, starts)
+    elif rows is not None:
+        x = last_block_at_last_row(tower, x, starts, kv[-1] if kv is not None else None)
+    else:
+        for step in range(max(starts[0], n_steps - 2), n_steps):  # a tower pooling every row (mean of patches)
+            active = bisect.bisect_right(starts, step)
+            if active:
+                (tower.blocks[-1].attn_half_ if step % 2 == 0 else tower.blocks[-1].mlp_half_)(x[:active])
     _apply_edits(residual.get(n_steps, ()), x)
     if rows is None:
         return tower.pool(x)
-    return tower.pool_rows(x[torch.arange(x.shape[0], device=x.device), rows])
+    return tower.pool_rows(x[:, 0])
+
+
+def last_block_at_last_row(tower: HookedTower, x: Float[Tensor, "N S d_model"], starts: list[int],
+                           prefix_kv: Optional[tuple[Tensor, Tensor]]) -> Float[Tensor, "N 1 d_model"]:
+    """The residual after a causal tower's last block at each run's last row (its pooled EOT), from
+    residuals at the last block's input (or, per `starts`, at its middle): the other rows enter only
+    as keys and values, after the cached ones of the positions before the suffix (`prefix_kv`)."""
+    block, last = tower.blocks[-1], 2 * tower.cfg.n_layers - 2
+    out = x[:, -1:].clone()
+    active = bisect.bisect_right(starts, last)
+    if active:
+        keys, values = block.attn.keys_values(block.ln1(x[:active, :-1]))
+        if prefix_kv is not None:
+            keys = torch.cat([prefix_kv[0][:active], keys], dim=1)
+            values = torch.cat([prefix_kv[1][:active], values], dim=1)
+        out[:active] = block.attn_half(x[:active, -1:], (keys, values))
+    active = bisect.bisect_right(starts, last + 1)
+    if active:
+        out[:active] = block.mlp_half(out[:active])
+    return out
 
 
 def last_block_at_class_token(tower: HookedTower, x: Float[Tensor, "N pos d_model"],
