@@ -66,6 +66,11 @@ def test_demo_runs_offline_and_shows_structure(tmp_path, capsys):
     top = reliance[reliance["rank"] == 1]
     assert len(top) == 12
     assert (top["class"].str.split().str[0] == top["best_concept"].str.split().str[0]).mean() >= 0.9
+    # the report's latents link to their pages in the latent browser the demo writes beside it
+    linked = set(reliance["latent"].astype(int))
+    page = (tmp_path / "attribution" / "latents.html").read_text()
+    assert all(f'id="latent-{latent}"' in page for latent in linked)
+    assert 'href="latents.html#latent-' in (tmp_path / "attribution" / "report.html").read_text()
     # attention cancellation with the shipped captioner: the generated captions are mostly right at
     # baseline, and cancelling every block leaves every image one caption
     cancel = pd.read_csv(tmp_path / "attention_cancellation" / "predictions.csv")

@@ -70,15 +70,19 @@ def attribution(demo: Demo, images: Path, captions: Path) -> None:
     """Attribution to heads, neurons and SAE latents on one-shape scenes (out/attribution/)."""
     from clip_lens import studies
     from clip_lens.data.image_sets import open_image_set
-    from clip_lens.studies.attribution import TINY_CLIP
+    from clip_lens.sae import write_browser
+    from clip_lens.studies.attribution import BROWSER_PAGE, TINY_CLIP, AttributionData
 
     image_set = open_image_set(images, captions, None, demo.args.out / "sample_images")
     options = studies.get("attribution").Options(**TINY_CLIP)
-    areas = demo.run("attribution", "attribution", image_set, options,
+    pages: list = []  # the latent browser's data: the report links each relied-on latent to its page
+    areas = demo.run("attribution", "attribution", AttributionData(image_set, on_browser_data=pages.append), options,
                      {"images": images, "captions": captions})["deletion_areas"].set_index("method")["area"]
+    if pages:
+        write_browser(pages[-1], demo.args.out / "attribution" / BROWSER_PAGE, title="SAE latents of the attribution demo")
     print("attribution on one-shape scenes, area under the deletion curves (smaller = more faithful): "
           + ", ".join(f"{method} {area:.3f}" for method, area in areas.items())
-          + f"; report {demo.args.out}/attribution/report.html")
+          + f"; report {demo.args.out}/attribution/report.html, latents {demo.args.out}/attribution/{BROWSER_PAGE}")
 
 
 def circuit(demo: Demo) -> None:
