@@ -55,17 +55,23 @@ def load_sae(path: Union[str, Path], architectures: dict) -> Any:
     return sae.eval()
 
 
+def read_json_object(path: Path, name: str, article: str = "a") -> dict:
+    """The JSON object in `path`, a `name` ("SAE config"); anything else is a ValueError naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a JSON {name} ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {article} {name} is a JSON object, not a {type(value).__name__}")
+    return value
+
+
 def read_config(path: Path, architectures: dict) -> dict:
     """An SAE's JSON config: architecture (a key of `architectures`; default "topk"), d_in, n_latents
     (positive integers), k for "topk" (an integer in 1..n_latents) and "batchtopk" (a number in
     (0, n_latents]), hook (a hook name or null) and apply_b_dec_to_input (a bool); anything else is
     a ValueError naming the file and key."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not a JSON SAE config ({error})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: an SAE config is a JSON object, not a {type(config).__name__}")
+    config = read_json_object(path, "SAE config", "an")
     architecture = config.get("architecture", "topk")
     if architecture not in architectures:
         raise ValueError(f"{path}: architecture {architecture!r} is not one of {sorted(architectures)}")

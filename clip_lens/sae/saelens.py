@@ -32,7 +32,7 @@ import torch
 
 from clip_lens.hooks import split_tower_prefix
 from clip_lens.sae.architectures import ARCHITECTURES, BatchTopKSAE, JumpReLUSAE, SparseAutoencoder, TopKSAE
-from clip_lens.sae.files import check_weights
+from clip_lens.sae.files import check_weights, read_json_object
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 LAYOUT_VERSION = "6.0.0"   # the SAELens config layout written here (its version decides how a reader parses it)
@@ -58,7 +58,7 @@ def load_saelens(path: Union[str, Path], tower: Optional[str] = None) -> SparseA
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found: a SAELens SAE folder holds {CFG} and {WEIGHTS}")
-    cfg = _modern(_read_json(cfg_path), cfg_path)
+    cfg = _modern(read_json_object(cfg_path, "SAELens config"), cfg_path)
     architecture = cfg["architecture"]
     cls = ARCHITECTURES[architecture]
     d_in, d_sae = _size(cfg, "d_in", cfg_path), _size(cfg, "d_sae", cfg_path)
@@ -78,16 +78,6 @@ def load_saelens(path: Union[str, Path], tower: Optional[str] = None) -> SparseA
     if architecture == "topk" and _flag(cfg, "rescale_acts_by_decoder_norm", False, cfg_path):
         _fold_decoder_norms(sae)
     return sae.to(dtype).eval()
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: a SAELens config is a JSON object, not a {type(value).__name__}")
-    return value
 
 
 def _modern(cfg: dict, path: Path) -> dict:
