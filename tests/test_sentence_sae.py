@@ -54,6 +54,9 @@ def test_the_command_runs_on_valse_existence(tmp_path, capsys):
 def test_options_and_data_are_checked_by_name(tiny_model):
     with pytest.raises(OptionError, match="architecture='gated'"):
         sentence_sae.Options(architecture="gated")
+    with pytest.raises(OptionError, match="k=4: a jumprelu SAE has no k"):   # accepted only where it is applied
+        sentence_sae.Options(architecture="jumprelu", k=4)
+    assert sentence_sae.Options(architecture="jumprelu").architecture == "jumprelu"
     with pytest.raises(ValueError, match="layer=7: the text tower has blocks 0..2"):
         sentence_sae.compute(tiny_model, pd.DataFrame({"sentence": ["no", "a"], "negated": [True, False]}),
                              sentence_sae.Options(layer=7), progress=False)

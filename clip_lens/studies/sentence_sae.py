@@ -29,7 +29,7 @@ from clip_lens.report import Report
 from clip_lens.sae import ARCHITECTURES, ActivationStore, fill_store, train_sae
 from clip_lens.sae.evaluation import evaluate_reconstruction
 from clip_lens.sae.separation import input_scores, separating_latents
-from clip_lens.studies.options import StudyOptions, option
+from clip_lens.studies.options import OptionError, StudyOptions, option
 from clip_lens.studies.runner import Study, Tables
 
 
@@ -45,6 +45,13 @@ class Options(StudyOptions):
     limit: Optional[int] = option(None, "use the first N sentences only", minimum=2)
     top: int = option(20, "latents listed, by how well they separate negated from plain sentences", minimum=1)
     examples: int = option(3, "top sentences shown per listed latent", minimum=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        default_k = type(self).__dataclass_fields__["k"].default
+        if self.architecture not in ("topk", "batchtopk") and self.k != default_k:
+            raise OptionError(f"k={self.k}: a {self.architecture} SAE has no k (its sparsity comes from its loss); "
+                              "leave k out or use architecture 'topk' or 'batchtopk'")
 
 
 def hook_of(model, options: Options) -> str:
