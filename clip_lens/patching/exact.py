@@ -20,7 +20,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from clip_lens.components import hooks_attached
 from clip_lens.hooks import act_name
+from clip_lens.patching.packed import Packing, resume_packed
 from clip_lens.patching.request import Plan, Request, as_group
 from clip_lens.patching.result import PatchResult
 from clip_lens.patching.resume import LaterEdit, cached_names, reaches_pooled_row_only, resume, run_cached
@@ -252,8 +254,7 @@ def _latent_set_to(sae, latent, codes_rep: Tensor, live: Tensor) -> Tensor:
 def _suffix_state(plan: Plan, tower: HookedTower, layer: int, make_rep: RepFactory, cache_t: dict, pair: int, sel,
                   suffix: int, length: int) -> Float[Tensor, "suffix_len d_model"]:
     """The residual an intervention resumes from, at positions suffix..length - 1."""
-    state = plan.kind.resumed_residual(tower, layer, make_rep(), cache_t, pair, sel)  # shape = [pos, d_model]
-    return state[suffix:length]
+    return plan.kind.resumed_residual(tower, layer, make_rep(), cache_t, pair, sel, suffix, length)
 
 
 def run_exact(request: Request, result: PatchResult) -> None:
@@ -311,30 +312,71 @@ def _cached_chunk(request: Request, result: PatchResult, lo: int, hi: int, names
 
 
 def run_items(request: Request, items: list[Intervention], cache_t: dict, offset: int, effects: Tensor) -> None:
-    """Run interventions grouped by (suffix start, suffix length), in batches sorted by start step."""
-    tower, n_layers = request.tower, request.tower.cfg.n_layers
-    causal = tower.attends_causally
+    """Run interventions in batches sorted by start step: a causal tower's packed into one token
+    matrix whatever their suffixes (`packed.resume_packed`), the others (and runs that edit a
+    hook other than the residual stream, or any run while a hook is attached to the tower)
+    grouped by (suffix start, suffix length)."""
+    tower = request.tower
+    packs = tower.attends_causally and not hooks_attached(*tower._hook_points())
+    packed = [it for it in items if packs and all(edit[0] in _residual_names(tower) for edit in it.edits)]
+    grouped = [it for it in items if not packs or any(edit[0] not in _residual_names(tower) for edit in it.edits)]
+    packed.sort(key=lambda it: (it.start, it.rows))  # similar suffix lengths together: less attention padding
+    for b in range(0, len(packed), request.batch_size):
+        _run_packed(request, packed[b : b + request.batch_size], cache_t, offset, effects)
     groups: dict[tuple[int, int], list[Intervention]] = {}
-    for item in items:
+    for item in grouped:
         groups.setdefault((item.suffix, item.rows), []).append(item)
-    for (suffix, _), group in groups.items():
+    for group in groups.values():
         group.sort(key=lambda it: it.start)
         for b in range(0, len(group), request.batch_size):
-            batch = group[b : b + request.batch_size]
-            pairs = torch.tensor([it.pair for it in batch], device=tower.device)
-            kv = None
-            if causal and suffix > 0:  # the unchanged prefix enters as cached keys and values
-                kv = [(cache_t[act_name("k", blk)][pairs, :suffix], cache_t[act_name("v", blk)][pairs, :suffix])
-                      for blk in range(n_layers)]
-            states = torch.stack([it.make_state() for it in batch])          # [N, suffix length, d_model]
-            rows = torch.tensor([it.row for it in batch], device=tower.device) if causal else None
-            edits = [LaterEdit(run, *edit) for run, it in enumerate(batch) for edit in it.edits]
-            with torch.no_grad():
-                emb = resume(tower, states, [it.start for it in batch], kv, rows, edits)
-                values = request.score(emb, request.other[offset + pairs]).cpu()  # one copy per batch
-            # every key of a call has one length: write the batch's cells with one indexed assignment
-            cells = torch.tensor([(offset + it.pair, *it.key) for it in batch], device="cpu")  # [N, index dims]
-            effects[tuple(cells.T)] = values
+            _run_grouped(request, group[b : b + request.batch_size], cache_t, offset, effects)
+
+
+@functools.lru_cache(maxsize=8)
+def _residual_names_of(n_layers: int) -> frozenset[str]:
+    return frozenset([act_name("resid_pre", b) for b in range(n_layers)] + [act_name("resid_post", n_layers - 1)])
+
+
+def _residual_names(tower: HookedTower) -> frozenset[str]:
+    """The hooks a joint intervention's later edit writes into the residual stream itself."""
+    return _residual_names_of(tower.cfg.n_layers)
+
+
+def _run_packed(request: Request, batch: list[Intervention], cache_t: dict, offset: int, effects: Tensor) -> None:
+    """One batch of a causal tower's interventions, their suffix rows packed into one matrix."""
+    tower = request.tower
+    packing = Packing.of([it.pair for it in batch], [it.suffix for it in batch], [it.rows for it in batch],
+                         tower.device)
+    states = torch.cat([it.make_state() for it in batch])  # [rows, d_model]
+    edits = [LaterEdit(run, *edit) for run, it in enumerate(batch) for edit in it.edits]
+    with torch.no_grad():
+        emb = resume_packed(tower, states, [it.start for it in batch], packing, cache_t, edits)
+        values = request.score(emb, request.other[offset + packing.pairs]).cpu()  # one copy per batch
+    _write_cells(batch, offset, values, effects)
+
+
+def _run_grouped(request: Request, batch: list[Intervention], cache_t: dict, offset: int, effects: Tensor) -> None:
+    """One batch of interventions with one suffix start and length, as [N, suffix length, d_model]."""
+    tower, n_layers = request.tower, request.tower.cfg.n_layers
+    causal, suffix = tower.attends_causally, batch[0].suffix
+    pairs = torch.tensor([it.pair for it in batch], device=tower.device)
+    kv = None
+    if causal and suffix > 0:  # the unchanged prefix enters as cached keys and values
+        kv = [(cache_t[act_name("k", blk)][pairs, :suffix], cache_t[act_name("v", blk)][pairs, :suffix])
+              for blk in range(n_layers)]
+    states = torch.stack([it.make_state() for it in batch])          # [N, suffix length, d_model]
+    rows = torch.tensor([it.row for it in batch], device=tower.device) if causal else None
+    edits = [LaterEdit(run, *edit) for run, it in enumerate(batch) for edit in it.edits]
+    with torch.no_grad():
+        emb = resume(tower, states, [it.start for it in batch], kv, rows, edits)
+        values = request.score(emb, request.other[offset + pairs]).cpu()  # one copy per batch
+    _write_cells(batch, offset, values, effects)
+
+
+def _write_cells(batch: list[Intervention], offset: int, values: Tensor, effects: Tensor) -> None:
+    """Every key of a call has one length: write the batch's cells with one indexed assignment."""
+    cells = torch.tensor([(offset + it.pair, *it.key) for it in batch], device="cpu")  # [N, index dims]
+    effects[tuple(cells.T)] = values
 
 
 def plan_means(plan: Plan, tower: HookedTower, inputs: Tensor, mean: Optional[Tensor], pair_chunk: int) -> dict:

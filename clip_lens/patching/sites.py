@@ -107,18 +107,29 @@ class HookKind:
         return act_name("resid_mid" if self.reenters == "attn" else "resid_post", layer)
 
     def resumed_residual(self, tower: HookedTower, layer: int, rep: Tensor, cache: dict, pair: int,
-                         sel) -> Float[Tensor, "pos d_model"]:
+                         sel, first: int = 0, end: Optional[int] = None) -> Float[Tensor, "pos d_model"]:
         """The residual stream at `start_step(layer)` of one target run (`pair` of the cached
-        `cache`) with the activation at positions `sel` replaced by `rep`."""
-        state = cache[self.resumed_name(layer, tower.cfg.n_layers)][pair].clone()
+        `cache`) with the activation at positions `sel` replaced by `rep`, at positions
+        first..end - 1 (a causal run's suffix: every position in `sel` lies there)."""
+        state = cache[self.resumed_name(layer, tower.cfg.n_layers)][pair, first:end].clone()
+        at = _shifted(sel, first)
         if self.reenters == "resid":
-            state[sel] = rep
+            state[at] = rep
             return state
         with torch.no_grad():
             out = self.to_output(tower.blocks[layer], rep)
         before = act_name("resid_pre" if self.reenters == "attn" else "resid_mid", layer)
-        state[sel] = cache[before][pair][sel] + out
+        state[at] = cache[before][pair][sel] + out
         return state
+
+
+def _shifted(sel, first: int):
+    """Positions `sel` (an int, a list or a slice) counted from position `first`."""
+    if first == 0:
+        return sel
+    if isinstance(sel, slice):
+        return slice(sel.start - first, sel.stop - first)
+    return [p - first for p in sel] if isinstance(sel, list) else sel - first
 
 
 KINDS: dict[str, HookKind] = {kind.name: kind for kind in (
