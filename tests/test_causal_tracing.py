@@ -97,3 +97,25 @@ def test_a_sample_keeps_each_instance_with_its_own_image(vit_b32):
     assert len(sample) == 12 and set(sample.frame["negation_in"]) == {"caption", "foil"}
     expected = full.frame.set_index("id").loc[sample.frame["id"], "d"].to_numpy()
     np.testing.assert_allclose(sample.frame["d"], expected, atol=1e-5)
+
+
+def test_pairs_run_shortest_first_and_return_in_the_given_order(tiny_model, monkeypatch):
+    """A chunk's cached runs are trimmed to its longest text: `trace` runs the pairs sorted by
+    length (so chunks are padded little) and gives every output back in the caller's order."""
+    from clip_lens.studies.analyses import causal_tracing as module
+
+    long, short = "a red circle above a blue square and a green triangle", "a dog"
+    sources = ["a blue square above a red circle and a green triangle", "a cat", "a big cat", "the dog"]
+    targets = [long, short, "a big dog", "a dog"]
+    image_emb = torch.randn(4, tiny_model.vision.cfg.d_embed, generator=torch.Generator().manual_seed(0))
+    seen = []
+    real_patch = module.patch
+    monkeypatch.setattr(module, "patch", lambda model, **kw: seen.append(list(kw["target"])) or real_patch(model, **kw))
+    cte, eot = causal_tracing.trace(tiny_model, sources, targets, image_emb, ids=[0, 1, 2, 3], progress=False,
+                                    pair_chunk=2)
+    assert seen == [[short, "a dog"], ["a big dog", long]]  # shortest first, in chunks of 2
+    for i in range(4):  # each row is its own pair's, as one pair traced alone
+        alone, alone_eot = causal_tracing.trace(tiny_model, sources[i : i + 1], targets[i : i + 1], image_emb[i : i + 1],
+                                                ids=[i], progress=False)
+        assert eot[i] == alone_eot[0]
+        np.testing.assert_allclose(cte[i, :, : eot[i] + 1], alone[0, :, : eot[i] + 1], atol=1e-4)

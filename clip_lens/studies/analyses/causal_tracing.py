@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 from jaxtyping import Float, Int
 
 from clip_lens import plot
@@ -128,6 +129,11 @@ def trace(model: HookedCLIP, sources: list, targets: list, image_emb, ids: list,
     if unknown:
         raise TypeError(f"trace() got unexpected keyword arguments {sorted(unknown)}; engine knobs: {sorted(ENGINE)}")
     batch_size, pair_chunk = ({**ENGINE, **engine}[name] for name in ("batch_size", "pair_chunk"))
+    # pairs run shortest first, so that a chunk's cached runs are padded little (a chunk is trimmed to its
+    # longest text); the outputs return to the given order
+    order = np.argsort(model.text.sequence_lengths(model.to_tokens(list(targets))).cpu().numpy(), kind="stable")
+    sources, targets = [sources[i] for i in order], [targets[i] for i in order]
+    image_emb, ids = image_emb[torch.as_tensor(order, device=image_emb.device)], [ids[i] for i in order]
 
     def chunk(lo: int, hi: int) -> dict:
         source = model.to_tokens(sources[lo:hi])
@@ -138,12 +144,13 @@ def trace(model: HookedCLIP, sources: list, targets: list, image_emb, ids: list,
 
     chunks = (checkpoints or Checkpoints(None)).chunks("causal_tracing", len(sources), pair_chunk, chunk, progress,
                                                         ids=ids)
-    s_star = concatenate(chunks, "s_star")  # positions past a chunk's longest text: NaN, as past each text's EOT
-    s_p, s_n = (concatenate(chunks, name)[:, None, None] for name in ("s_p", "s_n"))
+    given = np.argsort(order)  # the row of each given pair in the run's order
+    s_star = concatenate(chunks, "s_star")[given]  # positions past a chunk's longest text: NaN, as past each text's EOT
+    s_p, s_n = (concatenate(chunks, name)[given][:, None, None] for name in ("s_p", "s_n"))
     # With p the patched (non-negated) and n the negated sentence, both placements reduce to one
     # ratio: in the foil (p = c), d* / d = (S(p) - S*(p)) / (S(p) - S(n)); in the caption (p = f),
     # d* / d = (S*(p) - S(p)) / (S(n) - S(p)), the same. S(p) and S(n) are taken from the engine's
     # own clean runs, so that a no-op patch gives exactly 0.
     with np.errstate(divide="ignore", invalid="ignore"):
         cte_positions = (s_p - s_star) / (s_p - s_n)
-    return cte_positions, concatenate(chunks, "eot")
+    return cte_positions, concatenate(chunks, "eot")[given]
