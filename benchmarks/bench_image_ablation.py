@@ -29,6 +29,9 @@ from clip_lens.images import mean_colour_pixels
 from clip_lens.model import random_model_pair
 from clip_lens.studies.analyses import existence, image_ablation
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_patching import gemm_rate  # noqa: E402  the one GEMM-rate measurement of the benchmarks
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -60,6 +63,26 @@ def plain_loop(oc, pixels, source, caption_emb, foil_emb):
     return out
 
 
+def floor_flops(cfg, n_instances: int) -> float:
+    """FLOPs image ablation cannot avoid, per the engine's plan: the target's and the baseline's runs
+    (every block but the last at every position; the last at the class token), and per instance and
+    layer l, MHA ablated (block l's MLP, then blocks l+1..) and MLP ablated (blocks l+1..), each
+    resumed run computing the last block at the class token only. A block costs 24 d^2 per position
+    in its linear layers and 4 d P per position in attention (P positions); the last block at the
+    class token 4 d^2 P (keys and values) + 20 d^2 + 4 d P."""
+    d, n_layers, p = cfg.d_model, cfg.n_layers, cfg.n_patches + 1  # the patches and the class token
+    block = (24 * d * d + 4 * d * p) * p
+    last = 4 * d * d * p + 20 * d * d + 4 * d * p
+    mlp_half = 16 * d * d * p
+    cached = 2 * ((n_layers - 1) * block + last)
+    ablated = 0.0
+    for layer in range(n_layers):
+        later = max(n_layers - 2 - layer, 0) * block + (last if layer < n_layers - 1 else 0)
+        mha_first = mlp_half if layer < n_layers - 1 else 16 * d * d  # the last block's MLP: class token only
+        ablated += (mha_first + later) + later
+    return n_instances * (cached + ablated)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, default=4, help="instances timed both ways (default 4)")
@@ -84,6 +107,10 @@ def main(argv=None) -> int:
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
         print(f"(b) clip_lens, all {len(inst)} instances x 12 layers x MHA and MLP ({full.d_star.size} ablations): "
               f"{t_all:.1f}s ({t_all / 60:.2f} min), peak RSS {peak_gb:.2f} GB (process, models and pixels included)")
+        flops, rate = floor_flops(model.vision.cfg, len(inst)), gemm_rate(model.vision.cfg.d_model)
+        print(f"    floor: {flops / 1e12:.2f} TFLOP (cached runs and ablations); float32 GEMM at the tower's width "
+              f"{rate / 1e9:.0f} GFLOP/s -> {flops / rate:.1f}s; achieved {flops / t_all / 1e9:.0f} GFLOP/s, "
+              f"{t_all / (flops / rate):.2f}x the floor")
 
     n = args.instances
     sub = inst.subset([i < n for i in range(len(inst))])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import sys
@@ -108,8 +109,10 @@ def parity(oc, model, device: torch.device, n_images: int) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=2)
 def half_copy(oc, model, dtype: torch.dtype):
-    """The hooked model again, converted from the float32 open_clip weights to `dtype`."""
+    """The hooked model again, converted from the float32 open_clip weights to `dtype`: built once
+    per (model, dtype) and shared by the checks, which only read it."""
     return clip_lens.HookedCLIP.from_open_clip(oc, tokenizer=model.tokenizer, name=model.name, dtype=dtype)
 
 
@@ -221,12 +224,52 @@ def patching_benchmark(oc, model, device: torch.device, valse: Path, n_pairs: in
     with Timer(device) as t_all:
         full = clip_lens.patch(model, target=list(pairs["non_negated"]), source=list(pairs["negated"]), image=image_emb,
                                progress=False)
-    return {"pairs_timed": len(sub), "plain_open_clip_loop_s": t_a.seconds, "transformer_lens_s": t_b.seconds,
+    rates = grid_rates(oc, model, device, pairs, image_emb, t_all.seconds)
+    return {**rates, "pairs_timed": len(sub), "plain_open_clip_loop_s": t_a.seconds, "transformer_lens_s": t_b.seconds,
             "clip_lens_s": t_c.seconds, "plain_over_clip_lens": t_a.seconds / t_c.seconds,
             "transformer_lens_over_clip_lens": t_b.seconds / t_c.seconds, "max_diff_plain": diff_a,
             "max_diff_transformer_lens": diff_b, "all_pairs": len(pairs),
             "all_pairs_interventions": int((~torch.isnan(full.effects)).sum()), "all_pairs_s": t_all.seconds,
             "all_pairs_peak_gpu_gb": peak_gb(device)}
+
+
+def gemm_rate(d: int, device: torch.device, dtype: torch.dtype, rows: int = 8192, seconds: float = 0.5) -> float:
+    """FLOP/s of [rows, d] x [d, 4d] on `device` in `dtype` (the MLP's shape at the tower's width),
+    the device synchronised around the timed loop."""
+    a = torch.randn(rows, d, device=device, dtype=dtype)
+    b = torch.randn(d, 4 * d, device=device, dtype=dtype)
+    a @ b
+    reps = 0
+    with Timer(device) as t:
+        while reps < 3 or time.perf_counter() - t.start < seconds:
+            a @ b
+            reps += 1
+    return 2 * rows * d * 4 * d * reps / t.seconds
+
+
+def grid_rates(oc, model, device: torch.device, pairs, image_emb, float32_s: float) -> dict:
+    """The causal-tracing grid's achieved TFLOP/s (its unavoidable FLOPs, `bench_patching.floor_flops`,
+    over its time) in float32 (timed by the caller) and bfloat16, each against the device's GEMM rate
+    in that dtype measured in the same run. The CPU version runs bfloat16 on two pairs (a CPU's
+    bfloat16 products are slow); its speedup is then the ratio of the two rates."""
+    pairs16 = pairs if device.type == "cuda" else pairs.head(2)
+    flops, flops16 = (bench_patching.floor_flops(model, p["negated"], p["non_negated"]) for p in (pairs, pairs16))
+    model16 = half_copy(oc, model, torch.bfloat16)
+    image16 = image_emb.bfloat16()
+    clip_lens.patch(model16, target=list(pairs16["non_negated"][:1]), source=list(pairs16["negated"][:1]),
+                    image=image16, progress=False)  # warm-up
+    with Timer(device) as t16:
+        clip_lens.patch(model16, target=list(pairs16["non_negated"]), source=list(pairs16["negated"]), image=image16,
+                        progress=False)
+    out = {"grid_tflop": flops / 1e12, "bf16_pairs": len(pairs16), "all_pairs_bf16_s": t16.seconds}
+    rows = 8192 if device.type == "cuda" else 1024  # the CPU version keeps its check short
+    for name, work, seconds, dtype in (("float32", flops, float32_s, torch.float32),
+                                       ("bfloat16", flops16, t16.seconds, torch.bfloat16)):
+        achieved, gemm = work / seconds, gemm_rate(model.text.cfg.d_model, device, dtype, rows=rows)
+        out[f"grid_tflops_{name}"], out[f"gemm_tflops_{name}"] = achieved / 1e12, gemm / 1e12
+        out[f"grid_over_gemm_{name}"] = achieved / gemm
+    out["grid_bf16_speedup"] = out["grid_tflops_bfloat16"] / out["grid_tflops_float32"]
+    return out
 
 
 def causal_tracing_half_precision(oc, model, device: torch.device, pairs_path: Path, all_pairs: int) -> dict:
@@ -334,6 +377,11 @@ def _checks(args: argparse.Namespace, device: torch.device) -> int:
           f"({b['transformer_lens_over_clip_lens']:.1f}x), clip_lens {b['clip_lens_s']:.3f}s; max |difference| "
           f"{b['max_diff_plain']:.1e} / {b['max_diff_transformer_lens']:.1e}. All {b['all_pairs']} pairs "
           f"({b['all_pairs_interventions']} interventions): {b['all_pairs_s']:.2f}s, peak {b['all_pairs_peak_gpu_gb']:.2f} GB")
+    print(f"   the grid's {b['grid_tflop']:.2f} TFLOP: float32 {b['grid_tflops_float32']:.2f} TFLOP/s = "
+          f"{b['grid_over_gemm_float32']:.0%} of the device's float32 GEMM ({b['gemm_tflops_float32']:.1f} TFLOP/s); "
+          f"bfloat16 ({b['bf16_pairs']} pairs) {b['all_pairs_bf16_s']:.2f}s, {b['grid_tflops_bfloat16']:.2f} TFLOP/s = "
+          f"{b['grid_over_gemm_bfloat16']:.0%} of its GEMM ({b['gemm_tflops_bfloat16']:.1f} TFLOP/s), "
+          f"{b['grid_bf16_speedup']:.2f}x float32")
     figures["causal_tracing_precision"] = c = causal_tracing_half_precision(oc, model, device, args.valse, all_pairs=16 if args.small else 0)
     print(f"   causal-tracing study ({c['instances']} instances): float32 {c['float32_s']:.2f}s, bfloat16 "
           f"{c['bfloat16_s']:.2f}s; CTE error in bfloat16: max {c['cte_max_abs_error_bf16']:.3f}, median "

@@ -51,6 +51,13 @@ def test_the_small_check_runs_on_the_cpu_and_passes(tmp_path):
     # bfloat16 is close to float32, but not equal: the comparison measured something
     assert 0 < figures["parity"]["bfloat16_vs_float32"] < 0.1 * figures["parity"]["embedding_scale"]
     assert figures["image_ablation"]["iae_max_abs_error_bf16"] > 0
+    # the grid's rate is its FLOPs over its time, set against the GEMM rate measured in the same run
+    grid = figures["patching"]
+    assert grid["grid_tflops_float32"] == pytest.approx(grid["grid_tflop"] / grid["all_pairs_s"])
+    assert grid["grid_bf16_speedup"] == pytest.approx(grid["grid_tflops_bfloat16"] / grid["grid_tflops_float32"])
+    for dtype in ("float32", "bfloat16"):
+        assert grid[f"grid_over_gemm_{dtype}"] == pytest.approx(grid[f"grid_tflops_{dtype}"] / grid[f"gemm_tflops_{dtype}"])
+        assert 0 < grid[f"grid_over_gemm_{dtype}"] < 2
 
 
 @pytest.mark.gpu
