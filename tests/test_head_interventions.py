@@ -127,3 +127,83 @@ def test_the_pair_studies_refuse_a_task_without_images():
         study = pair_tasks.STUDIES[name]
         with pytest.raises(ValueError, match=f"study '{name}' scores each pair against its image, and dataset 'text-only'"):
             study.compute(None, task, study.Options(), progress=False)
+
+
+def mixed_length_pairs(model, n: int = 12):
+    """Scene pairs whose texts alternate between short and long (7 to 16 tokens), and their images."""
+    import torch
+
+    from clip_lens.data import shapes
+
+    scenes = list(shapes.examples(n, seed=20_100))
+    tails = ["", " next to a red square.", "", " above a small yellow star."]
+    longer = lambda text, i: text.rstrip(".") + tails[i % 4] if tails[i % 4] else text  # noqa: E731
+    rows = pd.DataFrame({"id": range(n), "a": [longer(e.caption, i) for i, e in enumerate(scenes)],
+                         "b": [longer(e.foil, i) for i, e in enumerate(scenes)], "correct": "a", "image": None})
+    pairs = check_pairs("mixed", rows, lambda texts: model.to_tokens(texts, trim=False))
+    with torch.no_grad():
+        image = model.encode_image(model.to_pixels([shapes.image_of(e) for e in scenes]))
+    lengths = model.text.sequence_lengths(model.to_tokens(list(rows["a"]), trim=False))
+    assert int(lengths.max()) - int(lengths.min()) >= 5
+    return pairs, image
+
+
+def plain_study(model, pairs, image, heads, intervention, alphas, seeds, batch_size):
+    """Each condition as full runs with the hooks from the embedding on (each side's texts in their
+    order, in batches), as intervention_study is defined: [(accuracy, mean_d)] per condition."""
+    import torch
+
+    from clip_lens.scores import score
+
+    tower = model.text
+    sides = [tower.to_tokens(list(pairs.pairs[side]), trim=False) for side in ("a", "b")]
+    texts = torch.cat(sides)
+    means = H.head_means(tower, texts) if intervention == "mean" else None
+    runs = [([], 1.0, 0)]
+    for alpha in (alphas if intervention == "scale" else [0.0]):
+        runs += [(heads, alpha, 0)] + [(H.random_heads(len(heads), 3, 4, seed, heads), alpha, seed) for seed in seeds]
+    out = []
+    for which, alpha, seed in runs:
+        pool = H.head_pool(tower, texts, which) if intervention == "resample" and which else means
+        hooks = H.head_hooks(tower, which, intervention, alpha, pool, seed) if which else []
+        s = []
+        for tokens in sides:
+            with torch.no_grad():
+                s.append(torch.cat([score(model, tower.run_with_hooks(tokens[lo:lo + batch_size], fwd_hooks=hooks),
+                                          image[lo:lo + batch_size]) for lo in range(0, len(tokens), batch_size)]))
+        d = (s[0] - s[1]).numpy()
+        out.append(((d > 0).mean(), d.mean()))
+    return out
+
+
+@pytest.mark.parametrize("intervention", ["zero", "mean", "resample", "scale"])
+def test_the_shared_clean_run_gives_the_numbers_of_full_runs_per_condition(tiny_model, intervention):
+    pairs, image = mixed_length_pairs(tiny_model)
+    heads, alphas, seeds = [(1, 2), (2, 0)], [0.5, -1.0], [0, 1, 2]
+    table = H.intervention_study(tiny_model, pairs, image, heads, intervention=intervention, alphas=alphas,
+                                 random_seeds=seeds, batch_size=5)
+    expected = plain_study(tiny_model, pairs, image, heads, intervention, alphas, seeds, batch_size=5)
+    assert len(table) == len(expected) == (1 + 2 * 4 if intervention == "scale" else 1 + 4)
+    assert table["accuracy"].tolist() == [accuracy for accuracy, _ in expected]
+    np.testing.assert_allclose(table["mean_d"], [mean_d for _, mean_d in expected], rtol=0, atol=1e-5)
+    assert table["mean_d"].nunique() > 2  # the interventions change the scores
+
+
+def test_texts_run_in_batches_of_similar_length_and_share_the_clean_run(tiny_model):
+    """Positions through the embedding (clean runs only) and through the last block (every run)."""
+    pairs, image = mixed_length_pairs(tiny_model)
+    tower = tiny_model.text
+    texts = [text for side in ("a", "b") for text in pairs.pairs[side]]
+    lengths = tower.sequence_lengths(tower.to_tokens(texts, trim=False)).sort().values
+    least = sum(int(chunk.max()) * len(chunk) for chunk in lengths.split(4))    # length-sorted batches of 4
+    seen = {"hook_embed": 0, "blocks.2.hook_resid_post": 0}
+
+    def count(act, hook):
+        seen[hook.name] += act.shape[0] * act.shape[1]
+
+    with tower.hooks(fwd_hooks=[(name, count) for name in seen]):
+        H.pair_scores(tiny_model, pairs, image, batch_size=4)
+        assert seen == {"hook_embed": least, "blocks.2.hook_resid_post": least}
+        seen.update({name: 0 for name in seen})
+        H.intervention_study(tiny_model, pairs, image, [(1, 2)], intervention="zero", random_seeds=[0, 1], batch_size=4)
+    assert seen == {"hook_embed": least, "blocks.2.hook_resid_post": 4 * least}  # none, chosen, 2 random
