@@ -32,6 +32,7 @@ NOT_LAUNCHES = {
     "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::lift_fresh", "aten::set_", "aten::numpy_T",
     "aten::split_with_sizes", "aten::narrow", "aten::result_type", "aten::is_nonzero", "aten::item",
     "aten::_local_scalar_dense", "aten::contiguous", "aten::flatten", "aten::unflatten", "aten::view_as",
+    "aten::is_same_size", "aten::resolve_conj", "aten::resolve_neg", "aten::detach_", "aten::to",
 }
 MATMULS = {"aten::addmm", "aten::mm", "aten::bmm"}
 
@@ -43,16 +44,27 @@ def count_launches(fn) -> tuple[Counter, list[int]]:
     launches, rows = Counter(), []
     for event in prof.events():
         name = event.name
-        if not name.startswith("aten::") or name in NOT_LAUNCHES:
+        if name in MATMULS:  # one launch, whatever it does inside (a CPU addmm copies its bias first)
+            launches[name] += 1
+            shape = event.input_shapes[1] if name == "aten::addmm" else (event.input_shapes or [None])[0]
+            if shape:
+                rows.append(shape[0] * (shape[1] if name == "aten::bmm" else 1))
+            continue
+        if not name.startswith("aten::") or name in NOT_LAUNCHES or _inside_matmul(event):
             continue
         if any(child.name.startswith("aten::") and child.name not in NOT_LAUNCHES for child in event.cpu_children):
             continue  # not a leaf: its children are counted
         launches[name] += 1
-        if name in MATMULS and event.input_shapes:
-            shape = event.input_shapes[1] if name == "aten::addmm" else event.input_shapes[0]
-            if shape:
-                rows.append(shape[0] * (shape[1] if name == "aten::bmm" else 1))
     return launches, rows
+
+
+def _inside_matmul(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in MATMULS:
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def main(argv=None) -> int:
