@@ -177,9 +177,11 @@ class HookedCLIP(HookedModule):
         """
         dtype = as_dtype(dtype)
         weight_processing.check_loading_kwargs(open_clip_kwargs)
-        oc_model, tokenizer, label = loading.create_open_clip(name, pretrained, cache_dir, device, **open_clip_kwargs)
-        return cls.from_open_clip(oc_model, tokenizer=tokenizer, name=label, dtype=dtype, fold_ln=fold_ln,
-                                  center_writing_weights=center_writing_weights, fold_value_biases=fold_value_biases)
+        # open_clip's model is read on the host and discarded: the hooked model alone goes to `device`, once
+        oc_model, tokenizer, label = loading.create_open_clip(name, pretrained, cache_dir, "cpu", **open_clip_kwargs)
+        return cls.from_open_clip(oc_model, tokenizer=tokenizer, name=label, device=device, dtype=dtype,
+                                  fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                  fold_value_biases=fold_value_biases)
 
     @classmethod
     def from_huggingface(cls, model_or_path: Any, tokenizer: Any = None, device: Device = None,

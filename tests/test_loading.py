@@ -108,3 +108,16 @@ def test_huggingface_text_tower_is_rejected():
 def test_missing_huggingface_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         clip_lens.HookedCLIP.from_huggingface(tmp_path / "nowhere")
+
+
+def test_from_pretrained_reads_open_clip_on_the_host_and_moves_the_hooked_model_once(monkeypatch):
+    """open_clip's model is only read: it stays on the host, and the hooked model alone goes to the
+    device (before, open_clip was built on the device, copied back to the host, and then moved again)."""
+    from clip_lens import loading, tiny
+
+    asked = []
+    real = loading.create_open_clip
+    monkeypatch.setattr(loading, "create_open_clip", lambda *a, **k: asked.append(a[3]) or real(*a, **k))
+    model = clip_lens.HookedCLIP.from_pretrained(tiny.NAME, device="meta")
+    assert asked == ["cpu"]
+    assert {p.device.type for p in model.parameters()} == {"meta"}

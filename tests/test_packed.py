@@ -88,3 +88,22 @@ def test_a_hook_on_the_tower_takes_the_grouped_path_with_the_same_results(tiny_m
         hooked = clip_lens.patch(tiny_model, **args)
     assert not calls and set(seen) == {4}
     torch.testing.assert_close(plain.effects, hooked.effects, atol=2e-5, rtol=0, equal_nan=True)
+
+
+def test_the_target_run_caches_only_what_the_asked_layers_read(tiny_model, monkeypatch):
+    """A run resumed at layer l reads the residual it resumes from and the keys and values of the
+    blocks from l on: the cached target run keeps those and nothing earlier."""
+    recorded = []
+    real = exact.run_cached
+    monkeypatch.setattr(exact, "run_cached", lambda tower, inputs, names, **kw: recorded.append(set(names))
+                        or real(tower, inputs, names, **kw))
+    n = tiny_model.text.cfg.n_layers
+    args = dict(target=TEXTS, source=SOURCES, metric="embedding", progress=False)
+    late = clip_lens.patch(tiny_model, layers=[n - 1], **args)
+    assert recorded[0] == {f"blocks.{n - 1}.hook_resid_pre", f"blocks.{n - 1}.attn.hook_k", f"blocks.{n - 1}.attn.hook_v"}
+    recorded.clear()
+    clip_lens.patch(tiny_model, layers=[1], hook="mlp_out", **args)  # resumes after block 1: reads its resid_mid too
+    assert recorded[0] == {"blocks.1.hook_mlp_out", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post",
+                           *(f"blocks.{b}.attn.hook_{kv}" for b in range(2, n) for kv in "kv")}
+    every = clip_lens.patch(tiny_model, **args)
+    torch.testing.assert_close(late.effects[:, 0], every.effects[:, n - 1], atol=1e-5, rtol=0, equal_nan=True)

@@ -262,7 +262,7 @@ def run_exact(request: Request, result: PatchResult) -> None:
     with several plans, each cell's key starts with the plan's index (the "hook" axis)."""
     tower, plans, n_pairs = request.tower, request.plans, request.n_pairs
     names_s = {plan.kind.hook_name(layer, tower.cfg.n_layers) for plan in plans for layer in plan.layers_named}
-    names_t = cached_names(tower, names_s)
+    names_t = cached_names(tower, plans, names_s)
     lengths = tower.sequence_lengths(request.target)
     means = [plan_means(plan, tower, _dataset(request), request.mean, request.pair_chunk)
              if request.intervention == "mean" else {} for plan in plans]
@@ -361,9 +361,10 @@ def _run_grouped(request: Request, batch: list[Intervention], cache_t: dict, off
     causal, suffix = tower.attends_causally, batch[0].suffix
     pairs = torch.tensor([it.pair for it in batch], device=tower.device)
     kv = None
-    if causal and suffix > 0:  # the unchanged prefix enters as cached keys and values
-        kv = [(cache_t[act_name("k", blk)][pairs, :suffix], cache_t[act_name("v", blk)][pairs, :suffix])
-              for blk in range(n_layers)]
+    if causal and suffix > 0:  # the unchanged prefix enters as cached keys and values, from the first block run
+        first = batch[0].start // 2
+        kv = [None] * first + [(cache_t[act_name("k", blk)][pairs, :suffix], cache_t[act_name("v", blk)][pairs, :suffix])
+                               for blk in range(first, n_layers)]
     states = torch.stack([it.make_state() for it in batch])          # [N, suffix length, d_model]
     rows = torch.tensor([it.row for it in batch], device=tower.device) if causal else None
     edits = [LaterEdit(run, *edit) for run, it in enumerate(batch) for edit in it.edits]

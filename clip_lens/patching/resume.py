@@ -20,17 +20,21 @@ from clip_lens.hooks import act_name
 from clip_lens.towers import HookedTower
 
 
-def cached_names(tower: HookedTower, source_names: set[str]) -> set[str]:
-    """Hooks a target run caches for exact interventions: every residual (where interventions
-    resume), the keys and values of a causal tower (the unchanged prefix of a resumed run), and
+def cached_names(tower: HookedTower, plans: Sequence, source_names: set[str]) -> set[str]:
+    """Hooks a target run caches for the exact interventions of `plans`, and no more: the residuals
+    the asked layers resume from (`HookKind.read_residuals`), the keys and values of a causal tower's
+    blocks from the earliest one any run computes on (the unchanged prefix of a resumed run), and
     the hooks read from the source."""
     n_layers = tower.cfg.n_layers
-    names = {act_name("resid_post", n_layers - 1)}
-    for b in range(n_layers):
-        names |= {act_name("resid_pre", b), act_name("resid_mid", b), act_name("resid_post", b)}
-        if tower.attends_causally:
-            names |= {act_name("k", b), act_name("v", b)}
-    return names | source_names
+    names = set(source_names)
+    first_block = n_layers
+    for plan in plans:
+        for layer in plan.layers_named:
+            names |= plan.kind.read_residuals(layer, n_layers)
+            first_block = min(first_block, plan.kind.start_step(layer) // 2)
+    if tower.attends_causally:
+        names |= {act_name(kv, b) for b in range(first_block, n_layers) for kv in ("k", "v")}
+    return names
 
 
 def reaches_pooled_row_only(tower: HookedTower, name: str) -> bool:

@@ -106,6 +106,14 @@ class HookKind:
             return self.hook_name(layer, n_layers)
         return act_name("resid_mid" if self.reenters == "attn" else "resid_post", layer)
 
+    def read_residuals(self, layer: int, n_layers: int) -> set[str]:
+        """The target's residual hooks an intervention at `layer` reads: the one it resumes from, and
+        for a component's output the one its replaced output is added to (`resumed_residual`)."""
+        if self.reenters == "resid":
+            return {self.resumed_name(layer, n_layers)}
+        before = act_name("resid_pre" if self.reenters == "attn" else "resid_mid", layer)
+        return {self.resumed_name(layer, n_layers), before}
+
     def resumed_residual(self, tower: HookedTower, layer: int, rep: Tensor, cache: dict, pair: int,
                          sel, first: int = 0, end: Optional[int] = None) -> Float[Tensor, "pos d_model"]:
         """The residual stream at `start_step(layer)` of one target run (`pair` of the cached
