@@ -6,6 +6,7 @@ import pytest
 import torch
 from circuit_towers import small_random_weights_
 
+from clip_lens.checkpoints import Checkpoints
 from clip_lens.config import TextConfig
 from clip_lens.studies.analyses import negator_attention
 from clip_lens.tokenization import Tokenizer
@@ -92,3 +93,60 @@ def test_pairs_must_differ_at_one_token(vit_b32):
     _, model = vit_b32
     with pytest.raises(ValueError, match="pair 0 differs at 2 token positions"):
         negator_attention.run(model, ["There is no dog."], ["There is one cat."], progress=False)
+
+
+# Pairs of two lengths given interleaved (short, long, ...), the negator at several positions.
+MIXED = [("There is no dog.", "There is a dog."),
+         ("In the picture there are no people walking along the long sandy beach today.",
+          "In the picture there are some people walking along the long sandy beach today."),
+         ("No cat here.", "A cat here."),
+         ("Sadly there is no red car parked in the narrow street near the old station.",
+          "Sadly there is a red car parked in the narrow street near the old station."),
+         ("There are no birds.", "There are some birds."),
+         ("On the table there is no cup of coffee next to the plate of fresh bread.",
+          "On the table there is a cup of coffee next to the plate of fresh bread.")]
+
+
+def _recording_forwards(tower, monkeypatch) -> list:
+    """The sequence lengths (tokens up to EOT) of the texts of each forward pass of `tower`."""
+    seen, forward = [], tower.forward
+
+    def recorded(tokens, **kwargs):
+        seen.append(sorted(tower.sequence_lengths(tokens).tolist()) + [tokens.shape[1]])
+        return forward(tokens, **kwargs)
+
+    monkeypatch.setattr(tower, "forward", recorded)
+    return seen
+
+
+def test_batches_hold_texts_of_similar_length_and_outputs_keep_the_given_order(monkeypatch, tmp_path):
+    tower = planted_tower()
+    negated, non_negated = map(list, zip(*MIXED))
+    keys = negator_attention.negator_positions(tower.to_tokens(negated), tower.to_tokens(non_negated)).tolist()
+    assert len(set(keys)) > 2
+    alone = [negator_attention.run(tower, [neg], [non], layout="relative", progress=False) for neg, non in MIXED]
+    seen = _recording_forwards(tower, monkeypatch)
+    result = negator_attention.run(tower, negated, non_negated, layout="relative", key_positions=keys,
+                                   batch_size=3, checkpoints=Checkpoints(tmp_path), progress=False)
+    for lengths in seen:  # each forward: the lengths of its texts, then its width
+        *texts, width = lengths
+        assert max(texts) - min(texts) <= 3 and width == max(texts), seen
+    assert list(result.instances["negated"]) == negated
+    for name in ("scores", "by_query", "weights"):
+        expected = np.concatenate([getattr(one, name) for one in alone])
+        np.testing.assert_allclose(getattr(result, name), expected, atol=1e-6, err_msg=name)
+    resumed = negator_attention.run(tower, negated, non_negated, layout="relative", key_positions=keys, batch_size=3,
+                                    checkpoints=Checkpoints(tmp_path), progress=False)
+    assert len(seen) == 2  # the resumed run read both chunks back
+    np.testing.assert_array_equal(resumed.by_query, result.by_query)
+
+
+def test_a_bad_pair_is_named_by_its_given_index():
+    tower = planted_tower()
+    negated, non_negated = map(list, zip(*MIXED))
+    non_negated[4] = "There are many cats."
+    with pytest.raises(ValueError, match="pair 4 differs at 2 token positions"):
+        negator_attention.run(tower, negated, non_negated, layout="relative", batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="pair 2's key position 9 is outside its negated text"):
+        negator_attention.run(tower, negated, non_negated, layout="relative", key_positions=[3, 5, 9, 4, 3, 5],
+                              progress=False)

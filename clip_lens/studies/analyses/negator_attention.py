@@ -22,7 +22,6 @@ from clip_lens import plot
 from clip_lens.checkpoints import Checkpoints
 from clip_lens.data import ALIGNED_SLOTS, align_positions
 from clip_lens.data.valse import FURTHER_SLOT, NEGATOR_POSITION
-from clip_lens.hooks import stacked_activations
 from clip_lens.patching import hook_name
 
 EXISTENCE_QUERY_SLOTS = ALIGNED_SLOTS[NEGATOR_POSITION:]  # negator, subject, further subject, '.', EOT
@@ -124,11 +123,6 @@ def negator_positions(negated: Int[Tensor, "n pos"], non_negated: Int[Tensor, "n
     return differ.int().argmax(dim=1)
 
 
-def _patterns(tower, tokens: Tensor) -> Float[Tensor, "batch layer head query key"]:
-    names = [hook_name("pattern", layer, tower.cfg.n_layers) for layer in range(tower.cfg.n_layers)]
-    return stacked_activations(tower, tokens, names, batch_size=len(tokens))
-
-
 BATCH_SIZE = 64  # pairs per forward pass and per saved chunk
 
 
@@ -137,6 +131,9 @@ def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequenc
         key_positions: Optional[Sequence[int]] = None, checkpoints: Optional[Checkpoints] = None,
         **running: Union[int, bool]) -> NegatorAttention:
     """Negator-selective attention of every text-tower head over sentence pairs.
+
+    The pairs run shortest first (the longer text of each pair; a stable sort), so that a batch is
+    padded little; every output is in the given order.
 
     Args:
         model: a HookedCLIP or a HookedTextTower.
@@ -158,36 +155,60 @@ def run(model, negated: Union[Sequence[str], Tensor], non_negated: Union[Sequenc
     if instances is None:
         instances = pd.DataFrame({"negated": list(negated) if not isinstance(negated, Tensor) else None,
                                   "non_negated": list(non_negated) if not isinstance(non_negated, Tensor) else None})
-    pairs = tuple(x if isinstance(x, Tensor) else list(x) for x in (negated, non_negated))
-    n = len(pairs[0])
-    if key_positions is not None:
-        key_positions = np.array(key_positions, dtype=np.int64)
-        if key_positions.shape != (n,):
-            raise ValueError(f"key_positions: {key_positions.shape[0] if key_positions.ndim else 0} positions for {n} pairs")
-    batch = _batch_scorer(model.text if hasattr(model, "text") else model, pairs, key_positions, layout)
-    ids = [str(x) for x in instances["id"]] if "id" in instances else None  # a changed pair list reuses no chunk
-    chunks = (checkpoints or Checkpoints(None)).chunks("negator_attention", n, running.get("batch_size", BATCH_SIZE),
-                                                        batch, running.get("progress", True), ids=ids)
-    scores, by_query, weights = (np.concatenate([c[name] for c in chunks]) for name in ("scores", "by_query", "weights"))
+    tower = model.text if hasattr(model, "text") else model
+    neg, non = _common_width(_tokens(tower, negated), _tokens(tower, non_negated))
+    lengths = [tower.sequence_lengths(x).cpu().numpy() for x in (neg, non)]
+    k = _key_positions(neg, non, key_positions, layout, lengths[0])
+    order = np.argsort(np.maximum(*lengths), kind="stable")
+    rows = torch.as_tensor(order, device=neg.device)
+    batch = _batch_scorer(tower, (neg[rows], non[rows]), k[order], layout)
+    ids = [str(x) for x in instances["id"]] if "id" in instances else [str(i) for i in range(len(k))]
+    # the chunks are named by the instances they hold (a changed pair list or order reuses none)
+    chunks = (checkpoints or Checkpoints(None)).chunks("negator_attention", len(k), running.get("batch_size", BATCH_SIZE),
+                                                        batch, running.get("progress", True), ids=[ids[i] for i in order])
+    given = np.argsort(order)  # the row of each given pair in the run's order
+    scores, by_query, weights = (np.concatenate([c[name] for c in chunks])[given] for name in ("scores", "by_query", "weights"))
     slots = EXISTENCE_QUERY_SLOTS if layout == "existence" else relative_slots()
     return NegatorAttention(scores, by_query, weights, slots, instances.reset_index(drop=True))
 
 
-def _batch_scorer(tower, pairs: tuple, key_positions: Optional[np.ndarray], layout: str):
+def _key_positions(neg: Int[Tensor, "n pos"], non: Int[Tensor, "n pos"], given: Optional[Sequence[int]],
+                   layout: str, lengths: Int[np.ndarray, " n"]) -> Int[np.ndarray, " n"]:
+    """Each pair's key position k: `given`, or the one position where its tokens differ; checked
+    to lie within the negated text (`lengths`: its tokens up to EOT) and, for the existence layout,
+    at the negator's position 3."""
+    n = len(neg)
+    if given is None:
+        k = negator_positions(neg, non).cpu().numpy()
+    else:
+        k = np.array(given, dtype=np.int64)
+        if k.shape != (n,):
+            raise ValueError(f"key_positions: {k.shape[0] if k.ndim else 0} positions for {n} pairs")
+        outside = (k < 0) | (k >= lengths)
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
+            raise ValueError(f"key_positions: pair {i}'s key position {int(k[i])} is outside its negated text "
+                             f"(positions 0..{int(lengths[i]) - 1})")
+    if layout == "existence" and (k != NEGATOR_POSITION).any():
+        i = int(np.flatnonzero(k != NEGATOR_POSITION)[0])
+        raise ValueError(f"pair {i}: its negator is at position {int(k[i])}; layout='existence' needs it at position 3 "
+                         "('There is/are no ...'); use layout='relative'")
+    return k
+
+
+def _batch_scorer(tower, pairs: tuple[Tensor, Tensor], key_positions: np.ndarray, layout: str):
     """batch(start, stop) -> {scores [b, L, H], by_query [b, L, H, slots], weights [b, slots]} for
-    the pairs start..stop - 1 (see `NegatorAttention`)."""
+    the pairs start..stop - 1 of `pairs` (negated and non-negated tokens [n, pos]), both texts run
+    in one forward pass trimmed to their longest (see `NegatorAttention`)."""
     def batch(start: int, stop: int) -> dict:
-        neg, non = _common_width(*(_tokens(tower, x[start:stop]) for x in pairs))
-        if key_positions is None:
-            k = negator_positions(neg, non)
-        else:
-            k = torch.tensor(key_positions[start:stop], dtype=torch.long, device=neg.device)
-        eot = tower.pooled_positions(neg)
-        column = torch.arange(len(k), device=k.device)
-        # the difference taken in float32: in a half-precision tower each pattern is cast first
-        diff = (_patterns(tower, neg).float() - _patterns(tower, non).float())[column, :, :, :, k]  # [b, L, H, q]
-        # the rest is bookkeeping on small tensors: on the CPU, in float32 whatever the model's dtype
-        diff, k, eot = diff.cpu(), k.cpu(), eot.cpu()
+        neg, non = (x[start:stop] for x in pairs)
+        width = int(torch.maximum(*map(tower.sequence_lengths, (neg, non))).max())
+        tokens = torch.cat([neg, non])[:, :width]
+        k = torch.as_tensor(key_positions[start:stop], dtype=torch.long, device=tokens.device)
+        attention = _attention_to_key(tower, tokens, torch.cat([k, k]))
+        # the difference taken in float32, on the CPU: the rest is bookkeeping on small tensors
+        diff = (attention[:len(k)] - attention[len(k):]).cpu()  # [b, L, H, q]
+        k, eot = k.cpu(), tower.pooled_positions(neg).cpu()
         q = torch.arange(diff.shape[-1], device="cpu")
         valid = (q[None] >= k[:, None]) & (q[None] <= eot[:, None])  # [b, q]
         scores = diff.masked_fill(~valid[:, None, None], float("-inf")).amax(dim=-1).numpy()
@@ -197,11 +218,25 @@ def _batch_scorer(tower, pairs: tuple, key_positions: Optional[np.ndarray], layo
     return batch
 
 
+def _attention_to_key(tower, tokens: Int[Tensor, "batch pos"],
+                      key: Int[Tensor, " batch"]) -> Float[Tensor, "batch layer head query"]:
+    """Every head's attention from each query to its row's key position (float32, whatever the
+    tower's dtype), kept from the pattern hooks as the run goes (the hooks removed after)."""
+    names = [hook_name("pattern", layer, tower.cfg.n_layers) for layer in range(tower.cfg.n_layers)]
+    row = torch.arange(len(tokens), device=tokens.device)
+    kept = {}
+
+    def keep(pattern: Float[Tensor, "batch head query key"], hook) -> None:
+        kept[hook.name] = pattern[row, :, :, key].float()  # [batch, head, query]
+
+    with torch.no_grad():
+        tower.run_with_hooks(tokens, fwd_hooks=[(name, keep) for name in names])
+    return torch.stack([kept[name] for name in names], dim=1)
+
+
 def _existence_slots(diff: Tensor, k: Tensor, eot: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """diff [b, L, H, q] at the existence query slots (negator, subject, further subject (mean), '.',
     EOT), and each cell's weight [b, slots] (the further-subject slot counts its tokens)."""
-    if (k != NEGATOR_POSITION).any():
-        raise ValueError("layout='existence' needs the negator at position 3 ('There is/are no ...'); use layout='relative'")
     aligned, counts = align_positions(diff.numpy(), eot.numpy())
     weights = np.ones((len(k), len(EXISTENCE_QUERY_SLOTS)))
     weights[:, FURTHER_SLOT - NEGATOR_POSITION] = counts
@@ -211,18 +246,12 @@ def _existence_slots(diff: Tensor, k: Tensor, eot: Tensor) -> tuple[np.ndarray, 
 def _relative_slots(diff: Tensor, k: Tensor, eot: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """diff [b, L, H, q] at offsets 0..5 from the negator (NaN at or past EOT) and at EOT, and each
     cell's weight [b, slots] (1 where there is a position, else 0)."""
-    b, layers, heads, _ = diff.shape
-    by_query = np.full((b, layers, heads, RELATIVE_OFFSETS + 1), np.nan)
-    weights = np.zeros((b, RELATIVE_OFFSETS + 1))
-    for i in range(b):
-        ki, ei = int(k[i]), int(eot[i])
-        for off in range(RELATIVE_OFFSETS):
-            if ki + off < ei:
-                by_query[i, :, :, off] = diff[i, :, :, ki + off].numpy()
-                weights[i, off] = 1.0
-        by_query[i, :, :, -1] = diff[i, :, :, ei].numpy()
-        weights[i, -1] = 1.0
-    return by_query, weights
+    offsets = k[:, None] + torch.arange(RELATIVE_OFFSETS, device=k.device)  # [b, offsets]
+    present = offsets < eot[:, None]
+    positions = torch.cat([offsets.clamp(max=diff.shape[-1] - 1), eot[:, None]], dim=1)  # [b, slots]
+    gathered = diff.gather(-1, positions[:, None, None].expand(*diff.shape[:3], -1)).double()
+    weights = torch.cat([present, torch.ones_like(present[:, :1])], dim=1)
+    return gathered.masked_fill(~weights[:, None, None], float("nan")).numpy(), weights.double().numpy()
 
 
 def _tokens(tower, texts) -> Tensor:
