@@ -25,9 +25,13 @@ def test_on_existence_the_general_tools_give_the_existence_studys_arrays(vit_b32
     assert (np.where(marked, "caption", "foil") == instances.frame["negation_in"].to_numpy()).all()
 
     study = causal_tracing.run(model, instances, progress=False)
-    general = minimal_pairs.trace(model, pairs, instances.image_emb, marked, progress=False)
+    general = minimal_pairs.trace(model, pairs, instances.image_emb, marked, every_position=True, progress=False)
     np.testing.assert_allclose(general.cte_positions, study.cte_positions, atol=1e-6, equal_nan=True)
     assert np.isfinite(general.relative[:, :, 2]).all()  # the negator's position
+    # by default only the 7 reported positions are traced, with the same values
+    reported = minimal_pairs.trace(model, pairs, instances.image_emb, marked, progress=False)
+    assert reported.cte_positions is None
+    np.testing.assert_allclose(reported.relative, general.relative, atol=1e-5, equal_nan=True)
 
     heads = negator_attention.run(model, list(instances.frame["negated"]), list(instances.frame["non_negated"]),
                                   progress=False)
@@ -45,8 +49,10 @@ def test_pairs_that_differ_in_several_tokens(vit_b32):
     selective = minimal_pairs.selective_heads(model, pairs, progress=False)
     assert selective.scores.shape == (3, 12, 8) and np.isfinite(selective.scores).all()
     image_emb = torch.randn(3, model.text.cfg.d_embed, generator=torch.Generator().manual_seed(1))
-    traced = minimal_pairs.trace(model, pairs, image_emb, progress=False)
+    traced = minimal_pairs.trace(model, pairs, image_emb, every_position=True, progress=False)
     eot = traced.pairs["length"].to_numpy() - 1
     np.testing.assert_array_equal(traced.relative[:, :, -1], traced.cte_positions[np.arange(3), :, eot])
+    reported = minimal_pairs.trace(model, pairs, image_emb, progress=False)  # the 7 positions alone
+    np.testing.assert_allclose(reported.relative, traced.relative, atol=1e-5, equal_nan=True)
     table = traced.frame()
     assert set(table["position"]) == set(minimal_pairs.RELATIVE) and len(table) == 13 * 7

@@ -24,7 +24,7 @@ def patch(
     text: Any = None,
     hook: Union[str, Sequence[str]] = "resid",
     layers: Union[str, int, Sequence] = "all",
-    positions: Union[str, int, Sequence[int]] = "all",
+    positions: Union[str, int, Sequence[int], Tensor] = "all",
     heads: Union[str, int, Sequence[int]] = "all",
     neurons: Union[str, int, Sequence[int]] = "all",
     sae: Any = None,
@@ -59,7 +59,10 @@ def patch(
             Joint interventions are exact (not with method="attribution" / "integrated_gradients");
             `interaction_table` sets them beside their members made one at a time.
         positions: "all" (each position separately), a list of positions (tuples intervened on
-            together, e.g. [(3, 5), (3, 6)]), or "sequence" (every position at once).
+            together, e.g. [(3, 5), (3, 6)]), "sequence" (every position at once), or one row per
+            pair: an integer array [n_pairs, k] of each pair's own positions, slot by slot (e.g. the
+            token before and after each pair's differing word), -1 where a pair has none (its cell
+            stays NaN); the "position" axis then counts the k slots (exact method only).
         heads: for hook="z": "all" or a list of heads (tuples together).
         neurons: for hook="mlp_post": "all" or a list of MLP neurons (tuples together).
         sae: split a resid / attn_out / mlp_out activation into sparse-autoencoder latents: any

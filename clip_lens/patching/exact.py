@@ -104,15 +104,16 @@ def _with_latent(sae, act_t: Tensor, delta: Tensor, latent) -> Tensor:
 
 
 def build_interventions(plan: Plan, tower: HookedTower, pair: int, length: int, cache_t: dict,
-                        cache_s: Optional[dict], src_pair: int, means: dict) -> tuple[list[Intervention], list[tuple]]:
-    """The interventions of one pair of a chunk (`length` its own positions), and the keys of
-    those that change nothing. A layer or position given as a tuple is one joint intervention."""
+                        cache_s: Optional[dict], src_pair: int, means: dict,
+                        positions: list) -> tuple[list[Intervention], list[tuple]]:
+    """The interventions of one pair of a chunk (`length` its own positions) at its position entries
+    `positions` (`Plan.positions_of`), and the keys of those that change nothing. A layer or
+    position given as a tuple is one joint intervention."""
     items, noops = [], []
-    positions = plan.positions if plan.positions is not None else [None]
     for li, layer in enumerate(plan.layers):
         for pi, pos in enumerate(positions):
-            if pos is not None and max(as_group(pos)) >= length:
-                continue  # a position of the pair's padding: the cell stays NaN
+            if pos is not None and (max(as_group(pos)) >= length or min(as_group(pos)) < 0):
+                continue  # a position of the pair's padding, or a slot the pair has none in: the cell stays NaN
             key = (li,) + ((pi,) if plan.positions is not None else ())
             site = Site(plan, tower, pair, length, pos, cache_t, cache_s, src_pair, means)
             new, new_noops = site.joint(as_group(layer), key)
@@ -276,7 +277,8 @@ def run_exact(request: Request, result: PatchResult) -> None:
         for p in range(hi - lo):
             for plan, plan_mean, prefix in zip(plans, means, prefixes):
                 new, noops = build_interventions(plan, tower, p, int(lengths[lo + p]), cache_t, cache_s,
-                                                 p if src_index is None else int(src_index[p]), plan_mean)
+                                                 p if src_index is None else int(src_index[p]), plan_mean,
+                                                 plan.positions_of(lo + p))
                 for item in new:
                     item.key = prefix + item.key
                 items += new

@@ -39,6 +39,14 @@ class Plan:
     units: Optional[list]      # heads, neurons or SAE latents; None: the whole activation
     intervention: Any          # "patch" / "zero" / "mean" / "resample", "value_only" or a hook function
     sae: Any = None            # splits a residual-space activation into latents (see `patch`)
+    pair_positions: Optional[Tensor] = None  # [n_pairs, slots] each pair's own positions (-1: none); positions = slots
+
+    def positions_of(self, pair: int) -> list:
+        """The position entries of pair `pair` (its index in the call): its own row of
+        `pair_positions` (-1 where it has none), or the grid's positions ([None]: the whole sequence)."""
+        if self.pair_positions is not None:
+            return self.pair_positions[pair].tolist()
+        return self.positions if self.positions is not None else [None]
 
     @property
     def hook(self) -> str:
@@ -113,8 +121,13 @@ class Request:
             heads=units if unit_axis == "head" else None, neurons=units if unit_axis == "neuron" else None,
             latents=units if unit_axis == "latent" else None,
             intervention=intervention if isinstance(intervention, str) else getattr(intervention, "__name__", "hook"),
-            method=self.method, lengths=self.tower.sequence_lengths(self.target).cpu(),
-            extra={"resample_pairs": self.resample_pairs.cpu()} if self.resample_pairs is not None else {})
+            method=self.method, lengths=self.tower.sequence_lengths(self.target).cpu(), extra=self._extra())
+
+    def _extra(self) -> dict:
+        extra = {"resample_pairs": self.resample_pairs.cpu()} if self.resample_pairs is not None else {}
+        if self.plan.pair_positions is not None:
+            extra["pair_positions"] = self.plan.pair_positions
+        return extra
 
 
 def as_group(entry) -> tuple:
@@ -151,6 +164,8 @@ def build_request(model: HookedCLIP, *, target, source, image, text, hook, layer
     score = functools.partial(in_float32, score_function(model, metric))
     plans = _plans(tower, kinds, target, source, layers, positions, heads, neurons, sae, latents, intervention)
     _check_groups(plans, method, mean)
+    if plans[0].pair_positions is not None and method != "exact":
+        raise ValueError(f"positions with one row per pair are for method='exact', not method={method!r}")
     dims, shape = _dims_and_shape(plans, tower, target.shape[0], embedding_metric)
     _warn_if_large(plans, shape, method, embedding_metric)
     perm = _resample_pairs(tower, target, source, seed) if intervention == "resample" else None
@@ -276,11 +291,15 @@ def _plans(tower: HookedTower, kinds: list[HookKind], target: Tensor, source: Op
         raise ValueError(f"hook kinds {[kind.name for kind in kinds]} have different layer ranges; patch them separately")
     if by_hook_function:
         _check_whole_activation(intervention, positions=positions, heads=heads, neurons=neurons, sae=sae, latents=latents)
-    position_list = None if by_hook_function else _positions(positions, target, tower)
+    pair_positions = None if by_hook_function else _pair_positions(positions, target, tower)
+    if pair_positions is not None:
+        position_list = list(range(pair_positions.shape[1]))  # the slots
+    else:
+        position_list = None if by_hook_function else _positions(positions, target, tower)
     _, units = _units(tower, kinds[0], by_hook_function, heads, neurons, sae, latents, intervention)
     if tower.modality == "text" and source is not None and intervention == "patch":
         _check_equal_lengths(tower, source, target)
-    return [Plan(kind, layer_list, position_list, units, intervention, sae) for kind in kinds]
+    return [Plan(kind, layer_list, position_list, units, intervention, sae, pair_positions) for kind in kinds]
 
 
 def _check_groups(plans: list[Plan], method: str, mean) -> None:
@@ -305,6 +324,36 @@ def _check_whole_activation(intervention, **selections) -> None:
             name_of = intervention if isinstance(intervention, str) else getattr(intervention, "__name__", "hook function")
             raise ValueError(f"{name}={value!r} cannot be applied with intervention={name_of!r}: a hook function receives "
                              f"the whole activation of every position and unit; select inside the hook instead")
+
+
+def _pair_positions(positions, target: Tensor, tower: HookedTower) -> Optional[Tensor]:
+    """Each pair's own positions [n_pairs, slots] (CPU int64), when `positions` is a 2-D array of
+    integers; None for the other forms of `positions`."""
+    if isinstance(positions, (Tensor, np.ndarray)):
+        table = torch.as_tensor(np.asarray(positions.cpu() if isinstance(positions, Tensor) else positions))
+    elif isinstance(positions, list) and positions and all(isinstance(row, (list, np.ndarray, Tensor)) for row in positions):
+        widths = [len(row) for row in positions]
+        if len(set(widths)) > 1:
+            row = next(i for i, w in enumerate(widths) if w != widths[0])
+            raise ValueError(f"positions: row {row} has {widths[row]} slots and row 0 has {widths[0]}; every pair "
+                             "needs the same slots (-1 where it has none)")
+        table = torch.as_tensor(np.asarray([np.asarray(row) for row in positions]))
+    else:
+        return None
+    if table.ndim != 2:
+        return None  # a 1-D array is a list of positions
+    if table.dtype.is_floating_point or table.dtype == torch.bool:
+        raise ValueError(f"positions as one row per pair must be integers [n_pairs, slots]; got {table.dtype}")
+    n_pairs, n_positions = target.shape[0], tower.n_positions(target)
+    if table.shape[0] != n_pairs or table.shape[1] == 0:
+        raise ValueError(f"positions has {table.shape[0]} rows of {table.shape[1]} slots; give one row per pair "
+                         f"({n_pairs}) with at least one slot")
+    bad = (table < -1) | (table >= n_positions)
+    if bool(bad.any()):
+        pair, slot = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"positions[{pair}, {slot}] = {int(table[pair, slot])} is out of range (0..{n_positions - 1}, "
+                         "or -1 where a pair has no position in that slot)")
+    return table.long()
 
 
 def _positions(positions, target: Tensor, tower: HookedTower) -> Optional[list]:

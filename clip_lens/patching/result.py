@@ -23,7 +23,9 @@ class PatchResult:
         source_baseline: [pair], the metric of the clean source run (None without a source).
         dims: names of the axes of `effects`.
         hook: the hook kind ("attn_out+mlp_out" for several, along the "hook" axis).
-        layers, positions, heads, neurons, latents: the labels along those axes (None: no such axis).
+        layers, positions, heads, neurons, latents: the labels along those axes (None: no such axis);
+            with positions given per pair, `positions` are the slots 0..k-1 and
+            `extra["pair_positions"]` [pair, slot] each pair's own positions (-1: none).
         contributions: with method="attribution" or "integrated_gradients", the estimates of
             metric(intervened) - metric(clean) themselves, shaped like `effects` (None otherwise).
         lengths: [pair], each target's own positions (tokens up to EOT; every position of an
@@ -53,9 +55,12 @@ class PatchResult:
         if "position" not in self.dims or self.lengths is None:
             return torch.ones(shape, dtype=torch.bool, device=self.effects.device)
         axis = self.dims.index("position")
-        # a joint intervention (a tuple of positions) exists where its last position does
-        last = [max(p) if isinstance(p, tuple) else p for p in self.positions]
-        inside = torch.tensor(last, device=self.lengths.device)[None] < self.lengths[:, None]           # [pair, position]
+        own = self.extra.get("pair_positions")  # [pair, slot], each pair's own positions (-1: none)
+        if own is not None:
+            inside = (own >= 0) & (own < self.lengths[:, None])
+        else:  # a joint intervention (a tuple of positions) exists where its last position does
+            last = [max(p) if isinstance(p, tuple) else p for p in self.positions]
+            inside = torch.tensor(last, device=self.lengths.device)[None] < self.lengths[:, None]       # [pair, position]
         view = [inside.shape[0]] + [1] * (len(shape) - 1)
         view[axis] = inside.shape[1]
         return inside.view(view).expand(shape)
@@ -91,6 +96,8 @@ class PatchResult:
             warnings.warn(f"the metric is NaN in {int(frame['metric'].isna().sum())} measured cells, of pairs "
                           f"{pairs[:10]}{' ...' if len(pairs) > 10 else ''}", stacklevel=2)
         pairs = frame["pair"].to_numpy()
+        if "pair_positions" in self.extra:  # "position" holds the slot; the position itself beside it
+            frame["token_position"] = self.extra["pair_positions"].numpy()[pairs, frame["position"].to_numpy()]
         frame["baseline"] = self.baseline.detach().cpu().numpy()[pairs]
         if self.source_baseline is not None:
             frame["source_baseline"] = self.source_baseline.detach().cpu().numpy()[pairs]

@@ -125,6 +125,21 @@ def trace(model: HookedCLIP, sources: list, targets: list, image_emb, ids: list,
         engine: `batch_size` (patches per forward pass, default 256) and `pair_chunk` (pairs whose
             runs are cached at a time, and saved to `checkpoints` as one chunk; default 64).
     """
+    return _trace(model, (sources, targets), image_emb, ids, None, checkpoints, progress, engine)
+
+
+def trace_at(model: HookedCLIP, sources: list, targets: list, image_emb, ids: list,
+             positions: Int[np.ndarray, "n k"], *, progress: bool = True,
+             **engine: int) -> Float[np.ndarray, "n layer k"]:
+    """`trace` at each pair's own positions only [n, k] (-1 where a pair has none): CTE
+    [n, layers, k], slot by slot, NaN where a pair has no position."""
+    return _trace(model, (sources, targets), image_emb, ids, positions, None, progress, engine)[0]
+
+
+def _trace(model: HookedCLIP, texts: tuple[list, list], image_emb, ids: list, positions: Optional[np.ndarray],
+           checkpoints: Optional[Checkpoints], progress: bool, engine: dict) -> tuple[np.ndarray, np.ndarray]:
+    """`trace` (positions None: every position) and `trace_at`."""
+    sources, targets = texts
     unknown = set(engine) - set(ENGINE)
     if unknown:
         raise TypeError(f"trace() got unexpected keyword arguments {sorted(unknown)}; engine knobs: {sorted(ENGINE)}")
@@ -134,11 +149,13 @@ def trace(model: HookedCLIP, sources: list, targets: list, image_emb, ids: list,
     order = np.argsort(model.text.sequence_lengths(model.to_tokens(list(targets))).cpu().numpy(), kind="stable")
     sources, targets = [sources[i] for i in order], [targets[i] for i in order]
     image_emb, ids = image_emb[torch.as_tensor(order, device=image_emb.device)], [ids[i] for i in order]
+    own = None if positions is None else np.asarray(positions)[order]
 
     def chunk(lo: int, hi: int) -> dict:
         source = model.to_tokens(sources[lo:hi])
         result = patch(model, target=targets[lo:hi], source=source, image=image_emb[lo:hi], hook="resid",
-                       positions="all", batch_size=batch_size, pair_chunk=pair_chunk, progress=False)
+                       positions="all" if own is None else own[lo:hi], batch_size=batch_size, pair_chunk=pair_chunk,
+                       progress=False)
         return {"s_star": result.effects.numpy(), "s_p": result.baseline.numpy(),  # [n, layers, pos], [n]
                 "s_n": result.source_baseline.numpy(), "eot": model.text.pooled_positions(source).cpu().numpy()}
 

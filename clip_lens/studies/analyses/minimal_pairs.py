@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -58,15 +58,16 @@ class PairTracing:
     """Causal tracing of a minimal-pair set.
 
     Attributes:
-        cte_positions: [pairs, layers 0..L, pos], CTE at every position (NaN past a text's EOT).
         relative: [pairs, layers, 7], at offsets -2, -1 from the span, the span's first token,
             +1..+3 after it and EOT (NaN where a pair has no such position).
         pairs: the pairs' table.
+        cte_positions: [pairs, layers 0..L, pos], CTE at every position (NaN past a text's EOT),
+            with `trace(every_position=True)`; None otherwise (only the 7 positions are traced).
     """
 
-    cte_positions: Float[np.ndarray, "n layer pos"]
     relative: Float[np.ndarray, "n layer 7"]
     pairs: pd.DataFrame
+    cte_positions: Optional[Float[np.ndarray, "n layer pos"]] = None
 
     def frame(self) -> pd.DataFrame:
         """Mean CTE per layer and relative position (NaN cells left out), with the pairs counted."""
@@ -81,13 +82,29 @@ class PairTracing:
 
 
 def trace(model: HookedCLIP, pairs: MinimalPairs, image_emb: Tensor, marked: Union[str, np.ndarray] = "b", *,
-          batch_size: int = 256, pair_chunk: int = 64, progress: bool = True) -> PairTracing:
+          every_position: bool = False, batch_size: int = 256, pair_chunk: int = 64,
+          progress: bool = True) -> PairTracing:
     """Causal tracing (docs/methods.md#causal-tracing) of the unmarked text patched from the marked
-    one, S against `image_emb` [pairs, d_embed]."""
+    one, S against `image_emb` [pairs, d_embed], at the 7 positions around the differing span
+    (`RELATIVE`), or at every position with `every_position` (more work: every position from the
+    span to EOT, at every layer)."""
     marked_texts, unmarked = orient(pairs, marked)
-    cte, eot = causal_tracing.trace(model, marked_texts, unmarked, image_emb, list(pairs.pairs["id"]),
-                                    batch_size=batch_size, pair_chunk=pair_chunk, progress=progress)
-    return PairTracing(cte, relative_positions(cte, pairs.pairs["span_start"].to_numpy(), eot), pairs.pairs)
+    ids, span = list(pairs.pairs["id"]), pairs.pairs["span_start"].to_numpy()
+    engine = dict(batch_size=batch_size, pair_chunk=pair_chunk, progress=progress)
+    if every_position:
+        cte, eot = causal_tracing.trace(model, marked_texts, unmarked, image_emb, ids, **engine)
+        return PairTracing(relative_positions(cte, span, eot), pairs.pairs, cte)
+    eot = model.text.pooled_positions(model.to_tokens(unmarked)).cpu().numpy()
+    cte = causal_tracing.trace_at(model, marked_texts, unmarked, image_emb, ids, relative_table(span, eot), **engine)
+    return PairTracing(cte, pairs.pairs)
+
+
+def relative_table(span: np.ndarray, eot: np.ndarray) -> np.ndarray:
+    """Each pair's positions at `RELATIVE` [n, 7]: offsets -2..+3 from its span start (-1 where one
+    falls before position 1 or at or after EOT), then its EOT; as `relative_positions` reads them."""
+    index = np.arange(int(np.max(eot)) + 1)
+    table = relative_positions(np.broadcast_to(index, (len(span), len(index))).astype(float), span, eot)
+    return np.nan_to_num(table, nan=-1).astype(np.int64)
 
 
 def relative_positions(values: Float[np.ndarray, "n ... pos"], span: np.ndarray,
