@@ -25,7 +25,7 @@ from clip_lens.hooks import act_name
 from clip_lens.patching.packed import Packing, resume_packed
 from clip_lens.patching.request import Plan, Request, as_group
 from clip_lens.patching.result import PatchResult
-from clip_lens.patching.resume import LaterEdit, cached_names, reaches_pooled_row_only, resume, run_cached
+from clip_lens.patching.resume import LaterEdit, cached_names, reaches_pooled_row_only, residual_steps, resume, run_cached
 from clip_lens.towers import HookedTower
 
 
@@ -320,8 +320,10 @@ def run_items(request: Request, items: list[Intervention], cache_t: dict, offset
     grouped by (suffix start, suffix length)."""
     tower = request.tower
     packs = tower.attends_causally and not hooks_attached(*tower._hook_points())
-    packed = [it for it in items if packs and all(edit[0] in _residual_names(tower) for edit in it.edits)]
-    grouped = [it for it in items if not packs or any(edit[0] not in _residual_names(tower) for edit in it.edits)]
+    residual = residual_steps(tower)
+    packed, grouped = [], []
+    for item in items:
+        (packed if packs and all(edit[0] in residual for edit in item.edits) else grouped).append(item)
     packed.sort(key=lambda it: (it.start, it.rows))  # similar suffix lengths together: less attention padding
     for b in range(0, len(packed), request.batch_size):
         _run_packed(request, packed[b : b + request.batch_size], cache_t, offset, effects)
@@ -332,16 +334,6 @@ def run_items(request: Request, items: list[Intervention], cache_t: dict, offset
         group.sort(key=lambda it: it.start)
         for b in range(0, len(group), request.batch_size):
             _run_grouped(request, group[b : b + request.batch_size], cache_t, offset, effects)
-
-
-@functools.lru_cache(maxsize=8)
-def _residual_names_of(n_layers: int) -> frozenset[str]:
-    return frozenset([act_name("resid_pre", b) for b in range(n_layers)] + [act_name("resid_post", n_layers - 1)])
-
-
-def _residual_names(tower: HookedTower) -> frozenset[str]:
-    """The hooks a joint intervention's later edit writes into the residual stream itself."""
-    return _residual_names_of(tower.cfg.n_layers)
 
 
 def _run_packed(request: Request, batch: list[Intervention], cache_t: dict, offset: int, effects: Tensor) -> None:

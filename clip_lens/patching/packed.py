@@ -24,7 +24,7 @@ from torch import Tensor
 
 from clip_lens.components import Attention, TransformerBlock
 from clip_lens.hooks import act_name
-from clip_lens.patching.resume import LaterEdit
+from clip_lens.patching.resume import LaterEdit, residual_steps
 from clip_lens.towers import HookedTower
 
 
@@ -182,9 +182,7 @@ def _pooled_attention(block: TransformerBlock, layer: int, x: Tensor, packing: P
 def _residual_edits(tower: HookedTower, edits: Sequence[LaterEdit], packing: Packing) -> dict[int, list]:
     """{half-layer step: [(packed rows, apply)]} for edits of the residual stream; the residual
     after the last block (step 2L) holds one row per run, so its rows count runs."""
-    n_layers = tower.cfg.n_layers
-    steps = {act_name("resid_pre", b): 2 * b for b in range(n_layers)}
-    steps[act_name("resid_post", n_layers - 1)] = 2 * n_layers
+    n_layers, steps = tower.cfg.n_layers, residual_steps(tower)
     out: dict[int, list] = {}
     for edit in edits:
         if edit.hook not in steps:

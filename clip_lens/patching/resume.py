@@ -129,12 +129,20 @@ def resume(tower: HookedTower, states: Float[Tensor, "N S d_model"], starts: lis
         return _resume(tower, states, starts, kv, rows, residual)
 
 
-def _split_edits(tower: HookedTower, edits: Sequence[LaterEdit]) -> tuple[dict, dict]:
-    """({half-layer step: edits of the residual read at that step}, {hook name: edits through hooks}).
-    The residual after the last block (step 2L) is edited after the loop."""
+def residual_steps(tower: HookedTower) -> dict[str, int]:
+    """{hook name: half-layer step} of the hooks that hold the residual stream a resumed run reads:
+    each block's input (step 2b) and the residual after the last block (step 2L). A later edit of
+    one of these is written into the stream; an edit of any other hook goes through a hook."""
     n_layers = tower.cfg.n_layers
     steps = {act_name("resid_pre", b): 2 * b for b in range(n_layers)}
     steps[act_name("resid_post", n_layers - 1)] = 2 * n_layers
+    return steps
+
+
+def _split_edits(tower: HookedTower, edits: Sequence[LaterEdit]) -> tuple[dict, dict]:
+    """({half-layer step: edits of the residual read at that step}, {hook name: edits through hooks}).
+    The residual after the last block (step 2L) is edited after the loop."""
+    steps = residual_steps(tower)
     residual: dict[int, list[LaterEdit]] = {}
     hooked: dict[str, list[LaterEdit]] = {}
     for edit in edits:
