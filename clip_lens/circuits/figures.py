@@ -66,7 +66,7 @@ def circuit_figure(circuit: Circuit, scores: Optional[EdgeScores] = None, title:
                              marker=dict(size=14, color=[NODE_COLOURS[_kind(n)] for n in nodes],
                                          line=dict(color="white", width=1)),
                              hoverinfo="text", hovertext=nodes, name="nodes in the circuit"))
-    fig.update_yaxes(title_text="block", tickvals=list(range(-1, graph.n_layers + 1)),
+    fig.update_yaxes(title_text="block", tickmode="array", tickvals=list(range(-1, graph.n_layers + 1)),
                      ticktext=["input", *map(str, range(graph.n_layers)), "output"], zeroline=False)
     fig.update_xaxes(title_text="head (MLP at the right)", tickvals=list(range(graph.n_heads)) + [graph.n_heads + 0.5],
                      ticktext=[*map(str, range(graph.n_heads)), "MLP"], zeroline=False)
@@ -93,7 +93,10 @@ def faithfulness_figure(curve: pd.DataFrame, title: str = "Faithfulness by circu
                                  hovertext=[f"{e} edges after pruning" for e in part["edges"]]))
     fig.add_hline(y=1.0, line=dict(color="#2a9d8f", dash="dash"), annotation_text="clean model")
     fig.add_hline(y=0.0, line=dict(color="#555555", dash="dash"), annotation_text="corrupted model")
-    fig.update_xaxes(title_text="edges in the circuit", type="log")
+    sizes = sorted({int(v) for v in curve["size"]})
+    # the sizes themselves as ticks: a log axis left to itself labels its minor ticks ("8 9 1 2 3")
+    fig.update_xaxes(title_text="edges in the circuit", type="log", tickmode="array", tickvals=sizes,
+                     ticktext=[str(v) for v in sizes], minor=dict(showgrid=False, ticks=""))
     fig.update_yaxes(title_text="faithfulness (m - m_corrupt) / (m_clean - m_corrupt)")
     return style(fig, title, height=420)
 

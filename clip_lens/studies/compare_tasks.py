@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from clip_lens.data import MinimalPairs, refuse_if_none_kept
 from clip_lens.model import HookedCLIP
-from clip_lens.plot import DIVERGING, style
+from clip_lens.plot import CELL_TEXT_SIZE, DIVERGING, heatmap_height, layer_axis, style
 from clip_lens.report import Report
 from clip_lens.scores import encode_images
 from clip_lens.studies import pair_tasks
@@ -238,11 +238,17 @@ def _selectivity_section(report: Report, tables: Tables) -> None:
     report.figure(_selectivity_figure(selectivity))
     top = selectivity.sort_values("a_N", ascending=False).groupby("task", sort=False).head(3)
     report.table(top[["task", "layer", "head", "a_N", "instances"]], caption="The three most selective heads per task")
-    correlation = tables["selectivity_correlation"]
+    report.figure(correlation_figure(tables["selectivity_correlation"]))
+
+
+def correlation_figure(correlation: pd.DataFrame) -> go.Figure:
+    """Spearman correlation of head selectivity between tasks, the value written in each cell at a
+    readable size. `correlation`: task_a, task_b, spearman."""
     grid = correlation.pivot(index="task_a", columns="task_b", values="spearman")
     fig = px.imshow(grid, zmin=-1, zmax=1, color_continuous_scale=DIVERGING, text_auto=".2f",
-                    labels=dict(color="Spearman"))
-    report.figure(style(fig, "Spearman correlation of head selectivity between tasks", height=480))
+                    labels=dict(color="Spearman", x="", y=""))
+    fig.update_traces(textfont_size=CELL_TEXT_SIZE)
+    return style(fig, "Spearman correlation of head selectivity between tasks", height=heatmap_height(len(grid), 60))
 
 
 def _ablation_sections(report: Report, tables: Tables) -> None:
@@ -251,6 +257,7 @@ def _ablation_sections(report: Report, tables: Tables) -> None:
             "Per layer, the spread (standard deviation) of the mean causal-tracing effect over the differing span, "
             "the three positions after it and EOT: high where one position carries the effect.")
         fig = px.line(tables["localisation"], x="layer", y="localisation", color="task", markers=True)
+        layer_axis(fig, "x", tables["localisation"]["layer"].nunique())
         report.figure(style(fig, "Localisation by layer", height=420))
     if not tables["ablation"].empty:
         report.section("Ablating each task's most selective heads").text(
@@ -271,6 +278,7 @@ def _selectivity_figure(selectivity: pd.DataFrame) -> go.Figure:
                     zmin=-1, zmax=1, labels=dict(color="a^N", x="head", y="layer"))
     for annotation, task in zip(fig.layout.annotations, tasks):
         annotation.text = task
+    layer_axis(fig, "y", selectivity["layer"].nunique())
     return style(fig, "Selectivity a^N per head and task", height=320 * ((len(tasks) + 3) // 4))
 
 

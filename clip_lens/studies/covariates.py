@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pandas as pd
 import plotly.express as px
+import plotly.graph_objects as go
 
-from clip_lens.plot import style
+from clip_lens.plot import CELL_TEXT_SIZE, heatmap_height, style
 from clip_lens.report import Report
 from clip_lens.studies.analyses import covariates as grid
 from clip_lens.studies.options import StudyOptions, option
@@ -38,12 +40,22 @@ def report(tables: Tables, options: Options) -> Report:
         "size (pixels of a 64 x 64 image); every scene's existence pair (negation in the foil) at every caption length, "
         f"the extra words keeping the truth value ({', '.join(repr(s) for s in grid.SUFFIXES)}).")
     for value in ("accuracy", "mean_d"):
-        table = tables["grid"].pivot(index="size", columns="length", values=value)
-        fig = px.imshow(table, text_auto=".2f", color_continuous_scale="Viridis",
-                        labels=dict(x="extra words", y="subject half size (px)", color=value))
-        out.figure(style(fig, f"{value} by subject size and caption length", height=380))
+        out.figure(grid_figure(tables["grid"], value))
     out.table(tables["effects"], caption="Least-squares fit d ~ 1 + size + length (per pixel, per word)")
     return out
+
+
+def grid_figure(table: pd.DataFrame, value: str) -> go.Figure:
+    """`value` by subject size (rows) and caption length (columns) of the grid table (size, length,
+    value): categorical axes, so every column has one width and its tick reads the data's value."""
+    cells = table.pivot(index="size", columns="length", values=value)
+    fig = px.imshow(cells.to_numpy(), x=[str(v) for v in cells.columns], y=[str(v) for v in cells.index],
+                    text_auto=".2f", color_continuous_scale="Viridis", aspect="auto",
+                    labels=dict(x="extra words", y="subject half size (px)", color=value))
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
+    fig.update_traces(textfont_size=CELL_TEXT_SIZE)
+    return style(fig, f"{value} by subject size and caption length", height=heatmap_height(len(cells)))
 
 
 STUDY = Study("covariates", Options, compute, report, data="none: the study generates its own scenes")

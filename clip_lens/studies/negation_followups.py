@@ -39,7 +39,7 @@ from clip_lens import baselines
 from clip_lens.data import shapes
 from clip_lens.data.valse import ALIGNED_SLOTS, NEGATOR_POSITION, weighted_slot_mean
 from clip_lens.patching import interaction_table
-from clip_lens.plot import style
+from clip_lens.plot import heatmap_height, layer_axis, style
 from clip_lens.probes import PROBE_HOOKS, probe_grid
 from clip_lens.report import Report
 from clip_lens.severed_tracing import severed_trace
@@ -177,7 +177,8 @@ def probes_figure(probes: pd.DataFrame) -> go.Figure:
     table = probes.pivot_table(index="layer", columns="position", values="test_accuracy", sort=False)
     fig = px.imshow(table, text_auto=".2f", zmin=0, zmax=1, color_continuous_scale="Viridis",
                     labels=dict(x="aligned slot", y="layer", color="accuracy"))
-    return style(fig, "Probe accuracy on held-out texts (negated or not)", height=380)
+    layer_axis(fig, "y", len(table))
+    return style(fig, "Probe accuracy on held-out texts (negated or not)", height=heatmap_height(len(table)))
 
 
 def coefficients_figure(coefficients: pd.DataFrame) -> go.Figure:
@@ -194,7 +195,8 @@ def _line_section(out: Report, question: str, table: pd.DataFrame, *, y: str, co
                   caption: str) -> None:
     """A section of the report: the question, what was done, `y` by layer (one line per `color`), the table."""
     out.section(QUESTIONS[question]).text(text)
-    out.figure(style(px.line(table, x="layer", y=y, color=color, markers=True), title, height=340))
+    fig = layer_axis(px.line(table, x="layer", y=y, color=color, markers=True), "x", table["layer"].nunique())
+    out.figure(style(fig, title, height=340))
     out.table(table, caption=caption)
 
 
@@ -223,6 +225,7 @@ def report(tables: Tables, options: Options) -> Report:
     severed = tables["severed"]
     fig = px.line(severed[severed["slot"] != "other"], x="layer", y="mean_effect", color="severed", facet_col="slot",
                   markers=True, labels=dict(mean_effect="mean effect"))
+    layer_axis(fig, "x", severed["layer"].nunique())
     out.figure(style(fig, "Severed causal tracing", height=360))
     out.table(severed, caption="Mean effect per severing, layer and position")
     out.section(QUESTIONS["windows"]).text(

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from clip_lens.data import MinimalPairs, read_pairs_file, refuse_if_none_kept
 from clip_lens.model import HookedCLIP
-from clip_lens.plot import DIVERGING, head_heatmap, style
+from clip_lens.plot import DIVERGING, head_heatmap, layer_axis, seed_lines, style
 from clip_lens.report import Report
 from clip_lens.scores import encode_images
 from clip_lens.studies.analyses import head_interventions, minimal_pairs
@@ -142,6 +142,7 @@ def _tracing_figure(out: Report, traced: pd.DataFrame, name: str) -> None:
     grid = traced.pivot(index="layer", columns="position", values="cte").reindex(columns=list(minimal_pairs.RELATIVE))
     fig = px.imshow(grid, color_continuous_scale=DIVERGING, zmin=-1, zmax=1, aspect="auto",
                     labels=dict(x="position (from the differing span)", y="layer", color="CTE"))
+    layer_axis(fig, "y", len(grid))
     out.figure(style(fig, f"{name}: causal tracing around the differing span", height=460))
 
 
@@ -149,9 +150,9 @@ def _ablation_part(out: Report, ablation: pd.DataFrame, name: str, options: Opti
     scaled = ablation[ablation["intervention"] == "scale"].drop(columns="intervention")
     zero = ablation[ablation["intervention"] == "zero"].drop(columns="intervention").reset_index(drop=True)
     sweep = scaled[scaled["condition"] != "none"]
-    fig = px.line(sweep, x="alpha", y="accuracy", color="condition", markers=True,
-                  labels=dict(alpha="alpha (the heads' output times alpha)"))
-    out.figure(style(fig, f"{name}: accuracy as the top {options.top_k} heads by {options.choose} are scaled", height=400))
+    out.figure(seed_lines(sweep, x="alpha", y="accuracy", group="condition",
+                          title=f"{name}: accuracy as the top {options.top_k} heads by {options.choose} are scaled",
+                          x_title="alpha (the heads' output times alpha)"))
     out.table(zero, caption="Zero ablation of the chosen heads and of random heads")
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from clip_lens.plot import style
+from clip_lens.plot import heatmap_height, layer_axis, style
 from clip_lens.report import Report
 from clip_lens.sweep.storage import load
 
@@ -24,12 +24,13 @@ def accuracy_figure(accuracy: pd.DataFrame) -> go.Figure:
     grid = accuracy.pivot_table(index="model", columns="dataset", values="accuracy", aggfunc="mean")
     fig = px.imshow(grid, text_auto=".2f", color_continuous_scale="Viridis", zmin=0, zmax=1, aspect="auto",
                     labels=dict(color="accuracy"))
-    return style(fig, "Accuracy per model and dataset (the correct text preferred)", height=140 + 40 * len(grid))
+    return style(fig, "Accuracy per model and dataset (the correct text preferred)", height=heatmap_height(len(grid)))
 
 
 def localisation_figure(localisation: pd.DataFrame) -> go.Figure:
     fig = px.line(localisation, x="layer", y="localisation", color="model", facet_col="dataset", markers=True,
                   labels=dict(layer="layer (residual stream before block)", localisation="localisation (CTE spread)"))
+    layer_axis(fig, "x", localisation["layer"].nunique())
     return style(fig, "Causal-tracing localisation per layer", height=420)
 
 
@@ -41,11 +42,23 @@ def top_heads(heads: pd.DataFrame, k: int = TOP_HEADS) -> pd.DataFrame:
 
 
 def heads_figure(top: pd.DataFrame) -> go.Figure:
-    named = top.assign(name="a" + top["layer"].astype(str) + ".h" + top["head"].astype(str))
-    fig = px.scatter(named, x="layer", y="a_N", color="model", symbol="dataset", text="name",
-                     labels=dict(a_N="selectivity a_N", layer="layer"))
+    """The top heads (`top_heads`) by layer, a panel per model: each head at its own place within
+    its layer's band (head h of H at layer + (h + 0.5) / H - 0.5), labelled h<head>, so that heads
+    of one layer stand side by side instead of on one spot."""
+    n_heads = int(top["head"].max()) + 1 if len(top) else 1
+    placed = top.assign(name="h" + top["head"].astype(str),
+                        position=top["layer"] + (top["head"] + 0.5) / n_heads - 0.5)
+    models = list(dict.fromkeys(placed["model"]))
+    fig = px.scatter(placed, x="position", y="a_N", color="dataset", symbol="dataset", text="name",
+                     facet_row="model", category_orders=dict(model=models), hover_data=["layer", "head"],
+                     labels=dict(a_N="selectivity a_N", position="layer"))
     fig.update_traces(textposition="top center", marker_size=11)
-    return style(fig, f"Top {TOP_HEADS} selective heads per model, by layer", height=460)
+    fig.for_each_annotation(lambda a: a.update(text=a.text.replace("model=", "")))
+    layers = range(int(top["layer"].min()), int(top["layer"].max()) + 1) if len(top) else range(1)
+    fig.update_xaxes(range=[layers[0] - 0.5, layers[-1] + 0.5])
+    layer_axis(fig, "x", len(layers))
+    return style(fig, f"Top {TOP_HEADS} selective heads per model and dataset, by layer",
+                 height=160 + 260 * len(models))
 
 
 def ablation_figure(ablation: pd.DataFrame) -> go.Figure:

@@ -35,7 +35,7 @@ from clip_lens.checkpoints import Checkpoints, concatenate
 from clip_lens.hooks import split_tower_prefix
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import hook_name, hook_site, patch
-from clip_lens.plot import style
+from clip_lens.plot import PALETTE, layer_axis, style
 from clip_lens.sae.alignment import latent_alignment  # noqa: F401 (read here by the attribution study)
 from clip_lens.scores import score as clip_score
 
@@ -276,7 +276,8 @@ def logit_lens_figure(scores: Float[Tensor, "n layer"], names: Sequence[str], fi
                              name="mean over instances"))
     fig.add_hline(y=float(final.mean()), line_dash="dash", line_color="#e76f51",
                   annotation_text="mean score of the model", annotation_position="bottom right")
-    fig.update_xaxes(title_text="layer (0 = embeddings)", dtick=1)
+    fig.update_xaxes(title_text="layer (0 = embeddings)")
+    layer_axis(fig, "x", len(layers))
     fig.update_yaxes(title_text="S of the residual read out through the final norm and projection")
     return style(fig, "Logit Lens: the score read out of every layer's residual stream", height=420)
 
@@ -304,11 +305,12 @@ def position_map_figure(images: Sequence[np.ndarray], maps: Float[Tensor, "n gh 
 
 def reliance_figure(table: pd.DataFrame) -> go.Figure:
     """Relied-on latents per class: mean attribution against how well the latent aligns with the
-    class (percentile among all latents); unexpected reliance in red."""
+    class (percentile among all latents); a colour per class, unexpected reliance as diamonds."""
     frame = table.assign(kind=np.where(table["unexpected"], "unexpected (low alignment)", "aligned with its class"))
-    fig = px.scatter(frame, x="alignment_percentile", y="mean_attribution", color="kind", symbol="class",
-                     hover_data=["class", "latent", "alignment", "best_concept"],
-                     color_discrete_map={"unexpected (low alignment)": "#d62828", "aligned with its class": "#2a9d8f"})
+    # a colour per class (up to 24 distinct), a symbol per kind: two symbols stay readable, twelve do not
+    fig = px.scatter(frame, x="alignment_percentile", y="mean_attribution", color="class", symbol="kind",
+                     hover_data=["class", "latent", "alignment", "best_concept"], color_discrete_sequence=PALETTE,
+                     symbol_map={"aligned with its class": "circle", "unexpected (low alignment)": "diamond"})
     fig.update_traces(marker=dict(size=11, line=dict(width=1, color="white")))
     fig.update_xaxes(title_text="alignment with the class's concept (percentile among latents)", range=[-0.03, 1.03])
     fig.update_yaxes(title_text="mean attribution to S")
