@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import SHARED_DATA
 
 from clip_lens.data import ALIGNED_SLOTS, align_positions, weighted_slot_mean
+from clip_lens.studies import pair_tasks
 from clip_lens.studies.analyses import causal_tracing, existence
 from clip_lens.studies.analyses.causal_tracing import CausalTracing
 
@@ -87,6 +88,30 @@ def test_segment_means_weight_the_further_subject_slot_by_token_count():
     loc = ct.localisation()
     tail = means.set_index("position").loc[list(ALIGNED_SLOTS[3:]), "cte"].to_numpy()
     assert loc["localisation"].iloc[0] == pytest.approx(tail.std())
+
+
+def test_localisation_known_answers():
+    # one layer per case, one instance, CTE at the 8 aligned slots (the negator is slot 3)
+    cases = {"all of d at the negator (layer 0 by construction)": ([0, 0, 0, 1, 0, 0, 0, 0], 0.4),
+             "all of d at EOT (layer L by construction)": ([0, 0, 0, 0, 0, 0, 0, 1], 0.4),
+             "all of d at the subject": ([0, 0, 0, 0, 1, 0, 0, 0], 0.4),
+             "even over the five slots": ([0, 0, 0, 0.2, 0.2, 0.2, 0.2, 0.2], 0.0),
+             "no effect": ([0] * 8, 0.0),
+             "before the negator only (not counted)": ([1, 1, 1, 0, 0, 0, 0, 0], 0.0),
+             "half at the negator, half at EOT": ([0, 0, 0, 0.5, 0, 0, 0, 0.5], 0.06 ** 0.5),  # sqrt(0.1 - 0.2^2)
+             "twice d at EOT": ([0, 0, 0, 0, 0, 0, 0, 2], 0.8)}
+    grid = np.array([values for values, _ in cases.values()], dtype=float)[None]  # [1, layer, 8]
+    instances = pd.DataFrame({"id": ["a"], "negation_in": "foil", "segment": "correct"})
+    loc = CausalTracing(instances, grid, np.ones(1, dtype=int), grid).localisation()
+    expected = [answer for _, answer in cases.values()]
+    assert loc["layer"].tolist() == list(range(len(cases)))
+    np.testing.assert_allclose(loc["localisation"], expected, atol=1e-12, err_msg=str(list(cases)))
+    # the minimal-pair tasks' localisation: the same measure over span, +1..+3, EOT
+    tail = ["span", "+1", "+2", "+3", "EOT"]
+    traced = pd.DataFrame([(layer, position, values[3 + k]) for layer, (values, _) in enumerate(cases.values())
+                           for k, position in enumerate(tail)], columns=["layer", "position", "cte"])
+    traced = pd.concat([traced, traced.assign(position="-1", cte=1.0)])  # before the span: not counted
+    np.testing.assert_allclose(pair_tasks.localisation(traced)["localisation"], expected, atol=1e-12)
 
 
 def test_a_sample_keeps_each_instance_with_its_own_image(vit_b32):

@@ -50,7 +50,8 @@ def head_table(model: HookedCLIP, data: TaskInput) -> pd.DataFrame:
 
 def localisation(traced: pd.DataFrame) -> pd.DataFrame:
     """Per layer, the spread (population standard deviation) of the causal-tracing effect over the
-    differing span, the three positions after it and EOT (`traced`: the frame of `minimal_pairs.trace`)."""
+    differing span, the three positions after it and EOT (`traced`: the frame of `minimal_pairs.trace`):
+    0.4 where one position carries all of d (docs/methods.md#localisation)."""
     tail = traced[traced["position"].isin(TAIL)]
     return tail.groupby("layer")["cte"].std(ddof=0).rename("localisation").reset_index()
 

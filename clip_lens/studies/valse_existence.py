@@ -176,7 +176,8 @@ def _causal_tracing_section(out: Report, tables: Tables) -> None:
     out.text("CTE(l, q) = d*/d: the share of the caption-foil difference restored by patching the negated "
              "sentence's residual at layer l and aligned position q into the non-negated one. Segment means "
              "weight the further-subject slot by its number of tokens; localisation is the standard deviation "
-             "of the mean CTE over the positions from the negator on.", note=True)
+             "of the mean CTE over the five positions from the negator on: 0.4 when one position carries all of d "
+             "(as at layers 0 and L by construction), 0 when the effect is spread evenly or absent.", note=True)
     for fig in causal_tracing.figures(tables["causal_tracing_segment_means"], loc).values():
         out.figure(fig)
     wide = loc.pivot_table(index="layer", columns=["negation_in", "segment"], values="localisation")

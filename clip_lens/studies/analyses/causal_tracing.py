@@ -73,8 +73,9 @@ class CausalTracing:
 
     def localisation(self, by: tuple = tuple(GROUPS)) -> pd.DataFrame:
         """Per group and layer, the standard deviation (ddof=0) of the group-mean CTE over the aligned
-        positions from the negator on (negator, subject, further subject, '.', EOT): high where one
-        position carries the effect, low where it is spread or absent."""
+        positions from the negator on (negator, subject, further subject, '.', EOT): 0.4 where one
+        position carries all of d (as at layers 0 and L by construction), 0 where it is spread evenly
+        or absent (docs/methods.md#localisation)."""
         means = self.segment_means(by)
         tail = means[means["position"].isin(self.slots[NEGATOR_POSITION:])]
         out = tail.groupby([*by, "layer"], sort=False)["cte"].std(ddof=0).rename("localisation").reset_index()
