@@ -44,10 +44,11 @@ class TowerConfig:
         use_attn_result, use_split_qkv_input, use_attn_in, use_hook_mlp_in: which optional hook
             points fire; set them with the tower's `set_use_*` methods, as in TransformerLens.
         d_vocab: vocabulary size (text); -1 ("not set", TransformerLens's value) for vision.
-        positional_embedding_type, gated_mlp, uses_rms_norm, n_devices, default_prepend_bos,
-        tokenizer_prepends_bos, original_architecture, model_name: TransformerLens's names for
+        positional_embedding_type, gated_mlp, uses_rms_norm, n_devices: TransformerLens's names for
             facts fixed by CLIP's architecture (learnt absolute positions, plain MLPs, LayerNorm,
-            one device, a start-of-text token always added by the tokenizer).
+            one device).
+        default_prepend_bos, tokenizer_prepends_bos, original_architecture, model_name: likewise (a
+            start-of-text token always added by the tokenizer; the source architecture and name).
     """
 
     n_layers: int

@@ -159,7 +159,7 @@ def _place_colorbars(fig: go.Figure) -> None:
         if fig.layout[name].showscale is not False:
             fig.layout[name].colorbar.update(x=COLORBAR_X, xanchor="left", xref="paper")
             shown = True
-    if shown and any(t.showlegend is not False and t.name for t in fig.data):
+    if shown and any(getattr(t, "showlegend", False) is not False and getattr(t, "name", None) for t in fig.data):
         fig.update_layout(legend=dict(x=COLORBAR_X + 0.16, xanchor="left"))
 
 

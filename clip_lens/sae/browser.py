@@ -97,7 +97,7 @@ def _scores(tower, latents: Tensor, batch: Tensor, rank_by: str) -> Tensor:
 
 
 def _per_position(tower, latents: Tensor, latent: int, length: int) -> list:
-    """One input's activations of one latent: the map over the patch grid [grid_h][grid_w] (vision)
+    """One input's activations of one latent: the map over the patch grid `[grid_h][grid_w]` (vision)
     or one value per token up to EOT (text)."""
     if tower.modality == "text":
         return [round(float(v), 5) for v in latents[:length, latent]]
@@ -238,7 +238,7 @@ def browser_data(model: Any, sae, inputs: Any, *, hook: Optional[str] = None, to
 
     Returns {"tower", "hook", "n_inputs", "n_latents", "rank_by", "inputs": {index: {"name", "image"
     (a PNG data URI) or "text" and "tokens"}}, "latents": [{"latent", "fire_rate", "max_activation",
-    "histogram": {"edges", "counts"}, "top": [{"input", "name", "activation", "map" [grid_h][grid_w]
+    "histogram": {"edges", "counts"}, "top": [{"input", "name", "activation", "map" `[grid_h][grid_w]`
     or "token_activations" [tokens]}], "concepts": [{"concept", "cosine"}], "attributions":
     [{"class", "attribution"}]}]}.
     """
