@@ -42,6 +42,8 @@ def test_pairs_docs_example_runs(monkeypatch):
     namespace = run_python_blocks(ROOT / "docs" / "pairs.md", 1)
     assert len(namespace["pieces"]) == 11 and len(namespace["existence"]) == 490
     assert set(namespace["foil_it"].summary()["outcome"]) >= {"kept"}
+    mine = namespace["mine"].pairs  # a user's file, read with the model's tokenize
+    assert mine["a"].tolist() == ["There is a dog.", "A red car."] and (mine["span_end"] > mine["span_start"]).all()
 
 
 def test_captioning_docs_examples_run(monkeypatch, tmp_path):
