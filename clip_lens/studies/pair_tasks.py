@@ -18,6 +18,7 @@ from torch import Tensor
 from clip_lens.data import MinimalPairs
 from clip_lens.model import HookedCLIP
 from clip_lens.report import Report
+from clip_lens.studies.analyses.causal_tracing import localisation_by_layer
 from clip_lens.studies.options import StudyOptions, option
 from clip_lens.studies.runner import Study, Tables
 
@@ -52,8 +53,7 @@ def localisation(traced: pd.DataFrame) -> pd.DataFrame:
     """Per layer, the spread (population standard deviation) of the causal-tracing effect over the
     differing span, the three positions after it and EOT (`traced`: the frame of `minimal_pairs.trace`):
     0.4 where one position carries all of d (docs/methods.md#localisation)."""
-    tail = traced[traced["position"].isin(TAIL)]
-    return tail.groupby("layer")["cte"].std(ddof=0).rename("localisation").reset_index()
+    return localisation_by_layer(traced, TAIL).sort_values("layer", ignore_index=True)
 
 
 def top_heads(heads: pd.DataFrame, k: int) -> list[tuple[int, int]]:

@@ -9,7 +9,7 @@ each from the cached residual of its layer and computes only positions q..EOT.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -76,14 +76,24 @@ class CausalTracing:
         positions from the negator on (negator, subject, further subject, '.', EOT): 0.4 where one
         position carries all of d (as at layers 0 and L by construction), 0 where it is spread evenly
         or absent (docs/methods.md#localisation)."""
-        means = self.segment_means(by)
-        tail = means[means["position"].isin(self.slots[NEGATOR_POSITION:])]
-        out = tail.groupby([*by, "layer"], sort=False)["cte"].std(ddof=0).rename("localisation").reset_index()
-        return out
+        return localisation_by_layer(self.segment_means(by), self.slots[NEGATOR_POSITION:], by)
 
     def figures(self) -> dict[str, go.Figure]:
         """The CTE heatmaps with localisation bars, one figure per negation placement."""
         return figures(self.segment_means(), self.localisation(), self.slots)
+
+
+def localisation_by_layer(cte: pd.DataFrame, positions: Sequence, by: Sequence[str] = ()) -> pd.DataFrame:
+    """Localisation (docs/methods.md#localisation), the one definition every study uses: per group
+    of `by` and layer, the population standard deviation (ddof=0) of `cte` over `positions`.
+
+    Args:
+        cte: one row per (*by, layer, position) with the (group-mean) causal-tracing effect `cte`.
+        positions: the positions whose spread is measured (from the differing token to EOT).
+    Returns: columns *by, layer, localisation, in the order the groups first appear.
+    """
+    tail = cte[cte["position"].isin(list(positions))]
+    return tail.groupby([*by, "layer"], sort=False)["cte"].std(ddof=0).rename("localisation").reset_index()
 
 
 def figures(means: pd.DataFrame, localisation: pd.DataFrame, slots: tuple = ALIGNED_SLOTS) -> dict[str, go.Figure]:
