@@ -88,6 +88,18 @@ def test_concepts_are_the_shared_alignment_and_attributions_are_class_means(tiny
     assert data["latents"][1]["attributions"] == []
 
 
+def test_concepts_are_read_through_the_given_template(tiny_model, scenes, page):
+    sae, _ = page
+    template = "There is a {} circle."  # the tiny CLIP's own captions, not "a photo of a ..."
+    data = browser_data(tiny_model, sae, scenes[:3], top=1, concepts=list(COLOURS), concept_template=template,
+                        progress=False)
+    cosines = latent_alignment(tiny_model, sae, "vision", list(COLOURS), template=template)
+    default = latent_alignment(tiny_model, sae, "vision", list(COLOURS))
+    assert not torch.allclose(cosines, default, atol=1e-3)
+    for j, latent in enumerate(data["latents"]):
+        assert latent["concepts"][0]["cosine"] == pytest.approx(float(cosines[j].max()), abs=1e-4)
+
+
 def test_the_page_is_self_contained_searchable_and_anchored(page):
     _, path = page
     html = path.read_text()

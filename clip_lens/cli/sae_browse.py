@@ -58,7 +58,8 @@ def cmd_browse_sae(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, label = model_from_args(args)
     data = browser_data(model, sae.to(args.device), inputs, hook=args.hook, top=args.top, concepts=concepts,
-                        rank_by=args.rank_by, batch_size=args.batch_size, progress=not args.quiet)
+                        rank_by=args.rank_by, concept_template=args.concept_template, batch_size=args.batch_size,
+                        progress=not args.quiet)
     path = write_browser(data, args.out, title=f"Latents of {args.sae.name} on {data['hook']} ({label})")
     alive = sum(bool(latent["top"]) for latent in data["latents"])
     print(f"wrote {path}: {data['n_latents']} latents ({alive} fire on these {data['n_inputs']} inputs) in "
@@ -76,6 +77,8 @@ def register(sub) -> None:
     source.add_argument("--texts", type=Path, help="text file, one text a line (for an SAE on the text tower)")
     parser.add_argument("--concepts", type=Path, default=None, help="text file of concept names, one a line: each "
                                                                     "latent's best-aligned names are shown")
+    parser.add_argument("--concept-template", default="a photo of a {}.",
+                        help="the text each concept name is read as, {} the name (default 'a photo of a {}.')")
     parser.add_argument("--hook", default=None, help="hook the SAE reads (default: the hook saved with the SAE)")
     parser.add_argument("--top", type=int, default=9, help="top inputs shown per latent (default 9)")
     parser.add_argument("--rank-by", choices=("pooled", "max"), default="pooled",

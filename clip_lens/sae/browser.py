@@ -130,12 +130,14 @@ def _histogram(scores: np.ndarray) -> dict:
     return {"edges": [round(float(e), 5) for e in edges], "counts": [int(c) for c in counts]}
 
 
-def _concepts(model: Any, sae, tower: str, concepts: Optional[Sequence[str]], top: int) -> list[list[dict]]:
-    """Per latent, its `top` best-aligned concept names with their cosines (empty without concepts)."""
+def _concepts(model: Any, sae, tower: str, concepts: Optional[Sequence[str]], top: int,
+              template: str) -> list[list[dict]]:
+    """Per latent, its `top` best-aligned concept names with their cosines (empty without concepts);
+    each name is read as the text `template.format(name)`."""
     if not concepts:
         return [[] for _ in range(sae.n_latents)]
     concepts = list(concepts)
-    cosines = latent_alignment(model, sae, tower, concepts).cpu()                  # [latent, concept]
+    cosines = latent_alignment(model, sae, tower, concepts, template=template).cpu()   # [latent, concept]
     values, order = cosines.topk(min(top, len(concepts)), dim=1)
     return [[{"concept": concepts[int(c)], "cosine": round(float(v), 4)} for v, c in zip(vs, cs)]
             for vs, cs in zip(values, order)]
@@ -222,8 +224,8 @@ def _input_table(model: Any, tower, inputs: Tensor, names: list[str], used: set[
 
 def browser_data(model: Any, sae, inputs: Any, *, hook: Optional[str] = None, top: int = 9,
                  concepts: Optional[Sequence[str]] = None, attributions: Optional[pd.DataFrame] = None,
-                 rank_by: str = "pooled", top_concepts: int = 5, batch_size: int = 32,
-                 progress: bool = True) -> dict:
+                 rank_by: str = "pooled", top_concepts: int = 5, concept_template: str = "a photo of a {}.",
+                 batch_size: int = 32, progress: bool = True) -> dict:
     """The browser's data for every latent of `sae` over `inputs`, as a JSON-ready dict.
 
     Args:
@@ -233,6 +235,8 @@ def browser_data(model: Any, sae, inputs: Any, *, hook: Optional[str] = None, to
         hook: the hook the SAE reads ("vision.blocks.2.hook_resid_post"); default `sae.hook`.
         top: inputs shown per latent (those with the largest scores, non-zero only).
         concepts: concept names to align latents with (`clip_lens.sae.alignment.latent_alignment`).
+        concept_template: the text each concept name is read as, `{}` the name (default "a photo of
+            a {}."; e.g. "There is a {}." for the tiny CLIP's captions).
         attributions: a table of latent attributions per class (see `attributions_by_latent`).
         rank_by: "pooled" (the pooled position's activation) or "max" (the largest at any position).
 
@@ -252,7 +256,7 @@ def browser_data(model: Any, sae, inputs: Any, *, hook: Optional[str] = None, to
     values, order = scores.topk(min(top, len(scores)), dim=0)                            # [top, latent]
     tops = [[int(i) for v, i in zip(values[:, j], order[:, j]) if v > 0] for j in range(sae.n_latents)]
     entries = _top_entries(tower, sae, local, checked, names, tops, scores, batch_size)
-    aligned = _concepts(model, sae, modality, concepts, top_concepts)
+    aligned = _concepts(model, sae, modality, concepts, top_concepts, concept_template)
     relied = attributions_by_latent(attributions, sae.n_latents)
     column = scores.numpy()
     latents = [{"latent": j, "fire_rate": round(float((column[:, j] > 0).mean()), 6),
