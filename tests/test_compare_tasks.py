@@ -4,6 +4,7 @@ ViT-B-32 and generated images (a few pairs each), and a user's pairs file."""
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import SHARED_DATA
 
 from clip_lens.cli import main
@@ -60,3 +61,30 @@ def test_compare_tasks_options_refuse_a_bad_value_by_name(bad, message):
 
     with pytest.raises(OptionError, match=message):
         compare_tasks.Options(**bad)
+
+
+def test_each_image_file_is_encoded_once_across_pairs_and_pieces(tiny_model, tmp_path):
+    from PIL import Image
+
+    from clip_lens.scores import encode_images
+    from clip_lens.studies.compare_tasks import ImageEmbeddings
+
+    noise = ImageEmbeddings(tiny_model, generated=True, seed=3)
+    first = noise(["a.jpg", "b.jpg", "a.jpg"])               # one piece: two pairs show a.jpg
+    assert noise.encoded == 2 and first.shape == (3, tiny_model.vision.cfg.d_embed)
+    assert torch.equal(first[0], first[2]) and not torch.allclose(first[0], first[1])
+    second = noise(["b.jpg", "c.jpg"])                       # another piece shares b.jpg
+    assert noise.encoded == 3 and torch.equal(second[0], first[1])
+    assert torch.equal(noise.noise("a.jpg"), ImageEmbeddings(tiny_model, generated=True, seed=3).noise("a.jpg"))
+    assert not torch.equal(noise.noise("a.jpg"), ImageEmbeddings(tiny_model, generated=True, seed=4).noise("a.jpg"))
+    assert noise([]) is None
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for name in ("x.png", "y.png"):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    files = ImageEmbeddings(tiny_model, generated=False)
+    got = files([paths[1], paths[0], paths[1]])
+    assert files.encoded == 2
+    torch.testing.assert_close(got, encode_images(tiny_model, [paths[1], paths[0], paths[1]], progress=False))

@@ -81,7 +81,7 @@ def register(sub) -> None:
                          help="your own minimal pairs: CSV or JSONL files with columns caption, foil (and image)")
     compare.add_argument("--images", type=Path, default=None, help="the folder with VALSE's image files")
     compare.add_argument("--generated-images", action="store_true",
-                         help="score VALSE against generated noise images (to run without the image set)")
+                         help="score VALSE against generated noise images, one per image file (to run without the image set)")
     compare.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy pipeline for CANNOT's parse")
     compare.set_defaults(func=cmd_compare_tasks)
 

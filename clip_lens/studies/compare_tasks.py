@@ -9,6 +9,7 @@ report. `data` is a `TaskSet` (`build_tasks`, the data preparation of the front 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+import torch
+from jaxtyping import Float
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from clip_lens.data import MinimalPairs, refuse_if_none_kept
@@ -125,8 +129,9 @@ class TaskSources:
 
     Attributes:
         valse: the folder with VALSE's pieces (<piece>.json); pieces: which (default: all eleven).
-        images: the folder with VALSE's image files; generated_images: noise images made per pair
-            instead (to run the machinery without the image set; scores against them mean nothing).
+        images: the folder with VALSE's image files; generated_images: noise images made per image
+            file instead (to run the machinery without the image set; scores against them mean
+            nothing). Either way each file is encoded once, however many pairs and pieces show it.
         cannot: CANNOT .tsv files or folders; spacy_model: the spaCy pipeline of CANNOT's parse.
         pairs_files: a user's minimal-pair files (CSV or JSONL: caption, foil and maybe image).
     """
@@ -147,7 +152,8 @@ def build_tasks(model: HookedCLIP, sources: TaskSources, *, limit: Optional[int]
     a user's pairs files (the foil marked, their own images); the first `limit` pairs of each.
 
     VALSE's images come from `sources.images` (a pair whose file is missing there is excluded with
-    that reason), or, with `generated_images`, are noise images made per pair from `seed`."""
+    that reason), or, with `generated_images`, are noise images made per image file from `seed`;
+    each file is encoded once for all the pieces (`ImageEmbeddings`)."""
     from clip_lens.data import cannot_pairs, read_pairs_file
 
     def tokenize(texts):
@@ -168,14 +174,43 @@ def build_tasks(model: HookedCLIP, sources: TaskSources, *, limit: Optional[int]
     return tasks
 
 
+class ImageEmbeddings:
+    """Image embeddings by file, each file encoded the first time a task asks for it: VALSE's pieces
+    share many images (6,813 files for 8,782 instances), and a piece may show one image in several
+    pairs. With `generated`, a file's stand-in is noise seeded by (`seed`, file name), so pairs and
+    pieces that share an image share its stand-in, as they would share the real image."""
+
+    def __init__(self, model: HookedCLIP, generated: bool, seed: int = 0, batch_size: int = 32):
+        self.model, self.generated, self.seed, self.batch_size = model, generated, seed, batch_size
+        self._by_file: dict[str, Tensor] = {}
+        self.encoded = 0  # files encoded so far
+
+    def __call__(self, files: Sequence[str]) -> Optional[Float[Tensor, "n d_embed"]]:
+        """[len(files), d_embed], row i the embedding of files[i] (None for no file)."""
+        files = [str(f) for f in files]
+        new = [f for f in dict.fromkeys(files) if f not in self._by_file]
+        for lo in range(0, len(new), self.batch_size):
+            batch = new[lo : lo + self.batch_size]
+            images = torch.stack([self.noise(f) for f in batch]).to(self.model.vision.device) if self.generated else batch
+            self._by_file.update(zip(batch, encode_images(self.model, images, batch_size=self.batch_size, progress=False)))
+        self.encoded += len(new)
+        return torch.stack([self._by_file[f] for f in files]) if files else None
+
+    def noise(self, file: str) -> Float[Tensor, "3 height width"]:
+        """The stand-in of one image file: standard normal pixels (clamped at 2.5) from a generator
+        seeded by the SHA-256 of (seed, file name)."""
+        key = int.from_bytes(hashlib.sha256(f"{self.seed}:{file}".encode()).digest()[:8], "little") >> 1
+        generator = torch.Generator().manual_seed(key)
+        return torch.randn(3, *self.model.vision.cfg.image_size, generator=generator).clamp(-2.5, 2.5)
+
+
 def _valse_tasks(model: HookedCLIP, sources: TaskSources, limit: Optional[int], seed: int) -> list[TaskInput]:
     """One task per VALSE piece, with image embeddings [pairs, d_embed] of its images or of noise."""
-    import torch
-
     from clip_lens.data import VALSE_PIECES, valse_existence_pairs, valse_pairs
 
     if sources.images is None and not sources.generated_images:
         raise ValueError("VALSE tasks need their images: give --images (the image folder) or --generated-images")
+    embeddings = ImageEmbeddings(model, sources.generated_images, seed)
     tasks = []
     for piece in sources.pieces or VALSE_PIECES:
         path = Path(sources.valse) / f"{piece}.json"
@@ -184,12 +219,7 @@ def _valse_tasks(model: HookedCLIP, sources: TaskSources, limit: Optional[int], 
         tokenize = lambda texts: model.to_tokens(texts, trim=False)  # noqa: E731
         found = valse_existence_pairs(path, tokenize) if piece == "existence" else valse_pairs(path, tokenize)
         found = _limited(_with_images(found, sources.images) if sources.images is not None else found, limit)
-        if sources.generated_images:
-            gen = torch.Generator().manual_seed(seed)
-            pixels = torch.randn(len(found), 3, *model.vision.cfg.image_size, generator=gen).clamp(-2.5, 2.5)
-            emb = encode_images(model, pixels.to(model.vision.device), progress=False)
-        else:
-            emb = encode_images(model, list(found.pairs["image"]), progress=False) if len(found) else None
+        emb = embeddings(list(found.pairs["image"]))
         marked = minimal_pairs.existence_marked(found) if piece == "existence" else "b"
         tasks.append(TaskInput(f"valse/{piece}", found, marked, emb))
     return tasks
