@@ -366,6 +366,29 @@ class TransformerBlock(nn.Module):
                 past_kv: Optional[tuple[Tensor, Tensor]] = None) -> Float[Tensor, "batch pos d_model"]:
         return self.mlp_half(self.attn_half(resid_pre, past_kv))
 
+    def at_rows(self, resid_pre: Float[Tensor, "batch pos d_model"],
+                rows: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_model"]:
+        """resid_post at one position per input (`rows`): the row's query attends to every position
+        as keys and values (in a causal block, those up to the row), and only that row goes on
+        through the MLP. The last block of a tower whose embedding reads one row needs no more.
+        Fires no hook: for runs with none attached (`HookedTower.pooled_embedding` checks)."""
+        attn = self.attn
+        batch, pos, _ = resid_pre.shape
+        heads, d_head = attn.n_heads, attn.d_head
+        normed = self.ln1(resid_pre)
+        keys, values = attn.keys_values(normed)  # shape = 2 x [batch, pos, head, d_head]
+        index = torch.arange(batch, device=resid_pre.device)
+        q = F.linear(normed[index, rows], attn.qkv_weight[: heads * d_head], attn.qkv_bias[: heads * d_head])
+        scores = torch.matmul(q.view(batch, heads, 1, d_head), keys.permute(0, 2, 3, 1)) / math.sqrt(d_head)
+        if attn.causal:  # shape = [batch, head, 1, pos]; a causal row reads the positions up to itself
+            later = torch.arange(pos, device=rows.device) > rows[:, None]  # [batch, pos]
+            scores = scores.masked_fill(later[:, None, None], float("-inf"))
+        z = torch.matmul(scores.softmax(dim=-1), values.transpose(1, 2))  # shape = [batch, head, 1, d_head]
+        attn_out = attn.project_z(z[:, :, 0])
+        resid_mid = resid_pre[index, rows] + (attn_out * self.ls1 if self.ls1 is not None else attn_out)
+        mlp_out = self.mlp(self.ln2(resid_mid))
+        return resid_mid + (mlp_out * self.ls2 if self.ls2 is not None else mlp_out)
+
     # in place, for the patching engine: x is a buffer it owns --------------------------------
     def _residual_hooks_attached(self) -> bool:
         return self.uses_optional_hooks or hooks_attached(self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid, self.hook_mlp_out,

@@ -44,7 +44,8 @@ def difference_metric(model: HookedCLIP) -> Callable[[Tensor, Tensor], Tensor]:
 
 @torch.no_grad()
 def encode_images(model: HookedCLIP, images: Sequence, batch_size: int = 32, progress: bool = True) -> Float[Tensor, "n d_embed"]:
-    """Image embeddings of paths / PIL images / pixel batches, preprocessed and encoded in batches."""
+    """Image embeddings of paths / PIL images / pixel batches, preprocessed and encoded in batches
+    (`HookedTower.pooled_embedding`: the last block at the class token only, unless a hook is attached)."""
     if isinstance(images, Tensor) and images.ndim == 4:
         batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
     else:
@@ -53,7 +54,7 @@ def encode_images(model: HookedCLIP, images: Sequence, batch_size: int = 32, pro
     out = []
     for batch in tqdm(batches, desc="encoding images", disable=not progress or len(batches) < 2):
         pixels = batch if isinstance(batch, Tensor) else model.to_pixels(batch)
-        out.append(model.encode_image(pixels))
+        out.append(model.vision.pooled_embedding(pixels))  # the last block at the class token only
     return torch.cat(out) if out else torch.empty(0, model.vision.cfg.d_embed, device=model.device, dtype=model.dtype)
 
 
@@ -61,7 +62,8 @@ def encode_images(model: HookedCLIP, images: Sequence, batch_size: int = 32, pro
 def encode_texts(model: HookedCLIP, texts: Sequence[str], batch_size: int = 256) -> Float[Tensor, "n d_embed"]:
     """Text embeddings, in batches (each trimmed to its own longest EOT)."""
     texts = list(texts)
-    out = [model.encode_text(model.to_tokens(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
+    out = [model.text.pooled_embedding(model.to_tokens(texts[i:i + batch_size]))  # the last block at EOT only
+           for i in range(0, len(texts), batch_size)]
     return torch.cat(out) if out else torch.empty(0, model.text.cfg.d_embed, device=model.device, dtype=model.dtype)
 
 
