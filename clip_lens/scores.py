@@ -60,7 +60,8 @@ def encode_images(model: HookedCLIP, images: Sequence, batch_size: int = 32, pro
 
 @torch.no_grad()
 def encode_texts(model: HookedCLIP, texts: Sequence[str], batch_size: int = 256) -> Float[Tensor, "n d_embed"]:
-    """Text embeddings, in batches (each trimmed to its own longest EOT)."""
+    """Text embeddings, in batches (each trimmed to its own longest EOT; `HookedTower.pooled_embedding`:
+    the last block at EOT only, unless a hook is attached)."""
     texts = list(texts)
     out = [model.text.pooled_embedding(model.to_tokens(texts[i:i + batch_size]))  # the last block at EOT only
            for i in range(0, len(texts), batch_size)]

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from clip_lens.data import MinimalPairs, refuse_if_none_kept
 from clip_lens.model import HookedCLIP
-from clip_lens.plot import CELL_TEXT_SIZE, DIVERGING, heatmap_height, layer_axis, style
+from clip_lens.plot import DIVERGING, heatmap_height, layer_axis, style
 from clip_lens.report import Report
 from clip_lens.scores import encode_images
 from clip_lens.studies import pair_tasks
@@ -277,7 +277,6 @@ def correlation_figure(correlation: pd.DataFrame) -> go.Figure:
     grid = correlation.pivot(index="task_a", columns="task_b", values="spearman")
     fig = px.imshow(grid, zmin=-1, zmax=1, color_continuous_scale=DIVERGING, text_auto=".2f",
                     labels=dict(color="Spearman", x="", y=""))
-    fig.update_traces(textfont_size=CELL_TEXT_SIZE)
     return style(fig, "Spearman correlation of head selectivity between tasks", height=heatmap_height(len(grid), 60))
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from clip_lens.plot import CELL_TEXT_SIZE, heatmap_height, style
+from clip_lens.plot import heatmap_height, style
 from clip_lens.report import Report
 from clip_lens.studies.analyses import covariates as grid
 from clip_lens.studies.options import StudyOptions, option
@@ -54,7 +54,6 @@ def grid_figure(table: pd.DataFrame, value: str) -> go.Figure:
                     labels=dict(x="extra words", y="subject half size (px)", color=value))
     fig.update_xaxes(type="category")
     fig.update_yaxes(type="category")
-    fig.update_traces(textfont_size=CELL_TEXT_SIZE)
     return style(fig, f"{value} by subject size and caption length", height=heatmap_height(len(cells)))
 
 
