@@ -48,8 +48,9 @@ def site(tmp_path_factory) -> Path:
         return path
     pytest.importorskip("mkdocs", reason='the docs tools are not installed: pip install -e ".[docs]"')
     out = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=ROOT,
-                   check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stderr[-4000:]}"
     return out
 
 
@@ -69,11 +70,11 @@ class _Links(HTMLParser):
         self.targets: list[str] = []
 
     def handle_starttag(self, tag, attrs):
+        stylesheet = tag == "link" and dict(attrs).get("rel") == "stylesheet"  # other <link>s name no file
         for name, value in attrs:
             if name in ("id", "name") and value:
                 self.ids.add(value)
-            elif name in ("href", "src") and value and tag != "link" or (tag == "link" and name == "href"
-                                                                          and dict(attrs).get("rel") == "stylesheet"):
+            elif name in ("href", "src") and value and (tag != "link" or stylesheet):
                 self.targets.append(value)
 
 
