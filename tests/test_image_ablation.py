@@ -106,3 +106,78 @@ def test_prepared_instances_keep_their_text_embeddings(vit_b32):
     bare = ExistenceInstances(sub.frame, sub.image_emb, sub.excluded)
     for kept, encoded in zip(sub.text_embeddings(model), bare.text_embeddings(model)):
         torch.testing.assert_close(kept, encoded)
+
+
+def _images_through_the_vision_tower(model):
+    """A counter of the images the vision tower embeds (rows through its patch embedding), and the
+    handle that removes it."""
+    seen = {"images": 0}
+
+    def count(module, inputs):
+        seen["images"] += inputs[0].shape[0]
+
+    return seen, model.vision.patch_embed.register_forward_pre_hook(count)
+
+
+def test_valse_existence_encodes_each_image_once(tiny_model, tmp_path):
+    """With image ablation, the study scores the instances against the image embeddings of the
+    ablation's own target runs: the vision tower sees each image once and each mean-colour image
+    once (before: 3 passes per instance, the images encoded a second time for the scores). The
+    instances and their ablation equal those of existence.prepare and image_ablation.run."""
+    from clip_lens.data import shapes
+    from clip_lens.studies import valse_existence
+    from clip_lens.studies.analyses import existence
+
+    model = tiny_model
+    path = shapes.export_valse(tmp_path, 6, seed=3)
+    data = valse_existence.ValseExistence(path, tmp_path / "images")
+    options = valse_existence.Options(studies=("image-ablation",))
+    seen, handle = _images_through_the_vision_tower(model)
+    try:
+        tables = valse_existence.compute(model, data, options, progress=False)
+    finally:
+        handle.remove()
+    n = len(tables["instances"])
+    assert n >= 4 and seen["images"] == 2 * n
+
+    with torch.no_grad():
+        inst = existence.prepare(model, path, images=tmp_path / "images", progress=False)
+    expected = image_ablation.run(model, inst, progress=False).table()
+    np.testing.assert_allclose(tables["instances"]["d"], inst.frame["d"], atol=1e-5)
+    assert list(tables["instances"]["segment"]) == list(inst.frame["segment"])
+    np.testing.assert_allclose(tables["image_ablation"]["iae"], expected["iae"], atol=1e-5)
+    np.testing.assert_allclose(tables["image_ablation"]["d_star"], expected["d_star"], atol=1e-5)
+
+
+def test_run_and_score_refuses_pairs_given_as_image_embeddings(tiny_model):
+    from clip_lens.studies.analyses import existence
+
+    d_embed = tiny_model.vision.cfg.d_embed
+    frame = pd.DataFrame({"id": ["a", "b"], "caption": ["no cat.", "a dog."], "foil": ["a cat.", "no dog."]})
+    pairs = existence.ExistencePairs(frame, pd.DataFrame(), torch.randn(2, d_embed), torch.randn(2, d_embed),
+                                     images=torch.randn(2, d_embed))
+    with pytest.raises(ValueError, match=r"needs the images: pairs were given image embeddings \(2, "):
+        image_ablation.run_and_score(tiny_model, pairs, progress=False)
+
+
+def test_a_checkpoint_saved_without_image_embeddings_still_scores(tiny_model, tmp_path):
+    """Chunks saved before checkpoints kept the image embeddings: a resumed run encodes those
+    chunks' images and scores them as a fresh run does."""
+    from clip_lens.checkpoints import Checkpoints
+    from clip_lens.data import shapes
+    from clip_lens.studies.analyses import existence
+
+    path = shapes.export_valse(tmp_path, 5, seed=4)
+    pairs = existence.select(tiny_model, path, tmp_path / "images")
+    fresh, fresh_ablation = image_ablation.run_and_score(tiny_model, pairs, checkpoints=Checkpoints(tmp_path / "ck"),
+                                                         progress=False, pair_chunk=2)
+    for file in (tmp_path / "ck" / "image_ablation").glob("*.npz"):
+        with np.load(file) as saved:
+            kept = {name: saved[name] for name in ("d_star", "layers")}
+        np.savez(file, **kept)
+    counted = Checkpoints(tmp_path / "ck")
+    resumed, resumed_ablation = image_ablation.run_and_score(tiny_model, pairs, checkpoints=counted, progress=False,
+                                                             pair_chunk=2)
+    assert counted.loaded["image_ablation"] == len(pairs) and counted.computed["image_ablation"] == 0
+    np.testing.assert_allclose(resumed.frame["d"], fresh.frame["d"], atol=1e-5)
+    np.testing.assert_array_equal(resumed_ablation.d_star, fresh_ablation.d_star)

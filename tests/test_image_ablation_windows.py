@@ -44,7 +44,8 @@ def test_windows_of_one_layer_are_the_single_layer_iae(tiny_model, scenes):
     source = mean_colour_pixels(pixels, tiny_model.preprocess_cfg["mean"], tiny_model.preprocess_cfg["std"])
     caption, foil = instances.text_embeddings(tiny_model)
     difference = F.normalize(caption.float(), dim=-1) - F.normalize(foil.float(), dim=-1)
-    hooked, _ = image_ablation._hooked_windows(tiny_model, [(0,), (1,), (2,)])(pixels, source, difference, 64, len(pixels))
+    hooked, _, _ = image_ablation._hooked_windows(tiny_model, [(0,), (1,), (2,)])(pixels, source, difference, 64,
+                                                                                 len(pixels))
     np.testing.assert_allclose(hooked, single.d_star, atol=1e-5)
 
 

@@ -107,7 +107,9 @@ def _kill_after(chunks: int, argv: list, monkeypatch) -> None:
     monkeypatch.setattr(Checkpoints, "_save", save)
 
 
-@pytest.mark.parametrize("kill_after", [1, 6, 10])  # in causal tracing, negator attention, image ablation
+# image ablation runs first (its target runs give the image embeddings), in 5 chunks; then causal
+# tracing (5) and negator attention (3)
+@pytest.mark.parametrize("kill_after", [1, 7, 12])  # in image ablation, causal tracing, negator attention
 def test_a_run_interrupted_after_k_chunks_resumes_them(images, tmp_path, monkeypatch, uninterrupted, kill_after):
     expected, whole_manifest = uninterrupted
     out = tmp_path / "out"
@@ -139,7 +141,7 @@ def test_a_run_resumes_with_a_smaller_engine_chunk(images, tmp_path, monkeypatch
     smaller[smaller.index("--pair-chunk") + 1] = "8"
     assert main(smaller) == 0
     counts = json.loads((out / "manifest.json").read_text())["checkpoints"]
-    assert counts["causal_tracing"]["loaded"] == 2 * CHUNK
+    assert counts["image_ablation"]["loaded"] == 2 * CHUNK
     got = _tables(out)
     for name in ("causal_tracing_instances.csv", "image_ablation.csv"):
         pd.testing.assert_frame_equal(got[name], expected[name], check_exact=False, atol=1e-4, rtol=1e-4, obj=name)

@@ -90,8 +90,7 @@ def compute(model, data: ValseExistence, options: Options, *, checkpoints=None, 
     preliminary_* , causal_tracing_*, negator_*, image_ablation_*."""
     if not isinstance(data, ValseExistence):
         raise TypeError(f"valse-existence takes a ValseExistence (existence.json and image folder), not {type(data).__name__}")
-    inst = existence.prepare(model, data.valse, data.images, missing=options.missing_images, limit=options.limit,
-                             sample=options.sample, seed=options.seed, progress=progress)
+    inst, ablation = _scored_instances(model, data, options, checkpoints, progress)
     tables = {"instances": inst.instances_table(), "excluded": inst.excluded, "accuracy": accuracy_table(inst.frame)}
     if "preliminary" in options.studies:
         pre = preliminary.run(model, inst, subject_size=options.clipseg, progress=progress)
@@ -108,9 +107,22 @@ def compute(model, data: ValseExistence, options: Options, *, checkpoints=None, 
                                    progress=progress)
         tables.update(negator_heads=na.head_table(), negator_heads_by_segment=na.head_table(by=["negation_in", "segment"]),
                       negator_query_positions=na.query_table())
-    if "image-ablation" in options.studies:
-        tables.update(compute_image_ablation(model, inst, options, checkpoints=checkpoints, progress=progress))
+    if ablation is not None:
+        tables.update(image_ablation_tables(ablation))
     return tables
+
+
+def _scored_instances(model, data: ValseExistence, options: Options, checkpoints: Optional[Checkpoints],
+                      progress: bool) -> tuple[ExistenceInstances, Optional[image_ablation.ImageAblation]]:
+    """The scored instances, and their image ablation when `options.studies` asks for it. With
+    image ablation, the instances are scored against the image embeddings of its own target runs
+    (`image_ablation.run_and_score`), so each image is encoded once; it runs first."""
+    pairs = existence.select(model, data.valse, data.images, missing=options.missing_images, limit=options.limit,
+                             sample=options.sample, seed=options.seed)
+    if "image-ablation" not in options.studies:
+        return existence.score(model, pairs, existence.encode(model, pairs, progress=progress)), None
+    return image_ablation.run_and_score(model, pairs, grey=options.grey, checkpoints=options.sized(checkpoints),
+                                        progress=progress, **options.engine())
 
 
 def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -132,6 +144,12 @@ def compute_image_ablation(model, data: ExistenceInstances, options: ImageAblati
         raise TypeError(f"image-ablation takes ExistenceInstances (existence.prepare), not {type(data).__name__}")
     ia = image_ablation.run(model, data, grey=options.grey, checkpoints=options.sized(checkpoints), progress=progress,
                             **options.engine())
+    return image_ablation_tables(ia)
+
+
+def image_ablation_tables(ia: image_ablation.ImageAblation) -> Tables:
+    """The image-ablation tables of a result: per instance x component x layer, segment means,
+    outcome counts, MHA against MLP."""
     return {"image_ablation": ia.table(), "image_ablation_segment_means": ia.segment_means(),
             "image_ablation_outcomes": ia.outcome_counts(), "image_ablation_mha_vs_mlp": ia.mha_vs_mlp()}
 

@@ -63,10 +63,38 @@ class ExistenceInstances:
 IMAGE_BATCH = 32  # images encoded per forward pass
 
 
+@dataclass
+class ExistencePairs:
+    """Kept pairs before their images are encoded and scored (`select`).
+
+    Attributes:
+        frame: one row per kept pair: id, caption, foil (rephrased), image_file, negation_in,
+            negated, non_negated, and image_path when the images are files.
+        excluded: id, caption, foil, reason: rephrasing exclusions and skipped missing images.
+        caption_emb, foil_emb: [pairs, d_embed], the text embeddings.
+        images: the given pixels [pairs, 3, H, W] or image embeddings [pairs, d_embed],
+            row-aligned with `frame`; None when the images are the files at frame["image_path"].
+    """
+
+    frame: pd.DataFrame
+    excluded: pd.DataFrame
+    caption_emb: Tensor
+    foil_emb: Tensor
+    images: Optional[Tensor] = None
+
+    def text_embeddings(self, model: HookedCLIP) -> tuple[Tensor, Tensor]:
+        """(caption, foil) embeddings [pairs, d_embed]."""
+        return self.caption_emb, self.foil_emb
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+
 def prepare(model: HookedCLIP, valse_path: Union[str, Path], images: Union[str, Path, Tensor, None] = None, *,
             missing: str = "raise", limit: Optional[int] = None, sample: Optional[int] = None, seed: int = 0,
             progress: bool = True) -> ExistenceInstances:
-    """Load VALSE existence, rephrase, find the images, encode them and score every instance.
+    """Load VALSE existence, rephrase, find the images, encode them and score every instance
+    (`select`, `encode`, `score`).
 
     Args:
         valse_path: existence.json (any VALSE piece in the existence format).
@@ -77,6 +105,15 @@ def prepare(model: HookedCLIP, valse_path: Union[str, Path], images: Union[str, 
         sample: keep a random sample of this many pairs (seeded by `seed`; dataset order kept),
             before images are read, so a sample costs only its own images.
     """
+    pairs = select(model, valse_path, images, missing=missing, limit=limit, sample=sample, seed=seed)
+    return score(model, pairs, encode(model, pairs, progress=progress))
+
+
+def select(model: HookedCLIP, valse_path: Union[str, Path], images: Union[str, Path, Tensor, None], *,
+           missing: str = "raise", limit: Optional[int] = None, sample: Optional[int] = None,
+           seed: int = 0) -> ExistencePairs:
+    """`prepare` up to the image encoding: the pairs kept (rephrased, limited or sampled, their
+    images found) and their texts encoded. Arguments as in `prepare`."""
     prepared = prepare_existence(load_valse(valse_path), model.to_tokens)
     pairs, excluded = prepared.pairs.assign(_row=np.arange(len(prepared.pairs))), prepared.excluded
     if images is None:
@@ -85,8 +122,9 @@ def prepare(model: HookedCLIP, valse_path: Union[str, Path], images: Union[str, 
         pairs = pairs.head(limit)
     if sample is not None and sample < len(pairs):
         pairs = pairs.sample(sample, random_state=seed).sort_index().reset_index(drop=True)
+    given = None
     if isinstance(images, Tensor):
-        image_emb = _given_images(model, images, pairs, len(prepared.pairs), progress)
+        given = _given_rows(images, pairs, len(prepared.pairs))
     else:
         resolved = resolve_images(pairs, images, missing=missing)
         pairs = resolved.pairs
@@ -94,18 +132,34 @@ def prepare(model: HookedCLIP, valse_path: Union[str, Path], images: Union[str, 
             skipped = prepared.pairs.set_index("id").loc[resolved.missing["id"], ["caption", "foil"]].reset_index()
             skipped["reason"] = "image missing: " + resolved.missing["image_file"].astype(str).to_numpy()
             excluded = pd.concat([excluded, skipped], ignore_index=True)
-        image_emb = encode_images(model, list(pairs["image_path"]), batch_size=IMAGE_BATCH, progress=progress)
-    caption_emb, foil_emb = encode_texts(model, pairs["caption"]), encode_texts(model, pairs["foil"])
-    scores = pair_scores(model, caption_emb, foil_emb, image_emb)
-    frame = pd.concat([pairs.drop(columns="_row").reset_index(drop=True), scores], axis=1)
-    return ExistenceInstances(frame, image_emb, excluded, caption_emb, foil_emb)
+    frame = pairs.drop(columns="_row").reset_index(drop=True)
+    return ExistencePairs(frame, excluded, encode_texts(model, frame["caption"]), encode_texts(model, frame["foil"]),
+                          given)
 
 
-def _given_images(model: HookedCLIP, images: Tensor, pairs: pd.DataFrame, n_kept: int,
-                  progress: bool) -> Float[Tensor, "n d_embed"]:
-    """The embeddings of the `pairs`' rows of `images` (pixels [n_kept, 3, H, W] or embeddings
-    [n_kept, d_embed], row-aligned with every kept pair)."""
+def encode(model: HookedCLIP, pairs: ExistencePairs, progress: bool = True) -> Float[Tensor, "n d_embed"]:
+    """The pairs' image embeddings [pairs, d_embed]: as given, or encoded from the given pixels or
+    from the image files."""
+    if pairs.images is not None:
+        if pairs.images.ndim == 2:
+            return pairs.images
+        return encode_images(model, pairs.images, batch_size=IMAGE_BATCH, progress=progress)
+    return encode_images(model, list(pairs.frame["image_path"]), batch_size=IMAGE_BATCH, progress=progress)
+
+
+def score(model: HookedCLIP, pairs: ExistencePairs, image_emb: Float[Tensor, "n d_embed"]) -> ExistenceInstances:
+    """The instances: `pairs` scored against their image embeddings [pairs, d_embed] (S_caption,
+    S_foil, d, segment, correct)."""
+    if len(image_emb) != len(pairs):
+        raise ValueError(f"{len(image_emb)} image embeddings for {len(pairs)} pairs")
+    scores = pair_scores(model, pairs.caption_emb, pairs.foil_emb, image_emb)
+    frame = pd.concat([pairs.frame, scores], axis=1)
+    return ExistenceInstances(frame, image_emb, pairs.excluded, pairs.caption_emb, pairs.foil_emb)
+
+
+def _given_rows(images: Tensor, pairs: pd.DataFrame, n_kept: int) -> Tensor:
+    """The `pairs`' rows of `images` (pixels [n_kept, 3, H, W] or embeddings [n_kept, d_embed],
+    row-aligned with every kept pair)."""
     if len(images) != n_kept:
         raise ValueError(f"{len(images)} images for {n_kept} kept pairs")
-    images = images[torch.tensor(pairs["_row"].to_numpy(), device=images.device)]
-    return images if images.ndim == 2 else encode_images(model, images, batch_size=IMAGE_BATCH, progress=progress)
+    return images[torch.tensor(pairs["_row"].to_numpy(), device=images.device)]

@@ -6,7 +6,8 @@ instance such as the subject-removed image (`run_with_baseline`,
 docs/methods.md#subject-removed-baseline); d* is the caption-foil difference of that run and
 IAE = d - d*: how much of d the component's image-specific output carries (positive: the ablation
 made the instance worse). All ablations run through `clip_lens.patch`, each resuming from
-the cached residual of its (half-)layer.
+the cached residual of its (half-)layer. `run_and_score` scores instances against the image
+embeddings of the ablation's own target runs, so that a study encodes each image once.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from clip_lens.images import ImageLike, mean_colour_pixels
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import patch
 from clip_lens.scores import difference_metric
-from clip_lens.studies.analyses.existence import ExistenceInstances
+from clip_lens.studies.analyses import existence
+from clip_lens.studies.analyses.existence import ExistenceInstances, ExistencePairs
 
 COMPONENTS = {"MHA": "attn_out", "MLP": "mlp_out"}
 
@@ -111,10 +113,32 @@ def run(model: HookedCLIP, instances: ExistenceInstances, *, pixels: Optional[Te
         engine: `batch_size` (ablations per forward pass, default 64) and `pair_chunk` (instances
             whose runs are cached at a time, and saved to `checkpoints` as one chunk; default 32).
     """
+    ablated = _ablate(model, instances, mean_colour_source(model, grey), pixels, checkpoints, progress, engine,
+                      _single_layers(model, layers))
+    return ImageAblation(instances.instances_table(), *ablated.d_star_and_layers(instances))
+
+
+def run_and_score(model: HookedCLIP, pairs: ExistencePairs, *, grey: bool = False, layers="all",
+                  checkpoints: Optional[Checkpoints] = None, progress: bool = True,
+                  **engine: int) -> tuple[ExistenceInstances, ImageAblation]:
+    """`run` on pairs whose images are not encoded yet (`existence.select`): the instances are
+    scored against the image embeddings of the ablation's own target runs, so each image is encoded
+    once (`existence.prepare` and then `run` would encode it twice). Arguments as in `run`.
+
+    Returns (the scored instances, as `existence.score` gives them; their image ablation)."""
+    if pairs.images is not None and pairs.images.ndim != 4:
+        raise ValueError("image ablation needs the images: pairs were given image embeddings "
+                         f"{tuple(pairs.images.shape)}, not pixels [n, 3, H, W] or an image folder")
+    ablated = _ablate(model, pairs, mean_colour_source(model, grey), pairs.images, checkpoints, progress, engine,
+                      _single_layers(model, layers))
+    instances = existence.score(model, pairs, ablated.image_emb)
+    return instances, ImageAblation(instances.instances_table(), *ablated.d_star_and_layers(instances))
+
+
+def mean_colour_source(model: HookedCLIP, grey: bool) -> "Source":
+    """The ablation source of `run`: each image's mean-colour image (checkpoints "image_ablation")."""
     mean, std = model.preprocess_cfg["mean"], model.preprocess_cfg["std"]
-    source = Source("image_ablation", lambda lo, hi, target: mean_colour_pixels(target, mean, std, grey=grey))
-    return ImageAblation(*_ablate(model, instances, source, pixels, checkpoints, progress, engine,
-                                  _single_layers(model, layers)))
+    return Source("image_ablation", lambda lo, hi, target: mean_colour_pixels(target, mean, std, grey=grey))
 
 
 def baseline_source(model: HookedCLIP, instances: ExistenceInstances, baseline: Union[Tensor, Sequence[ImageLike]],
@@ -151,8 +175,8 @@ def run_with_baseline(model: HookedCLIP, instances: ExistenceInstances, baseline
     without the subject) gets d* = d: IAE exactly 0, outcome "unchanged".
     """
     source = baseline_source(model, instances, baseline, "image_ablation_baseline")
-    return ImageAblation(*_ablate(model, instances, source, pixels, checkpoints, progress, engine,
-                                  _single_layers(model, layers)))
+    ablated = _ablate(model, instances, source, pixels, checkpoints, progress, engine, _single_layers(model, layers))
+    return ImageAblation(instances.instances_table(), *ablated.d_star_and_layers(instances))
 
 
 class Source(NamedTuple):
@@ -167,17 +191,39 @@ class Source(NamedTuple):
 
 
 # (target pixels, baseline pixels, caption - foil direction, batch_size, pair_chunk) of one chunk of
-# instances -> (d* [instances, 2, layers or windows], the layers or windows' first blocks)
-ChunkAblation = Callable[[Tensor, Tensor, Tensor, int, int], tuple[np.ndarray, list]]
+# instances -> (d* [instances, 2, layers or windows], the layers or windows' first blocks, the
+# target runs' image embeddings [instances, d_embed])
+ChunkAblation = Callable[[Tensor, Tensor, Tensor, int, int], tuple[np.ndarray, list, Tensor]]
 
 
-def _ablate(model: HookedCLIP, instances: ExistenceInstances, source: Source, pixels: Optional[Tensor],
-            checkpoints: Optional[Checkpoints], progress: bool, engine: dict,
-            ablate: ChunkAblation) -> tuple[pd.DataFrame, np.ndarray, list]:
+class Ablated(NamedTuple):
+    """What `_ablate` returns.
+
+    Attributes:
+        d_star: [n, 2, layers or windows], d of each ablated run.
+        layers: the blocks (or the windows' first blocks) along the last axis.
+        image_emb: [n, d_embed], the image embeddings of the target runs (the images themselves).
+        same: [n], True where the baseline image equals the image exactly (`Source.identical_unchanged`).
+    """
+
+    d_star: np.ndarray
+    layers: list
+    image_emb: Tensor
+    same: np.ndarray
+
+    def d_star_and_layers(self, instances: ExistenceInstances) -> tuple[np.ndarray, list]:
+        """(d* with d* = d where the baseline equals the image, so that IAE is exactly 0 there; layers)."""
+        d_star = self.d_star.copy()
+        d_star[self.same] = instances.frame["d"].to_numpy()[self.same, None, None]
+        return d_star, self.layers
+
+
+def _ablate(model: HookedCLIP, instances: Union[ExistenceInstances, ExistencePairs], source: Source,
+            pixels: Optional[Tensor], checkpoints: Optional[Checkpoints], progress: bool, engine: dict,
+            ablate: ChunkAblation) -> Ablated:
     """What every image ablation shares: the engine knobs checked, the instances `pair_chunk` at a
-    time (each chunk saved to `checkpoints`), their baseline images from `source`, d* of each chunk
-    from `ablate`, and d* = d where a baseline equals its image (`Source.identical_unchanged`).
-    Returns (instances table, d* [n, 2, layers], layers)."""
+    time (each chunk saved to `checkpoints`), their baseline images from `source`, and d* and the
+    image embeddings of each chunk from `ablate`."""
     unknown = set(engine) - set(ENGINE)
     if unknown:
         raise TypeError(f"image ablation got unexpected keyword arguments {sorted(unknown)}; engine knobs: "
@@ -189,29 +235,61 @@ def _ablate(model: HookedCLIP, instances: ExistenceInstances, source: Source, pi
     caption_emb, foil_emb = instances.text_embeddings(model)
     difference = F.normalize(caption_emb.float(), dim=-1) - F.normalize(foil_emb.float(), dim=-1)  # float32 always
 
+    def target_pixels(lo: int, hi: int) -> Tensor:
+        return pixels[lo:hi] if pixels is not None else model.to_pixels(list(frame["image_path"][lo:hi]))
+
     def chunk(lo: int, hi: int) -> dict:
-        target = pixels[lo:hi] if pixels is not None else model.to_pixels(list(frame["image_path"][lo:hi]))
+        target = target_pixels(lo, hi)
         baseline = source.pixels(lo, hi, target)
-        d_star, layers = ablate(target, baseline, difference[lo:hi], batch_size, pair_chunk)
-        if source.identical_unchanged:
-            same = (baseline == target).flatten(1).all(dim=1).cpu().numpy()
-            d_star[same] = frame["d"].to_numpy()[lo:hi][same, None, None]
-        return {"d_star": d_star, "layers": np.asarray(layers)}
+        d_star, layers, image_emb = ablate(target, baseline, difference[lo:hi], batch_size, pair_chunk)
+        same = ((baseline == target).flatten(1).all(dim=1).cpu().numpy() if source.identical_unchanged
+                else np.zeros(hi - lo, dtype=bool))
+        return {"d_star": d_star, "layers": np.asarray(layers), "image_emb": image_emb.float().cpu().numpy(),
+                "same": same}
 
     chunks = (checkpoints or Checkpoints(None)).chunks(source.study, len(frame), pair_chunk, chunk, progress,
                                                         ids=list(frame["id"]))
-    return instances.instances_table(), concatenate(chunks, "d_star"), chunks[0]["layers"].tolist()
+    image_emb = torch.from_numpy(np.concatenate(_chunk_embeddings(model, chunks, target_pixels)))
+    same = np.concatenate([c.get("same", np.zeros(len(c["d_star"]), dtype=bool)) for c in chunks])
+    return Ablated(concatenate(chunks, "d_star"), chunks[0]["layers"].tolist(),
+                   image_emb.to(device=model.device, dtype=model.dtype), same)
+
+
+def _chunk_embeddings(model: HookedCLIP, chunks: list[dict], target_pixels: Callable[[int, int], Tensor]) -> list:
+    """Each chunk's image embeddings [chunk, d_embed] (numpy): as saved, or, for a chunk saved
+    before checkpoints kept them (its d* already holds d where a baseline equals its image),
+    encoded now."""
+    out, lo = [], 0
+    for chunk in chunks:
+        hi = lo + len(chunk["d_star"])
+        if "image_emb" in chunk:
+            out.append(chunk["image_emb"])
+        else:
+            with torch.no_grad():
+                out.append(model.vision.pooled_embedding(target_pixels(lo, hi)).float().cpu().numpy())
+        lo = hi
+    return out
 
 
 def _single_layers(model: HookedCLIP, layers) -> ChunkAblation:
     """Each component of each of `layers` replaced alone: both components in one `patch` call, so
     the target and baseline runs are cached once for both."""
     def ablate(target: Tensor, baseline: Tensor, difference: Tensor, batch_size: int, pair_chunk: int):
-        result = patch(model, target=target, source=baseline, text=difference, hook=list(COMPONENTS.values()),
-                       layers=layers, positions="sequence", metric=difference_metric(model), batch_size=batch_size,
-                       pair_chunk=pair_chunk, progress=False)
-        return result.effects.numpy(), list(result.layers)
+        result = patch(model, target=target, source=baseline, hook=list(COMPONENTS.values()), layers=layers,
+                       positions="sequence", metric="embedding", batch_size=batch_size, pair_chunk=pair_chunk,
+                       progress=False)
+        return d_of(model, result.effects, difference), list(result.layers), result.baseline
     return ablate
+
+
+def d_of(model: HookedCLIP, image_emb: Float[Tensor, "n ... d_embed"],
+         difference: Float[Tensor, "n d_embed"]) -> Float[np.ndarray, "n ..."]:
+    """d of each instance's image embeddings (`scores.difference_metric`), against its caption - foil
+    direction `difference` (normalised caption minus normalised foil)."""
+    flat = image_emb.reshape(len(image_emb), -1, image_emb.shape[-1])      # [n, runs, d_embed]
+    with torch.no_grad():
+        d = difference_metric(model)(flat, difference[:, None].to(flat.device))  # [n, runs]
+    return d.reshape(image_emb.shape[:-1]).cpu().numpy()
 
 
 def improvement_rates(ablations: Mapping[str, ImageAblation]) -> pd.DataFrame:
@@ -278,8 +356,7 @@ def run_windows(model: HookedCLIP, instances: ExistenceInstances, *, k: int, pix
         engine: as in `run`; `batch_size` matters for k = 1 only (longer windows run a chunk of
             `pair_chunk` instances in one pass per window).
     """
-    mean, std = model.preprocess_cfg["mean"], model.preprocess_cfg["std"]
-    source = Source(f"image_ablation_windows_k{k}", lambda lo, hi, target: mean_colour_pixels(target, mean, std, grey=grey))
+    source = mean_colour_source(model, grey)._replace(study=f"image_ablation_windows_k{k}")
     return _ablate_windows(model, instances, source, k, pixels, checkpoints, progress, engine)
 
 
@@ -321,10 +398,10 @@ def _hooked_windows(model: HookedCLIP, windows: list) -> ChunkAblation:
         with torch.no_grad():
             _, cache = model.vision.run_with_cache(baseline, names_filter=names)
         replace = replace_with({name: cache[name] for name in names})
-        d_star = [patch(model, target=target, text=difference, hook=hook, layers=windows, intervention=replace,
-                        metric=difference_metric(model), pair_chunk=len(target), progress=False).effects.numpy()
-                  for hook in COMPONENTS.values()]
-        return np.stack(d_star, axis=1), [window[0] for window in windows]
+        results = [patch(model, target=target, hook=hook, layers=windows, intervention=replace, metric="embedding",
+                         pair_chunk=len(target), progress=False) for hook in COMPONENTS.values()]
+        d_star = np.stack([d_of(model, result.effects, difference) for result in results], axis=1)
+        return d_star, [window[0] for window in windows], results[0].baseline
     return ablate
 
 
@@ -332,6 +409,5 @@ def _ablate_windows(model: HookedCLIP, instances: ExistenceInstances, source: So
                     checkpoints: Optional[Checkpoints], progress: bool, engine: dict) -> WindowAblation:
     """The engine of `run_windows` and `run_windows_with_baseline`."""
     windows = layer_windows(k, model.vision.cfg.n_layers)
-    table, d_star, starts = _ablate(model, instances, source, pixels, checkpoints, progress, engine,
-                                    _windows(model, windows))
-    return WindowAblation(table, d_star, starts, k=int(k))
+    ablated = _ablate(model, instances, source, pixels, checkpoints, progress, engine, _windows(model, windows))
+    return WindowAblation(instances.instances_table(), *ablated.d_star_and_layers(instances), k=int(k))
