@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import einops
 import torch
@@ -245,6 +245,37 @@ class HookedTower(HookedModule):
         if not (self.pools_class_token or self.attends_causally) or hooks_attached(*self._hook_points()):
             return self(inputs)
         resid, rows = self._to_last_block(inputs)
+        return self.pool_rows(self.blocks[-1].at_rows(resid, rows))
+
+    def pooled_embedding_with_hooks(self, inputs: Tensor, fwd_hooks: Sequence[tuple[str, Callable]], *,
+                                    residual: Optional[Float[Tensor, "batch pos d_model"]] = None,
+                                    start_at_layer: int = 0) -> Float[Tensor, "batch d_embed"]:
+        """The embedding `run_with_hooks(inputs, fwd_hooks=..., residual=..., start_at_layer=...)`
+        gives, with the last block computed at the pooled row only (`TransformerBlock.at_rows`)
+        when every hook lies in an earlier block, no other hook is attached, and the embedding
+        reads one row; otherwise `run_with_hooks` itself. The hooks fire over every position of
+        their blocks, as in `forward`. Same values to float rounding, 1/(L - start_at_layer) of the
+        blocks' work less: for runs that intervene early and want embeddings alone (the head
+        interventions of the negation studies).
+
+        Args:
+            inputs: tokens [batch, pos] or pixels; with `residual`, they give the pooled positions.
+            fwd_hooks: (hook name, function) pairs, named by string.
+            residual: the residual stream at `start_at_layer` to resume from.
+        """
+        last = self.cfg.n_layers - 1
+        early = all(isinstance(name, str) and name.startswith("blocks.") and int(name.split(".")[1]) < last
+                    for name, _ in fwd_hooks)
+        reads_one_row = self.pools_class_token or self.attends_causally
+        if not early or start_at_layer >= last or not reads_one_row or hooks_attached(*self._hook_points()):
+            return self.run_with_hooks(inputs, residual=residual, start_at_layer=start_at_layer,
+                                       fwd_hooks=list(fwd_hooks))
+        with self.hooks(fwd_hooks=list(fwd_hooks)):
+            if residual is None:
+                resid, rows = self._to_last_block(inputs)
+            else:
+                resid = self.run_blocks(residual, start_at_layer, last)
+                rows = self.pooled_positions(self.check_input(inputs))
         return self.pool_rows(self.blocks[-1].at_rows(resid, rows))
 
     def _to_last_block(self, inputs: Tensor) -> tuple[Float[Tensor, "batch pos d_model"], Int[Tensor, " batch"]]:

@@ -67,3 +67,41 @@ def test_gradients_through_the_pooled_embedding_match_forward(tiny_model):
     pixels.grad = None
     tiny_model.vision(pixels).square().sum().backward()
     torch.testing.assert_close(fast, pixels.grad, rtol=1e-4, atol=2e-6)  # float rounding of two orders of sums
+
+
+def zero_head(z, hook):
+    """Hook function: head 0's value zeroed (z [batch, pos, head, d_head])."""
+    z = z.clone()
+    z[:, :, 0] = 0.0
+    return z
+
+
+@pytest.mark.parametrize("modality", ["text", "vision"])
+def test_pooled_embedding_with_early_hooks_equals_run_with_hooks_at_one_row(tiny_model, modality, monkeypatch):
+    """Hooks in blocks before the last: they fire over every position, the last block runs at the
+    pooled row only, and the embedding is run_with_hooks' to float rounding, from the input or
+    resumed from a cached residual."""
+    tower, x = getattr(tiny_model, modality), inputs(tiny_model)[modality]
+    last = tower.cfg.n_layers - 1
+    assert last >= 2
+    fired = []
+    hooks = [("blocks.1.attn.hook_z", lambda z, hook: fired.append(tuple(z.shape)) or zero_head(z, hook))]
+    with torch.no_grad():
+        _, cache = tower.run_with_cache(x, names_filter=["blocks.1.hook_resid_pre"])
+        seen = last_mlp_inputs(tower, monkeypatch)
+        fast = tower.pooled_embedding_with_hooks(x, hooks)
+        resumed = tower.pooled_embedding_with_hooks(x, hooks, residual=cache["blocks.1.hook_resid_pre"], start_at_layer=1)
+        assert seen == [(x.shape[0], tower.cfg.d_model)] * 2  # one row per input through the last MLP
+        full = tower.run_with_hooks(x, fwd_hooks=hooks)
+    n_positions = tower.n_positions(tower.check_input(x))
+    assert [shape[:2] for shape in fired] == [(x.shape[0], n_positions)] * 3
+    assert not torch.allclose(full, tower(x))  # the hook changes the embedding
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(resumed, full, rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_embedding_with_a_hook_in_the_last_block_is_run_with_hooks(tiny_model):
+    tower, x = tiny_model.text, inputs(tiny_model)["text"]
+    hooks = [(f"blocks.{tower.cfg.n_layers - 1}.attn.hook_z", zero_head)]
+    with torch.no_grad():
+        assert torch.equal(tower.pooled_embedding_with_hooks(x, hooks), tower.run_with_hooks(x, fwd_hooks=hooks))

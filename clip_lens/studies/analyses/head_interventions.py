@@ -9,6 +9,7 @@ with several seeds.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -261,7 +262,9 @@ def condition_embeddings(tower: HookedTextTower, texts: Tensor, runs: list[Condi
     """Per condition, the text embeddings [texts, d_embed] (texts: side a's, then side b's).
 
     Batches of texts of similar length; in each, one clean run (condition "none") caches the
-    residual at each condition's first intervened layer, and each condition runs from there."""
+    residual at each condition's first intervened layer, and each condition runs from there. Runs
+    with no hook in the last block compute it at the EOT row only
+    (`HookedTower.pooled_embedding_with_hooks`)."""
     values = condition_values(tower, texts, runs, intervention, batch_size)
     draws = [resample_draws(run.heads, len(texts) // 2, max(run.seed, 0), batch_size)
              if intervention == "resample" and run.heads else None for run in runs]
@@ -271,7 +274,9 @@ def condition_embeddings(tower: HookedTextTower, texts: Tensor, runs: list[Condi
     for rows in batches:
         tokens = tower.trim(texts[rows])
         with torch.no_grad():
-            clean, cache = tower.run_with_cache(tokens, names_filter=lambda name: name in starts)
+            cache = {}
+            keep = [(name, functools.partial(_keep, cache)) for name in starts]
+            clean = tower.pooled_embedding_with_hooks(tokens, keep)
             for i, run in enumerate(runs):
                 if not run.heads:
                     parts[i].append(clean)
@@ -280,9 +285,15 @@ def condition_embeddings(tower: HookedTextTower, texts: Tensor, runs: list[Condi
                 hooks = head_hooks(tower, run.heads, intervention, run.alpha, values[i], max(run.seed, 0), batch_draws)
                 start = run.start_layer()
                 residual = cache[hook_name("resid", start, tower.cfg.n_layers)]
-                parts[i].append(tower.run_with_hooks(tokens, residual=residual, start_at_layer=start, fwd_hooks=hooks))
+                parts[i].append(tower.pooled_embedding_with_hooks(tokens, hooks, residual=residual,
+                                                                  start_at_layer=start))
         del cache
     return [scatter_rows(chunks, batches) for chunks in parts]
+
+
+def _keep(cache: dict, activation: Tensor, hook) -> None:
+    """Hook function: the activation kept in `cache` under its hook's name."""
+    cache[hook.name] = activation
 
 
 def intervention_study(model: Union[HookedCLIP, HookedTextTower], pairs: MinimalPairs, image_emb: Tensor,
