@@ -16,7 +16,6 @@ import functools
 from typing import Callable, Iterator, Optional
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -26,6 +25,7 @@ from clip_lens.patching.packed import Packing, resume_packed
 from clip_lens.patching.request import Plan, Request, as_group
 from clip_lens.patching.result import PatchResult
 from clip_lens.patching.resume import LaterEdit, cached_names, reaches_pooled_row_only, residual_steps, resume, run_cached
+from clip_lens.patching.sites import ResidualRecipe, resumed_residuals
 from clip_lens.towers import HookedTower
 
 
@@ -33,18 +33,25 @@ class Intervention:
     """One exact intervention of one pair: where it resumes and how to build the residual it
     starts from."""
 
-    __slots__ = ("pair", "key", "start", "make_state", "suffix", "rows", "row", "edits")
+    __slots__ = ("pair", "key", "start", "state", "row", "edits")
 
-    def __init__(self, pair: int, key: tuple, start: int, make_state: Callable[[], Tensor], suffix: int, rows: int,
-                 row: Optional[int]):
+    def __init__(self, pair: int, key: tuple, start: int, state: ResidualRecipe, row: Optional[int]):
         self.pair = pair              # index within the chunk
         self.key = key                # its cell of `effects` after the pair index
         self.start = start            # half-layer step it resumes at
-        self.make_state = make_state  # () -> [rows, d_model], the residual at `start` from `suffix` on
-        self.suffix = suffix          # first position computed (causal towers); 0 otherwise
-        self.rows = rows              # positions computed
+        self.state = state            # the residual at `start` from `suffix` on, [rows, d_model] once built
         self.row = row                # the pooled position within the suffix (causal towers), else None
         self.edits: list[tuple] = []  # (hook name, rows, edit) at later layers of a joint intervention
+
+    @property
+    def suffix(self) -> int:
+        """The first position computed (causal towers); 0 otherwise."""
+        return self.state.first
+
+    @property
+    def rows(self) -> int:
+        """The number of positions computed."""
+        return self.state.n
 
 
 def replacement(plan: Plan, act_t: Tensor, act_s: Optional[Tensor], mean: Optional[Tensor]) -> Tensor:
@@ -191,18 +198,15 @@ class Site:
         plan, tower, length = self.plan, self.tower, self.length
         act_t, act_s = self.activations(layer, sel)
         causal, suffix = tower.attends_causally, self.suffix
-        # the cached residual it resumes from has `length` rows, or one (a class-token tower's last block)
-        rows = min(length, self.cache_t[plan.kind.resumed_name(layer, tower.cfg.n_layers)].shape[1])
         items, noops = [], []
         for ui, make_rep in unit_replacements(plan, act_t, act_s, self.means.get(layer)):
             unit_key = key + ((ui,) if ui is not None else ())
             if make_rep is None:
                 noops.append(unit_key)
                 continue
-            make_state = functools.partial(_suffix_state, plan, tower, layer, make_rep, self.cache_t, self.pair, sel,
-                                           suffix, length)
-            items.append(Intervention(self.pair, unit_key, plan.kind.start_step(layer), make_state, suffix,
-                                      rows - suffix, (length - 1 - suffix) if causal else None))
+            state = plan.kind.residual_recipe(tower, layer, make_rep, self.cache_t, self.pair, sel, suffix, length)
+            items.append(Intervention(self.pair, unit_key, plan.kind.start_step(layer), state,
+                                      (length - 1 - suffix) if causal else None))
         return items, noops
 
     def later_edit(self, layer: int, unit) -> list[tuple]:
@@ -250,12 +254,6 @@ def _latent_set_to(sae, latent, codes_rep: Tensor, live: Tensor) -> Tensor:
     with torch.no_grad():
         delta = codes_rep - sae.encode(live)
     return _with_latent(sae, live, delta, latent)
-
-
-def _suffix_state(plan: Plan, tower: HookedTower, layer: int, make_rep: RepFactory, cache_t: dict, pair: int, sel,
-                  suffix: int, length: int) -> Float[Tensor, "suffix_len d_model"]:
-    """The residual an intervention resumes from, at positions suffix..length - 1."""
-    return plan.kind.resumed_residual(tower, layer, make_rep(), cache_t, pair, sel, suffix, length)
 
 
 def run_exact(request: Request, result: PatchResult) -> None:
@@ -341,7 +339,7 @@ def _run_packed(request: Request, batch: list[Intervention], cache_t: dict, offs
     tower = request.tower
     packing = Packing.of([it.pair for it in batch], [it.suffix for it in batch], [it.rows for it in batch],
                          tower.device)
-    states = torch.cat([it.make_state() for it in batch])  # [rows, d_model]
+    states = resumed_residuals(cache_t, [it.state for it in batch])  # [rows, d_model]
     edits = [LaterEdit(run, *edit) for run, it in enumerate(batch) for edit in it.edits]
     with torch.no_grad():
         emb = resume_packed(tower, states, [it.start for it in batch], packing, cache_t, edits)
@@ -359,7 +357,7 @@ def _run_grouped(request: Request, batch: list[Intervention], cache_t: dict, off
         first = batch[0].start // 2
         kv = [None] * first + [(cache_t[act_name("k", blk)][pairs, :suffix], cache_t[act_name("v", blk)][pairs, :suffix])
                                for blk in range(first, n_layers)]
-    states = torch.stack([it.make_state() for it in batch])          # [N, suffix length, d_model]
+    states = torch.stack([it.state.build(cache_t) for it in batch])  # [N, suffix length, d_model]
     rows = torch.tensor([it.row for it in batch], device=tower.device) if causal else None
     edits = [LaterEdit(run, *edit) for run, it in enumerate(batch) for edit in it.edits]
     with torch.no_grad():
