@@ -322,7 +322,7 @@ def run_exact(request: Request, result: PatchResult) -> None:
         cache_t, cache_s, src_index = _cached_chunk(request, result, lo, hi, names_t, names_s)
         changed = [changed_cells(plan, tower, cache_t, cache_s, src_index, plan_mean)
                    for plan, plan_mean in zip(plans, means)]
-        items = []
+        items, noop_cells = [], []
         for p in range(hi - lo):
             for plan, plan_mean, plan_changed, prefix in zip(plans, means, changed, prefixes):
                 new, noops = build_interventions(plan, tower, p, int(lengths[lo + p]), cache_t, cache_s,
@@ -331,11 +331,20 @@ def run_exact(request: Request, result: PatchResult) -> None:
                 for item in new:
                     item.key = prefix + item.key
                 items += new
-                for key in noops:
-                    result.effects[(lo + p, *prefix, *key)] = result.baseline[lo + p]
+                noop_cells += [(lo + p, *prefix, *key) for key in noops]
+        _write_baselines(noop_cells, result)
         run_items(request, items, cache_t, lo, result.effects)
         bar.update(hi - lo)
     bar.close()
+
+
+def _write_baselines(cells: list[tuple], result: PatchResult) -> None:
+    """Cells whose intervention changes nothing take their pair's baseline: one indexed assignment
+    for all of them (every key of a call has one length; a cell's first index is its pair)."""
+    if not cells:
+        return
+    index = torch.tensor(cells, device="cpu")  # [cells, index dims]
+    result.effects[tuple(index.T)] = result.baseline[index[:, 0]]
 
 
 def _dataset(request: Request) -> Tensor:
