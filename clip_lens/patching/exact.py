@@ -16,16 +16,16 @@ import functools
 from typing import Callable, Iterator, Optional
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from clip_lens.components import hooks_attached
 from clip_lens.hooks import act_name
 from clip_lens.patching.packed import Packing, resume_packed
-from clip_lens.patching.request import Plan, Request, as_group
+from clip_lens.patching.request import EXACT_INTERVENTIONS, Plan, Request, as_group
 from clip_lens.patching.result import PatchResult
 from clip_lens.patching.resume import LaterEdit, cached_names, reaches_pooled_row_only, residual_steps, resume, run_cached
+from clip_lens.patching.sites import ResidualRecipe, resumed_residuals
 from clip_lens.towers import HookedTower
 
 
@@ -33,18 +33,25 @@ class Intervention:
     """One exact intervention of one pair: where it resumes and how to build the residual it
     starts from."""
 
-    __slots__ = ("pair", "key", "start", "make_state", "suffix", "rows", "row", "edits")
+    __slots__ = ("pair", "key", "start", "state", "row", "edits")
 
-    def __init__(self, pair: int, key: tuple, start: int, make_state: Callable[[], Tensor], suffix: int, rows: int,
-                 row: Optional[int]):
+    def __init__(self, pair: int, key: tuple, start: int, state: ResidualRecipe, row: Optional[int]):
         self.pair = pair              # index within the chunk
         self.key = key                # its cell of `effects` after the pair index
         self.start = start            # half-layer step it resumes at
-        self.make_state = make_state  # () -> [rows, d_model], the residual at `start` from `suffix` on
-        self.suffix = suffix          # first position computed (causal towers); 0 otherwise
-        self.rows = rows              # positions computed
+        self.state = state            # the residual at `start` from `suffix` on, [rows, d_model] once built
         self.row = row                # the pooled position within the suffix (causal towers), else None
         self.edits: list[tuple] = []  # (hook name, rows, edit) at later layers of a joint intervention
+
+    @property
+    def suffix(self) -> int:
+        """The first position computed (causal towers); 0 otherwise."""
+        return self.state.first
+
+    @property
+    def rows(self) -> int:
+        """The number of positions computed."""
+        return self.state.n
 
 
 def replacement(plan: Plan, act_t: Tensor, act_s: Optional[Tensor], mean: Optional[Tensor]) -> Tensor:
@@ -103,19 +110,56 @@ def _with_latent(sae, act_t: Tensor, delta: Tensor, latent) -> Tensor:
     return (act_t + moved).to(act_t.dtype)  # the SAE may be float32
 
 
+ChangedCells = dict[int, list[list[bool]]]  # {layer: [pair][position] whether the replacement changes the activation}
+
+
+def changed_cells(plan: Plan, tower: HookedTower, cache_t: dict, cache_s: Optional[dict],
+                  src_index: Optional[Tensor], means: dict) -> ChangedCells:
+    """Which cells of a chunk a replacement of the whole activation changes, for each single layer
+    of `plan`: one comparison per layer over the chunk's [pair, pos, ...] activations instead of a
+    `torch.equal` per cell (on a GPU, each a wait for the device). A cell changes where any element
+    differs, NaN included (NaN != NaN, as for `torch.equal`). Empty for units or SAE latents (their
+    no-ops are decided per unit); a layer whose source and target caches differ in shape is left
+    out (its cells are compared, and their lengths checked, one by one)."""
+    if plan.units is not None or plan.sae is not None or plan.intervention not in EXACT_INTERVENTIONS:
+        return {}
+    changed = {}
+    for layer in plan.layers:
+        if isinstance(layer, tuple):
+            continue  # a joint intervention: decided per cell
+        name = plan.kind.hook_name(layer, tower.cfg.n_layers)
+        act_t = cache_t[name]                                                  # [pair, pos, (head,) d]
+        act_s = None if cache_s is None else (cache_s[name] if src_index is None else cache_s[name][src_index])
+        if act_s is not None and act_s.shape != act_t.shape:
+            continue
+        rep = replacement(plan, act_t, act_s, means.get(layer))
+        changed[layer] = (rep != act_t).flatten(2).any(-1).tolist()           # [pair][pos]
+    return changed
+
+
+def _changes(changed: list[bool], sel) -> bool:
+    """Whether a replacement at rows `sel` (an int, a list or a slice) changes any of them, from
+    one pair's `changed` [pos] of `changed_cells`."""
+    if isinstance(sel, slice):
+        return any(changed[sel])
+    return any(changed[p] for p in sel) if isinstance(sel, list) else changed[sel]
+
+
 def build_interventions(plan: Plan, tower: HookedTower, pair: int, length: int, cache_t: dict,
-                        cache_s: Optional[dict], src_pair: int, means: dict,
-                        positions: list) -> tuple[list[Intervention], list[tuple]]:
+                        cache_s: Optional[dict], src_pair: int, means: dict, positions: list,
+                        changed: Optional[ChangedCells] = None) -> tuple[list[Intervention], list[tuple]]:
     """The interventions of one pair of a chunk (`length` its own positions) at its position entries
-    `positions` (`Plan.positions_of`), and the keys of those that change nothing. A layer or
-    position given as a tuple is one joint intervention."""
+    `positions` (`Plan.positions_of`), and the keys of those that change nothing (read from the
+    chunk's `changed_cells` for a single layer and position). A layer or position given as a tuple
+    is one joint intervention."""
     items, noops = [], []
     for li, layer in enumerate(plan.layers):
         for pi, pos in enumerate(positions):
             if pos is not None and (max(as_group(pos)) >= length or min(as_group(pos)) < 0):
                 continue  # a position of the pair's padding, or a slot the pair has none in: the cell stays NaN
             key = (li,) + ((pi,) if plan.positions is not None else ())
-            site = Site(plan, tower, pair, length, pos, cache_t, cache_s, src_pair, means)
+            single = not isinstance(layer, tuple) and not isinstance(pos, tuple)
+            site = Site(plan, tower, pair, length, pos, cache_t, cache_s, src_pair, means, changed if single else None)
             new, new_noops = site.joint(as_group(layer), key)
             items.extend(new)
             noops.extend(new_noops)
@@ -127,9 +171,10 @@ class Site:
     whole sequence), from which the interventions at a layer entry are built."""
 
     def __init__(self, plan: Plan, tower: HookedTower, pair: int, length: int, pos, cache_t: dict,
-                 cache_s: Optional[dict], src_pair: int, means: dict):
+                 cache_s: Optional[dict], src_pair: int, means: dict, changed: Optional[ChangedCells] = None):
         self.plan, self.tower, self.pair, self.length, self.pos = plan, tower, pair, length, pos
         self.cache_t, self.cache_s, self.src_pair, self.means = cache_t, cache_s, src_pair, means
+        self.changed = changed or {}  # the layers whose no-ops the chunk decided at once (`changed_cells`)
         # a causal run recomputes positions suffix.. only; a non-causal one every position
         self.suffix = min(as_group(pos)) if (tower.attends_causally and pos is not None) else 0
 
@@ -191,19 +236,27 @@ class Site:
         plan, tower, length = self.plan, self.tower, self.length
         act_t, act_s = self.activations(layer, sel)
         causal, suffix = tower.attends_causally, self.suffix
-        # the cached residual it resumes from has `length` rows, or one (a class-token tower's last block)
-        rows = min(length, self.cache_t[plan.kind.resumed_name(layer, tower.cfg.n_layers)].shape[1])
         items, noops = [], []
-        for ui, make_rep in unit_replacements(plan, act_t, act_s, self.means.get(layer)):
+        for ui, make_rep in self.replacements(layer, sel, act_t, act_s):
             unit_key = key + ((ui,) if ui is not None else ())
             if make_rep is None:
                 noops.append(unit_key)
                 continue
-            make_state = functools.partial(_suffix_state, plan, tower, layer, make_rep, self.cache_t, self.pair, sel,
-                                           suffix, length)
-            items.append(Intervention(self.pair, unit_key, plan.kind.start_step(layer), make_state, suffix,
-                                      rows - suffix, (length - 1 - suffix) if causal else None))
+            state = plan.kind.residual_recipe(tower, layer, make_rep, self.cache_t, self.pair, sel, suffix, length)
+            items.append(Intervention(self.pair, unit_key, plan.kind.start_step(layer), state,
+                                      (length - 1 - suffix) if causal else None))
         return items, noops
+
+    def replacements(self, layer: int, sel, act_t: Tensor,
+                     act_s: Optional[Tensor]) -> Iterator[tuple[Optional[int], Optional[RepFactory]]]:
+        """`unit_replacements` of the activation at `layer`, rows `sel`; where the chunk decided the
+        layer's no-ops at once (`changed_cells`), one replacement of the whole activation, made when
+        its batch runs, or None where it changes nothing."""
+        mean = self.means.get(layer)
+        if layer not in self.changed:
+            return unit_replacements(self.plan, act_t, act_s, mean)
+        changes = _changes(self.changed[layer][self.pair], sel)
+        return iter([(None, functools.partial(replacement, self.plan, act_t, act_s, mean) if changes else None)])
 
     def later_edit(self, layer: int, unit) -> list[tuple]:
         """[(hook name, rows of the run, edit)] of `unit` at a layer after the run's start; empty
@@ -252,12 +305,6 @@ def _latent_set_to(sae, latent, codes_rep: Tensor, live: Tensor) -> Tensor:
     return _with_latent(sae, live, delta, latent)
 
 
-def _suffix_state(plan: Plan, tower: HookedTower, layer: int, make_rep: RepFactory, cache_t: dict, pair: int, sel,
-                  suffix: int, length: int) -> Float[Tensor, "suffix_len d_model"]:
-    """The residual an intervention resumes from, at positions suffix..length - 1."""
-    return plan.kind.resumed_residual(tower, layer, make_rep(), cache_t, pair, sel, suffix, length)
-
-
 def run_exact(request: Request, result: PatchResult) -> None:
     """Exact interventions of every plan (hook kind), sharing the cached target and source runs;
     with several plans, each cell's key starts with the plan's index (the "hook" axis)."""
@@ -273,20 +320,31 @@ def run_exact(request: Request, result: PatchResult) -> None:
     for lo in range(0, n_pairs, request.pair_chunk):
         hi = min(lo + request.pair_chunk, n_pairs)
         cache_t, cache_s, src_index = _cached_chunk(request, result, lo, hi, names_t, names_s)
-        items = []
+        changed = [changed_cells(plan, tower, cache_t, cache_s, src_index, plan_mean)
+                   for plan, plan_mean in zip(plans, means)]
+        items, noop_cells = [], []
         for p in range(hi - lo):
-            for plan, plan_mean, prefix in zip(plans, means, prefixes):
+            for plan, plan_mean, plan_changed, prefix in zip(plans, means, changed, prefixes):
                 new, noops = build_interventions(plan, tower, p, int(lengths[lo + p]), cache_t, cache_s,
                                                  p if src_index is None else int(src_index[p]), plan_mean,
-                                                 plan.positions_of(lo + p))
+                                                 plan.positions_of(lo + p), plan_changed)
                 for item in new:
                     item.key = prefix + item.key
                 items += new
-                for key in noops:
-                    result.effects[(lo + p, *prefix, *key)] = result.baseline[lo + p]
+                noop_cells += [(lo + p, *prefix, *key) for key in noops]
+        _write_baselines(noop_cells, result)
         run_items(request, items, cache_t, lo, result.effects)
         bar.update(hi - lo)
     bar.close()
+
+
+def _write_baselines(cells: list[tuple], result: PatchResult) -> None:
+    """Cells whose intervention changes nothing take their pair's baseline: one indexed assignment
+    for all of them (every key of a call has one length; a cell's first index is its pair)."""
+    if not cells:
+        return
+    index = torch.tensor(cells, device="cpu")  # [cells, index dims]
+    result.effects[tuple(index.T)] = result.baseline[index[:, 0]]
 
 
 def _dataset(request: Request) -> Tensor:
@@ -341,7 +399,7 @@ def _run_packed(request: Request, batch: list[Intervention], cache_t: dict, offs
     tower = request.tower
     packing = Packing.of([it.pair for it in batch], [it.suffix for it in batch], [it.rows for it in batch],
                          tower.device)
-    states = torch.cat([it.make_state() for it in batch])  # [rows, d_model]
+    states = resumed_residuals(cache_t, [it.state for it in batch])  # [rows, d_model]
     edits = [LaterEdit(run, *edit) for run, it in enumerate(batch) for edit in it.edits]
     with torch.no_grad():
         emb = resume_packed(tower, states, [it.start for it in batch], packing, cache_t, edits)
@@ -359,7 +417,7 @@ def _run_grouped(request: Request, batch: list[Intervention], cache_t: dict, off
         first = batch[0].start // 2
         kv = [None] * first + [(cache_t[act_name("k", blk)][pairs, :suffix], cache_t[act_name("v", blk)][pairs, :suffix])
                                for blk in range(first, n_layers)]
-    states = torch.stack([it.make_state() for it in batch])          # [N, suffix length, d_model]
+    states = torch.stack([it.state.build(cache_t) for it in batch])  # [N, suffix length, d_model]
     rows = torch.tensor([it.row for it in batch], device=tower.device) if causal else None
     edits = [LaterEdit(run, *edit) for run, it in enumerate(batch) for edit in it.edits]
     with torch.no_grad():

@@ -10,8 +10,10 @@ step 2b + 1 the residual between its attention and its MLP (`hook_resid_mid`).
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from jaxtyping import Float
@@ -118,17 +120,104 @@ class HookKind:
                          sel, first: int = 0, end: Optional[int] = None) -> Float[Tensor, "pos d_model"]:
         """The residual stream at `start_step(layer)` of one target run (`pair` of the cached
         `cache`) with the activation at positions `sel` replaced by `rep`, at positions
-        first..end - 1 (a causal run's suffix: every position in `sel` lies there)."""
-        state = cache[self.resumed_name(layer, tower.cfg.n_layers)][pair, first:end].clone()
-        at = _shifted(sel, first)
+        first..end - 1 (a causal run's suffix: every position in `sel` lies there). Many at once:
+        `resumed_residuals` of their `residual_recipe`s."""
+        return self.residual_recipe(tower, layer, functools.partial(_as_given, rep), cache, pair, sel, first,
+                                    end).build(cache)
+
+    def residual_recipe(self, tower: HookedTower, layer: int, make_rep: Callable[[], Tensor], cache: dict,
+                        pair: int, sel, first: int = 0, end: Optional[int] = None) -> "ResidualRecipe":
+        """How to build `resumed_residual` (its replacement `make_rep()` made only when it is
+        built): rows first..end - 1 of `pair` in the residual it resumes from (fewer where that is
+        cached at the class token only), the rows at `sel` replaced (`replaced_rows`)."""
+        name = self.resumed_name(layer, tower.cfg.n_layers)
+        width = cache[name].shape[1]
+        stop = width if end is None else min(end, width)
+        new_rows = functools.partial(self._new_rows, tower, layer, make_rep, cache, pair, sel)
+        return ResidualRecipe(name, pair, first, stop - first, _row_list(_shifted(sel, first)), new_rows)
+
+    def replaced_rows(self, tower: HookedTower, layer: int, rep: Tensor, cache: dict, pair: int,
+                      sel) -> Float[Tensor, "replaced d_model"]:
+        """The residual at `start_step(layer)` at positions `sel` of one target run, once the
+        activation there is `rep` [(replaced,) (head,) d]: `rep` itself for the residual, else the
+        residual the component's output is added to plus the output recomputed from `rep`."""
         if self.reenters == "resid":
-            state[at] = rep
-            return state
-        with torch.no_grad():
-            out = self.to_output(tower.blocks[layer], rep)
-        before = act_name("resid_pre" if self.reenters == "attn" else "resid_mid", layer)
-        state[at] = cache[before][pair][sel] + out
+            rows = rep
+        else:
+            with torch.no_grad():
+                out = self.to_output(tower.blocks[layer], rep)
+            before = act_name("resid_pre" if self.reenters == "attn" else "resid_mid", layer)
+            rows = cache[before][pair][sel] + out
+        return rows.reshape(-1, rows.shape[-1])  # one position (an int `sel`) as one row
+
+    def _new_rows(self, tower: HookedTower, layer: int, make_rep: Callable[[], Tensor], cache: dict, pair: int,
+                  sel) -> Float[Tensor, "replaced d_model"]:
+        return self.replaced_rows(tower, layer, make_rep(), cache, pair, sel)
+
+
+def _as_given(rep: Tensor) -> Tensor:
+    return rep
+
+
+@dataclass(frozen=True)
+class ResidualRecipe:
+    """The residual stream one resumed run starts from, before it is built: rows
+    first..first + n - 1 of pair `pair` in the cached residual `name`, with the rows `replaced`
+    (counted from `first`) set to `new_rows()` [len(replaced), d_model]."""
+
+    name: str
+    pair: int
+    first: int
+    n: int
+    replaced: list[int]
+    new_rows: Callable[[], Tensor]
+
+    def build(self, cache: dict) -> Float[Tensor, "n d_model"]:
+        """This run's residual alone (a copy of its cached rows, the replaced ones written)."""
+        state = cache[self.name][self.pair, self.first : self.first + self.n].clone()
+        state[self.replaced] = self.new_rows().to(state.dtype)
         return state
+
+
+def resumed_residuals(cache: dict, recipes: Sequence[ResidualRecipe]) -> Float[Tensor, "rows d_model"]:
+    """The residuals of many runs (`ResidualRecipe.build` of each), stacked in their order into one
+    [sum of n, d_model] matrix with one gather per cached residual they read and one indexed write
+    of every replaced row, instead of a copy and a write per run. It only copies: bitwise equal."""
+    offsets = list(itertools.accumulate((recipe.n for recipe in recipes), initial=0))  # run i: rows offsets[i]..
+    by_name: dict[str, list[int]] = {}
+    for i, recipe in enumerate(recipes):
+        by_name.setdefault(recipe.name, []).append(i)
+    device = cache[recipes[0].name].device
+    if len(by_name) == 1:
+        states = _cached_rows(cache, recipes, range(len(recipes)), device)
+    else:  # runs that resume from different residuals (layers, hook kinds), each name's rows gathered at once
+        states = cache[recipes[0].name].new_empty(offsets[-1], cache[recipes[0].name].shape[-1])
+        for runs in by_name.values():
+            states[_index([r for i in runs for r in range(offsets[i], offsets[i + 1])], device)] = \
+                _cached_rows(cache, recipes, runs, device)
+    replaced = [offsets[i] + r for i, recipe in enumerate(recipes) for r in recipe.replaced]
+    states[_index(replaced, device)] = torch.cat([recipe.new_rows() for recipe in recipes]).to(states.dtype)
+    return states
+
+
+def _cached_rows(cache: dict, recipes: Sequence[ResidualRecipe], runs: Sequence[int],
+                 device) -> Float[Tensor, "rows d_model"]:
+    """The cached rows of runs `runs` (indexes of `recipes`, all reading one residual), in order."""
+    name = recipes[runs[0]].name
+    pairs = [recipes[i].pair for i in runs for _ in range(recipes[i].n)]
+    positions = [p for i in runs for p in range(recipes[i].first, recipes[i].first + recipes[i].n)]
+    return cache[name][_index(pairs, device), _index(positions, device)]  # indexing copies
+
+
+def _index(values: list[int], device) -> Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _row_list(sel) -> list[int]:
+    """Positions `sel` (an int, a list or a slice with both ends) as a list."""
+    if isinstance(sel, slice):
+        return list(range(sel.start, sel.stop))
+    return list(sel) if isinstance(sel, list) else [sel]
 
 
 def _shifted(sel, first: int):
