@@ -62,9 +62,9 @@ def test_patch_runs_the_same_interventions_as_cell_by_cell(tiny_model, monkeypat
     original = exact.run_items
 
     def recording(into: list):
-        def run_items(request, items, *args):
-            into.extend((it.pair, it.key, it.start, it.suffix, it.rows) for it in items)
-            return original(request, items, *args)
+        def run_items(request, items, cache_t, chunk, *args):  # an item's pair is its row of the chunk
+            into.extend((chunk[it.pair], it.key, it.start, it.suffix, it.rows) for it in items)
+            return original(request, items, cache_t, chunk, *args)
         return run_items
 
     targets = SAME_LENGTH if intervention == "resample" else TEXTS  # resampled sources need the targets' lengths

@@ -315,27 +315,35 @@ def run_exact(request: Request, result: PatchResult) -> None:
     means = [plan_means(plan, tower, _dataset(request), request.mean, request.pair_chunk)
              if request.intervention == "mean" else {} for plan in plans]
     prefixes = [(i,) if len(plans) > 1 else () for i in range(len(plans))]
+    order = chunk_order(lengths)
     bar = tqdm(total=n_pairs, desc=f"patch {result.hook} ({request.intervention})", disable=not request.progress,
                unit="pair")
     for lo in range(0, n_pairs, request.pair_chunk):
-        hi = min(lo + request.pair_chunk, n_pairs)
-        cache_t, cache_s, src_index = _cached_chunk(request, result, lo, hi, names_t, names_s)
+        chunk = order[lo : lo + request.pair_chunk]  # the request's pairs cached together, as a list
+        cache_t, cache_s, src_index = _cached_chunk(request, result, chunk, names_t, names_s)
         changed = [changed_cells(plan, tower, cache_t, cache_s, src_index, plan_mean)
                    for plan, plan_mean in zip(plans, means)]
         items, noop_cells = [], []
-        for p in range(hi - lo):
+        for p, pair in enumerate(chunk):
             for plan, plan_mean, plan_changed, prefix in zip(plans, means, changed, prefixes):
-                new, noops = build_interventions(plan, tower, p, int(lengths[lo + p]), cache_t, cache_s,
+                new, noops = build_interventions(plan, tower, p, int(lengths[pair]), cache_t, cache_s,
                                                  p if src_index is None else int(src_index[p]), plan_mean,
-                                                 plan.positions_of(lo + p), plan_changed)
+                                                 plan.positions_of(pair), plan_changed)
                 for item in new:
                     item.key = prefix + item.key
                 items += new
-                noop_cells += [(lo + p, *prefix, *key) for key in noops]
+                noop_cells += [(pair, *prefix, *key) for key in noops]
         _write_baselines(noop_cells, result)
-        run_items(request, items, cache_t, lo, result.effects)
-        bar.update(hi - lo)
+        run_items(request, items, cache_t, chunk, result.effects)
+        bar.update(len(chunk))
     bar.close()
+
+
+def chunk_order(lengths: Tensor) -> list[int]:
+    """The order pairs are cached in, `pair_chunk` at a time: shortest target first (stably), so
+    that a chunk of texts, trimmed to its own longest, carries little padding into its cached runs
+    and its interventions' keys and values. Images, all of one length, keep their order."""
+    return torch.argsort(lengths.cpu(), stable=True).tolist()
 
 
 def _write_baselines(cells: list[tuple], result: PatchResult) -> None:
@@ -352,30 +360,35 @@ def _dataset(request: Request) -> Tensor:
     return request.source if request.source is not None else request.target
 
 
-def _cached_chunk(request: Request, result: PatchResult, lo: int, hi: int, names_t: set[str],
+def _cached_chunk(request: Request, result: PatchResult, chunk: list[int], names_t: set[str],
                   names_s: set[str]) -> tuple[dict, Optional[dict], Optional[Tensor]]:
-    """Cache the target (and source) runs of pairs lo..hi and record their baselines.
+    """Cache the target (and source) runs of the pairs `chunk` (row i of each cache is pair
+    chunk[i]) and record their baselines.
     Returns (target cache, source cache, source row of each pair or None for row = pair)."""
-    tower, score, other = request.tower, request.score, request.other[lo:hi]
-    emb_t, cache_t = run_cached(tower, request.target[lo:hi], names_t, embedding_only=True)
+    tower, score = request.tower, request.score
+    rows = torch.tensor(chunk, device=request.target.device)
+    other = request.other[rows.to(request.other.device)]
+    emb_t, cache_t = run_cached(tower, request.target[rows], names_t, embedding_only=True)
     with torch.no_grad():
-        result.baseline[lo:hi] = score(emb_t, other).cpu()
+        result.baseline[chunk] = score(emb_t, other).cpu()
     if request.intervention == "resample":
-        _, cache_s = run_cached(tower, request.source[request.resample_pairs[lo:hi]], names_s, embedding_only=True)
-        return cache_t, cache_s, torch.arange(hi - lo, device=tower.device)
+        drawn = request.resample_pairs[rows.to(request.resample_pairs.device)]
+        _, cache_s = run_cached(tower, request.source[drawn.to(request.source.device)], names_s, embedding_only=True)
+        return cache_t, cache_s, torch.arange(len(chunk), device=tower.device)
     if request.intervention == "patch":
-        emb_s, cache_s = run_cached(tower, request.source[lo:hi], names_s, embedding_only=True)
+        emb_s, cache_s = run_cached(tower, request.source[rows.to(request.source.device)], names_s, embedding_only=True)
         with torch.no_grad():
-            result.source_baseline[lo:hi] = score(emb_s, other).cpu()
+            result.source_baseline[chunk] = score(emb_s, other).cpu()
         return cache_t, cache_s, None
     return cache_t, None, None
 
 
-def run_items(request: Request, items: list[Intervention], cache_t: dict, offset: int, effects: Tensor) -> None:
+def run_items(request: Request, items: list[Intervention], cache_t: dict, chunk: list[int], effects: Tensor) -> None:
     """Run interventions in batches sorted by start step: a causal tower's packed into one token
     matrix whatever their suffixes (`packed.resume_packed`), the others (and runs that edit a
     hook other than the residual stream, or any run while a hook is attached to the tower)
-    grouped by (suffix start, suffix length)."""
+    grouped by (suffix start, suffix length). An item's `pair` is its row of the cached chunk,
+    request pair chunk[pair]."""
     tower = request.tower
     packs = tower.attends_causally and not hooks_attached(*tower._hook_points())
     residual = residual_steps(tower)
@@ -384,17 +397,17 @@ def run_items(request: Request, items: list[Intervention], cache_t: dict, offset
         (packed if packs and all(edit[0] in residual for edit in item.edits) else grouped).append(item)
     packed.sort(key=lambda it: (it.start, it.rows))  # similar suffix lengths together: less attention padding
     for b in range(0, len(packed), request.batch_size):
-        _run_packed(request, packed[b : b + request.batch_size], cache_t, offset, effects)
+        _run_packed(request, packed[b : b + request.batch_size], cache_t, chunk, effects)
     groups: dict[tuple[int, int], list[Intervention]] = {}
     for item in grouped:
         groups.setdefault((item.suffix, item.rows), []).append(item)
     for group in groups.values():
         group.sort(key=lambda it: it.start)
         for b in range(0, len(group), request.batch_size):
-            _run_grouped(request, group[b : b + request.batch_size], cache_t, offset, effects)
+            _run_grouped(request, group[b : b + request.batch_size], cache_t, chunk, effects)
 
 
-def _run_packed(request: Request, batch: list[Intervention], cache_t: dict, offset: int, effects: Tensor) -> None:
+def _run_packed(request: Request, batch: list[Intervention], cache_t: dict, chunk: list[int], effects: Tensor) -> None:
     """One batch of a causal tower's interventions, their suffix rows packed into one matrix."""
     tower = request.tower
     packing = Packing.of([it.pair for it in batch], [it.suffix for it in batch], [it.rows for it in batch],
@@ -403,11 +416,16 @@ def _run_packed(request: Request, batch: list[Intervention], cache_t: dict, offs
     edits = [LaterEdit(run, *edit) for run, it in enumerate(batch) for edit in it.edits]
     with torch.no_grad():
         emb = resume_packed(tower, states, [it.start for it in batch], packing, cache_t, edits)
-        values = request.score(emb, request.other[offset + packing.pairs]).cpu()  # one copy per batch
-    _write_cells(batch, offset, values, effects)
+        values = request.score(emb, _other(request, chunk, batch)).cpu()  # one copy per batch
+    _write_cells(batch, chunk, values, effects)
 
 
-def _run_grouped(request: Request, batch: list[Intervention], cache_t: dict, offset: int, effects: Tensor) -> None:
+def _other(request: Request, chunk: list[int], batch: list[Intervention]) -> Tensor:
+    """The other modality's embeddings [N, d_embed] of a batch's runs (each its own pair's)."""
+    return request.other[torch.tensor([chunk[it.pair] for it in batch], device=request.other.device)]
+
+
+def _run_grouped(request: Request, batch: list[Intervention], cache_t: dict, chunk: list[int], effects: Tensor) -> None:
     """One batch of interventions with one suffix start and length, as [N, suffix length, d_model]."""
     tower, n_layers = request.tower, request.tower.cfg.n_layers
     causal, suffix = tower.attends_causally, batch[0].suffix
@@ -422,13 +440,13 @@ def _run_grouped(request: Request, batch: list[Intervention], cache_t: dict, off
     edits = [LaterEdit(run, *edit) for run, it in enumerate(batch) for edit in it.edits]
     with torch.no_grad():
         emb = resume(tower, states, [it.start for it in batch], kv, rows, edits)
-        values = request.score(emb, request.other[offset + pairs]).cpu()  # one copy per batch
-    _write_cells(batch, offset, values, effects)
+        values = request.score(emb, _other(request, chunk, batch)).cpu()  # one copy per batch
+    _write_cells(batch, chunk, values, effects)
 
 
-def _write_cells(batch: list[Intervention], offset: int, values: Tensor, effects: Tensor) -> None:
+def _write_cells(batch: list[Intervention], chunk: list[int], values: Tensor, effects: Tensor) -> None:
     """Every key of a call has one length: write the batch's cells with one indexed assignment."""
-    cells = torch.tensor([(offset + it.pair, *it.key) for it in batch], device="cpu")  # [N, index dims]
+    cells = torch.tensor([(chunk[it.pair], *it.key) for it in batch], device="cpu")  # [N, index dims]
     effects[tuple(cells.T)] = values
 
 
