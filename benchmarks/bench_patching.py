@@ -2,6 +2,8 @@
 
     python benchmarks/bench_patching.py            # N pairs (default 4) for the three ways
     python benchmarks/bench_patching.py --all      # and clip_lens.patch on every kept pair
+    python benchmarks/bench_patching.py --grid-only --save effects.pt   # the all-pairs grid alone
+    PYTHONPATH=/path/to/other/tree python benchmarks/bench_patching.py --grid-only   # alternate two trees
 
 (a) a plain loop: one open_clip text forward pass per (pair, layer, position), torch forward hooks;
 (b) TransformerLens's patching.get_act_patch_resid_pre on model.text (layers 0..11, its grid);
@@ -119,6 +121,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=4, help="pairs timed three ways (default 4)")
     parser.add_argument("--all", action="store_true", help="also run clip_lens.patch on all kept pairs")
+    parser.add_argument("--grid-only", action="store_true", help="run clip_lens.patch on all kept pairs only "
+                        "(no 4-pair comparison): quick runs to alternate two trees")
+    parser.add_argument("--save", type=Path, help="with --all or --grid-only: save the grid's effects here (torch.save)")
     parser.add_argument("--valse", type=Path, default=SHARED / "valse" / "existence.json")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -134,7 +139,8 @@ def main(argv=None) -> int:
     with torch.no_grad():
         image_emb = model.encode_image(image)
 
-    if args.all:
+    print(f"clip_lens from {Path(clip_lens.__file__).parent}")
+    if args.all or args.grid_only:
         t0 = time.perf_counter()
         full = clip_lens.patch(model, target=list(pairs["non_negated"]), source=list(pairs["negated"]), image=image_emb, progress=False)
         t_all = time.perf_counter() - t0
@@ -147,6 +153,10 @@ def main(argv=None) -> int:
         print(f"    floor: {flops / 1e12:.2f} TFLOP that the grid cannot avoid; float32 GEMM at the tower's width "
               f"{rate / 1e9:.0f} GFLOP/s -> {floor:.1f}s; achieved {flops / t_all / 1e9:.0f} GFLOP/s, "
               f"{t_all / floor:.2f}x the floor")
+        if args.save:
+            torch.save(full.effects, args.save)
+        if args.grid_only:
+            return 0
 
     sub = pairs.head(args.pairs)
     neg, pos = list(sub["negated"]), list(sub["non_negated"])
