@@ -30,8 +30,8 @@ def test_the_packing_layout_of_three_runs():
     assert packing.key_slots.tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 14]             # run * width + suffix + j
     assert packing.pairs.tolist() == [4, 0, 4] and packing.lengths.tolist() == [5, 5, 5]
     # the first run's query row 0 sits at position 2: it sees keys 0..2, not 3 or 4
-    assert packing.visible[0, 0].tolist() == [True, True, True, False, False]
-    assert packing.visible[1, 0].tolist() == [True, False, False, False, False]
+    assert packing.hidden[0, 0].tolist() == [False, False, False, True, True]
+    assert packing.hidden[1, 0].tolist() == [False, True, True, True, True]
 
 
 def full_pass(tower, tokens, layer, pos, source_resid):

@@ -39,8 +39,7 @@ class Packing:
             suffix row j at i * depth + j; depth is the longest suffix).
         key_slots: [rows], each packed row's index in the [N * width] key layout (run i's suffix
             row j at i * width + suffix_i + j, after its cached prefix; width is the longest run).
-        visible: [N, depth, width], True where a query may see a key: its own or an earlier
-            position (as attention masks take it).
+        hidden: [N, depth, width], True where a query must not see a key: a later position.
         pairs: [N], each run's pair within the cached chunk (its row of the target's keys and values).
         lengths: [N], each run's sequence length (cached prefix plus suffix).
     """
@@ -48,7 +47,7 @@ class Packing:
     row_ends: list[int]
     query_slots: Int[Tensor, " rows"]
     key_slots: Int[Tensor, " rows"]
-    visible: Bool[Tensor, "N depth width"]
+    hidden: Bool[Tensor, "N depth width"]
     pairs: Int[Tensor, " N"]
     lengths: Int[Tensor, " N"]
 
@@ -65,17 +64,17 @@ class Packing:
         within = torch.arange(row_ends[-1], **cpu) - torch.tensor(row_ends[:-1], **cpu)[run]            # j of each row
         suffix = torch.tensor(list(suffixes), **cpu)
         query_pos = suffix[:, None] + torch.arange(depth, **cpu)                                         # [N, depth]
-        visible = torch.arange(width, **cpu) <= query_pos[..., None]                                     # [N, depth, width]
+        hidden = torch.arange(width, **cpu) > query_pos[..., None]                                       # [N, depth, width]
         return cls(row_ends, (run * depth + within).to(device), (run * width + suffix[run] + within).to(device),
-                   visible.to(device), torch.tensor(list(pairs), device=device), torch.tensor(lengths, device=device))
+                   hidden.to(device), torch.tensor(list(pairs), device=device), torch.tensor(lengths, device=device))
 
     @property
     def depth(self) -> int:
-        return self.visible.shape[1]
+        return self.hidden.shape[1]
 
     @property
     def width(self) -> int:
-        return self.visible.shape[2]
+        return self.hidden.shape[2]
 
     @property
     def pooled_rows(self) -> list[int]:
@@ -125,12 +124,12 @@ def packed_attention(attn: Attention, normed: Float[Tensor, "rows d_model"], pac
     slots = packing.query_slots[:n_rows]
     queries = q.new_zeros(active * depth, heads, d_head)
     queries[slots] = q
-    # fused softmax(q k^T / sqrt(d_head)) v per run and head over [run, head, depth | key_pos, d_head];
-    # every query row sees at least position 0, so no row is fully masked
-    z = F.scaled_dot_product_attention(queries.view(active, depth, heads, d_head).transpose(1, 2),
-                                       keys.transpose(1, 2), values.transpose(1, 2),
-                                       attn_mask=packing.visible[:active, None])
-    return attn.project_z(z.transpose(1, 2).reshape(-1, heads, d_head)[slots])
+    # [run, head, depth, d_head] @ [run, head, d_head, key_pos], as `Attention.attend`
+    scores = torch.matmul(queries.view(active, depth, heads, d_head).transpose(1, 2),
+                          keys.permute(0, 2, 3, 1)) / math.sqrt(d_head)
+    pattern = scores.masked_fill_(packing.hidden[:active, None], float("-inf")).softmax(dim=-1)
+    z = torch.matmul(pattern, values.transpose(1, 2)).transpose(1, 2)  # shape = [run, depth, head, d_head]
+    return attn.project_z(z.reshape(-1, heads, d_head)[slots])
 
 
 def _padded_keys_values(packing: Packing, active: int, n_rows: int, cached_keys: Tensor, cached_values: Tensor,
