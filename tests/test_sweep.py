@@ -324,3 +324,24 @@ def test_ray_retries_a_task_whose_worker_dies(tmp_path, data, ray_instance, caps
     assert tables["manifest"]["attempts"].max() == 2 and (tables["manifest"]["status"] == "done").all()
     assert len(tables["heads"].groupby(["model", "dataset"])) == 2  # every task once
     assert not tables["heads"].duplicated(["task_id", "layer", "head"]).any()
+
+
+def test_the_sweeps_image_ablation_encodes_each_image_once(tiny_model, tmp_path):
+    """The sweep's image ablation scores its instances against the ablation's own target runs:
+    the vision tower sees each instance's image and its mean-colour image once each (three passes
+    per instance when the instances were encoded first)."""
+    from clip_lens import studies
+    from clip_lens.sweep.spec import Entry
+    from clip_lens.sweep.studies import image_ablation, prepare_dataset
+
+    data = prepare_dataset(tiny_model, Entry("shapes", {"kind": "shapes", "scenes": 6, "seed": 2}), tmp_path)
+    seen = {"images": 0}
+    handle = tiny_model.vision.patch_embed.register_forward_pre_hook(
+        lambda module, inputs: seen.update(images=seen["images"] + inputs[0].shape[0]))
+    try:
+        tables = image_ablation(tiny_model, data, studies.get("image-ablation").Options())
+    finally:
+        handle.remove()
+    n = len(data.existence())
+    assert n >= 4 and seen["images"] == 2 * n
+    assert list(tables["image_ablation"]["layer"])[-1] == "average"

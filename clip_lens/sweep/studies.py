@@ -86,8 +86,8 @@ def data_digest(entry: Entry) -> str:
 class Prepared:
     """A dataset made ready for one model: its minimal pairs, which text is marked (see
     `minimal_pairs.orient`), image embeddings [pairs, d_embed] or None, for image ablation a
-    function that builds the existence-format instances; or, for an image folder, its `image_set`
-    (frame, captions, targets) and no pairs."""
+    function that selects the existence-format pairs (`existence.select`: their images not encoded
+    yet); or, for an image folder, its `image_set` (frame, captions, targets) and no pairs."""
 
     name: str
     pairs: object
@@ -132,7 +132,7 @@ def prepare_dataset(model, entry: Entry, workdir: Path) -> Prepared:
         def instances():
             if piece != "existence" or generated:
                 raise ValueError(f"dataset {entry.name!r}: image ablation needs VALSE existence with its image folder")
-            return existence.prepare(model, folder / "existence.json", images, missing="skip", limit=limit, progress=False)
+            return existence.select(model, folder / "existence.json", images, missing="skip", limit=limit)
 
         return Prepared(entry.name, task.pairs, task.marked, task.image_emb, instances)
     if kind == "cannot":
@@ -198,13 +198,16 @@ def head_ablation(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
 
 def image_ablation(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
     """MHA and MLP outputs replaced by the mean-colour image's, block by block (VALSE existence):
-    the study "image-ablation" (`options`: its Options), its mean IAE per layer."""
-    from clip_lens import studies
+    the study "image-ablation" (`options`: its Options), its mean IAE per layer. The instances are
+    scored against the ablation's own target runs (`image_ablation.run_and_score`), so each image
+    is encoded once."""
+    from clip_lens.studies import valse_existence
+    from clip_lens.studies.analyses import image_ablation as analysis
 
     if data.existence is None:
         raise ValueError(f"dataset {data.name!r}: image ablation needs VALSE existence (or shapes) with images")
-    tables = studies.get("image-ablation").compute(model, data.existence(), options, progress=False)
-    return {"image_ablation": tables["image_ablation_mha_vs_mlp"]}
+    _, ablation = analysis.run_and_score(model, data.existence(), grey=options.grey, progress=False, **options.engine())
+    return {"image_ablation": valse_existence.image_ablation_tables(ablation)["image_ablation_mha_vs_mlp"]}
 
 
 def attention_cancellation(model, data: Prepared, options) -> dict[str, pd.DataFrame]:
