@@ -3,9 +3,11 @@
 
 "valse-existence" rephrases and scores every instance (accuracy, segments), then runs the chosen
 parts: the preliminary measures, causal tracing and negator-selective attention in the text tower,
-image ablation in the vision tower. Its `data` is a `ValseExistence` (existence.json and the image
+image ablation in the vision tower. With image ablation, that runs first and the instances are
+scored against its own target runs' image embeddings, so each image is encoded once
+(`image_ablation.run_and_score`). Its `data` is a `ValseExistence` (existence.json and the image
 folder). "image-ablation" runs image ablation alone on instances already prepared
-(`clip_lens.studies.analyses.existence.prepare`), as the sweep does.
+(`clip_lens.studies.analyses.existence.prepare`).
 
     from clip_lens.studies import Target, run_study, valse_existence as study
     run_study(study.STUDY, model, study.ValseExistence("existence.json", "images/"),
