@@ -242,10 +242,7 @@ class HookedTower(HookedModule):
         otherwise `forward` itself. Same values to float rounding, about 1/L less work: for callers
         that want embeddings alone (`clip_lens.scores.encode_images`, `encode_texts`). `forward`
         always runs every position, so a run with an identity hook equals it bitwise."""
-        if not (self.pools_class_token or self.attends_causally) or hooks_attached(*self._hook_points()):
-            return self(inputs)
-        resid, rows = self._to_last_block(inputs)
-        return self.pool_rows(self.blocks[-1].at_rows(resid, rows))
+        return self.pooled_embedding_with_hooks(inputs, ())
 
     def pooled_embedding_with_hooks(self, inputs: Tensor, fwd_hooks: Sequence[tuple[str, Callable]], *,
                                     residual: Optional[Float[Tensor, "batch pos d_model"]] = None,
