@@ -29,7 +29,7 @@ from clip_lens.hooks import act_name
 from clip_lens.images import ImageLike, mean_colour_pixels
 from clip_lens.model import HookedCLIP
 from clip_lens.patching import patch
-from clip_lens.scores import difference_metric
+from clip_lens.scores import difference_metric, encode_images
 from clip_lens.studies.analyses import existence
 from clip_lens.studies.analyses.existence import ExistenceInstances, ExistencePairs
 
@@ -265,8 +265,7 @@ def _chunk_embeddings(model: HookedCLIP, chunks: list[dict], target_pixels: Call
         if "image_emb" in chunk:
             out.append(chunk["image_emb"])
         else:
-            with torch.no_grad():
-                out.append(model.vision.pooled_embedding(target_pixels(lo, hi)).float().cpu().numpy())
+            out.append(encode_images(model, target_pixels(lo, hi), progress=False).float().cpu().numpy())
         lo = hi
     return out
 
