@@ -105,3 +105,15 @@ def test_pooled_embedding_with_a_hook_in_the_last_block_is_run_with_hooks(tiny_m
     hooks = [(f"blocks.{tower.cfg.n_layers - 1}.attn.hook_z", zero_head)]
     with torch.no_grad():
         assert torch.equal(tower.pooled_embedding_with_hooks(x, hooks), tower.run_with_hooks(x, fwd_hooks=hooks))
+
+
+def test_a_hook_that_raises_is_removed(tiny_model):
+    """The fast path attaches its hooks in a context: an exception inside a hook leaves none behind."""
+    tower, x = tiny_model.text, inputs(tiny_model)["text"]
+
+    def fail(z, hook):
+        raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        tower.pooled_embedding_with_hooks(x, [("blocks.0.attn.hook_z", fail)])
+    assert not any(point._forward_hooks for point in tower._hook_points())
