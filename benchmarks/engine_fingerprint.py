@@ -8,7 +8,8 @@ Recorded (random ViT-B-32, seed 0): the patching benchmark's grid (all kept VALS
 x 13 layers x every position), attribution patching, every hook kind (resid, attn_out, mlp_out,
 z, mlp_post, pattern with value-only attention), every intervention (patch, zero, mean,
 resample), SAE latents, both towers, and image ablation on the first N instances (default 64).
-`compare` prints, per output, whether it is bitwise identical (NaN where NaN) and exits 1 if not.
+`compare` prints, per output, whether it is bitwise identical (NaN where NaN) and, if not, how far
+the two lie apart; it exits 1 unless all are identical.
 To record at an old commit, check it out in a worktree and put it first on PYTHONPATH.
 """
 
@@ -96,9 +97,18 @@ def compare(before: Path, after: Path) -> bool:
         same = x.shape == y.shape and torch.equal(x.isnan(), y.isnan()) and torch.equal(x.nan_to_num(), y.nan_to_num())
         same_all &= same
         print(f"{name:24s} {str(tuple(x.shape)):18s} {'bitwise identical' if same else 'DIFFERENT'} "
-              f"({int((~x.isnan()).sum())} values)")
+              f"({int((~x.isnan()).sum())} values){'' if same else _difference(x, y)}")
     print("all bitwise identical" if same_all else "differences found")
     return same_all
+
+
+def _difference(x: torch.Tensor, y: torch.Tensor) -> str:
+    """How far two recordings of one output lie apart, where their shapes and NaNs agree."""
+    if x.shape != y.shape or not torch.equal(x.isnan(), y.isnan()):
+        return ": shapes or NaN places differ"
+    gap = (x.double() - y.double()).nan_to_num().abs()
+    return (f": max |difference| {float(gap.max()):.2e}, {int((gap > 1e-6).sum())} values apart by more than 1e-6, "
+            f"max |value| {float(x.nan_to_num().abs().max()):.2f}")
 
 
 def main(argv=None) -> int:

@@ -23,11 +23,15 @@ def tiny64(tiny_model):
 
 def test_the_packing_layout_of_three_runs():
     # runs: pair 4 from position 2 (3 rows), pair 0 from 0 (5 rows), pair 4 from 4 (1 row)
-    packing = Packing.of([4, 0, 4], [2, 0, 4], [3, 5, 1], "cpu")
+    packing = Packing.of([4, 0, 4], [2, 0, 4], [3, 5, 1], 2, "cpu")  # two heads
     assert packing.row_ends == [0, 3, 8, 9] and packing.pooled_rows == [2, 7, 8]
     assert (packing.depth, packing.width) == (5, 5)
-    assert packing.query_slots.tolist() == [0, 1, 2, 5, 6, 7, 8, 9, 10]           # run * depth + j
-    assert packing.key_slots.tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 14]             # run * width + suffix + j
+    # row by row, heads 0 and 1: (run * heads + head) * depth + j
+    assert packing.query_index.view(-1, 2).tolist() == [[0, 5], [1, 6], [2, 7], [10, 15], [11, 16], [12, 17],
+                                                        [13, 18], [14, 19], [20, 25]]
+    # (run * heads + head) * width + suffix + j
+    assert packing.key_index.view(-1, 2).tolist() == [[2, 7], [3, 8], [4, 9], [10, 15], [11, 16], [12, 17],
+                                                      [13, 18], [14, 19], [24, 29]]
     assert packing.pairs.tolist() == [4, 0, 4] and packing.lengths.tolist() == [5, 5, 5]
     # the first run's query row 0 sits at position 2: it sees keys 0..2, not 3 or 4
     assert packing.hidden[0, 0].tolist() == [False, False, False, True, True]

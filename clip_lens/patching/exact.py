@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from clip_lens.components import hooks_attached
 from clip_lens.hooks import act_name
-from clip_lens.patching.packed import Packing, resume_packed
+from clip_lens.patching.packed import Packing, heads_first, resume_packed
 from clip_lens.patching.request import EXACT_INTERVENTIONS, Plan, Request, as_group
 from clip_lens.patching.result import PatchResult
 from clip_lens.patching.resume import LaterEdit, cached_names, reaches_pooled_row_only, residual_steps, resume, run_cached
@@ -396,8 +396,9 @@ def run_items(request: Request, items: list[Intervention], cache_t: dict, chunk:
     for item in items:
         (packed if packs and all(edit[0] in residual for edit in item.edits) else grouped).append(item)
     packed.sort(key=lambda it: (it.start, it.rows))  # similar suffix lengths together: less attention padding
+    keys_values = heads_first(cache_t, tower.cfg.n_layers) if packed else []
     for b in range(0, len(packed), request.batch_size):
-        _run_packed(request, packed[b : b + request.batch_size], cache_t, chunk, effects)
+        _run_packed(request, packed[b : b + request.batch_size], cache_t, keys_values, chunk, effects)
     groups: dict[tuple[int, int], list[Intervention]] = {}
     for item in grouped:
         groups.setdefault((item.suffix, item.rows), []).append(item)
@@ -407,15 +408,17 @@ def run_items(request: Request, items: list[Intervention], cache_t: dict, chunk:
             _run_grouped(request, group[b : b + request.batch_size], cache_t, chunk, effects)
 
 
-def _run_packed(request: Request, batch: list[Intervention], cache_t: dict, chunk: list[int], effects: Tensor) -> None:
-    """One batch of a causal tower's interventions, their suffix rows packed into one matrix."""
+def _run_packed(request: Request, batch: list[Intervention], cache_t: dict, keys_values: list, chunk: list[int],
+                effects: Tensor) -> None:
+    """One batch of a causal tower's interventions, their suffix rows packed into one matrix;
+    `keys_values` holds the chunk's cached keys and values, `packed.heads_first`."""
     tower = request.tower
     packing = Packing.of([it.pair for it in batch], [it.suffix for it in batch], [it.rows for it in batch],
-                         tower.device)
+                         tower.cfg.n_heads, tower.device)
     states = resumed_residuals(cache_t, [it.state for it in batch])  # [rows, d_model]
     edits = [LaterEdit(run, *edit) for run, it in enumerate(batch) for edit in it.edits]
     with torch.no_grad():
-        emb = resume_packed(tower, states, [it.start for it in batch], packing, cache_t, edits)
+        emb = resume_packed(tower, states, [it.start for it in batch], packing, keys_values, edits)
         values = request.score(emb, _other(request, chunk, batch)).cpu()  # one copy per batch
     _write_cells(batch, chunk, values, effects)
 
