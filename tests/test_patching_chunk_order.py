@@ -15,13 +15,15 @@ def test_chunks_are_cached_shortest_first_and_effects_stay_at_their_pairs(tiny_m
     targets = [LONG[0], SHORT[0], LONG[1], SHORT[1], LONG[2], SHORT[2]]
     sources = [t.replace("no ", "a ").replace("A ", "No ") for t in targets]
     widths = []
-    run_cached = exact.run_cached
 
-    def recording(tower, inputs, *args, **kwargs):
-        widths.append(tower.n_positions(tower.check_input(inputs)))
-        return run_cached(tower, inputs, *args, **kwargs)
+    def recording(run):
+        def record(tower, inputs, *args, **kwargs):
+            widths.append(tower.n_positions(tower.check_input(inputs)))
+            return run(tower, inputs, *args, **kwargs)
+        return record
 
-    monkeypatch.setattr(exact, "run_cached", recording)
+    monkeypatch.setattr(exact, "run_cached", recording(exact.run_cached))  # the target runs
+    monkeypatch.setattr(exact, "run_cached_after_shared_prefix", recording(exact.run_cached_after_shared_prefix))
     kwargs = dict(metric="embedding", pair_chunk=3, batch_size=16, progress=False)
     result = clip_lens.patch(tiny_model, target=targets, source=sources, **kwargs)
     lengths = tiny_model.text.sequence_lengths(tiny_model.to_tokens(targets))

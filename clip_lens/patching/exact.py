@@ -24,7 +24,7 @@ from clip_lens.hooks import act_name
 from clip_lens.patching.packed import Packing, heads_first, resume_packed
 from clip_lens.patching.request import EXACT_INTERVENTIONS, Plan, Request, as_group
 from clip_lens.patching.result import PatchResult
-from clip_lens.patching.resume import LaterEdit, cached_names, reaches_pooled_row_only, residual_steps, resume, run_cached
+from clip_lens.patching.resume import LaterEdit, cached_names, reaches_pooled_row_only, residual_steps, resume, run_cached, run_cached_after_shared_prefix
 from clip_lens.patching.sites import ResidualRecipe, resumed_residuals
 from clip_lens.towers import HookedTower
 
@@ -376,7 +376,8 @@ def _cached_chunk(request: Request, result: PatchResult, chunk: list[int], names
         _, cache_s = run_cached(tower, request.source[drawn.to(request.source.device)], names_s, embedding_only=True)
         return cache_t, cache_s, torch.arange(len(chunk), device=tower.device)
     if request.intervention == "patch":
-        emb_s, cache_s = run_cached(tower, request.source[rows.to(request.source.device)], names_s, embedding_only=True)
+        emb_s, cache_s = run_cached_after_shared_prefix(tower, request.source[rows.to(request.source.device)], names_s,
+                                                        cache_t, request.target[rows])
         with torch.no_grad():
             result.source_baseline[chunk] = score(emb_s, other).cpu()
         return cache_t, cache_s, None

@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from clip_lens.components import hooks_attached
 from clip_lens.hooks import act_name
 from clip_lens.towers import HookedTower
 
@@ -85,6 +86,63 @@ def _run_cached_class_token(tower: HookedTower, inputs: Tensor, names: set[str])
         with tower.hooks(fwd_hooks=[(n, save) for n in late]):
             emb = tower.pool(last_block_at_class_token(tower, resid, [2 * last] * len(resid)))
     return emb, store
+
+
+def run_cached_after_shared_prefix(tower: HookedTower, inputs: Tensor, names: set[str], target_cache: dict,
+                                   target: Tensor) -> tuple[Tensor, dict]:
+    """`run_cached(tower, inputs, names, embedding_only=True)` for sources that begin with their
+    targets' tokens (`target` [batch, pos], row i the target of source i), whose runs are cached in
+    `target_cache`. A causal tower computes a position from the earlier ones alone, so a source's
+    activations before its first token that differs from its target's are the target's, copied;
+    the positions from there on are computed, the target's cached keys and values standing in for
+    the shared prefix. Same values to float rounding; on VALSE existence, 2/5 of the source's
+    positions are shared.
+
+    Falls back to `run_cached` where that does not hold or is not known to: a tower that is not
+    causal, a hook attached to it, `names` other than the residual stream (`residual_steps`), or a
+    target cache without every block's keys and values."""
+    n_layers = tower.cfg.n_layers
+    kv_names = [act_name(kv, b) for b in range(n_layers) for kv in ("k", "v")]
+    if (not tower.attends_causally or hooks_attached(*tower._hook_points())
+            or not set(names) <= residual_steps(tower).keys() or not all(n in target_cache for n in kv_names)):
+        return run_cached(tower, inputs, names, embedding_only=True)
+    tokens = tower.input_tokens(inputs)
+    pooled = tower.pooled_positions(tokens)
+    starts = _first_differences(tokens, tower.input_tokens(target), pooled)
+    emb: Optional[Tensor] = None
+    with torch.no_grad():
+        embedded = tower.embed_tokens(tokens)  # [batch, pos, d_model]
+        cache = {name: embedded.new_empty(embedded.shape) for name in names}
+        for start in sorted(set(starts)):
+            rows = torch.tensor([i for i, s in enumerate(starts) if s == start], device=tokens.device)
+            x = embedded[rows, start:]  # indexing copies
+            for b, block in enumerate(tower.blocks):
+                _keep(cache, act_name("resid_pre", b), rows, start, x, target_cache)
+                past = (target_cache[kv_names[2 * b]][rows, :start], target_cache[kv_names[2 * b + 1]][rows, :start])
+                x = block(x, past)
+            _keep(cache, act_name("resid_post", n_layers - 1), rows, start, x, target_cache)
+            rows_emb = tower.pool_rows(x[torch.arange(len(rows), device=x.device), pooled[rows] - start])
+            emb = rows_emb.new_empty(len(starts), rows_emb.shape[-1]) if emb is None else emb
+            emb[rows] = rows_emb
+    return emb, cache
+
+
+def _first_differences(tokens: Tensor, target: Tensor, pooled: Tensor) -> list[int]:
+    """Each source's first position whose token differs from its target's, at most its pooled
+    position (a source equal to its target still computes the row it is pooled at)."""
+    width = min(tokens.shape[1], target.shape[1])
+    differs = tokens[:, :width] != target[:, :width]  # [batch, width]
+    first = torch.where(differs.any(dim=-1), differs.int().argmax(dim=-1), width)
+    return torch.minimum(first, pooled).tolist()
+
+
+def _keep(cache: dict, name: str, rows: Tensor, start: int, suffix: Tensor, target_cache: dict) -> None:
+    """Hook `name`'s activation of sources `rows` into `cache` [batch, pos, d_model] (if it is
+    asked for): the target's cached positions before `start`, the computed `suffix`
+    [rows, pos - start, d_model] from there on."""
+    if name in cache:
+        cache[name][rows, :start] = target_cache[name][rows, :start]
+        cache[name][rows, start:] = suffix
 
 
 @dataclass(frozen=True)
