@@ -439,7 +439,7 @@ def _run_grouped(request: Request, batch: list[Intervention], cache_t: dict, chu
         first = batch[0].start // 2
         kv = [None] * first + [(cache_t[act_name("k", blk)][pairs, :suffix], cache_t[act_name("v", blk)][pairs, :suffix])
                                for blk in range(first, n_layers)]
-    states = torch.stack([it.state.build(cache_t) for it in batch])  # [N, suffix length, d_model]
+    states = resumed_residuals(cache_t, [it.state for it in batch]).view(len(batch), batch[0].rows, -1)  # [N, suffix length, d_model]
     rows = torch.tensor([it.row for it in batch], device=tower.device) if causal else None
     edits = [LaterEdit(run, *edit) for run, it in enumerate(batch) for edit in it.edits]
     with torch.no_grad():
