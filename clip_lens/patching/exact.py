@@ -13,6 +13,7 @@ every position would otherwise hold 197 x 13 residual streams per image).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -113,6 +114,35 @@ def _with_latent(sae, act_t: Tensor, delta: Tensor, latent) -> Tensor:
 ChangedCells = dict[int, list[list[bool]]]  # {layer: [pair][position] whether the replacement changes the activation}
 
 
+@dataclass(frozen=True)
+class ChunkRuns:
+    """What one plan's interventions in a chunk of pairs are built from (row i of each cache is the
+    chunk's pair i).
+
+    Attributes:
+        cache_t: the target runs' cached activations.
+        cache_s: the source runs' (for "patch" and "resample"), else None.
+        src_index: [pairs], each pair's row of `cache_s`, or None where it is the pair's own row.
+        means: {layer: mean activation} for "mean", else empty.
+        changed: the no-op table of the plan's single layers (`changed_cells`).
+    """
+
+    cache_t: dict
+    cache_s: Optional[dict]
+    src_index: Optional[Tensor]
+    means: dict
+    changed: ChangedCells
+
+    @classmethod
+    def of(cls, plan: Plan, tower: HookedTower, cache_t: dict, cache_s: Optional[dict], src_index: Optional[Tensor],
+           means: dict) -> "ChunkRuns":
+        return cls(cache_t, cache_s, src_index, means, changed_cells(plan, tower, cache_t, cache_s, src_index, means))
+
+    def source_row(self, pair: int) -> int:
+        """Pair `pair`'s row of the source cache."""
+        return pair if self.src_index is None else int(self.src_index[pair])
+
+
 def changed_cells(plan: Plan, tower: HookedTower, cache_t: dict, cache_s: Optional[dict],
                   src_index: Optional[Tensor], means: dict) -> ChangedCells:
     """Which cells of a chunk a replacement of the whole activation changes, for each single layer
@@ -145,9 +175,8 @@ def _changes(changed: list[bool], sel) -> bool:
     return any(changed[p] for p in sel) if isinstance(sel, list) else changed[sel]
 
 
-def build_interventions(plan: Plan, tower: HookedTower, pair: int, length: int, cache_t: dict,
-                        cache_s: Optional[dict], src_pair: int, means: dict, positions: list,
-                        changed: Optional[ChangedCells] = None) -> tuple[list[Intervention], list[tuple]]:
+def build_interventions(plan: Plan, tower: HookedTower, pair: int, length: int, positions: list,
+                        runs: ChunkRuns) -> tuple[list[Intervention], list[tuple]]:
     """The interventions of one pair of a chunk (`length` its own positions) at its position entries
     `positions` (`Plan.positions_of`), and the keys of those that change nothing (read from the
     chunk's `changed_cells` for a single layer and position). A layer or position given as a tuple
@@ -159,7 +188,7 @@ def build_interventions(plan: Plan, tower: HookedTower, pair: int, length: int, 
                 continue  # a position of the pair's padding, or a slot the pair has none in: the cell stays NaN
             key = (li,) + ((pi,) if plan.positions is not None else ())
             single = not isinstance(layer, tuple) and not isinstance(pos, tuple)
-            site = Site(plan, tower, pair, length, pos, cache_t, cache_s, src_pair, means, changed if single else None)
+            site = Site(plan, tower, pair, length, pos, runs, single)
             new, new_noops = site.joint(as_group(layer), key)
             items.extend(new)
             noops.extend(new_noops)
@@ -170,11 +199,11 @@ class Site:
     """One pair's activations at one position entry (a position, a tuple of them, or None: the
     whole sequence), from which the interventions at a layer entry are built."""
 
-    def __init__(self, plan: Plan, tower: HookedTower, pair: int, length: int, pos, cache_t: dict,
-                 cache_s: Optional[dict], src_pair: int, means: dict, changed: Optional[ChangedCells] = None):
+    def __init__(self, plan: Plan, tower: HookedTower, pair: int, length: int, pos, runs: ChunkRuns, single: bool):
         self.plan, self.tower, self.pair, self.length, self.pos = plan, tower, pair, length, pos
-        self.cache_t, self.cache_s, self.src_pair, self.means = cache_t, cache_s, src_pair, means
-        self.changed = changed or {}  # the layers whose no-ops the chunk decided at once (`changed_cells`)
+        self.cache_t, self.cache_s, self.src_pair, self.means = runs.cache_t, runs.cache_s, runs.source_row(pair), runs.means
+        # the layers whose no-ops the chunk decided at once (`changed_cells`): for a single layer and position
+        self.changed = runs.changed if single else {}
         # a causal run recomputes positions suffix.. only; a non-causal one every position
         self.suffix = min(as_group(pos)) if (tower.attends_causally and pos is not None) else 0
 
@@ -321,14 +350,11 @@ def run_exact(request: Request, result: PatchResult) -> None:
     for lo in range(0, n_pairs, request.pair_chunk):
         chunk = order[lo : lo + request.pair_chunk]  # the request's pairs cached together, as a list
         cache_t, cache_s, src_index = _cached_chunk(request, result, chunk, names_t, names_s)
-        changed = [changed_cells(plan, tower, cache_t, cache_s, src_index, plan_mean)
-                   for plan, plan_mean in zip(plans, means)]
+        runs = [ChunkRuns.of(plan, tower, cache_t, cache_s, src_index, plan_mean) for plan, plan_mean in zip(plans, means)]
         items, noop_cells = [], []
         for p, pair in enumerate(chunk):
-            for plan, plan_mean, plan_changed, prefix in zip(plans, means, changed, prefixes):
-                new, noops = build_interventions(plan, tower, p, int(lengths[pair]), cache_t, cache_s,
-                                                 p if src_index is None else int(src_index[p]), plan_mean,
-                                                 plan.positions_of(pair), plan_changed)
+            for plan, plan_runs, prefix in zip(plans, runs, prefixes):
+                new, noops = build_interventions(plan, tower, p, int(lengths[pair]), plan.positions_of(pair), plan_runs)
                 for item in new:
                     item.key = prefix + item.key
                 items += new
