@@ -6,6 +6,7 @@ shared; tests must not modify these models (use `fresh_open_clip` for that).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 
@@ -54,6 +55,13 @@ def tiny_model():
     from clip_lens import tiny
 
     return clip_lens.HookedCLIP.from_pretrained(tiny.NAME)
+
+
+@pytest.fixture(scope="session")
+def tiny64(tiny_model):
+    """The tiny CLIP in float64 (a copy, built once per session: the tiny model stays as it is;
+    do not modify it), for comparisons at float64 rounding."""
+    return copy.deepcopy(tiny_model).to(torch.float64)
 
 
 @pytest.fixture(scope="session")

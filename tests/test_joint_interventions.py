@@ -3,7 +3,6 @@ positions or units is one intervention made at all of them together. Each cell o
 hook-function loop that makes the same replacements in one full forward pass, on both towers of the
 tiny CLIP, for every hook kind and intervention; bad groups are refused by name."""
 
-import copy
 
 import numpy as np
 import pytest
@@ -18,12 +17,6 @@ TEXTS = ["a red circle above a blue square", "there is no green triangle here"]
 SOURCES = ["a blue square above a red circle", "there is a green triangle here"]
 TOL = 1e-6  # the towers run in float64 here: the engine and the loop differ by float32 rounding of the results
 UNITS = {"z": ("heads", [1, (0, 3)]), "mlp_post": ("neurons", [5, (7, 100, 200)])}
-
-
-@pytest.fixture(scope="module")
-def tiny64(tiny_model):
-    """The tiny CLIP in float64 (a copy: the session's model stays as it is)."""
-    return copy.deepcopy(tiny_model).to(torch.float64)
 
 
 def replacement(act_s: torch.Tensor, intervention: str, mean):

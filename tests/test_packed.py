@@ -2,9 +2,7 @@
 layout is the one its docstring states, every packed run equals a full forward pass with a hook,
 and the engine takes the packed path whenever it can (and the grouped one when a hook is attached)."""
 
-import copy
 
-import pytest
 import torch
 
 import clip_lens
@@ -13,12 +11,6 @@ from clip_lens.patching.packed import Packing
 
 TEXTS = ["a dog", "there is no green triangle above the red circle", "a red circle above a blue square"]
 SOURCES = ["a cat", "there is a green triangle above the blue circle", "a blue square above a red circle"]
-
-
-@pytest.fixture(scope="module")
-def tiny64(tiny_model):
-    """The tiny CLIP in float64 (a copy: the session's model stays as it is)."""
-    return copy.deepcopy(tiny_model).to(torch.float64)
 
 
 def test_the_packing_layout_of_three_runs():

@@ -2,7 +2,6 @@
 (resume.run_cached_after_shared_prefix): the same cache and embeddings as a full run, the shared
 prefix copied from the target's cached run, and only the positions after it computed."""
 
-import copy
 
 import pytest
 import torch
@@ -15,12 +14,6 @@ from clip_lens.patching.resume import run_cached, run_cached_after_shared_prefix
 # targets and sources that share 1 (SOT only), 3 and all of their tokens
 TARGETS = ["a dog", "there is no green triangle above the red circle", "a red circle above a blue square"]
 SOURCES = ["the cat", "there is a green triangle above the blue circle", "a red circle above a blue square"]
-
-
-@pytest.fixture(scope="module")
-def tiny64(tiny_model):
-    """The tiny CLIP in float64 (a copy: the session's model stays as it is)."""
-    return copy.deepcopy(tiny_model).to(torch.float64)
 
 
 def residual_names(tower) -> set[str]:
