@@ -95,8 +95,8 @@ def run_cached_after_shared_prefix(tower: HookedTower, inputs: Tensor, names: se
     `target_cache`. A causal tower computes a position from the earlier ones alone, so a source's
     activations before its first token that differs from its target's are the target's, copied;
     the positions from there on are computed, the target's cached keys and values standing in for
-    the shared prefix. Same values to float rounding; on VALSE existence, 2/5 of the source's
-    positions are shared.
+    the shared prefix. Same values to float rounding; on VALSE existence every source shares its
+    first 3 tokens, a third of its positions.
 
     Falls back to `run_cached` where that does not hold or is not known to: a tower that is not
     causal, a hook attached to it, `names` other than the residual stream (`residual_steps`), or a
@@ -117,10 +117,10 @@ def run_cached_after_shared_prefix(tower: HookedTower, inputs: Tensor, names: se
             rows = torch.tensor([i for i, s in enumerate(starts) if s == start], device=tokens.device)
             x = embedded[rows, start:]  # indexing copies
             for b, block in enumerate(tower.blocks):
-                _keep(cache, act_name("resid_pre", b), rows, start, x, target_cache)
+                _write_source_rows(cache, act_name("resid_pre", b), rows, start, x, target_cache)
                 past = (target_cache[kv_names[2 * b]][rows, :start], target_cache[kv_names[2 * b + 1]][rows, :start])
                 x = block(x, past)
-            _keep(cache, act_name("resid_post", n_layers - 1), rows, start, x, target_cache)
+            _write_source_rows(cache, act_name("resid_post", n_layers - 1), rows, start, x, target_cache)
             rows_emb = tower.pool_rows(x[torch.arange(len(rows), device=x.device), pooled[rows] - start])
             emb = rows_emb.new_empty(len(starts), rows_emb.shape[-1]) if emb is None else emb
             emb[rows] = rows_emb
@@ -136,7 +136,7 @@ def _first_differences(tokens: Tensor, target: Tensor, pooled: Tensor) -> list[i
     return torch.minimum(first, pooled).tolist()
 
 
-def _keep(cache: dict, name: str, rows: Tensor, start: int, suffix: Tensor, target_cache: dict) -> None:
+def _write_source_rows(cache: dict, name: str, rows: Tensor, start: int, suffix: Tensor, target_cache: dict) -> None:
     """Hook `name`'s activation of sources `rows` into `cache` [batch, pos, d_model] (if it is
     asked for): the target's cached positions before `start`, the computed `suffix`
     [rows, pos - start, d_model] from there on."""
