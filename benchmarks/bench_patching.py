@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import clip_lens
 from clip_lens.data import load_valse, prepare_existence
 from clip_lens.model import random_model_pair
+from clip_lens.report import write_atomically
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
               f"{rate / 1e9:.0f} GFLOP/s -> {floor:.1f}s; achieved {flops / t_all / 1e9:.0f} GFLOP/s, "
               f"{t_all / floor:.2f}x the floor")
         if args.save:
-            torch.save(full.effects, args.save)
+            write_atomically(args.save, lambda handle: torch.save(full.effects, handle), binary=True)
         if args.grid_only:
             return 0
 

@@ -81,12 +81,17 @@ def record(out: Path, n_ablation: int, valse: Path) -> None:
                                  pixels=pixels[:n_ablation], progress=False)
     print(f"image ablation ({n_ablation} instances): {time.perf_counter() - t0:.1f}s", flush=True)
     out_["image_ablation_d_star"] = torch.from_numpy(ablated.d_star)
-    torch.save(out_, out)
+    try:
+        from clip_lens.report import write_atomically
+    except ImportError:  # commits before the atomic writer (d998a43)
+        torch.save(out_, out)
+    else:
+        write_atomically(out, lambda handle: torch.save(out_, handle), binary=True)
     print(f"wrote {out}: {len(out_)} outputs")
 
 
 def compare(before: Path, after: Path) -> bool:
-    a, b = torch.load(before), torch.load(after)
+    a, b = torch.load(before, weights_only=True), torch.load(after, weights_only=True)
     same_all = a.keys() == b.keys()
     for name in a:
         x, y = a[name], b.get(name)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from clip_lens.report import write_atomically
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -54,13 +56,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)
     if args.truth is not None and args.truth.exists():
-        truth = torch.load(args.truth)
+        truth = torch.load(args.truth, weights_only=True)
     else:
         truth = float64_grid(args.valse)
         if args.truth is not None:
-            torch.save(truth, args.truth)
+            write_atomically(args.truth, lambda handle: torch.save(truth, handle), binary=True)
     for path in args.recordings:
-        grid = torch.load(path)["bench_grid"]
+        grid = torch.load(path, weights_only=True)["bench_grid"]
         if grid.shape != truth.shape or not torch.equal(grid.isnan(), truth.isnan()):
             print(f"{path}: its grid's shape or NaN cells differ from the float64 grid's")
             continue
